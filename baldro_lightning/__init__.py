@@ -1,0 +1,3 @@
+"""baldro-lightning: balanced LLM unlearning (BalDRO) on PyTorch Lightning."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,266 @@
+"""LightningDataModules: forget/retain pairs for unlearning, and plain QA splits for fine-tuning.
+
+Batches are sharded by our own samplers (subclasses of ``DistributedSampler``, so Lightning does not replace
+them). Both use the same permutation for every world size: with 2 ranks of batch ``B/2`` the union of one step's
+rows is exactly the batch a single process with batch ``B`` sees, which is what makes DRO weights over the
+global batch comparable across device counts.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from baldro_lightning.tofu import load_split, split_pairing
+from baldro_lightning.tokenization import PaddingCollator, PromptTemplate, QADataset, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class _ShardedPermutation(DistributedSampler):
+    """A seeded per-epoch permutation, padded to a multiple of the world size and dealt out round-robin."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, shuffle: bool = True) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+
+    def _generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed + self.epoch)
+
+    def _global_order(self, generator: torch.Generator) -> list[int]:
+        n = len(self.dataset)
+        order = torch.randperm(n, generator=generator).tolist() if self.shuffle else list(range(n))
+        # DistributedSampler's padding: repeat from the start so every rank has the same number of rows.
+        order += order[: self.total_size - n]
+        return order
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._global_order(self._generator())[self.rank : self.total_size : self.num_replicas])
+
+
+class ForgetRetainSampler(_ShardedPermutation):
+    """Yields ``(forget_row, retain_row)``: forget rows in a seeded order, each with a uniformly drawn retain row.
+
+    The retain draw is with replacement and independent of the forget row (the reference's forget-anchored
+    pairing, spec §1.4), but it comes from the sampler's seeded generator rather than the global RNG, so it is
+    reproducible and identical across world sizes.
+    """
+
+    def __init__(self, dataset: ForgetRetainPairs, num_replicas: int, rank: int, seed: int) -> None:
+        super().__init__(dataset, num_replicas, rank, seed)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        generator = self._generator()
+        order = self._global_order(generator)
+        retain = torch.randint(len(self.dataset.retain), (len(order),), generator=generator).tolist()
+        pairs = list(zip(order, retain, strict=True))
+        return iter(pairs[self.rank : self.total_size : self.num_replicas])
+
+
+class ForgetRetainPairs(Dataset):
+    """Indexed by ``(forget_row, retain_row)``; the forget set's size is the epoch's length."""
+
+    def __init__(self, forget: QADataset, retain: QADataset) -> None:
+        self.forget = forget
+        self.retain = retain
+
+    def __len__(self) -> int:
+        return len(self.forget)
+
+    def __getitem__(self, pair: tuple[int, int]) -> dict[str, Any]:
+        i, j = pair
+        return {"forget": self.forget[i], "retain": self.retain[j]}
+
+
+class PairCollator:
+    """Collates ``{"forget": item, "retain": item}`` into two right-padded batches."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad = PaddingCollator(pad_token_id, "right")
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"forget": self.pad([x["forget"] for x in items]), "retain": self.pad([x["retain"] for x in items])}
+
+
+def _world(trainer: L.Trainer | None) -> tuple[int, int]:
+    if trainer is None:
+        return 1, 0
+    return trainer.world_size, trainer.global_rank
+
+
+class _BenchmarkDataModule(L.LightningDataModule):
+    """Tokenizer, template and split loading shared by both data modules."""
+
+    def __init__(
+        self, tokenizer: str, benchmark: str, template: PromptTemplate | None, max_length: int, seed: int, workers: int
+    ) -> None:
+        super().__init__()
+        if max_length < 8:
+            raise ValueError(f"--data.max_length must be at least 8 tokens, got {max_length}")
+        self.tokenizer_path = tokenizer
+        self.benchmark = benchmark
+        self.template = template or PromptTemplate()
+        self.max_length = max_length
+        self.seed = seed
+        self.num_workers = workers
+        self.tokenizer = None
+
+    def _load_tokenizer(self) -> None:
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.tokenizer_path)
+
+    def qa_dataset(self, split: str, answer_key: str = "answer") -> QADataset:
+        self._load_tokenizer()
+        rows = load_split(self.benchmark, split)
+        return QADataset(rows, self.tokenizer, self.template, self.max_length, answer_key=answer_key)
+
+    def _loader(self, dataset: Dataset, batch_size: int, sampler, collate) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            collate_fn=collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+
+class ForgetRetainDataModule(_BenchmarkDataModule):
+    """Each training step: one forget batch and one retain batch; the forget set defines the epoch."""
+
+    def __init__(
+        self,
+        tokenizer: str,
+        benchmark: str = "data/tofu_embedded",
+        forget_split: str = "forget10",
+        retain_split: str | None = None,
+        batch_size: int = 4,
+        max_length: int = 512,
+        template: PromptTemplate | None = None,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        """Args:
+        tokenizer: Tokenizer path or Hub id (linked to ``--model.model`` by the CLI).
+        benchmark: A local directory of ``{split}.jsonl`` files, or a Hub dataset id such as ``locuslab/TOFU``.
+        forget_split: ``forget01``, ``forget05`` or ``forget10``.
+        retain_split: Defaults to the complement of the forget split (``retain90`` for ``forget10``).
+        batch_size: Forget rows (and retain rows) per device per step.
+        max_length: Tokens per example; longer answers are truncated with one warning.
+        template: Prompt rendering; the plain ``Question: …\\nAnswer:`` form by default.
+        seed: Seeds the forget order and the retain draws (the epoch is added each epoch).
+        num_workers: DataLoader worker processes.
+        """
+        super().__init__(tokenizer, benchmark, template, max_length, seed, num_workers)
+        retain_default, _, _ = split_pairing(forget_split)
+        self.forget_split = forget_split
+        self.retain_split = retain_split or retain_default
+        if batch_size < 1:
+            raise ValueError(f"--data.batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.forget: QADataset | None = None
+        self.retain: QADataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.forget is not None:
+            return
+        self.forget = self.qa_dataset(self.forget_split)
+        self.retain = self.qa_dataset(self.retain_split)
+        if len(self.forget) == 0:
+            raise ValueError(f"--data.forget_split={self.forget_split!r} in {self.benchmark} has no rows")
+        self._warn_overlap()
+
+    def _warn_overlap(self) -> None:
+        forget_q = {tuple(x.input_ids) for x in self.forget.examples}
+        shared = sum(tuple(x.input_ids) in forget_q for x in self.retain.examples)
+        if shared:
+            log.warning(
+                "%d rows of --data.retain_split=%s also occur in --data.forget_split=%s; the retain term will "
+                "pull them back. Pick the complementary retain split.",
+                shared,
+                self.retain_split,
+                self.forget_split,
+            )
+
+    @property
+    def forget_size(self) -> int:
+        self.setup()
+        return len(self.forget)
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        world, rank = _world(self.trainer)
+        pairs = ForgetRetainPairs(self.forget, self.retain)
+        sampler = ForgetRetainSampler(pairs, world, rank, self.seed)
+        return self._loader(pairs, self.batch_size, sampler, PairCollator(self.tokenizer.pad_token_id))
+
+    def forget_dataloader(self, batch_size: int | None = None) -> DataLoader:
+        """Every forget row once, in row order, on every rank (for the reference cache)."""
+        self.setup()
+        collate = PaddingCollator(self.tokenizer.pad_token_id, "right")
+        return DataLoader(self.forget, batch_size=batch_size or self.batch_size, shuffle=False, collate_fn=collate)
+
+
+class QADataModule(_BenchmarkDataModule):
+    """Fine-tuning on the union of QA splits (the embedded target model: ``full`` plus the general sets)."""
+
+    def __init__(
+        self,
+        tokenizer: str,
+        benchmark: str = "data/tofu_embedded",
+        splits: Sequence[str] = ("full",),
+        val_splits: Sequence[str] = (),
+        batch_size: int = 16,
+        max_length: int = 512,
+        template: PromptTemplate | None = None,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        """Args:
+        tokenizer: Tokenizer path or Hub id.
+        benchmark: A local directory of ``{split}.jsonl`` files, or a Hub dataset id.
+        splits: Training splits, concatenated.
+        val_splits: Splits whose mean NLL is reported as ``val/loss``.
+        batch_size: Rows per device per step.
+        max_length: Tokens per example.
+        template: Prompt rendering.
+        seed: Seeds the shuffle order.
+        num_workers: DataLoader worker processes.
+        """
+        super().__init__(tokenizer, benchmark, template, max_length, seed, num_workers)
+        if not splits:
+            raise ValueError("--data.splits is empty; name at least one split to train on, e.g. [full]")
+        self.splits = list(splits)
+        self.val_splits = list(val_splits)
+        self.batch_size = batch_size
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None:
+            self.train_set = torch.utils.data.ConcatDataset([self.qa_dataset(s) for s in self.splits])
+            if self.val_splits:
+                self.val_set = torch.utils.data.ConcatDataset([self.qa_dataset(s) for s in self.val_splits])
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        world, rank = _world(self.trainer)
+        sampler = _ShardedPermutation(self.train_set, world, rank, self.seed)
+        return self._loader(self.train_set, self.batch_size, sampler, PaddingCollator(self.tokenizer.pad_token_id))
+
+    def val_dataloader(self) -> DataLoader | list:
+        self.setup()
+        if self.val_set is None:
+            return []
+        world, rank = _world(self.trainer)
+        sampler = _ShardedPermutation(self.val_set, world, rank, self.seed, shuffle=False)
+        return self._loader(self.val_set, self.batch_size, sampler, PaddingCollator(self.tokenizer.pad_token_id))
+
+    def steps_per_epoch(self) -> int:
+        self.setup()
+        return math.ceil(len(self.train_set) / self.batch_size)

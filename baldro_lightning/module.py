@@ -1,0 +1,475 @@
+"""LightningModules: supervised fine-tuning (to make target/retain models) and unlearning.
+
+:class:`UnlearningModule` computes ``gamma * forget_objective(forget_loss) + alpha * retain_objective(retain_loss)``
+(paper Eq. 1; ``alpha`` is the paper's lambda) with a trainable policy and a frozen reference.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from baldro_lightning import distributed as dist_ops
+from baldro_lightning.batches import Batch, batch_size, concat_rows, select_rows
+from baldro_lightning.logprobs import SequenceLogProbs, sequence_logprobs
+from baldro_lightning.losses import NLL, PerSampleLoss
+from baldro_lightning.objectives import Group, Mean, Objective
+
+log = logging.getLogger(__name__)
+
+TorchDtype = Literal["float32", "bfloat16", "float16"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A training step produced a NaN or infinite loss."""
+
+
+def load_causal_lm(path: str, torch_dtype: TorchDtype) -> PreTrainedModel:
+    """``AutoModelForCausalLM.from_pretrained`` for a Hub id or a local directory, with an error that helps."""
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, torch_dtype))
+    except OSError as err:
+        raise OSError(
+            f"--model.model={path!r}: could not load a causal LM ({err}). Pass a local directory written by "
+            "save_pretrained (for the embedded default run `python -m baldro_lightning.quickstart` first) or a "
+            "Hub id that is in the local Hugging Face cache."
+        ) from err
+
+
+def _decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: biases and norm gains are not decayed, as in the HF Trainer."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.dim() < 2 or "norm" in name.lower() else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class CausalLMModule(L.LightningModule):
+    """Shared plumbing: loads the policy in ``configure_model``, one-pass statistics, optimizer and schedule."""
+
+    def __init__(
+        self,
+        model: str,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        weight_decay: float = 0.01,
+        lr_schedule: Literal["linear", "constant"] = "linear",
+        warmup_epochs: float = 1.0,
+        torch_dtype: TorchDtype = "float32",
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if warmup_epochs < 0:
+            raise ValueError(f"--model.warmup_epochs must be >= 0, got {warmup_epochs}")
+        self.model_path = model
+        self.optimizer_factory = optimizer
+        self.weight_decay = weight_decay
+        self.lr_schedule = lr_schedule
+        self.warmup_epochs = warmup_epochs
+        self.torch_dtype = torch_dtype
+        self.gradient_checkpointing = gradient_checkpointing
+        self.policy: PreTrainedModel | None = None
+
+    def configure_model(self) -> None:
+        # Weights load here, not in __init__, so that parsing a config is instant and sharding strategies
+        # can wrap the model inside their own context.
+        if self.policy is not None:
+            return
+        self.policy = load_causal_lm(self.model_path, self.torch_dtype)
+        # from_pretrained returns eval mode and Lightning 2.x keeps each submodule's mode as found.
+        self.policy.train()
+        if self.gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.policy.config.use_cache = False
+        if self.device_mesh is not None:
+            # ModelParallelStrategy set a mesh: shard with FSDP2 here, before the optimizer sees the parameters.
+            from baldro_lightning.sharding import mixed_precision_policy, shard_model
+
+            mp_policy = mixed_precision_policy(self.trainer.precision)
+            shard_model(self.policy, self.device_mesh["data_parallel"], mp_policy=mp_policy)
+
+    @property
+    def pad_token_id(self) -> int:
+        config = self.policy.config
+        pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+        if isinstance(pad, list):
+            pad = pad[0]
+        return int(pad) if pad is not None else 0
+
+    def forward_stats(
+        self, model: nn.Module, batches: list[Batch], keep_vocab: list[bool] | None = None
+    ) -> list[SequenceLogProbs]:
+        """One forward pass of ``model`` over all ``batches`` at once, split back into per-batch statistics."""
+        keep_vocab = keep_vocab or [False] * len(batches)
+        joined = batches[0] if len(batches) == 1 else concat_rows(batches, self.pad_token_id)
+        logits = model(input_ids=joined["input_ids"], attention_mask=joined["attention_mask"], use_cache=False).logits
+        out, start = [], 0
+        for part, vocab in zip(batches, keep_vocab, strict=True):
+            rows = batch_size(part)
+            length = part["labels"].shape[1]
+            # Right padding: trimming the shared padding columns changes no labelled position.
+            out.append(sequence_logprobs(logits[start : start + rows, :length], part["labels"], keep_vocab=vocab))
+            start += rows
+        return out
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(_decay_groups(self.policy, self.weight_decay))
+        if self.lr_schedule == "constant":
+            return optimizer
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        per_epoch = total / max(self.trainer.max_epochs or 1, 1)
+        warmup = math.floor(self.warmup_epochs * per_epoch)
+
+        def linear(step: int) -> float:
+            # HF's linear schedule: the first update uses multiplier 0 whenever there is a warm-up (spec §1.6).
+            if step < warmup:
+                return step / max(1, warmup)
+            return max(0.0, (total - step) / max(1, total - warmup))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _check_finite(self, loss: Tensor, what: str, indices: Tensor | None = None) -> None:
+        if torch.isfinite(loss).all():
+            return
+        ids = "" if indices is None else f"; forget rows in this batch: {indices.tolist()}"
+        raise NonFiniteLossError(
+            f"{what} is {loss.item()} at global step {self.global_step}{ids}. The last saved checkpoint is "
+            "unchanged; lower the learning rate, check the rows above, or use a stabler loss setting."
+        )
+
+
+class FinetuneModule(CausalLMModule):
+    """Plain NLL fine-tuning: how the embedded target and retain models are trained."""
+
+    def __init__(
+        self,
+        model: str,
+        loss: PerSampleLoss | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        weight_decay: float = 0.01,
+        lr_schedule: Literal["linear", "constant"] = "linear",
+        warmup_epochs: float = 1.0,
+        torch_dtype: TorchDtype = "float32",
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__(
+            model, optimizer, weight_decay, lr_schedule, warmup_epochs, torch_dtype, gradient_checkpointing
+        )
+        self.loss = loss or NLL()
+        if self.loss.requires_reference:
+            raise ValueError(f"--model.loss={type(self.loss).__name__} needs a reference model; fine-tuning has none")
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        (stats,) = self.forward_stats(self.policy, [batch])
+        loss = self.loss(stats).mean()
+        self._check_finite(loss, "train/loss")
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size(batch))
+        return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        (stats,) = self.forward_stats(self.policy, [batch])
+        loss = self.loss(stats).mean()
+        self.log("val/loss", loss, sync_dist=True, batch_size=batch_size(batch))
+        return loss
+
+
+class UnlearningModule(CausalLMModule):
+    """Unlearning with any per-sample forget loss under any DRO objective, plus a retain term.
+
+    The reference model is frozen: eval mode, no gradients, forwards under ``no_grad``, absent from the optimizer
+    and from checkpoints. ``reference="cached"`` computes its per-sample log-likelihoods of the forget set once,
+    with the policy itself before the first update (it *is* the reference then), so no second model is held.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        forget_loss: PerSampleLoss,
+        retain_loss: PerSampleLoss | None = None,
+        forget_objective: Objective | None = None,
+        retain_objective: Objective | None = None,
+        gamma: float = 1.0,
+        alpha: float = 1.0,
+        reference: Literal["live", "cached"] = "live",
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        weight_decay: float = 0.01,
+        lr_schedule: Literal["linear", "constant"] = "linear",
+        warmup_epochs: float = 1.0,
+        torch_dtype: TorchDtype = "float32",
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__(
+            model, optimizer, weight_decay, lr_schedule, warmup_epochs, torch_dtype, gradient_checkpointing
+        )
+        self.forget_loss = forget_loss
+        self.retain_loss = retain_loss
+        self.forget_objective = forget_objective or Mean()
+        self.retain_objective = retain_objective or Mean()
+        self.gamma = gamma
+        self.alpha = alpha
+        self.reference_mode = reference
+        self._validate()
+        self.reference: PreTrainedModel | None = None
+        # The reference is rebuilt from `model` on load, so checkpoints omit it and loading must be non-strict.
+        self.strict_loading = False
+        self.reference_cache: Tensor | None = None
+        self.forget_weights: Tensor | None = None
+        self.forget_losses: Tensor | None = None
+        self.save_hyperparameters(ignore=["optimizer"])
+
+    # -- construction -------------------------------------------------------------------------------------------
+    def _validate(self) -> None:
+        problems = []
+        if self.retain_loss is not None and self.retain_loss.requires_reference and self.reference_mode == "cached":
+            problems.append(
+                f"--model.reference=cached cannot serve --model.retain_loss={type(self.retain_loss).__name__}: it "
+                "compares whole next-token distributions on retain rows, which a cache of forget-set sums does not "
+                "hold. Use --model.reference=live."
+            )
+        if self.forget_loss.requires_vocab:
+            problems.append(f"--model.forget_loss={type(self.forget_loss).__name__} is a retain loss (KL)")
+        if self.gamma < 0 or self.alpha < 0:
+            problems.append(f"--model.gamma and --model.alpha must be >= 0, got gamma={self.gamma}, alpha={self.alpha}")
+        if self.retain_loss is None and self.alpha != 0:
+            log.info("no --model.retain_loss given: the retain term is off (alpha=%s ignored)", self.alpha)
+        if problems:
+            raise ValueError("invalid unlearning configuration:\n  - " + "\n  - ".join(problems))
+
+    @property
+    def needs_reference_model(self) -> bool:
+        live_forget = self.forget_loss.requires_reference and self.reference_mode == "live"
+        return live_forget or (self.retain_loss is not None and self.retain_loss.requires_reference)
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        if self.needs_reference_model and self.reference is None:
+            reference = load_causal_lm(self.model_path, self.torch_dtype)
+            reference.requires_grad_(False)
+            reference.eval()
+            self.reference = reference
+            self._check_reference_is_separate()
+            if self.device_mesh is not None:
+                # Sharded after the check: a DTensor parameter reports data_ptr() == 0.
+                from baldro_lightning.sharding import mixed_precision_policy, shard_model
+
+                mp_policy = mixed_precision_policy(self.trainer.precision)
+                shard_model(self.reference, self.device_mesh["data_parallel"], mp_policy=mp_policy)
+
+    def _check_reference_is_separate(self) -> None:
+        if self.reference is self.policy:
+            raise ValueError("the reference model is the policy object itself; it would move with every update")
+        policy_ptrs = {p.data_ptr() for p in self.policy.parameters()}
+        if any(p.data_ptr() in policy_ptrs for p in self.reference.parameters()):
+            raise ValueError("the reference model shares parameter storage with the policy; load a separate copy")
+
+    def train(self, mode: bool = True) -> UnlearningModule:
+        # Lightning toggles train/eval on the whole module; the reference must stay in eval mode regardless.
+        super().train(mode)
+        if self.reference is not None:
+            self.reference.eval()
+        return self
+
+    def state_dict(self, *args, **kwargs):
+        state = super().state_dict(*args, **kwargs)
+        for key in [k for k in state if k.startswith("reference.") or ".reference." in k]:
+            del state[key]
+        return state
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["reference_cache"] = self.reference_cache
+        checkpoint["forget_weights"] = self.forget_weights
+        checkpoint["forget_losses"] = self.forget_losses
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.reference_cache = checkpoint.get("reference_cache")
+        self.forget_weights = checkpoint.get("forget_weights")
+        self.forget_losses = checkpoint.get("forget_losses")
+
+    # -- reference ----------------------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        datamodule = self.trainer.datamodule
+        size = datamodule.forget_size
+        if self.forget_weights is None:
+            self.forget_weights = torch.full((size,), float("nan"))
+            self.forget_losses = torch.full((size,), float("nan"))
+        if self.reference_mode == "cached" and self.forget_loss.requires_reference and self.reference_cache is None:
+            self.reference_cache = self._compute_reference_cache(datamodule.forget_dataloader(), size)
+
+    @torch.no_grad()
+    def _compute_reference_cache(self, loader, size: int) -> Tensor:
+        """Per-sample ``log pi_ref(y|x)`` over the whole forget set, with the not-yet-updated policy."""
+        was_training = self.policy.training
+        self.policy.eval()
+        cache = torch.full((size,), float("nan"), dtype=torch.float32, device=self.device)
+        for batch in loader:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            (stats,) = self.forward_stats(self.policy, [batch])
+            cache[batch["index"]] = stats.logp_sum
+        self.policy.train(was_training)
+        if torch.isnan(cache).any():
+            raise ValueError("reference cache is incomplete: the forget dataloader did not visit every row")
+        return cache
+
+    def _reference_stats(self, batches: list[Batch], keep_vocab: list[bool]) -> list[SequenceLogProbs]:
+        if not batches:
+            return []
+        with torch.no_grad():
+            return self.forward_stats(self.reference, batches, keep_vocab)
+
+    def _cached_reference(self, forget: Batch) -> SequenceLogProbs:
+        sums = self.reference_cache.to(self.device)[forget["index"]]
+        return SequenceLogProbs(logp_sum=sums, count=torch.ones_like(sums, dtype=torch.long))
+
+    # -- training -----------------------------------------------------------------------------------------------
+    def _with_global_counts(self, stats: SequenceLogProbs, real_rows: Tensor | None = None) -> SequenceLogProbs:
+        if not dist_ops.is_distributed():
+            return stats
+        count = stats.count if real_rows is None else stats.count * real_rows
+        rows = torch.tensor(float(stats.count.numel() if real_rows is None else real_rows.sum()), device=self.device)
+        return SequenceLogProbs(
+            logp_sum=stats.logp_sum,
+            count=stats.count,
+            token_logps=stats.token_logps,
+            mask=stats.mask,
+            vocab_logps=stats.vocab_logps,
+            global_batch_size=int(dist_ops.all_reduce_sum(rows).item()),
+            global_token_count=dist_ops.all_reduce_sum(count.sum()),
+        )
+
+    def _group_selection(
+        self, scoring: SequenceLogProbs, ref: SequenceLogProbs | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """BalDRO-G's ranking over the global batch, without autograd.
+
+        Returns ``(rows, real, kept)``: local rows for the loss (a rank with no kept row still runs row 0 at weight
+        0, so collectives stay in step), a 0/1 vector marking real selections, and the kept global positions.
+        """
+        objective: Group = self.forget_objective
+        with torch.no_grad():
+            if objective.score == "loss":
+                scores = self.forget_loss(self._with_global_counts(scoring), ref)
+            else:
+                scores = -scoring.nll_mean
+        everyone, local = dist_ops.gather_with_local_grad(scores.detach())
+        kept = objective.keep(everyone)
+        mine = kept[(kept >= local.start) & (kept < local.stop)] - local.start
+        if mine.numel() == 0:
+            placeholder = torch.zeros(1, dtype=torch.long, device=self.device)
+            return placeholder, torch.zeros(1, device=self.device), kept
+        return mine, torch.ones(mine.numel(), device=self.device), kept
+
+    def _forget_term(self, forget: Batch, retain: Batch | None) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple | None]:
+        """Forward passes and the forget objective.
+
+        Returns ``(forget_value, global_weights, global_losses, global_index, retain_stats)``; ``global_losses``
+        holds each forget row's loss before reweighting (from the scoring pass for BalDRO-G).
+        """
+        loss_fn, objective = self.forget_loss, self.forget_objective
+        need_live_forget = loss_fn.requires_reference and self.reference_mode == "live"
+        need_live_retain = retain is not None and self.retain_loss.requires_reference
+        vocab_r = retain is not None and self.retain_loss.requires_vocab
+
+        ref_parts = ([forget] if need_live_forget else []) + ([retain] if need_live_retain else [])
+        ref_stats = self._reference_stats(ref_parts, [False] * need_live_forget + [vocab_r] * need_live_retain)
+        ref_forget = ref_stats[0] if need_live_forget else None
+        ref_retain = ref_stats[-1] if need_live_retain else None
+        if loss_fn.requires_reference and self.reference_mode == "cached":
+            ref_forget = self._cached_reference(forget)
+        index = dist_ops.gather_detached(forget["index"])
+        retain_part = [retain] if retain is not None else []
+        vocab_part = [vocab_r] if retain is not None else []
+
+        if not isinstance(objective, Group):
+            stats = self.forward_stats(self.policy, [forget, *retain_part], [False, *vocab_part])
+            losses = loss_fn(self._with_global_counts(stats[0]), ref_forget)
+            everyone, _ = dist_ops.gather_with_local_grad(losses)
+            value, weights = objective(everyone)
+            retain_stats = (stats[1], ref_retain) if retain is not None else None
+            return value, weights, everyone.detach(), index, retain_stats
+
+        if objective.passes == "one":
+            # One pass over every row; dropped rows get no loss term but are still back-propagated through.
+            stats = self.forward_stats(self.policy, [forget, *retain_part], [False, *vocab_part])
+            scoring = stats[0]
+        else:
+            # The efficient form: rank under no_grad, then run the gradient pass on the kept rows only.
+            # "released" builds the ranking graph anyway, as the authors' code does (P-6), for timing parity.
+            grad_mode = torch.enable_grad() if objective.passes == "released" else torch.no_grad()
+            with grad_mode:
+                (scoring,) = self.forward_stats(self.policy, [forget])
+        all_losses = loss_fn(self._with_global_counts(scoring), ref_forget).detach()
+        rows, real, kept = self._group_selection(scoring, ref_forget)
+        ref_kept = None if ref_forget is None else ref_forget.select(rows)
+        if objective.passes == "one":
+            policy_kept = scoring.select(rows)
+        else:
+            stats = self.forward_stats(self.policy, [select_rows(forget, rows), *retain_part], [False, *vocab_part])
+            policy_kept = stats[0]
+        # Token-pooled losses pool over the kept rows' tokens, as the released Group* trainers do.
+        losses = loss_fn(self._with_global_counts(policy_kept, real), ref_kept)
+        everyone, _ = dist_ops.gather_with_local_grad(losses * real)
+        weights = torch.zeros(index.numel(), device=self.device)
+        weights[kept] = 1.0 / kept.numel()
+        retain_stats = (stats[1], ref_retain) if retain is not None else None
+        return everyone.sum() / kept.numel(), weights, dist_ops.gather_detached(all_losses), index, retain_stats
+
+    def _retain_term(self, retain_stats: tuple[SequenceLogProbs, SequenceLogProbs | None]) -> Tensor:
+        policy_retain, ref_retain = retain_stats
+        losses = self.retain_loss(self._with_global_counts(policy_retain), ref_retain)
+        everyone, _ = dist_ops.gather_with_local_grad(losses)
+        value, _ = self.retain_objective(everyone, None)
+        return value
+
+    def _subsample_retain(self, retain: Batch, forget_rows: int) -> Batch:
+        """The released BalDRO-G keeps a random ``k`` of the retain rows too (P-6); seeded by the step."""
+        objective: Group = self.forget_objective
+        k = min(objective.kept_count(forget_rows), batch_size(retain))
+        generator = torch.Generator().manual_seed(self.global_step)
+        rows = torch.randperm(batch_size(retain), generator=generator)[:k].sort().values
+        return select_rows(retain, rows)
+
+    def training_step(self, batch: dict[str, Batch], batch_idx: int) -> Tensor:
+        forget = batch["forget"]
+        retain = batch.get("retain") if self.retain_loss is not None and self.alpha != 0 else None
+        if retain is not None and isinstance(self.forget_objective, Group) and self.forget_objective.subsample_retain:
+            retain = self._subsample_retain(retain, batch_size(forget))
+
+        forget_value, weights, losses, index, retain_stats = self._forget_term(forget, retain)
+        loss = self.gamma * forget_value
+        retain_value = torch.zeros((), device=self.device)
+        if retain_stats is not None:
+            retain_value = self._retain_term(retain_stats)
+            loss = loss + self.alpha * retain_value
+
+        self._check_finite(loss, "train/loss", index)
+        self._record_per_sample(index, weights, losses)
+        rows = batch_size(forget)
+        self.log("train/forget_loss", forget_value.detach(), prog_bar=True, batch_size=rows)
+        self.log("train/retain_loss", retain_value.detach(), batch_size=rows)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=rows)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=rows)
+        self.log("train/dro_weight_max", weights.max(), batch_size=rows)
+        self._log_weight_histogram(weights)
+        # Data-parallel averaging divides each rank's gradient by the world size; the objective is global.
+        return loss * dist_ops.data_parallel_scale()
+
+    def _record_per_sample(self, index: Tensor, weights: Tensor, losses: Tensor) -> None:
+        if self.forget_weights is None:
+            return
+        index = index.cpu()
+        self.forget_weights[index] = weights.detach().float().cpu()
+        self.forget_losses[index] = losses.detach().float().cpu()
+
+    def _log_weight_histogram(self, weights: Tensor) -> None:
+        experiment = getattr(self.logger, "experiment", None)
+        if self.trainer.is_global_zero and hasattr(experiment, "add_histogram"):
+            experiment.add_histogram("train/dro_weights", weights.detach().float().cpu(), self.global_step)

@@ -1,0 +1,265 @@
+"""Rows per second of the batched TOFU evaluator vs a naive one-example-at-a-time loop on the same rows.
+
+Both paths compute every metric group (forget, retain_perturbed, real authors, world facts, MIA with the
+holdout split). The naive loop runs one forward per answer (answer, paraphrase, each perturbed answer) and one
+``generate`` per prompt, then feeds the same per-row columns to :meth:`TofuEvaluator.aggregate`; the script
+asserts that every likelihood metric (per row and aggregate) agrees within ``--atol``/``--rtol`` and reports how
+many generations are identical (greedy decoding may flip on near-ties when batch shapes change numerics).
+
+Timings are medians over ``--repeats`` after one warm-up evaluation of two rows per split. Example::
+
+    python experiments/benchmarks/eval_throughput.py --model models/embedded/target --benchmark data/tofu_embedded
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, get_args
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from baldro_lightning import metrics
+from baldro_lightning.evaluation import MINK_FRACTION, Role, RowScores, TofuEvaluator, evaluation_mode
+from baldro_lightning.logprobs import IGNORE_INDEX
+from baldro_lightning.module import TorchDtype, load_causal_lm
+from baldro_lightning.tokenization import PromptTemplate, encode_example, encode_prompt, load_tokenizer
+
+LIKELIHOOD_METRICS = (
+    "forget_Q_A_Prob",
+    "forget_Q_A_PARA_Prob",
+    "forget_Q_A_PERT_Prob",
+    "forget_truth_ratio",
+    "extraction_strength",
+    "exact_memorization",
+    "retain_Q_A_Prob",
+    "retain_Truth_Ratio",
+    "ra_Q_A_Prob_normalised",
+    "ra_Truth_Ratio",
+    "wf_Q_A_Prob_normalised",
+    "wf_Truth_Ratio",
+    "mia_loss",
+    "mia_zlib",
+    "mia_min_k",
+    "mia_min_k_plus_plus",
+)
+
+
+def _single_answer(model, evaluator: TofuEvaluator, question: str, answer: str, token_stats: bool) -> dict[str, Any]:
+    """One forward of one example; NLL by plain cross-entropy, token statistics from that example's logits."""
+    example = encode_example(evaluator.tokenizer, evaluator.template, question, answer, evaluator.max_length)
+    device = next(model.parameters()).device
+    ids = torch.tensor([example.input_ids], device=device)
+    labels = torch.tensor(example.labels, device=device)
+    logits = model(input_ids=ids, use_cache=False).logits[0, :-1]  # (T-1, V)
+    targets = labels[1:]
+    out: dict[str, Any] = {
+        "nll": F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX).item(),
+        "labels": example.labels,
+    }
+    if token_stats:
+        positions = torch.nonzero(targets != IGNORE_INDEX).flatten()[:-1]  # the last target is EOS (spec §3.1b)
+        logp = torch.log_softmax(logits[positions].float(), dim=-1)
+        picked = targets[positions]
+        mu, sigma2 = metrics.min_k_plus_plus_stats(logits[positions], from_logits=True)
+        out |= {
+            "token_logps": logp.gather(-1, picked.unsqueeze(-1)).squeeze(-1).cpu().numpy(),
+            "pred_ids": logp.argmax(-1).cpu().numpy(),
+            "target_ids": picked.cpu().numpy(),
+            "mu": mu.cpu().numpy(),
+            "sigma2": sigma2.cpu().numpy(),
+        }
+    return out
+
+
+def naive_scores(evaluator: TofuEvaluator, model) -> dict[Role, RowScores]:
+    """The evaluator's per-row columns, computed one answer and one prompt at a time."""
+    tokenizer = evaluator.tokenizer
+    out: dict[Role, RowScores] = {}
+    with evaluation_mode(model):
+        for plan in evaluator.plans():
+            rows = evaluator.rows[plan.role]
+            columns: dict[str, list[Any]] = defaultdict(list)
+            answers = []
+            for row in rows:
+                answer = _single_answer(model, evaluator, row["question"], row["answer"], plan.token_stats)
+                answers.append(answer)
+                columns["answer_nll"].append(answer["nll"])
+                if plan.paraphrased:
+                    para = _single_answer(model, evaluator, row["question"], row["paraphrased_answer"], False)
+                    columns["para_nll"].append(para["nll"])
+                if plan.perturbed:
+                    wrong = [
+                        _single_answer(model, evaluator, row["question"], a, False) for a in row["perturbed_answer"]
+                    ]
+                    columns["pert_nll"].append([w["nll"] for w in wrong])
+            if plan.token_stats:
+                nll = columns["answer_nll"]
+                texts = [
+                    tokenizer.decode([t for t in a["labels"] if t != IGNORE_INDEX], skip_special_tokens=True)
+                    for a in answers
+                ]
+                logps = [a["token_logps"] for a in answers]
+                preds, targets = [a["pred_ids"] for a in answers], [a["target_ids"] for a in answers]
+                columns["mia_loss"] = metrics.mia_loss(nll).tolist()
+                columns["mia_zlib"] = metrics.mia_zlib(nll, texts).tolist()
+                columns["mia_min_k"] = metrics.mia_min_k(logps, MINK_FRACTION).tolist()
+                columns["mia_min_k_plus_plus"] = metrics.mia_min_k_plus_plus(
+                    logps, [a["mu"] for a in answers], [a["sigma2"] for a in answers], MINK_FRACTION
+                ).tolist()
+                columns["extraction_strength"] = metrics.extraction_strength(preds, targets).tolist()
+                columns["exact_memorization"] = metrics.exact_memorization(preds, targets).tolist()
+            if plan.generate:
+                generated = rows[: evaluator.rouge_rows_limit]
+                texts = []
+                for row in generated:
+                    prompt = encode_prompt(tokenizer, evaluator.template, row["question"])
+                    ids = torch.tensor([prompt], device=next(model.parameters()).device)
+                    output = model.generate(
+                        input_ids=ids,
+                        attention_mask=torch.ones_like(ids),
+                        do_sample=False,
+                        max_new_tokens=evaluator.max_new_tokens,
+                        pad_token_id=tokenizer.pad_token_id,
+                    )
+                    texts.append(tokenizer.decode(output[0, len(prompt) :], skip_special_tokens=True).strip())
+                rouge = metrics.rouge_scores(texts, [row["answer"].strip() for row in generated])
+                missing = [None] * (len(rows) - len(generated))
+                columns["generation"] = texts + missing
+                for name, values in rouge.items():
+                    columns[name] = values.tolist() + missing
+            out[plan.role] = RowScores(plan.role, plan.split, [int(row["index"]) for row in rows], dict(columns))
+    return out
+
+
+def _flat(value: Any) -> np.ndarray:
+    return np.atleast_1d(np.asarray(value, dtype=np.float64))
+
+
+def compare(batched: Mapping[str, Any], naive: Mapping[str, Any], atol: float, rtol: float) -> dict[str, float]:
+    """Largest absolute difference per likelihood metric; raises if any exceeds ``atol + rtol·|naive|``."""
+    worst: dict[str, float] = {}
+    failures = []
+    for name in LIKELIHOOD_METRICS:
+        if name not in batched:
+            continue
+        pairs = [(batched[name]["agg_value"], naive[name]["agg_value"])]
+        for field in ("value_by_index", "holdout_value_by_index"):
+            by_index = batched[name].get(field, {})
+            pairs += [(value, naive[name][field][key]) for key, value in by_index.items()]
+        diffs = []
+        for got, want in pairs:
+            got_arr, want_arr = _flat(got), _flat(want)
+            diff = np.abs(got_arr - want_arr)
+            diffs.append(float(np.nanmax(diff)) if diff.size else 0.0)
+            if np.any(diff > atol + rtol * np.abs(want_arr)) or np.any(np.isnan(got_arr) != np.isnan(want_arr)):
+                failures.append(f"{name}: batched {got} vs naive {want}")
+        worst[name] = max(diffs)
+    if failures:
+        raise AssertionError(
+            f"{len(failures)} values disagree beyond atol={atol}, rtol={rtol}: " + "; ".join(failures[:5])
+        )
+    return worst
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--benchmark", required=True)
+    parser.add_argument("--forget_split", default="forget10", choices=["forget01", "forget05", "forget10"])
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--max_new_tokens", type=int, default=200)
+    parser.add_argument("--limit", type=int, default=None, help="first N rows of each split (both paths)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", default="float32", choices=get_args(TorchDtype))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--chat", action="store_true")
+    parser.add_argument("--atol", type=float, default=1e-5)
+    parser.add_argument("--rtol", type=float, default=1e-5)
+    parser.add_argument("--out", default=None, help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    tokenizer = load_tokenizer(args.model)
+    model = load_causal_lm(args.model, args.dtype).to(device)
+
+    def evaluator(limit: int | None) -> TofuEvaluator:
+        return TofuEvaluator(
+            args.benchmark,
+            tokenizer,
+            args.forget_split,
+            template=PromptTemplate(chat=args.chat),
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            limit=limit,
+        )
+
+    warmup = evaluator(2)
+    warmup.evaluate(model)
+    naive_scores(warmup, model)
+
+    bench = evaluator(args.limit)
+    items = sum(len(rows) for rows in bench.rows.values())
+    batched_times, naive_times = [], []
+    batched = naive = None
+    for _ in range(args.repeats):
+        seconds, batched = _timed(lambda: bench.evaluate(model)["metrics"], device)
+        batched_times.append(seconds)
+        seconds, naive = _timed(lambda: bench.aggregate(naive_scores(bench, model)), device)
+        naive_times.append(seconds)
+    worst = compare(batched, naive, args.atol, args.rtol)
+    same_generation = total_generation = 0
+    for name, entry in batched.items():
+        if name.endswith("_ROUGE"):
+            for key, row in entry["value_by_index"].items():
+                total_generation += 1
+                same_generation += row["generation"] == naive[name]["value_by_index"][key]["generation"]
+
+    batched_s, naive_s = statistics.median(batched_times), statistics.median(naive_times)
+    report = {
+        "model": args.model,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": args.dtype,
+        "rows": bench.meta(model)["rows"],
+        "items": items,
+        "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens,
+        "repeats": args.repeats,
+        "batched_s": batched_times,
+        "naive_s": naive_times,
+        "batched_items_per_s": items / batched_s,
+        "naive_items_per_s": items / naive_s,
+        "speedup": naive_s / batched_s,
+        "max_abs_diff": worst,
+        "identical_generations": f"{same_generation}/{total_generation}",
+    }
+    print(f"{items} rows ({', '.join(f'{k}: {v}' for k, v in report['rows'].items())}) on {report['device']}")
+    print(f"batched: median {batched_s:.2f} s  ({report['batched_items_per_s']:.1f} rows/s)")
+    print(f"naive:   median {naive_s:.2f} s  ({report['naive_items_per_s']:.1f} rows/s)")
+    print(f"speedup: {report['speedup']:.1f}x; likelihood metrics agree within atol={args.atol}, rtol={args.rtol}")
+    print(f"largest difference: {max(worst.values()):.2e}; identical generations {report['identical_generations']}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,349 @@
+"""TofuEvaluator end to end on the tiny fixtures: layout, agreement with a naive per-example loop, references."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from baldro_lightning import evaluation
+from baldro_lightning.evaluate import main as evaluate_main
+from baldro_lightning.evaluation import (
+    EvalLogError,
+    RowScores,
+    TofuEvaluator,
+    load_eval_json,
+    reference_truth_ratios,
+    shard_rows,
+)
+from baldro_lightning.tokenization import PromptTemplate, encode_example, load_tokenizer
+
+EXPECTED_KEYS = {
+    "forget_Q_A_Prob",
+    "forget_Q_A_ROUGE",
+    "forget_Q_A_PARA_Prob",
+    "forget_Q_A_PERT_Prob",
+    "forget_truth_ratio",
+    "extraction_strength",
+    "exact_memorization",
+    "retain_Q_A_Prob",
+    "retain_Q_A_ROUGE",
+    "retain_Truth_Ratio",
+    "ra_Q_A_Prob_normalised",
+    "ra_Q_A_ROUGE",
+    "ra_Truth_Ratio",
+    "wf_Q_A_Prob_normalised",
+    "wf_Q_A_ROUGE",
+    "wf_Truth_Ratio",
+    "model_utility",
+    "mia_loss",
+    "mia_zlib",
+    "mia_min_k",
+    "mia_min_k_plus_plus",
+    "privleak",
+}
+AGGREGATE_ONLY = {"model_utility", "privleak", "forget_quality"}
+NEW_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    return load_tokenizer(str(tiny_model))
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+
+
+def make_evaluator(benchmark, tokenizer, **overrides) -> TofuEvaluator:
+    # batch_size 5 mixes rows of different splits and answer kinds in one padded forward.
+    settings = {"batch_size": 5, "generation_batch_size": 3, "max_new_tokens": NEW_TOKENS} | overrides
+    return TofuEvaluator(str(benchmark), tokenizer, forget_split="forget10", **settings)
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_benchmark, tokenizer, model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "target" / "eval.json"
+    evaluator = make_evaluator(tiny_benchmark, tokenizer)
+    evaluator.run(model, out, model_name="tiny")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Naive reference: one example per forward, plain cross-entropy and log-softmax in fp64
+
+
+def naive_answer(model, tokenizer, question: str, answer: str) -> dict:
+    example = encode_example(tokenizer, PromptTemplate(), question, answer, 512)
+    ids = torch.tensor([example.input_ids])
+    labels = torch.tensor(example.labels)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, :-1].double()
+    nll = F.cross_entropy(logits, labels[1:], ignore_index=-100).item()
+    targets = labels[1:]
+    positions = torch.nonzero(targets != -100).flatten()[:-1]  # drop the EOS target
+    logp = torch.log_softmax(logits[positions], dim=-1)
+    token_logps = logp.gather(-1, targets[positions].unsqueeze(-1)).squeeze(-1)
+    probs = logp.exp()
+    mu = (probs * logp).sum(-1)
+    var = ((probs * logp.square()).sum(-1) - mu.square()).clamp_min(1e-6)  # the reference's uncentred form
+    z = (token_logps - mu) / var.sqrt()
+    k = max(1, int(0.4 * len(positions)))
+    preds = logp.argmax(-1)
+    return {
+        "nll": nll,
+        "min_k": -token_logps.sort().values[:k].mean().item(),
+        "min_k_plus_plus": -z.sort().values[:k].mean().item(),
+        "em": (preds == targets[positions]).double().mean().item(),
+    }
+
+
+def naive_truth_ratio(correct_nll: float, wrong_nlls: list[float]) -> float:
+    return math.exp(-np.mean(wrong_nlls)) / (math.exp(-correct_nll) + 1e-10)
+
+
+def rows_of(benchmark: Path, split: str) -> list[dict]:
+    return [json.loads(line) for line in (benchmark / f"{split}.jsonl").read_text().splitlines()]
+
+
+def test_eval_json_layout_and_every_metric(evaluated, tiny_benchmark):
+    out = evaluated
+    data = json.loads(out.read_text())  # strict JSON: no NaN literals
+    assert set(data) == {"meta", "metrics"}
+    metrics = data["metrics"]
+    assert set(metrics) == EXPECTED_KEYS  # no forget_quality without a reference...
+    assert any("forget_quality" in note for note in data["meta"]["notes"])  # ...and the meta says why
+    meta = data["meta"]
+    assert meta["forget_split"] == "forget10" and meta["retain_split"] == "retain90"
+    assert meta["holdout_split"] == "holdout10" and meta["max_new_tokens"] == NEW_TOKENS
+    assert meta["rows"] == {
+        "forget10_perturbed": 4,
+        "retain_perturbed": 4,
+        "real_authors_perturbed": 4,
+        "world_facts_perturbed": 4,
+        "holdout10": 4,
+    }
+    assert not list(out.parent.glob(".*tmp"))
+    for name, entry in metrics.items():
+        assert isinstance(entry["agg_value"], float), name
+        if name in AGGREGATE_ONLY:
+            assert entry["value_by_index"] == {}
+            continue
+        assert set(entry["value_by_index"]) == {"0", "1", "2", "3"}, name
+    assert all(len(v) == 5 for v in metrics["forget_Q_A_PERT_Prob"]["value_by_index"].values())
+    assert set(metrics["mia_min_k"]["holdout_value_by_index"]) == {"0", "1", "2", "3"}
+    rouge_row = metrics["retain_Q_A_ROUGE"]["value_by_index"]["2"]
+    assert isinstance(rouge_row["generation"], str) and 0.0 <= rouge_row["rougeL_recall"] <= 1.0
+    assert metrics["privleak"]["agg_value"] == pytest.approx(
+        ((1 - metrics["mia_min_k"]["agg_value"]) - 0.5) / (0.5 + 1e-10) * 100
+    )
+
+
+def test_batched_values_equal_naive_per_example_loop(evaluated, tiny_benchmark, model, tokenizer):
+    out = evaluated
+    metrics = load_eval_json(out)["metrics"]
+    tol = {"rtol": 1e-5, "atol": 1e-8}
+    forget = rows_of(tiny_benchmark, "forget10_perturbed")
+    for i, row in enumerate(forget):
+        answer = naive_answer(model, tokenizer, row["question"], row["answer"])
+        para = naive_answer(model, tokenizer, row["question"], row["paraphrased_answer"])["nll"]
+        pert = [naive_answer(model, tokenizer, row["question"], a)["nll"] for a in row["perturbed_answer"]]
+        key = str(i)
+        np.testing.assert_allclose(metrics["forget_Q_A_Prob"]["value_by_index"][key], math.exp(-answer["nll"]), **tol)
+        np.testing.assert_allclose(metrics["forget_Q_A_PARA_Prob"]["value_by_index"][key], math.exp(-para), **tol)
+        np.testing.assert_allclose(
+            metrics["forget_Q_A_PERT_Prob"]["value_by_index"][key], np.exp(-np.array(pert)), **tol
+        )
+        np.testing.assert_allclose(
+            metrics["forget_truth_ratio"]["value_by_index"][key], naive_truth_ratio(para, pert), **tol
+        )
+        np.testing.assert_allclose(metrics["mia_loss"]["value_by_index"][key], answer["nll"], **tol)
+        np.testing.assert_allclose(metrics["mia_min_k"]["value_by_index"][key], answer["min_k"], **tol)
+        np.testing.assert_allclose(
+            metrics["mia_min_k_plus_plus"]["value_by_index"][key], answer["min_k_plus_plus"], rtol=1e-5, atol=1e-5
+        )
+        assert metrics["exact_memorization"]["value_by_index"][key] == pytest.approx(answer["em"], abs=1e-12)
+    for i, row in enumerate(rows_of(tiny_benchmark, "holdout10")):
+        answer = naive_answer(model, tokenizer, row["question"], row["answer"])
+        np.testing.assert_allclose(metrics["mia_min_k"]["holdout_value_by_index"][str(i)], answer["min_k"], **tol)
+    for i, row in enumerate(rows_of(tiny_benchmark, "real_authors_perturbed")):
+        correct = naive_answer(model, tokenizer, row["question"], row["answer"])["nll"]
+        wrong = [naive_answer(model, tokenizer, row["question"], a)["nll"] for a in row["perturbed_answer"]]
+        normalised = math.exp(-correct) / (math.exp(-correct) + np.exp(-np.array(wrong)).sum() + 1e-10)
+        np.testing.assert_allclose(metrics["ra_Q_A_Prob_normalised"]["value_by_index"][str(i)], normalised, **tol)
+        np.testing.assert_allclose(
+            metrics["ra_Truth_Ratio"]["value_by_index"][str(i)], naive_truth_ratio(correct, wrong), **tol
+        )
+    row = rows_of(tiny_benchmark, "retain_perturbed")[1]
+    para = naive_answer(model, tokenizer, row["question"], row["paraphrased_answer"])["nll"]
+    pert = [naive_answer(model, tokenizer, row["question"], a)["nll"] for a in row["perturbed_answer"]]
+    np.testing.assert_allclose(
+        metrics["retain_Truth_Ratio"]["value_by_index"]["1"], naive_truth_ratio(para, pert), **tol
+    )
+
+
+def test_generation_matches_one_prompt_at_a_time(evaluated, tiny_benchmark, model, tokenizer):
+    out = evaluated
+    by_index = load_eval_json(out)["metrics"]["forget_Q_A_ROUGE"]["value_by_index"]
+    row = rows_of(tiny_benchmark, "forget10_perturbed")[3]
+    prompt = evaluation.encode_prompt(tokenizer, PromptTemplate(), row["question"])
+    with torch.no_grad():
+        ids = model.generate(
+            input_ids=torch.tensor([prompt]), do_sample=False, max_new_tokens=NEW_TOKENS, pad_token_id=0
+        )
+    assert by_index["3"]["generation"] == tokenizer.decode(ids[0, len(prompt) :], skip_special_tokens=True).strip()
+
+
+def test_forget_quality_against_own_eval_json_is_one(evaluated, tiny_benchmark, tokenizer, model):
+    out = evaluated
+    result = make_evaluator(tiny_benchmark, tokenizer, retain_reference=str(out), metric_groups=("forget", "mia"))
+    metrics = result.evaluate(model)["metrics"]
+    assert metrics["forget_quality"]["agg_value"] == 1.0
+    assert metrics["privleak"]["agg_value"] == pytest.approx(0.0, abs=1e-6)  # own AUC as the reference
+    assert "retain_Q_A_Prob" not in metrics and "model_utility" not in metrics
+
+
+def test_missing_reference_names_file_and_fix(tiny_benchmark, tokenizer, tmp_path):
+    missing = tmp_path / "retain" / "eval.json"
+    with pytest.raises(
+        EvalLogError, match=r"retain reference .*retain/eval.json does not exist.*--forget_split forget10"
+    ):
+        make_evaluator(tiny_benchmark, tokenizer, retain_reference=str(missing))
+
+
+def test_reference_from_another_split_is_rejected(evaluated, tiny_benchmark, tokenizer, tmp_path):
+    out = evaluated
+    data = json.loads(out.read_text())
+    data["meta"]["forget_split"] = "forget05"
+    other = tmp_path / "eval.json"
+    other.write_text(json.dumps(data))
+    with pytest.raises(EvalLogError, match=r"made on forget split 'forget05'.*uses 'forget10'.*evaluating the retain"):
+        make_evaluator(tiny_benchmark, tokenizer, retain_reference=str(other))
+
+
+def test_reference_with_other_rows_is_rejected(evaluated, tiny_benchmark, tokenizer):
+    out = evaluated
+    with pytest.raises(EvalLogError, match=r"for 4 rows \(indices 0\.\.3\) .* has 2 rows \(indices 0\.\.1\)"):
+        make_evaluator(tiny_benchmark, tokenizer, retain_reference=str(out), limit=2)
+
+
+def test_privleak_reference_with_other_rows_is_rejected(evaluated, tiny_benchmark, tokenizer):
+    out = evaluated
+    with pytest.raises(EvalLogError, match=r"scored 4 rows of forget10_perturbed but this evaluation scores 3"):
+        make_evaluator(tiny_benchmark, tokenizer, retain_reference=str(out), limit=3, metric_groups=("mia",))
+
+
+def test_reference_reads_open_unlearning_layout(tmp_path):
+    log_file = tmp_path / "TOFU_EVAL.json"
+    rows = {"0": {"score": 0.5}, "1": {"score": 2.0}}
+    log_file.write_text(json.dumps({"forget_truth_ratio": {"agg_value": 0.5, "value_by_index": rows}}))
+    np.testing.assert_array_equal(reference_truth_ratios(log_file, "forget01", 2), [0.5, 2.0])
+
+
+def test_modes_restored_and_eval_mode_inside(tiny_benchmark, tokenizer, model):
+    model.train()
+    model.model.layers[0].eval()  # a submodule in its own mode must come back in that mode
+    before = {name: m.training for name, m in model.named_modules()}
+    seen = []
+    hook = model.model.layers[1].register_forward_pre_hook(
+        lambda module, args: seen.append(module.training or torch.is_grad_enabled())
+    )
+    try:
+        make_evaluator(tiny_benchmark, tokenizer, metric_groups=("ra",)).score(model)
+    finally:
+        hook.remove()
+    assert seen and not any(seen)
+    assert {name: m.training for name, m in model.named_modules()} == before
+    assert torch.is_grad_enabled()
+    model.eval()
+
+
+def test_failure_midway_leaves_no_file(tiny_benchmark, tokenizer, model, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("generation failed")
+
+    monkeypatch.setattr(evaluation, "generate_answers", broken)
+    out = tmp_path / "eval.json"
+    with pytest.raises(RuntimeError, match="generation failed"):
+        make_evaluator(tiny_benchmark, tokenizer, metric_groups=("wf",)).run(model, out)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):
+    out = tmp_path / "eval.json"
+    out.write_text('{"old": true}')
+
+    def dump_then_fail(obj, file, **kwargs):
+        file.write('{"metrics": {')
+        raise OSError("disk full")
+
+    monkeypatch.setattr(evaluation.json, "dump", dump_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        evaluation.write_eval_json({"meta": {}, "metrics": {}}, out)
+    assert out.read_text() == '{"old": true}'
+    assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]
+
+
+def test_sharded_scores_aggregate_to_the_same_metrics(evaluated, tiny_benchmark, tokenizer, model):
+    out = evaluated
+    # One generated row per shard keeps the test fast; the comparison is about the likelihood rows.
+    evaluator = make_evaluator(tiny_benchmark, tokenizer, rouge_rows_limit=1)
+    parts = [
+        evaluator.score(model, rows={role: shard_rows(rows, rank, 2) for role, rows in evaluator.rows.items()})
+        for rank in range(2)
+    ]
+    merged = {role: RowScores.concat([part[role] for part in parts]) for role in parts[0]}
+    assert merged["forget"].indices == [0, 1, 2, 3]
+    sharded = evaluator.aggregate(merged)
+    whole = load_eval_json(out)["metrics"]
+    for name in ("forget_truth_ratio", "retain_Q_A_Prob", "wf_Truth_Ratio", "mia_min_k_plus_plus", "mia_zlib"):
+        np.testing.assert_allclose(sharded[name]["agg_value"], whole[name]["agg_value"], rtol=1e-5)
+        for key, value in whole[name]["value_by_index"].items():
+            np.testing.assert_allclose(sharded[name]["value_by_index"][key], value, rtol=1e-5)
+
+
+def test_cli_writes_eval_json(tiny_benchmark, tiny_model, tmp_path, capsys):
+    out = tmp_path / "cli" / "eval.json"
+    args = ["--model", str(tiny_model), "--benchmark", str(tiny_benchmark), "--out", str(out), "--limit", "2"]
+    evaluate_main([*args, "--max_new_tokens", "2", "--batch_size", "8", "--device", "cpu", "--metrics", "ra", "mia"])
+    printed = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["meta"]["limit"] == 2 and data["meta"]["model"] == str(tiny_model)
+    assert set(data["metrics"]) == {
+        "ra_Q_A_Prob_normalised",
+        "ra_Q_A_ROUGE",
+        "ra_Truth_Ratio",
+        "mia_loss",
+        "mia_zlib",
+        "mia_min_k",
+        "mia_min_k_plus_plus",
+        "privleak",
+    }
+    assert f"wrote {out}" in printed and "ra_Truth_Ratio" in printed
+
+
+def test_real_tofu_rows_run_and_are_finite(shared_tofu, tokenizer, model):
+    evaluator = TofuEvaluator(str(shared_tofu), tokenizer, "forget10", limit=8, batch_size=16, max_new_tokens=4)
+    result = evaluator.evaluate(model)
+    assert result["meta"]["rows"]["forget10_perturbed"] == 8 and result["meta"]["rows"]["holdout10"] == 8
+    assert set(result["metrics"]) == EXPECTED_KEYS
+    for name, entry in result["metrics"].items():
+        assert math.isfinite(entry["agg_value"]), name
+        if name not in AGGREGATE_ONLY:
+            assert len(entry["value_by_index"]) == 8, name
+
+
+def test_cli_reports_a_bad_reference_without_traceback(tiny_benchmark, tiny_model, tmp_path, capsys):
+    args = ["--model", str(tiny_model), "--benchmark", str(tiny_benchmark), "--out", str(tmp_path / "eval.json")]
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main([*args, "--retain_reference", str(tmp_path / "missing.json")])
+    assert exit_info.value.code == 2
+    assert "missing.json does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "eval.json").exists()

@@ -1,0 +1,384 @@
+"""Behaviour of ``UnlearningModule`` with ``ForgetRetainDataModule`` on a tiny random Llama (CPU, a few steps).
+
+Every run here is short (two optimizer steps of a 2-layer, 32-wide model on 4 forget rows); what is checked is
+behaviour: the policy moves, the reference does not and never trains, checkpoints omit the reference, the cached
+and live references agree, the two-pass BalDRO-G optimises the same objective as the one-pass form, the sampler
+deals the same pairs to one process and to two ranks, and a non-finite loss stops training with a useful message.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+from torch.testing import assert_close
+from torch.utils.data import DataLoader
+from transformers import AutoModelForCausalLM
+
+from baldro_lightning.cli import cli_main
+from baldro_lightning.datamodule import ForgetRetainDataModule, ForgetRetainPairs, ForgetRetainSampler
+from baldro_lightning.logprobs import SequenceLogProbs
+from baldro_lightning.losses import KL, NLL, NPO, WGA, GradAscent, PerSampleLoss
+from baldro_lightning.module import FinetuneModule, NonFiniteLossError, UnlearningModule
+from baldro_lightning.objectives import DV, Group
+
+FORGET_ROWS = 4  # forget10 of the tiny benchmark: the last two authors × two questions
+
+
+def unlearning_module(model: Path, forget_loss: PerSampleLoss | None = None, **kwargs) -> UnlearningModule:
+    kwargs.setdefault("retain_loss", NLL())
+    kwargs.setdefault("lr_schedule", "constant")  # the linear warm-up's first update has lr 0
+    return UnlearningModule(str(model), forget_loss or NPO(), **kwargs)
+
+
+def data_module(model: Path, benchmark: Path, batch_size: int = 2) -> ForgetRetainDataModule:
+    return ForgetRetainDataModule(str(model), str(benchmark), batch_size=batch_size, max_length=64)
+
+
+def trainer(**kwargs) -> L.Trainer:
+    kwargs.setdefault("max_steps", 2)
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
+
+
+def pristine(model: Path) -> dict[str, torch.Tensor]:
+    """The weights as saved on disk, i.e. the policy and the reference before any update."""
+    return AutoModelForCausalLM.from_pretrained(str(model)).state_dict()
+
+
+def perturb(module: UnlearningModule, seed: int = 1, scale: float = 0.05) -> None:
+    """Move the policy away from the reference, identically for every module given the same seed."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.policy.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * scale)
+
+
+def first_batch(model: Path, benchmark: Path, batch_size: int) -> dict:
+    datamodule = data_module(model, benchmark, batch_size)
+    return next(iter(datamodule.train_dataloader()))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The frozen reference
+
+
+class ReferenceWatch(L.Callback):
+    """Records, during training, whether the reference was ever in train mode or ever held a gradient."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.reference_training: list[bool] = []
+        self.reference_grads: list[bool] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.batches += 1
+        self.reference_training.append(any(m.training for m in pl_module.reference.modules()))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.reference_training.append(any(m.training for m in pl_module.reference.modules()))
+        self.reference_grads.append(any(p.grad is not None for p in pl_module.reference.parameters()))
+
+
+def test_fit_moves_policy_and_leaves_reference_untouched(tiny_model, tiny_benchmark):
+    """Two AdamW steps at lr 1e-3: every policy matrix changes; the reference is bit-identical to the file,
+    stays in eval mode inside the loop, holds no gradient, and is not in the optimizer."""
+    module = unlearning_module(tiny_model)
+    watch = ReferenceWatch()
+    fit = trainer(callbacks=[watch])
+    fit.fit(module, data_module(tiny_model, tiny_benchmark))
+    before = pristine(tiny_model)
+
+    assert watch.batches == 2
+    assert watch.reference_training == [False] * 4
+    assert watch.reference_grads == [False] * 2
+
+    reference = module.reference.state_dict()
+    for name, value in before.items():
+        assert torch.equal(reference[name], value), name
+    assert all(not p.requires_grad and p.grad is None for p in module.reference.parameters())
+    assert module.reference is not module.policy
+
+    policy = module.policy.state_dict()
+    changed = [name for name, value in before.items() if not torch.equal(policy[name], value)]
+    assert changed == list(before)  # every matrix and norm gain, the tied embedding included
+
+    in_optimizer = {id(p) for group in fit.optimizers[0].param_groups for p in group["params"]}
+    assert in_optimizer == {id(p) for p in module.policy.parameters()}
+    assert not in_optimizer & {id(p) for p in module.reference.parameters()}
+
+
+def test_logged_keys(tiny_model, tiny_benchmark):
+    """train/forget_loss, train/retain_loss, train/loss, train/lr; loss = forget + retain with gamma = alpha = 1."""
+    module = unlearning_module(tiny_model)
+    fit = trainer()
+    fit.fit(module, data_module(tiny_model, tiny_benchmark))
+    metrics = fit.callback_metrics
+    for key in ("train/forget_loss", "train/retain_loss", "train/loss", "train/lr"):
+        assert key in metrics, sorted(metrics)
+    assert_close(metrics["train/loss"], metrics["train/forget_loss"] + metrics["train/retain_loss"])
+    assert_close(metrics["train/lr"].float(), torch.tensor(1e-3))  # AdamW's default, constant schedule
+
+
+def test_checkpoint_omits_reference_and_loads_back(tiny_model, tiny_benchmark, tmp_path):
+    module = unlearning_module(tiny_model)
+    fit = trainer()
+    fit.fit(module, data_module(tiny_model, tiny_benchmark))
+    path = tmp_path / "last.ckpt"
+    fit.save_checkpoint(path)
+
+    checkpoint = torch.load(path, weights_only=False)
+    keys = list(checkpoint["state_dict"])
+    assert keys and all(key.startswith("policy.") for key in keys)
+    assert not [key for key in keys if "reference" in key]
+    assert checkpoint["forget_weights"].shape == (FORGET_ROWS,)
+
+    loaded = UnlearningModule.load_from_checkpoint(path, weights_only=False)
+    assert loaded.forget_loss == NPO() and loaded.retain_loss == NLL()
+    trained = module.policy.state_dict()
+    for name, value in loaded.policy.state_dict().items():
+        assert torch.equal(value, trained[name]), name
+    # The reference is rebuilt from the model path, not from the (trained) checkpoint.
+    before = pristine(tiny_model)
+    for name, value in loaded.reference.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_fit_resumes_from_checkpoint_with_default_loading(tiny_model, tiny_benchmark, tmp_path):
+    module = unlearning_module(tiny_model, forget_objective=DV())
+    fit = trainer(max_steps=1)
+    fit.fit(module, data_module(tiny_model, tiny_benchmark))
+    path = tmp_path / "step1.ckpt"
+    fit.save_checkpoint(path)
+
+    resumed = trainer(max_steps=2)
+    fresh = unlearning_module(tiny_model, forget_objective=DV())
+    resumed.fit(fresh, data_module(tiny_model, tiny_benchmark), ckpt_path=path)
+    assert resumed.global_step == 2
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Cached vs live reference
+
+
+def test_cached_and_live_reference_give_the_same_npo_loss(tiny_model, tiny_benchmark):
+    """The cache holds log pi_ref(y|x) of every forget row from the untouched policy; after moving both policies
+    the same way, NPO on one batch (eval mode) must match the live reference row by row."""
+    datamodule = data_module(tiny_model, tiny_benchmark, batch_size=FORGET_ROWS)
+    batch = next(iter(datamodule.train_dataloader()))
+
+    live = unlearning_module(tiny_model, reference="live")
+    live.configure_model()
+    cached = unlearning_module(tiny_model, reference="cached")
+    cached.configure_model()
+    assert cached.reference is None  # no second model is held
+    cached.reference_cache = cached._compute_reference_cache(datamodule.forget_dataloader(), datamodule.forget_size)
+    assert cached.reference_cache.shape == (FORGET_ROWS,)
+
+    losses = {}
+    for name, module in (("live", live), ("cached", cached)):
+        perturb(module)
+        module.eval()
+        with torch.no_grad():
+            _, _, losses[name], index, _ = module._forget_term(batch["forget"], None)
+        assert index.tolist() == batch["forget"]["index"].tolist()
+
+    # r != 0 for every row, so the reference actually enters the loss (13.862944 would be r = 0).
+    assert (losses["live"] - 20 * math.log(2)).abs().min() > 1e-2
+    assert_close(losses["cached"], losses["live"], rtol=0, atol=1e-6)
+
+
+def test_cached_reference_cannot_serve_kl_retain(tiny_model):
+    with pytest.raises(ValueError, match=r"--model\.reference=cached.*--model\.retain_loss=KL"):
+        UnlearningModule(str(tiny_model), NPO(), KL(), reference="cached")
+
+
+def test_invalid_configurations_are_reported(tiny_model):
+    with pytest.raises(ValueError, match="forget_loss=KL"):
+        UnlearningModule(str(tiny_model), KL())
+    with pytest.raises(ValueError, match="gamma=-1"):
+        UnlearningModule(str(tiny_model), NPO(), gamma=-1.0)
+    with pytest.raises(ValueError, match="--model.loss=NPO"):
+        FinetuneModule(str(tiny_model), loss=NPO())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# BalDRO-G: the two-pass form optimises the one-pass objective
+
+
+def group_loss_and_grads(
+    model: Path, batch: dict, forget_loss: PerSampleLoss, passes: str
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """gamma · forget + alpha · retain on ``batch`` (as training_step sums them), its weights and its gradients."""
+    module = unlearning_module(model, forget_loss, forget_objective=Group(ratio=0.5, passes=passes))
+    module.configure_model()
+    perturb(module)
+    module.eval()
+    forget_value, weights, _, _, retain_stats = module._forget_term(batch["forget"], batch["retain"])
+    loss = module.gamma * forget_value + module.alpha * module._retain_term(retain_stats)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in module.policy.named_parameters() if p.grad is not None}
+    return loss.detach(), weights, grads
+
+
+@pytest.fixture(scope="module")
+def group_batch(tiny_model, tiny_benchmark) -> dict:
+    return first_batch(tiny_model, tiny_benchmark, FORGET_ROWS)
+
+
+@pytest.fixture(scope="module")
+def npo_one_pass(tiny_model, group_batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    return group_loss_and_grads(tiny_model, group_batch, NPO(), "one")
+
+
+@pytest.mark.parametrize("passes", ["two", "released"])
+def test_group_npo_two_pass_matches_one_pass(tiny_model, group_batch, npo_one_pass, passes):
+    """Four forget rows, k = 2: the same rows are kept, and loss and every gradient agree with passes='one'."""
+    one_loss, one_weights, one_grads = npo_one_pass
+    loss, weights, grads = group_loss_and_grads(tiny_model, group_batch, NPO(), passes)
+
+    assert sorted(one_weights.tolist()) == [0.0, 0.0, 0.5, 0.5]
+    assert_close(weights, one_weights)
+    assert_close(loss, one_loss, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == one_grads.keys()
+    for name, grad in grads.items():
+        assert_close(grad, one_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("forget_loss", [GradAscent(), WGA()], ids=["GradAscent", "WGA"])
+def test_group_pooled_loss_two_pass_matches_one_pass(tiny_model, group_batch, forget_loss):
+    one_loss, _, _ = group_loss_and_grads(tiny_model, group_batch, forget_loss, "one")
+    two_loss, _, _ = group_loss_and_grads(tiny_model, group_batch, forget_loss, "two")
+    assert_close(two_loss, one_loss, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sampling: reproducible pairs, identical global batches for 1 and 2 ranks, epoch = forget set
+
+
+def sampled_batches(forget: int, retain: int, batch: int, replicas: int, rank: int, seed: int) -> list[list[tuple]]:
+    pairs = ForgetRetainPairs(list(range(forget)), list(range(retain)))  # type: ignore[arg-type]
+    sampler = ForgetRetainSampler(pairs, num_replicas=replicas, rank=rank, seed=seed)
+    loader = DataLoader(pairs, batch_size=batch, sampler=sampler, collate_fn=list)
+    return [[(item["forget"], item["retain"]) for item in step] for step in loader]
+
+
+def test_sampler_same_seed_same_pairs():
+    first = sampled_batches(12, 30, 4, 1, 0, seed=7)
+    assert first == sampled_batches(12, 30, 4, 1, 0, seed=7)
+    assert first != sampled_batches(12, 30, 4, 1, 0, seed=8)
+    # Every forget row exactly once per epoch; retain rows are drawn from the retain set.
+    assert sorted(f for step in first for f, _ in step) == list(range(12))
+    assert all(0 <= r < 30 for step in first for _, r in step)
+
+
+def test_sampler_two_ranks_union_is_the_single_process_batch():
+    """12 forget rows, B = 4 on one process vs B/2 = 2 on each of two ranks: 3 steps, same pairs each step."""
+    single = sampled_batches(12, 30, 4, 1, 0, seed=3)
+    rank0 = sampled_batches(12, 30, 2, 2, 0, seed=3)
+    rank1 = sampled_batches(12, 30, 2, 2, 1, seed=3)
+    assert len(single) == len(rank0) == len(rank1) == 3
+    for step, (whole, a, b) in enumerate(zip(single, rank0, rank1, strict=True)):
+        assert sorted(a + b) == sorted(whole), step
+
+
+def test_datamodule_two_ranks_union_is_the_single_process_batch(tiny_model, tiny_benchmark):
+    """Through train_dataloader and the pair collator: the (forget index, retain index) pairs of each step."""
+
+    def steps(batch_size: int, world: int, rank: int) -> list[list[tuple[int, int]]]:
+        datamodule = data_module(tiny_model, tiny_benchmark, batch_size)
+        datamodule.trainer = SimpleNamespace(world_size=world, global_rank=rank)
+        out = []
+        for batch in datamodule.train_dataloader():
+            forget, retain = batch["forget"]["index"].tolist(), batch["retain"]["index"].tolist()
+            out.append(list(zip(forget, retain, strict=True)))
+        return out
+
+    single, rank0, rank1 = steps(2, 1, 0), steps(1, 2, 0), steps(1, 2, 1)
+    assert len(single) == len(rank0) == len(rank1) == FORGET_ROWS // 2
+    for whole, a, b in zip(single, rank0, rank1, strict=True):
+        assert sorted(a + b) == sorted(whole)
+
+
+def test_epoch_length_is_the_number_of_forget_batches(tiny_model, tiny_benchmark):
+    """4 forget rows at B = 3 -> ceil(4/3) = 2 steps per epoch (the 12 retain rows would give 4)."""
+    datamodule = data_module(tiny_model, tiny_benchmark, batch_size=3)
+    assert len(datamodule.train_dataloader()) == 2
+    fit = trainer(max_steps=-1, max_epochs=1)
+    fit.fit(unlearning_module(tiny_model), datamodule)
+    assert fit.global_step == 2
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Failure reporting
+
+
+@dataclass(frozen=True)
+class NaNOnSecondCall(PerSampleLoss):
+    """NLL on the first call, NaN from the second: a forget loss that blows up at global step 1."""
+
+    calls: list = field(default_factory=list, compare=False)
+
+    def __call__(self, policy: SequenceLogProbs, reference: SequenceLogProbs | None = None) -> torch.Tensor:
+        self.calls.append(1)
+        losses = policy.nll_sum
+        return losses * float("nan") if len(self.calls) > 1 else losses
+
+
+class ForgetIndexLog(L.Callback):
+    def __init__(self) -> None:
+        self.indices: list[list[int]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.indices.append(batch["forget"]["index"].tolist())
+
+
+def test_non_finite_loss_names_step_and_forget_rows(tiny_model, tiny_benchmark):
+    seen = ForgetIndexLog()
+    module = unlearning_module(tiny_model, NaNOnSecondCall(), retain_loss=None)
+    fit = trainer(max_steps=3, callbacks=[seen])
+    with pytest.raises(NonFiniteLossError) as caught:
+        fit.fit(module, data_module(tiny_model, tiny_benchmark))
+    assert len(seen.indices) == 2
+    message = str(caught.value)
+    assert "global step 1" in message
+    assert f"forget rows in this batch: {seen.indices[1]}" in message
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The CLI builds the same objects
+
+
+def test_cli_builds_module_and_links_tokenizer(tiny_model, tiny_benchmark, tmp_path):
+    cli = cli_main(
+        [
+            "--model=baldro_lightning.module.UnlearningModule",
+            f"--model.model={tiny_model}",
+            "--model.forget_loss=baldro_lightning.losses.NPO",
+            "--model.forget_loss.beta=0.2",
+            "--model.retain_loss=baldro_lightning.losses.NLL",
+            "--model.forget_objective=baldro_lightning.objectives.DV",
+            "--model.forget_objective.sign=released",
+            "--data=baldro_lightning.datamodule.ForgetRetainDataModule",
+            f"--data.benchmark={tiny_benchmark}",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        run=False,
+    )
+    assert isinstance(cli.model, UnlearningModule)
+    assert cli.model.forget_loss == NPO(beta=0.2)
+    assert cli.model.forget_objective == DV(tau=1.0, sign="released")
+    assert cli.datamodule.tokenizer_path == str(tiny_model)
