@@ -211,7 +211,11 @@ def test_two_ranks_match_one_process_more_objectives(slow_records, baseline, ini
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "case", [pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=why)) for c, why in KNOWN_DIVERGENT.items()]
+    "case",
+    [
+        pytest.param(c, marks=pytest.mark.xfail(raises=AssertionError, strict=True, reason=why))
+        for c, why in KNOWN_DIVERGENT.items()
+    ],
 )
 def test_known_world_size_divergences(slow_records, baseline, case):
     _assert_same_run(_record(slow_records, "ddp", case), baseline(case))

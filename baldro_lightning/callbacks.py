@@ -1,0 +1,284 @@
+"""Evaluation while training: TOFU metrics, per-sample forgetting curves and forgetting synchrony.
+
+The callback reads the policy and writes logs and files; it changes no training state. Each rank scores its
+share of every split's rows (sharded models generate with ``synced_gpus``), the per-row values are gathered,
+and every rank aggregates the same numbers, so results equal a single-process evaluation.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+
+from baldro_lightning import distributed as dist_ops
+from baldro_lightning import metrics
+from baldro_lightning.evaluation import (
+    ALL_GROUPS,
+    MetricGroup,
+    RowScores,
+    TofuEvaluator,
+    reference_truth_ratios,
+    shard_rows,
+    write_eval_json,
+)
+
+log = logging.getLogger(__name__)
+
+CURVES = ("log_likelihood_ratio", "truth_ratio", "rougeL_recall", "dro_weight")
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _gather_scores(local: dict[str, RowScores]) -> dict[str, RowScores]:
+    if not dist_ops.is_distributed():
+        return local
+    parts: list[dict[str, RowScores]] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(parts, local)
+    return {role: RowScores.concat([p[role] for p in parts if p[role].indices]) for role in local}
+
+
+class TofuEvaluation(Callback):
+    """TOFU evaluation of the policy at the start of training, every N steps and/or every epoch.
+
+    Logs ``val/<metric>`` (so ``ModelCheckpoint(monitor="val/forget_quality", mode="max")`` can keep the best
+    checkpoint), writes ``<dirpath>/step_<N>/eval.json``, per-sample forgetting curves to TensorBoard and
+    ``<dirpath>/per_sample.csv``, and the synchrony of forgetting.
+
+    A forget sample counts as *forgotten* at the first evaluation at which it meets ``criterion``:
+    ``truth_ratio``: its truth ratio (wrong/correct) has risen to at least the ``retain_quantiles[0]`` quantile of
+    the retain model's per-sample forget truth ratios (read from ``retain_reference``); it is *over-forgotten*
+    when it is above the ``retain_quantiles[1]`` quantile. ``rouge``: its greedy answer's ROUGE-L recall has
+    dropped to ``rouge_threshold`` or below (no over-forgetting is defined).
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        every_epoch: bool = True,
+        on_start: bool = True,
+        metrics_groups: list[MetricGroup] | None = None,
+        retain_reference: str | None = None,
+        batch_size: int = 32,
+        max_new_tokens: int = 200,
+        rouge_rows_limit: int | None = None,
+        criterion: Literal["truth_ratio", "rouge"] = "truth_ratio",
+        retain_quantiles: tuple[float, float] = (0.05, 0.95),
+        rouge_threshold: float = 0.3,
+        dirpath: str | None = None,
+        curves: bool = True,
+    ) -> None:
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(f"TofuEvaluation every_n_steps must be >= 1 or null, got {every_n_steps}")
+        if criterion == "truth_ratio" and retain_reference is None and curves:
+            raise ValueError(
+                "TofuEvaluation criterion='truth_ratio' needs retain_reference: the retain model's eval.json on the "
+                "same forget split (python -m baldro_lightning.evaluate --model <retain model> --out <path>), or "
+                "use criterion='rouge'"
+            )
+        self.every_n_steps = every_n_steps
+        self.every_epoch = every_epoch
+        self.on_start = on_start
+        self.metric_groups = tuple(metrics_groups or ALL_GROUPS)
+        self.retain_reference = retain_reference
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.rouge_rows_limit = rouge_rows_limit
+        self.criterion = criterion
+        self.retain_quantiles = retain_quantiles
+        self.rouge_threshold = rouge_threshold
+        self.dirpath = dirpath
+        self.curves = curves
+        self.evaluator: TofuEvaluator | None = None
+        self.history: list[dict[str, Any]] = []
+        self._last_step: int | None = None
+        self._reference_nll: np.ndarray | None = None
+        self._retain_tr: np.ndarray | None = None
+
+    # -- set-up -------------------------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.evaluator is not None:
+            return
+        data = trainer.datamodule
+        data.setup(stage)
+        self.evaluator = TofuEvaluator(
+            benchmark=data.benchmark,
+            tokenizer=data.tokenizer,
+            forget_split=data.forget_split,
+            template=data.template,
+            max_length=data.max_length,
+            batch_size=self.batch_size,
+            max_new_tokens=self.max_new_tokens,
+            metric_groups=self.metric_groups,
+            retain_reference=self.retain_reference,
+            rouge_rows_limit=self.rouge_rows_limit,
+        )
+        if self.criterion == "truth_ratio" and self.curves:
+            forget_rows = self.evaluator.rows["forget"]
+            self._retain_tr = reference_truth_ratios(
+                self.retain_reference, data.forget_split, len(forget_rows), [r["index"] for r in forget_rows]
+            )
+
+    def _out_dir(self, trainer: L.Trainer) -> Path:
+        if self.dirpath is not None:
+            return Path(self.dirpath)
+        return Path(trainer.log_dir or trainer.default_root_dir) / "eval"
+
+    # -- schedule -----------------------------------------------------------------------------------------------
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.on_start or self.curves:
+            self._evaluate(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self._evaluate(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.every_epoch:
+            self._evaluate(trainer, pl_module)
+
+    # -- evaluation ---------------------------------------------------------------------------------------------
+    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        step = trainer.global_step
+        if self._last_step == step:
+            return
+        self._last_step = step
+        evaluator = self.evaluator
+        world, rank = trainer.world_size, trainer.global_rank
+        local = {role: shard_rows(r, rank, world) for role, r in evaluator.rows.items()}
+        synced = dist_ops.is_distributed() and getattr(pl_module, "device_mesh", None) is not None
+        scores = _gather_scores(evaluator.score(pl_module.policy, local, synced_gpus=synced))
+        result = {"meta": evaluator.meta(pl_module.policy, getattr(pl_module, "model_path", None))}
+        result["meta"]["global_step"] = step
+        result["metrics"] = evaluator.aggregate(scores)
+        if self.curves and "forget" in scores:
+            result["synchrony"] = self._record_curves(trainer, pl_module, scores["forget"], step)
+        self._log(trainer, result, step)
+        if trainer.is_global_zero:
+            write_eval_json(result, self._out_dir(trainer) / f"step_{step:06d}" / "eval.json")
+
+    def _record_curves(self, trainer, pl_module, forget: RowScores, step: int) -> dict[str, Any]:
+        cols = forget.columns
+        nll = np.asarray(cols["answer_nll"], dtype=float)
+        if self._reference_nll is None:
+            # The first evaluation runs before any update, so the policy is the reference there.
+            self._reference_nll = nll
+        truth = metrics.truth_ratio(np.asarray(cols["para_nll"], float), np.asarray(cols["pert_nll"], float))
+        rouge = np.array([np.nan if v is None else v for v in cols["rougeL_recall"]], dtype=float)
+        weights = getattr(pl_module, "forget_weights", None)
+        weight = np.full(len(forget.indices), np.nan)
+        if weights is not None:
+            weight = weights.numpy()[np.asarray(forget.indices)]
+        entry = {
+            "step": step,
+            "index": list(forget.indices),
+            "log_likelihood_ratio": self._reference_nll - nll,
+            "truth_ratio": truth,
+            "rougeL_recall": rouge,
+            "dro_weight": weight,
+        }
+        self.history.append(entry)
+        synchrony = self._synchrony()
+        if trainer.is_global_zero:
+            self._write_table(trainer, synchrony)
+            self._tensorboard_curves(trainer, entry)
+        return synchrony
+
+    def _synchrony(self) -> dict[str, Any]:
+        steps = np.array([h["step"] for h in self.history], dtype=float)
+        if self.criterion == "truth_ratio":
+            tr = np.stack([h["truth_ratio"] for h in self.history])
+            forgotten, over = metrics.forgotten_by_truth_ratio(tr, self._retain_tr, self.retain_quantiles)
+            step_of = metrics.forget_steps(tr, steps, forgotten)
+            summary = metrics.synchrony_summary(step_of, over[-1])
+        else:
+            rouge = np.stack([h["rougeL_recall"] for h in self.history])
+            forgotten = rouge <= self.rouge_threshold
+            step_of = metrics.forget_steps(rouge, steps, forgotten)
+            summary = metrics.synchrony_summary(step_of, np.zeros(rouge.shape[1], dtype=bool))
+            summary.pop("fraction_over_forgotten", None)
+        summary["criterion"] = self.criterion
+        summary["forget_step_by_index"] = {
+            str(i): (None if np.isnan(s) else float(s)) for i, s in zip(self.history[-1]["index"], step_of, strict=True)
+        }
+        return summary
+
+    def _log(self, trainer: L.Trainer, result: dict[str, Any], step: int) -> None:
+        values = {f"val/{k}": float(v["agg_value"]) for k, v in result["metrics"].items() if _is_number(v)}
+        for key, value in result.get("synchrony", {}).items():
+            if isinstance(value, float) and np.isfinite(value):
+                values[f"val/{key}"] = value
+        finite = {k: v for k, v in values.items() if np.isfinite(v)}
+        # callback_metrics is what ModelCheckpoint(monitor=...) reads; this works from any hook.
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in finite.items()})
+        if trainer.logger is not None:
+            trainer.logger.log_metrics(finite, step=step)
+
+    # -- per-sample outputs -------------------------------------------------------------------------------------
+    def _write_table(self, trainer: L.Trainer, synchrony: dict[str, Any]) -> None:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["step", "index", *CURVES, "forget_step"])
+        for entry in self.history:
+            for k, index in enumerate(entry["index"]):
+                values = [f"{float(entry[c][k]):.6g}" for c in CURVES]
+                writer.writerow([entry["step"], index, *values, synchrony["forget_step_by_index"][str(index)]])
+        _write_text_atomic(self._out_dir(trainer) / "per_sample.csv", buffer.getvalue())
+
+    def _tensorboard_curves(self, trainer: L.Trainer, entry: dict[str, Any]) -> None:
+        experiment = getattr(trainer.logger, "experiment", None)
+        if not hasattr(experiment, "add_scalar"):
+            return
+        step = entry["step"]
+        if len(self.history) == 1:
+            layout = {c: ["Multiline", [rf"curves/{c}/.*"]] for c in CURVES}
+            experiment.add_custom_scalars({"forgetting curves (one line per forget sample)": layout})
+        for curve in CURVES:
+            values = np.asarray(entry[curve], dtype=float)
+            for index, value in zip(entry["index"], values, strict=True):
+                if np.isfinite(value):
+                    experiment.add_scalar(f"curves/{curve}/{index:04d}", value, step)
+            if np.isfinite(values).any():
+                experiment.add_histogram(f"curves_hist/{curve}", values[np.isfinite(values)], step)
+        experiment.add_figure("curves/all_samples", self._figure(), step)
+
+    def _figure(self):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        steps = [h["step"] for h in self.history]
+        fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2))
+        for ax, curve in zip(axes, CURVES, strict=True):
+            matrix = np.stack([np.asarray(h[curve], dtype=float) for h in self.history])
+            ax.plot(steps, matrix, linewidth=0.6, alpha=0.5)
+            ax.set_title(curve)
+            ax.set_xlabel("step")
+        fig.tight_layout()
+        return fig
+
+
+def _is_number(entry: Any) -> bool:
+    value = entry.get("agg_value") if isinstance(entry, dict) else None
+    return isinstance(value, int | float) and not isinstance(value, bool)

@@ -1,0 +1,105 @@
+"""The in-training evaluation callback: val/* metrics, eval.json per evaluation, per-sample curves, synchrony."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from baldro_lightning.callbacks import CURVES, TofuEvaluation
+from baldro_lightning.datamodule import ForgetRetainDataModule
+from baldro_lightning.evaluation import TofuEvaluator
+from baldro_lightning.losses import NLL, NPO
+from baldro_lightning.module import UnlearningModule, load_causal_lm
+from baldro_lightning.objectives import DV
+from baldro_lightning.tokenization import load_tokenizer
+
+
+def _fit(tmp_path: Path, tiny_model: Path, tiny_benchmark: Path, callback: TofuEvaluation, steps: int = 2):
+    module = UnlearningModule(str(tiny_model), NPO(), NLL(), DV(tau=1.0), reference="cached", lr_schedule="constant")
+    data = ForgetRetainDataModule(str(tiny_model), str(tiny_benchmark), batch_size=2, max_length=64)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/forget_Q_A_Prob", mode="min")
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=TensorBoardLogger(tmp_path, name="tb", version=""),
+        callbacks=[callback, checkpoint],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, data)
+    return trainer, module, checkpoint
+
+
+def test_evaluates_at_start_and_every_step_with_curves(tmp_path, tiny_model, tiny_benchmark):
+    callback = TofuEvaluation(
+        every_n_steps=1, every_epoch=False, criterion="rouge", max_new_tokens=6, dirpath=str(tmp_path / "eval")
+    )
+    trainer, module, checkpoint = _fit(tmp_path, tiny_model, tiny_benchmark, callback)
+
+    steps = sorted(p.name for p in (tmp_path / "eval").glob("step_*"))
+    assert steps == ["step_000000", "step_000001", "step_000002"]
+    result = json.loads((tmp_path / "eval" / "step_000002" / "eval.json").read_text())
+    assert result["meta"]["global_step"] == 2
+    assert {"forget_truth_ratio", "model_utility", "mia_min_k", "privleak"} <= set(result["metrics"])
+    assert result["synchrony"]["criterion"] == "rouge"
+    assert set(result["synchrony"]["forget_step_by_index"]) == {"0", "1", "2", "3"}
+
+    for key in ("val/model_utility", "val/forget_truth_ratio", "val/forget_Q_A_Prob"):
+        assert key in trainer.callback_metrics
+    assert checkpoint.best_model_path, "ModelCheckpoint should have kept a best checkpoint by val/forget_Q_A_Prob"
+
+    with (tmp_path / "eval" / "per_sample.csv").open() as handle:
+        table = list(csv.DictReader(handle))
+    assert len(table) == 3 * 4  # three evaluations x four forget rows
+    assert set(table[0]) == {"step", "index", *CURVES, "forget_step"}
+    # At the first evaluation the policy is the reference: the log-likelihood ratio is exactly 0.
+    assert all(float(r["log_likelihood_ratio"]) == 0.0 for r in table if r["step"] == "0")
+    assert any(float(r["log_likelihood_ratio"]) != 0.0 for r in table if r["step"] == "2")
+    # DRO weights are recorded once training has seen the rows: a distribution over each batch.
+    weights = [float(r["dro_weight"]) for r in table if r["step"] == "2"]
+    assert all(0.0 <= w <= 1.0 for w in weights)
+
+    events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(events[0]), size_guidance={"scalars": 0, "images": 0})
+    accumulator.Reload()
+    tags = accumulator.Tags()
+    assert "curves/truth_ratio/0000" in tags["scalars"]
+    assert "val/model_utility" in tags["scalars"]
+    assert "curves/all_samples" in tags["images"]
+    # Evaluation restored training mode on the policy and left the module usable.
+    assert module.policy.training
+
+
+def test_truth_ratio_criterion_reads_the_retain_reference(tmp_path, tiny_model, tiny_benchmark):
+    tokenizer = load_tokenizer(str(tiny_model))
+    reference = tmp_path / "retain" / "eval.json"
+    evaluator = TofuEvaluator(str(tiny_benchmark), tokenizer, "forget10", max_length=64, max_new_tokens=4)
+    evaluator.run(load_causal_lm(str(tiny_model), "float32"), reference)
+
+    callback = TofuEvaluation(
+        every_epoch=True, retain_reference=str(reference), max_new_tokens=4, dirpath=str(tmp_path / "eval")
+    )
+    trainer, _, _ = _fit(tmp_path, tiny_model, tiny_benchmark, callback, steps=2)
+    first = json.loads((tmp_path / "eval" / "step_000000" / "eval.json").read_text())
+    # The policy before any update is the model the reference was made from: identical truth ratios.
+    assert first["metrics"]["forget_quality"]["agg_value"] == pytest.approx(1.0)
+    synchrony = first["synchrony"]
+    assert synchrony["criterion"] == "truth_ratio"
+    assert {"forget_step_iqr", "forget_step_std", "fraction_never_forgotten", "fraction_over_forgotten"} <= set(
+        synchrony
+    )
+    assert "val/forget_quality" in trainer.callback_metrics
+
+
+def test_truth_ratio_criterion_without_reference_is_an_error():
+    with pytest.raises(ValueError, match="retain_reference"):
+        TofuEvaluation(criterion="truth_ratio")
