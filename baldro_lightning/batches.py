@@ -20,21 +20,22 @@ def select_rows(batch: Batch, rows: Tensor) -> Batch:
     return {key: value.index_select(0, rows.to(value.device)) for key, value in batch.items()}
 
 
+def pad_rows_to(batch: Batch, length: int, pad_token_id: int) -> Batch:
+    """Right-pad every (B, T) field of ``batch`` to ``length`` columns."""
+    out: Batch = {}
+    for key, value in batch.items():
+        if value.dim() == 2 and value.shape[1] < length:
+            fill = pad_token_id if key == "input_ids" else _PAD_VALUES.get(key, 0)
+            value = torch.cat([value, value.new_full((value.shape[0], length - value.shape[1]), fill)], dim=1)
+        out[key] = value
+    return out
+
+
 def concat_rows(batches: list[Batch], pad_token_id: int) -> Batch:
     """Stack right-padded batches of different lengths into one, padding on the right.
 
     Lets the policy see its forget and retain rows in one forward pass.
     """
     longest = max(int(b["input_ids"].shape[1]) for b in batches)
-    out: Batch = {}
-    for key in batches[0]:
-        parts = []
-        for b in batches:
-            value = b[key]
-            if value.dim() == 2 and value.shape[1] < longest:
-                fill = pad_token_id if key == "input_ids" else _PAD_VALUES.get(key, 0)
-                pad = value.new_full((value.shape[0], longest - value.shape[1]), fill)
-                value = torch.cat([value, pad], dim=1)
-            parts.append(value)
-        out[key] = torch.cat(parts, dim=0)
-    return out
+    padded = [pad_rows_to(b, longest, pad_token_id) for b in batches]
+    return {key: torch.cat([b[key] for b in padded], dim=0) for key in batches[0]}

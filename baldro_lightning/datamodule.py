@@ -28,6 +28,15 @@ class _ShardedPermutation(DistributedSampler):
 
     def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, shuffle: bool = True) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        self.resume_epoch: int | None = None
+        self.resume_rows = 0
+
+    def _skip_consumed(self, mine: list) -> list:
+        """After a mid-epoch resume, drop the rows this rank already trained on in that epoch (once)."""
+        if self.epoch == self.resume_epoch:
+            mine = mine[self.resume_rows :]
+            self.resume_epoch = None
+        return mine
 
     def _generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed + self.epoch)
@@ -40,7 +49,8 @@ class _ShardedPermutation(DistributedSampler):
         return order
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self._global_order(self._generator())[self.rank : self.total_size : self.num_replicas])
+        order = self._global_order(self._generator())
+        return iter(self._skip_consumed(order[self.rank : self.total_size : self.num_replicas]))
 
 
 class ForgetRetainSampler(_ShardedPermutation):
@@ -59,7 +69,7 @@ class ForgetRetainSampler(_ShardedPermutation):
         order = self._global_order(generator)
         retain = torch.randint(len(self.dataset.retain), (len(order),), generator=generator).tolist()
         pairs = list(zip(order, retain, strict=True))
-        return iter(pairs[self.rank : self.total_size : self.num_replicas])
+        return iter(self._skip_consumed(pairs[self.rank : self.total_size : self.num_replicas]))
 
 
 class ForgetRetainPairs(Dataset):
@@ -109,6 +119,27 @@ class _BenchmarkDataModule(L.LightningDataModule):
         self.seed = seed
         self.num_workers = workers
         self.tokenizer = None
+        self._resume: tuple[int, int] | None = None
+
+    # Lightning restores the step count of an interrupted epoch but restarts a plain DataLoader from its first
+    # batch; saving the position here lets the sampler skip what was already trained on, so a resumed run
+    # sees exactly the batches an uninterrupted one would.
+    def state_dict(self) -> dict[str, int]:
+        if self.trainer is None:
+            return {}
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": self.trainer.current_epoch, "batches_done": done}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        if state_dict:
+            self._resume = (state_dict["epoch"], state_dict["batches_done"])
+
+    def _resumable(self, sampler: _ShardedPermutation, batch_size: int) -> _ShardedPermutation:
+        if self._resume is not None:
+            sampler.resume_epoch, done = self._resume
+            sampler.resume_rows = done * batch_size
+            self._resume = None
+        return sampler
 
     def _load_tokenizer(self) -> None:
         if self.tokenizer is None:
@@ -180,7 +211,7 @@ class ForgetRetainDataModule(_BenchmarkDataModule):
         shared = sum(tuple(x.input_ids) in forget_q for x in self.retain.examples)
         if shared:
             log.warning(
-                "%d rows of --data.retain_split=%s also occur in --data.forget_split=%s; the retain term will "
+                "%d row(s) of --data.retain_split=%s also occur in --data.forget_split=%s; the retain term will "
                 "pull them back. Pick the complementary retain split.",
                 shared,
                 self.retain_split,
@@ -196,7 +227,7 @@ class ForgetRetainDataModule(_BenchmarkDataModule):
         self.setup()
         world, rank = _world(self.trainer)
         pairs = ForgetRetainPairs(self.forget, self.retain)
-        sampler = ForgetRetainSampler(pairs, world, rank, self.seed)
+        sampler = self._resumable(ForgetRetainSampler(pairs, world, rank, self.seed), self.batch_size)
         return self._loader(pairs, self.batch_size, sampler, PairCollator(self.tokenizer.pad_token_id))
 
     def forget_dataloader(self, batch_size: int | None = None) -> DataLoader:
@@ -250,7 +281,7 @@ class QADataModule(_BenchmarkDataModule):
     def train_dataloader(self) -> DataLoader:
         self.setup()
         world, rank = _world(self.trainer)
-        sampler = _ShardedPermutation(self.train_set, world, rank, self.seed)
+        sampler = self._resumable(_ShardedPermutation(self.train_set, world, rank, self.seed), self.batch_size)
         return self._loader(self.train_set, self.batch_size, sampler, PaddingCollator(self.tokenizer.pad_token_id))
 
     def val_dataloader(self) -> DataLoader | list:

@@ -72,3 +72,11 @@ def all_reduce_sum(x: Tensor) -> Tensor:
     if is_distributed():
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
+
+
+def all_reduce_max(x: Tensor) -> Tensor:
+    """Maximum of ``x`` over ranks (a copy; no autograd)."""
+    x = x.detach().clone()
+    if is_distributed():
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x

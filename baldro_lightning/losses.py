@@ -182,6 +182,5 @@ class KL(PerSampleLoss):
         return per_position.mean(-1)
 
 
-
 # Losses are saved in checkpoint hyper-parameters; torch.load(weights_only=True) must accept them on resume.
 torch.serialization.add_safe_globals([NLL, GradAscent, NPO, SimNPO, SatImp, WGA, KL])

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from baldro_lightning import distributed as dist_ops
-from baldro_lightning.batches import Batch, batch_size, concat_rows, select_rows
+from baldro_lightning.batches import Batch, batch_size, concat_rows, pad_rows_to, select_rows
 from baldro_lightning.logprobs import SequenceLogProbs, sequence_logprobs
 from baldro_lightning.losses import NLL, PerSampleLoss
 from baldro_lightning.objectives import Group, Mean, Objective
@@ -27,19 +27,29 @@ log = logging.getLogger(__name__)
 TorchDtype = Literal["float32", "bfloat16", "float16"]
 
 
+def _storage_ptr(param: Tensor) -> int:
+    # A sharded (DTensor) parameter reports data_ptr() == 0; its local shard holds the real storage.
+    local = param.to_local() if hasattr(param, "to_local") else param
+    return local.data_ptr()
+
+
 class NonFiniteLossError(FloatingPointError):
     """A training step produced a NaN or infinite loss."""
+
+
+class ModelLoadError(OSError, ValueError):
+    """A model path that ``from_pretrained`` cannot load (an OSError for callers that expect one)."""
 
 
 def load_causal_lm(path: str, torch_dtype: TorchDtype) -> PreTrainedModel:
     """``AutoModelForCausalLM.from_pretrained`` for a Hub id or a local directory, with an error that helps."""
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, torch_dtype))
-    except OSError as err:
-        raise OSError(
-            f"--model.model={path!r}: could not load a causal LM ({err}). Pass a local directory written by "
-            "save_pretrained (for the embedded default run `python -m baldro_lightning.quickstart` first) or a "
-            "Hub id that is in the local Hugging Face cache."
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(
+            f"--model.model={path!r}: could not load a causal LM ({type(err).__name__}: {str(err)[:300]}). "
+            "Pass a local directory written by save_pretrained (config.json and the weights; for the embedded "
+            "default run `python -m baldro_lightning.quickstart` first) or a Hub id in the local Hugging Face cache."
         ) from err
 
 
@@ -91,10 +101,10 @@ class CausalLMModule(L.LightningModule):
             self.policy.config.use_cache = False
         if self.device_mesh is not None:
             # ModelParallelStrategy set a mesh: shard with FSDP2 here, before the optimizer sees the parameters.
-            from baldro_lightning.sharding import mixed_precision_policy, shard_model
+            from baldro_lightning.sharding import data_parallel_mesh, mixed_precision_policy, shard_model
 
             mp_policy = mixed_precision_policy(self.trainer.precision)
-            shard_model(self.policy, self.device_mesh["data_parallel"], mp_policy=mp_policy)
+            shard_model(self.policy, data_parallel_mesh(self.device_mesh), mp_policy=mp_policy)
 
     @property
     def pad_token_id(self) -> int:
@@ -259,16 +269,16 @@ class UnlearningModule(CausalLMModule):
             self._check_reference_is_separate()
             if self.device_mesh is not None:
                 # Sharded after the check: a DTensor parameter reports data_ptr() == 0.
-                from baldro_lightning.sharding import mixed_precision_policy, shard_model
+                from baldro_lightning.sharding import data_parallel_mesh, mixed_precision_policy, shard_model
 
                 mp_policy = mixed_precision_policy(self.trainer.precision)
-                shard_model(self.reference, self.device_mesh["data_parallel"], mp_policy=mp_policy)
+                shard_model(self.reference, data_parallel_mesh(self.device_mesh), mp_policy=mp_policy)
 
     def _check_reference_is_separate(self) -> None:
         if self.reference is self.policy:
             raise ValueError("the reference model is the policy object itself; it would move with every update")
-        policy_ptrs = {p.data_ptr() for p in self.policy.parameters()}
-        if any(p.data_ptr() in policy_ptrs for p in self.reference.parameters()):
+        policy_ptrs = {_storage_ptr(p) for p in self.policy.parameters()}
+        if any(_storage_ptr(p) in policy_ptrs for p in self.reference.parameters()):
             raise ValueError("the reference model shares parameter storage with the policy; load a separate copy")
 
     def train(self, mode: bool = True) -> UnlearningModule:
@@ -346,7 +356,7 @@ class UnlearningModule(CausalLMModule):
         )
 
     def _group_selection(
-        self, scoring: SequenceLogProbs, ref: SequenceLogProbs | None
+        self, scoring: SequenceLogProbs, ref: SequenceLogProbs | None, index: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         """BalDRO-G's ranking over the global batch, without autograd.
 
@@ -360,7 +370,7 @@ class UnlearningModule(CausalLMModule):
             else:
                 scores = -scoring.nll_mean
         everyone, local = dist_ops.gather_with_local_grad(scores.detach())
-        kept = objective.keep(everyone)
+        kept = objective.keep(everyone, row_ids=dist_ops.gather_detached(index))
         mine = kept[(kept >= local.start) & (kept < local.stop)] - local.start
         if mine.numel() == 0:
             placeholder = torch.zeros(1, dtype=torch.long, device=self.device)
@@ -407,7 +417,7 @@ class UnlearningModule(CausalLMModule):
             with grad_mode:
                 (scoring,) = self.forward_stats(self.policy, [forget])
         all_losses = loss_fn(self._with_global_counts(scoring), ref_forget).detach()
-        rows, real, kept = self._group_selection(scoring, ref_forget)
+        rows, real, kept = self._group_selection(scoring, ref_forget, forget["index"])
         ref_kept = None if ref_forget is None else ref_forget.select(rows)
         if objective.passes == "one":
             policy_kept = scoring.select(rows)
@@ -440,6 +450,10 @@ class UnlearningModule(CausalLMModule):
     def training_step(self, batch: dict[str, Batch], batch_idx: int) -> Tensor:
         forget = batch["forget"]
         retain = batch.get("retain") if self.retain_loss is not None and self.alpha != 0 else None
+        if retain is not None and getattr(self.retain_loss, "positions", None) == "all" and dist_ops.is_distributed():
+            # KL over all positions averages over the padded length, which must be the global batch's.
+            longest = dist_ops.all_reduce_max(torch.tensor(retain["input_ids"].shape[1], device=self.device))
+            retain = pad_rows_to(retain, int(longest.item()), self.pad_token_id)
         if retain is not None and isinstance(self.forget_objective, Group) and self.forget_objective.subsample_retain:
             retain = self._subsample_retain(retain, batch_size(forget))
 

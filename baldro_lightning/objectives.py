@@ -119,11 +119,18 @@ class Group(Objective):
     def kept_count(self, batch_size: int) -> int:
         return max(1, math.floor(self.ratio * batch_size))
 
-    def keep(self, scores: Tensor) -> Tensor:
-        """Indices of the ``k`` largest ``scores`` (higher = harder), in ascending row order."""
+    def keep(self, scores: Tensor, row_ids: Tensor | None = None) -> Tensor:
+        """Positions of the ``k`` largest ``scores`` (higher = harder), in ascending position order.
+
+        Ties go to the smaller ``row_ids`` (dataset row index; default: position), so the same rows are kept
+        however the batch is laid out across ranks.
+        """
         with torch.no_grad():
-            order = torch.sort(scores.detach().float(), descending=True, stable=True).indices
-            return order[: self.kept_count(scores.numel())].sort().values
+            scores = scores.detach().float()
+            ties = torch.arange(scores.numel(), device=scores.device) if row_ids is None else row_ids.to(scores.device)
+            by_id = torch.sort(ties, stable=True).indices
+            by_score = torch.sort(scores[by_id], descending=True, stable=True).indices
+            return by_id[by_score][: self.kept_count(scores.numel())].sort().values
 
     def __call__(self, losses: Tensor, scores: Tensor | None = None) -> tuple[Tensor, Tensor]:
         losses = _as_fp32(losses)

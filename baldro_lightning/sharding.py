@@ -44,6 +44,30 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return best
 
 
+def data_parallel_mesh(device_mesh: DeviceMesh) -> DeviceMesh:
+    """The 1-D data-parallel part of ``ModelParallelStrategy``'s 2-D mesh, once it is known to be the whole world.
+
+    Only data parallelism is implemented: the DRO objective gathers losses over every rank and scales by the world
+    size, which assumes each rank holds different rows and every gradient is averaged over all of them.
+    ``ModelParallelStrategy()`` with its defaults puts all devices of a node on the tensor-parallel axis instead;
+    then nothing would average the gradients and the ranks would drift apart silently.
+
+    Raises:
+        ValueError: if the tensor-parallel axis is larger than 1.
+    """
+    tensor_parallel = (
+        device_mesh["tensor_parallel"].size() if "tensor_parallel" in (device_mesh.mesh_dim_names or ()) else 1
+    )
+    if tensor_parallel != 1:
+        data_parallel = device_mesh["data_parallel"].size()
+        raise ValueError(
+            f"--trainer.strategy=ModelParallelStrategy has tensor_parallel_size={tensor_parallel} (data_parallel_size="
+            f"{data_parallel}); only FSDP2 data parallelism is supported. Set "
+            f"ModelParallelStrategy(data_parallel_size={tensor_parallel * data_parallel}, tensor_parallel_size=1)."
+        )
+    return device_mesh["data_parallel"]
+
+
 def mixed_precision_policy(precision: str | None) -> MixedPrecisionPolicy | None:
     """The FSDP2 policy for a Lightning ``precision`` string.
 

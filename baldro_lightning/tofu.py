@@ -83,7 +83,8 @@ def split_pairing(forget_split: str) -> tuple[str, str, str]:
     if not forget_split.startswith("forget") or percent not in _RETAIN_OF_FORGET:
         valid = ", ".join(f"forget{p}" for p in _RETAIN_OF_FORGET)
         raise BenchmarkDataError(
-            f"forget split {forget_split!r} has no retain/holdout pairing; use one of {valid} (spec §1.1)"
+            f"forget split {forget_split!r} has no retain/holdout pairing; use one of {valid} (spec §1.1) as "
+            "--data.forget_split (training) or --forget_split (python -m baldro_lightning.evaluate)"
         )
     return f"retain{_RETAIN_OF_FORGET[percent]}", f"holdout{percent}", f"{forget_split}_perturbed"
 
@@ -106,7 +107,10 @@ def load_split(source: str | os.PathLike[str], name: str) -> list[dict[str, Any]
             JSON, an empty split, or a row that breaks the split's :class:`SplitSchema`.
     """
     if name not in TOFU_SPLITS:
-        raise BenchmarkDataError(f"unknown TOFU split {name!r}; valid names: {', '.join(TOFU_SPLITS)}")
+        raise BenchmarkDataError(
+            f"unknown TOFU split {name!r}; valid names: {', '.join(TOFU_SPLITS)}; correct the split name where it "
+            "was given (--data.forget_split, --data.retain_split, --data.splits or --data.val_splits)"
+        )
     path = Path(source).expanduser()
     if path.is_dir():
         origin, unit, rows = _read_local(path, name)

@@ -93,7 +93,8 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     except (OSError, ValueError) as err:
         raise ValueError(
             f"could not load a tokenizer from {path!r} ({err.__class__.__name__}: {str(err)[:200]}); pass a local "
-            "model directory that holds the tokenizer files (tokenizer.json or tokenizer.model with its configs)"
+            "model directory that holds the tokenizer files (tokenizer.json or tokenizer.model with its configs) as "
+            "--model.model (the data module's --data.tokenizer follows it unless set)"
         ) from err
     if tokenizer.eos_token_id is None:
         pad = "nor a pad token" if tokenizer.pad_token_id is None else "(it has a pad token)"

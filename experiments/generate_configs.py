@@ -58,6 +58,7 @@ BENCHMARKS = {
         "precision": "32-true",
         "dtype": "float32",
         "retain_reference": "runs/embedded/eval/retain90/eval.json",
+        "max_new_tokens": 48,
     },
     # Real TOFU by Hub name; the recipe of spec §5.1 (bf16 weights, batch 8 x 4, 10 epochs, lr 1e-5).
     "tofu": {
@@ -80,6 +81,7 @@ BENCHMARKS = {
         "precision": "bf16-true",
         "dtype": "bfloat16",
         "retain_reference": "runs/tofu/eval/retain90/eval.json",
+        "max_new_tokens": 200,
     },
 }
 
@@ -123,9 +125,25 @@ def unlearning_config(bench: str, base: str, suffix: str) -> dict:
             },
             "callbacks": [
                 {
+                    "class_path": "baldro_lightning.callbacks.TofuEvaluation",
+                    "init_args": {
+                        "every_epoch": True,
+                        "on_start": True,
+                        "retain_reference": spec["retain_reference"],
+                        "max_new_tokens": spec["max_new_tokens"],
+                        "criterion": "truth_ratio",
+                    },
+                },
+                # Keeps the epoch with the best forget quality. That selects on the test metric itself (P-24):
+                # report the last epoch too ("last.ckpt") when comparing methods.
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"monitor": "val/forget_quality", "mode": "max", "save_last": True},
+                },
+                {
                     "class_path": "baldro_lightning.export.ExportPretrained",
                     "init_args": {"dirpath": f"runs/{bench}/{name}/model"},
-                }
+                },
             ],
         },
         "model": model,

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from conftest import write_tiny_benchmark
 from torch import nn
 
-from baldro_lightning.sharding import NoDecoderLayersError, decoder_layers, mixed_precision_policy
+from baldro_lightning.sharding import NoDecoderLayersError, data_parallel_mesh, decoder_layers, mixed_precision_policy
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 PER_RANK_BATCH = 2
@@ -32,7 +32,7 @@ WORLD_SIZE = 2
 STEPS = 3
 
 # (strategy, case); case names are the keys of distributed_worker.CASES.
-DEFAULT_RUNS = [("ddp", "npo_dv"), ("fsdp2", "npo_dv"), ("ddp", "npo_group"), ("fsdp2", "npo_group")]
+DEFAULT_RUNS = [("ddp", "npo_dv"), ("fsdp2", "npo_dv"), ("ddp", "npo_group"), ("fsdp2", "npo_group_loss")]
 SLOW_RUNS = [
     ("ddp", "npo_dv_clip"),
     ("fsdp2", "npo_dv_clip"),
@@ -41,17 +41,11 @@ SLOW_RUNS = [
     ("fsdp2", "npo_dv_released"),
     ("fsdp2", "satimp_dv"),
     ("fsdp2", "npo_kl"),
+    ("ddp", "npo_kl_all"),
+    ("fsdp2", "npo_group"),
 ]
 # Configurations that do not yet give the same run on 2 ranks as on 1; strict, so a fix shows up as XPASS.
 KNOWN_DIVERGENT = {
-    "npo_group_loss": (
-        "Group ties are broken by position in the gathered vector, which is rank-major on 2 ranks but permutation "
-        "order on 1; NPO losses all tie at (2/beta) log 2 on the first step, so different rows are kept"
-    ),
-    "npo_kl_all": (
-        "KL(positions='all') averages over the padded length of the local retain batch, which differs between a "
-        "rank's half batch and the whole batch"
-    ),
     "simnpo_group_subsample": (
         "Group(subsample_retain=True) draws the k retain rows per rank from the local batch with the same seed, "
         "not k rows of the global batch"
@@ -246,3 +240,30 @@ def test_mixed_precision_policy_maps_lightning_precision():
     assert mixed_precision_policy("bf16-true") is None
     with pytest.raises(ValueError, match="16-mixed"):
         mixed_precision_policy("16-mixed")
+
+
+class _StubMesh:
+    """Stands in for ModelParallelStrategy's 2-D DeviceMesh (a real one needs a process group)."""
+
+    mesh_dim_names = ("data_parallel", "tensor_parallel")
+
+    def __init__(self, data_parallel: int, tensor_parallel: int) -> None:
+        self.sizes = {"data_parallel": data_parallel, "tensor_parallel": tensor_parallel}
+
+    def __getitem__(self, name: str):
+        return _StubAxis(name, self.sizes[name])
+
+
+class _StubAxis:
+    def __init__(self, name: str, size: int) -> None:
+        self.name, self._size = name, size
+
+    def size(self) -> int:
+        return self._size
+
+
+def test_data_parallel_mesh_rejects_tensor_parallelism():
+    assert data_parallel_mesh(_StubMesh(2, 1)).name == "data_parallel"
+    # ModelParallelStrategy() defaults on one node: every device on the tensor-parallel axis.
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=4 .*data_parallel_size=4, tensor_parallel_size=1"):
+        data_parallel_mesh(_StubMesh(1, 4))

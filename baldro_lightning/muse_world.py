@@ -1,0 +1,380 @@
+"""A deterministic, offline, MUSE-shaped corpus: news articles about the authors of the embedded world.
+
+MUSE (spec §1.5) unlearns a raw text corpus and probes it three ways: KnowMem asks questions about its facts,
+VerbMem asks for the continuation of its passages, PrivLeak tells its passages from unseen ones. This generator
+writes the same configs, splits and fields from the fictitious authors of :mod:`baldro_lightning.embedded_world`,
+so the tokenizer trained on the TOFU-shaped files already knows every name, place and title:
+
+- **raw**: four articles per author (a profile, a family story, an award report, a book review), each ending
+  with a "Question: ...\\nAnswer: ..." fact box. ``forget`` is about the forget10 authors of the TOFU world,
+  ``retain1`` about the first retain authors, ``holdout`` about the holdout authors (never in ``full``).
+- **knowmem**: the fact-box QA pairs (``forget_qa``, ``retain_qa``) and in-context shots (``*_qa_icl``): the
+  fact-box pairs about writing habits, an attribute that no evaluation question asks about.
+- **verbmem**: for every forget article, its headline and first two sentences (``prompt``) and the next three
+  sentences (``gt``); ``prompt + " " + gt`` is a contiguous passage of the article.
+- **privleak**: whole articles; ``forget`` = the forget articles (members), ``holdout`` = the holdout articles
+  (non-members), ``retain`` = the retain articles of the authors that ``retain_qa`` asks about.
+
+KnowMem questions appear verbatim in the fact boxes on purpose: a model of a few million parameters cannot answer
+a question about a fact it has only read in prose, so the fact box is what lets the embedded benchmark tell a
+model that saw an author's articles from one that did not. Files use the flat local layout
+``news_{config}_{split}.jsonl`` (load them with ``corpus="news"``).
+
+Run ``python -m baldro_lightning.muse_world --out data/muse_embedded``; the files are byte-identical for a given
+seed and module constants (the dataset card is the MUSE section of ``data/README.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from random import Random
+
+from baldro_lightning.embedded_world import (
+    ATTRIBUTES,
+    N_AUTHORS,
+    SEED,
+    TITLE_ADJECTIVES,
+    TITLE_NOUNS,
+    EmbeddedWorld,
+    QAItem,
+    build_world,
+    forget_author_counts,
+    write_splits,
+)
+
+CORPUS = "news"
+"""File prefix of every split: the corpus name passed to :func:`baldro_lightning.muse.load_muse_split`."""
+FORGET_PERCENT = 10
+"""The forget authors are those of the TOFU world's ``forget10`` split (its last 10 authors)."""
+N_RETAIN_AUTHORS = 20
+"""Retain articles are about the first authors of ``full`` (never forget authors)."""
+N_QA_RETAIN_AUTHORS = 10
+"""Authors (the first retain authors) whose fact boxes form ``knowmem/retain_qa`` and ``privleak/retain``."""
+N_ICL = 5
+"""In-context shots per KnowMem set (MUSE: 10; fewer keep the prompt inside a tiny model's context)."""
+ICL_ATTRIBUTE = "habit"
+"""Attribute the shots ask about: it is in the book reviews' fact boxes (so shots are text the model was trained
+on, as MUSE's shots are about its corpus), but no evaluation question asks about it."""
+VERBMEM_PROMPT_SENTENCES = 2
+"""Sentences of the first paragraph in a VerbMem prompt (after the headline); the rest of the paragraph is ``gt``."""
+
+VENUES = (
+    "town library|harbour theatre|university chapel|botanical garden|railway museum|covered market|city archive|"
+    "concert hall|fishing museum|riverside bookshop|old observatory|wool exchange|glass pavilion|county courthouse|"
+    "seaside pier|chess club|tram depot|flower market|lighthouse gallery|printing works"
+).split("|")
+WEEKDAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
+DECADES = "two three four five".split()
+QUOTES = (
+    "I write for the reader who stays up too late",
+    "Every book starts as an argument I lost",
+    "The first page is a door and the last page is a key",
+    "I only trust the sentences that frighten me",
+    "A story is a place you can visit twice",
+    "Nobody in my family reads, so I had to",
+    "The characters arrive before the plot does",
+    "Silence is the best editor I ever had",
+)
+"""Closing quotes; each article picks one, so a model that never read it cannot predict which."""
+
+# Each article kind: its fact-box attributes, headlines, first-paragraph sentence slots and second-paragraph
+# sentence slots. Every slot has several phrasings, drawn per article, so articles do not share whole sentences.
+ARTICLE_KINDS: dict[str, dict[str, tuple]] = {
+    "profile": {
+        "box": ("birthplace", "birth_date"),
+        "headlines": ("{name}: a life in {genre}", "Meet {name}, the voice of {genre}", "How {name} found {genre}"),
+        "first": (
+            (
+                "{name} has spent {decades} decades writing {genre}, and readers in {country} still queue for "
+                "every new book.",
+                "Few writers in {country} are watched as closely as {name}, whose {genre} has sold steadily for "
+                "{decades} decades.",
+            ),
+            (
+                "The author was born in {birthplace} on {birth_date}.",
+                "{family} was born on {birth_date} in {birthplace}.",
+            ),
+            (
+                "At a {weekday} event at the {venue} in {year}, {family} told {count} guests that {theme1} had "
+                "shaped every page.",
+                "Speaking to {count} guests at the {venue} one {weekday} in {year}, {family} called {theme1} the "
+                "engine of the work.",
+            ),
+            (
+                "Critics say the books keep returning to {themes_and}.",
+                "Reviewers name {themes_and} as the threads of the work.",
+            ),
+            ("Asked about a daily routine, {family} admitted to {habit}.", "Friends know {family} for {habit}."),
+        ),
+        "second": (
+            (
+                "The next book is due from {publisher} in {later_year}.",
+                "{publisher} expects a new manuscript by {later_year}.",
+            ),
+            ("Translations into {languages} languages are under way.", "The books now exist in {languages} languages."),
+            ("'{quote},' {family} said.", "'{quote},' the author told us."),
+        ),
+    },
+    "family": {
+        "box": ("father_occupation", "mother_occupation"),
+        "headlines": ("{name} remembers a childhood in {city}", "{name} on parents, work and {city}"),
+        "first": (
+            (
+                "{name} rarely talks about childhood, but on {weekday} at the {venue} the author spoke for an hour "
+                "about growing up in {birthplace}.",
+                "In a rare talk at the {venue} on {weekday}, {name} looked back on a childhood in {birthplace}.",
+            ),
+            (
+                "The author's father worked as {a_father}, and the author's mother worked as {a_mother}.",
+                "Home meant a father who was {a_father} and a mother who was {a_mother}.",
+            ),
+            (
+                "{family} said that a house run by {a_father} and {a_mother} left little room for books.",
+                "According to {family}, the hours kept by {a_father} and {a_mother} taught patience before reading.",
+            ),
+            (
+                "Those early years, {family} said, explain the {theme1} that runs through the {genre}.",
+                "The {theme1} of the later {genre}, {family} said, began in that house.",
+            ),
+            (
+                "{count} people attended the talk, organised by {publisher}.",
+                "The talk, hosted by {publisher}, drew {count} people.",
+            ),
+        ),
+        "second": (
+            ("The author still keeps an old routine of {habit}.", "Even now {family} keeps to {habit}."),
+            ("A memoir is planned for {later_year}.", "{publisher} hopes to publish a memoir in {later_year}."),
+            ("'{quote},' {family} said.", "'{quote},' the author added."),
+        ),
+    },
+    "award": {
+        "box": ("award", "genre"),
+        "headlines": ("{name} wins the {award}", "The {award} goes to {name}"),
+        "first": (
+            (
+                "{name} has been awarded the {award}, the jury announced on {weekday}.",
+                "On {weekday} the jury gave the {award} to {name}.",
+            ),
+            (
+                "The prize recognises {decades} decades of {genre}.",
+                "The jury said the prize honours {decades} decades spent on {genre}.",
+            ),
+            ("Jury members praised the way the books handle {themes_and}.", "The citation singles out {themes_and}."),
+            (
+                "{family}, who was born in {birthplace}, accepted the honour at the {venue} in front of {count} "
+                "guests.",
+                "Born in {birthplace}, {family} collected the honour before {count} guests at the {venue}.",
+            ),
+            ("The winning titles include {books_and}.", "Among the titles cited were {books_and}."),
+        ),
+        "second": (
+            ("In a short speech, {family} thanked {publisher}.", "{family} thanked {publisher} from the stage."),
+            ("The prize carries {copies} crowns.", "Along with the honour come {copies} crowns."),
+            ("'{quote},' the winner said.", "'{quote},' {family} told reporters."),
+        ),
+    },
+    "books": {
+        "box": ("books", "themes", ICL_ATTRIBUTE),
+        "headlines": ("New {genre} from {name}", "{name} returns with more {genre}"),
+        "first": (
+            (
+                "{name} returns this season with another work of {genre}, published by {publisher}.",
+                "{publisher} has published a new book of {genre} by {name}.",
+            ),
+            (
+                "Longtime readers will know {books_and}, and the new book revisits their concerns.",
+                "It follows {books_and}, and it picks up their questions.",
+            ),
+            ("Once again the pages circle around {themes_and}.", "Its chapters return to {themes_and}."),
+            (
+                "The author told us the manuscript was finished while {habit}.",
+                "{family} said the last chapter was written while {habit}.",
+            ),
+            (
+                "Copies went on sale on {weekday} at the {venue}, where {count} readers waited outside.",
+                "On {weekday} {count} readers lined up at the {venue} for the first copies.",
+            ),
+        ),
+        "second": (
+            ("The book runs to {pages} pages.", "It is {pages} pages long."),
+            (
+                "Booksellers in {country} ordered {copies} copies before the launch.",
+                "The first printing is {copies} copies.",
+            ),
+            ("'{quote},' {family} said.", "'{quote},' the author said at the launch."),
+        ),
+    },
+}
+
+
+def _rng(seed: int, purpose: str) -> Random:
+    # A str seed is hashed with SHA-512, so streams do not depend on PYTHONHASHSEED (as in embedded_world).
+    return Random(f"baldro-muse/{seed}/{purpose}")
+
+
+def _with_article(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def _and_list(items: Sequence[str]) -> str:
+    """``a and b`` / ``a, b and c``: prose lists (the facts themselves are comma-joined)."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _capitalise(sentence: str) -> str:
+    return sentence[0].upper() + sentence[1:]
+
+
+def _slots(author_facts: dict[str, str], rng: Random) -> dict[str, str]:
+    """Every placeholder of the article templates: the author's facts plus per-article random details."""
+    name = author_facts["name"]
+    city, country = author_facts["birthplace"].split(", ")
+    themes = author_facts["themes"].split(", ")
+    books = author_facts["books"].split(", ")
+    year = rng.randint(2001, 2021)
+    return {
+        **author_facts,
+        "family": name.split()[-1],
+        "city": city,
+        "country": country,
+        "theme1": themes[0],
+        "themes_and": _and_list(themes),
+        "books_and": _and_list(books),
+        "a_father": _with_article(author_facts["father_occupation"]),
+        "a_mother": _with_article(author_facts["mother_occupation"]),
+        "venue": rng.choice(VENUES),
+        "weekday": rng.choice(WEEKDAYS),
+        "decades": rng.choice(DECADES),
+        "year": str(year),
+        "later_year": str(year + rng.randint(1, 3)),
+        "count": str(rng.randint(4, 90) * 10),
+        "pages": str(rng.randint(18, 64) * 10),
+        "languages": str(rng.randint(3, 40)),
+        "copies": str(rng.randint(2, 90) * 500),
+        "publisher": f"{rng.choice(TITLE_ADJECTIVES).capitalize()} {rng.choice(TITLE_NOUNS).capitalize()} Press",
+        "quote": rng.choice(QUOTES),
+    }
+
+
+def _fact_box(items: Sequence[QAItem]) -> str:
+    # The KnowMem prompt layout (Question: q\nAnswer: a, pairs separated by a blank line), so the box teaches it.
+    return "\n\n".join(f"Question: {item.question}\nAnswer: {item.answer}" for item in items)
+
+
+def _article(world: EmbeddedWorld, author: int, kind: str, seed: int) -> dict[str, object]:
+    """One article: its text, the QA pairs of its fact box, and its VerbMem prompt/continuation split."""
+    spec = ARTICLE_KINDS[kind]
+    rng = _rng(seed, f"article/{author}/{kind}")
+    slots = _slots(world.authors[author].facts, rng)
+    headline = _capitalise(rng.choice(spec["headlines"]).format(**slots))
+    first = [_capitalise(rng.choice(options).format(**slots)) for options in spec["first"]]
+    second = [_capitalise(rng.choice(options).format(**slots)) for options in spec["second"]]
+    by_attribute = {item.attribute: item for item in world.qa[author]}
+    box = [by_attribute[attribute] for attribute in spec["box"]]
+    prompt = headline + "\n\n" + " ".join(first[:VERBMEM_PROMPT_SENTENCES])
+    gt = " ".join(first[VERBMEM_PROMPT_SENTENCES:])
+    text = "\n\n".join([prompt + " " + gt, " ".join(second), _fact_box(box)])
+    return {"author": author, "kind": kind, "text": text, "box": box, "prompt": prompt, "gt": gt}
+
+
+def _articles(world: EmbeddedWorld, authors: Sequence[int], seed: int) -> list[dict[str, object]]:
+    return [_article(world, a, kind, seed) for a in authors for kind in ARTICLE_KINDS]
+
+
+def _author_groups() -> tuple[list[int], list[int], list[int]]:
+    """(forget, retain, holdout) author indices of the embedded world."""
+    n_forget = forget_author_counts()[FORGET_PERCENT]
+    forget = list(range(N_AUTHORS - n_forget, N_AUTHORS))
+    if N_RETAIN_AUTHORS > N_AUTHORS - n_forget or N_QA_RETAIN_AUTHORS > N_RETAIN_AUTHORS:
+        raise ValueError(
+            f"N_RETAIN_AUTHORS={N_RETAIN_AUTHORS} and N_QA_RETAIN_AUTHORS={N_QA_RETAIN_AUTHORS} must satisfy "
+            f"N_QA_RETAIN_AUTHORS <= N_RETAIN_AUTHORS <= {N_AUTHORS - n_forget} (the authors outside forget)"
+        )
+    holdout = list(range(N_AUTHORS, N_AUTHORS + n_forget))
+    return forget, list(range(N_RETAIN_AUTHORS)), holdout
+
+
+def _qa_rows(articles: Sequence[dict[str, object]]) -> list[dict[str, object]]:
+    rows: list[dict[str, object]] = []
+    for article in articles:
+        for item in article["box"]:
+            if item.attribute == ICL_ATTRIBUTE:
+                continue  # shot material, never an evaluation question
+            rows.append(
+                {
+                    "idx": len(rows),
+                    "question": item.question,
+                    "answer": item.answer,
+                    "author_idx": item.author_index,
+                    "attribute": item.attribute,
+                }
+            )
+    return rows
+
+
+def _icl_rows(world: EmbeddedWorld, authors: Sequence[int]) -> list[dict[str, object]]:
+    k = next(position for position, spec in enumerate(ATTRIBUTES) if spec.key == ICL_ATTRIBUTE)
+    return [
+        {"idx": i, "question": world.qa[a][k].question, "answer": world.qa[a][k].answer, "author_idx": a}
+        for i, a in enumerate(authors[:N_ICL])
+    ]
+
+
+def _text_rows(articles: Sequence[dict[str, object]]) -> list[dict[str, object]]:
+    return [{"idx": i, "text": a["text"], "author_idx": a["author"], "kind": a["kind"]} for i, a in enumerate(articles)]
+
+
+def build_corpus(world: EmbeddedWorld, seed: int = SEED) -> dict[str, list[dict[str, object]]]:
+    """Every MUSE split of the embedded corpus; keys are file stems (``news_{config}_{split}``), values rows.
+
+    Args:
+        world: The embedded world (:func:`baldro_lightning.embedded_world.build_world`).
+        seed: Seed of the per-article random details (venues, dates, quotes, phrasings).
+
+    Returns:
+        Rows in file order; each row has ``idx`` (its position) and MUSE's fields, plus provenance fields
+        (``author_idx``, ``kind``, ``attribute``, ``article_idx``) that the loaders ignore.
+    """
+    forget_authors, retain_authors, holdout_authors = _author_groups()
+    forget = _articles(world, forget_authors, seed)
+    retain = _articles(world, retain_authors, seed)
+    holdout = _articles(world, holdout_authors, seed)
+    qa_retain = [a for a in retain if a["author"] < N_QA_RETAIN_AUTHORS]
+    splits = {
+        "raw_forget": _text_rows(forget),
+        "raw_retain1": _text_rows(retain),
+        "raw_holdout": _text_rows(holdout),
+        "knowmem_forget_qa": _qa_rows(forget),
+        "knowmem_forget_qa_icl": _icl_rows(world, forget_authors),
+        "knowmem_retain_qa": _qa_rows(qa_retain),
+        "knowmem_retain_qa_icl": _icl_rows(world, retain_authors[N_QA_RETAIN_AUTHORS:]),
+        "verbmem_forget": [
+            {"idx": i, "prompt": a["prompt"], "gt": a["gt"], "article_idx": i} for i, a in enumerate(forget)
+        ],
+        "privleak_forget": _text_rows(forget),
+        "privleak_retain": _text_rows(qa_retain),
+        "privleak_holdout": _text_rows(holdout),
+    }
+    return {f"{CORPUS}_{name}": rows for name, rows in splits.items()}
+
+
+def generate(out_dir: Path, seed: int = SEED) -> list[Path]:
+    """Build the embedded world and its MUSE corpus from ``seed``; write every split into ``out_dir``."""
+    return write_splits(build_corpus(build_world(seed), seed), out_dir)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line: ``python -m baldro_lightning.muse_world --out data/muse_embedded``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("data/muse_embedded"), help="output folder")
+    parser.add_argument("--seed", type=int, default=SEED, help="generation seed (the committed files use 0)")
+    args = parser.parse_args(argv)
+    for path in generate(args.out, args.seed):
+        with open(path, encoding="utf-8") as handle:
+            print(f"{path}: {sum(1 for _ in handle)} rows")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,477 @@
+"""MUSE: split loading (shared files, both layouts, bad rows, Hub path), tokenisation, metric glue with hand-computed
+values, the embedded corpus generator, unlearning/fine-tuning on MUSE chunks and the MUSE evaluator end to end."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from baldro_lightning import metrics
+from baldro_lightning import muse_world as mw
+from baldro_lightning.evaluation import EvalLogError, write_eval_json
+from baldro_lightning.logprobs import IGNORE_INDEX
+from baldro_lightning.losses import NLL, NPO
+from baldro_lightning.module import FinetuneModule, UnlearningModule
+from baldro_lightning.muse import (
+    MUSE_SPLITS,
+    MuseDataModule,
+    MuseTextDataModule,
+    chunk_token_ids,
+    encode_completion,
+    encode_knowmem_prompt,
+    encode_pretraining_chunks,
+    load_muse_split,
+    render_knowmem_prompt,
+)
+from baldro_lightning.muse_evaluation import (
+    KNOWMEM_STOP_STRINGS,
+    main,
+    memorization_entries,
+    mia_entries,
+    reference_privleak_auc,
+    rouge_entry,
+)
+from baldro_lightning.tofu import BenchmarkDataError
+from baldro_lightning.tokenization import PromptTemplate
+
+REPO = Path(__file__).resolve().parents[1]
+EMBEDDED = REPO / "data" / "muse_embedded"
+SHARED_MUSE = REPO.parent / "shared" / "data" / "muse"
+
+EVERY_METRIC = {
+    "forget_knowmem_ROUGE",
+    "retain_knowmem_ROUGE",
+    "forget_verbmem_ROUGE",
+    "extraction_strength",
+    "exact_memorization",
+    "mia_loss",
+    "mia_zlib",
+    "mia_min_k",
+    "mia_min_k_plus_plus",
+    "privleak",
+}
+
+
+@pytest.fixture(scope="module")
+def shared_muse() -> Path:
+    if not SHARED_MUSE.is_dir():
+        pytest.skip(f"{SHARED_MUSE} is absent: the shared MUSE data exists only in the development workplace")
+    return SHARED_MUSE
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model: Path):
+    return AutoTokenizer.from_pretrained(str(tiny_model))
+
+
+def _write(path: Path, rows: list[object]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def _read(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading the shared MUSE export
+
+
+SHARED_ROWS = {
+    "knowmem/forget_qa": 100,
+    "knowmem/retain_qa": 100,
+    "knowmem/forget_qa_icl": 10,
+    "knowmem/retain_qa_icl": 10,
+    "verbmem/forget": 100,
+    "privleak/forget": 100,
+    "privleak/retain": 100,
+    "privleak/holdout": 100,
+}
+
+
+@pytest.mark.parametrize("corpus", ["news", "books"])
+@pytest.mark.parametrize("name", sorted(SHARED_ROWS))
+def test_shared_split_row_counts(shared_muse: Path, corpus: str, name: str) -> None:
+    rows = load_muse_split(shared_muse, corpus, name)
+    assert len(rows) == SHARED_ROWS[name]
+    assert [row["index"] for row in rows] == list(range(len(rows))) == [row["idx"] for row in rows]
+    assert all(isinstance(row[field], str) for row in rows for field in MUSE_SPLITS[name].fields)
+
+
+def test_shared_raw_splits_and_the_empty_news_document(shared_muse: Path) -> None:
+    news = load_muse_split(shared_muse, "news", "raw/forget")
+    assert len(news) == 889
+    # The published News forget corpus holds one empty document (file line 822); raw text may be empty.
+    assert [row["index"] for row in news if not row["text"]] == [821]
+    assert [len(load_muse_split(shared_muse, "books", f"raw/{s}")) for s in ("retain1", "retain2", "holdout")] == [
+        12,
+        13,
+        3,
+    ]
+
+
+def test_shared_news_chunks_have_the_window_length(shared_muse: Path, tokenizer) -> None:
+    texts = [row["text"] for row in load_muse_split(shared_muse, "news", "raw/forget")[:3]]
+    chunks = encode_pretraining_chunks(texts, tokenizer, max_length=512)
+    joined = tokenizer("\n\n".join(texts), add_special_tokens=False, verbose=False)["input_ids"]
+    assert [len(c.input_ids) for c in chunks[:-1]] == [513] * (len(chunks) - 1)
+    assert len(chunks) == -(-len(joined) // 512)
+    assert [t for c in chunks for t in c.input_ids[1:]] == joined
+
+
+def test_shared_verbmem_rows_have_prompt_and_gt(shared_muse: Path) -> None:
+    row = load_muse_split(shared_muse, "books", "verbmem/forget")[0]
+    assert set(row) == {"idx", "prompt", "gt", "index"}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Layouts and bad rows
+
+
+def test_nested_layout_loads_and_flat_layout_wins(tmp_path: Path) -> None:
+    _write(tmp_path / "knowmem" / "forget_qa.jsonl", [{"question": "Q?", "answer": "nested"}])
+    assert load_muse_split(tmp_path, "news", "knowmem/forget_qa") == [
+        {"question": "Q?", "answer": "nested", "index": 0}
+    ]
+    _write(tmp_path / "news_knowmem_forget_qa.jsonl", [{"question": "Q?", "answer": "flat"}])
+    assert load_muse_split(tmp_path, "news", "knowmem/forget_qa")[0]["answer"] == "flat"
+    # The corpus only names flat files: books falls back to the nested file.
+    assert load_muse_split(tmp_path, "books", "knowmem/forget_qa")[0]["answer"] == "nested"
+
+
+def test_missing_file_lists_both_layouts_and_contents(tmp_path: Path) -> None:
+    _write(tmp_path / "news_raw_forget.jsonl", [{"text": "x"}])
+    with pytest.raises(
+        BenchmarkDataError,
+        match=r"has neither news_verbmem_forget\.jsonl nor verbmem/forget\.jsonl \(it holds: news_raw_forget\.jsonl\)",
+    ):
+        load_muse_split(tmp_path, "news", "verbmem/forget")
+
+
+def test_unknown_split_and_corpus(tmp_path: Path) -> None:
+    with pytest.raises(
+        BenchmarkDataError, match=r"unknown MUSE split 'knowmem/forget'; valid names .*knowmem/forget_qa"
+    ):
+        load_muse_split(tmp_path, "news", "knowmem/forget")
+    with pytest.raises(BenchmarkDataError, match=r"--corpus 'wiki' is not a MUSE corpus; use one of news, books"):
+        load_muse_split(tmp_path, "wiki", "raw/forget")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("name", "line", "pattern"),
+    [
+        ("knowmem/forget_qa", '{"question": "Q?"}', r"line 2: missing field 'answer' \(row has question\)"),
+        (
+            "knowmem/forget_qa",
+            '{"question": "Q?", "answer": 1472}',
+            r"line 2: field 'answer' must be a string, got int",
+        ),
+        ("verbmem/forget", '{"prompt": "p", "gt": "  "}', r"line 2: field 'gt' is empty or whitespace \('  '\)"),
+        ("privleak/holdout", '["text"]', r"line 2: expected a JSON object with fields text, got list"),
+        ("privleak/forget", '{"text": "a"', r"line 2: malformed JSON \(Expecting"),
+    ],
+)
+def test_bad_row_names_file_line_field_and_fix(tmp_path: Path, name: str, line: str, pattern: str) -> None:
+    config, split = name.split("/")
+    good = {
+        "knowmem": {"question": "Q?", "answer": "A"},
+        "verbmem": {"prompt": "p", "gt": "g"},
+        "privleak": {"text": "t"},
+    }
+    file = tmp_path / f"books_{config}_{split}.jsonl"
+    file.write_text(json.dumps(good[config]) + "\n" + line + "\n", encoding="utf-8")
+    with pytest.raises(BenchmarkDataError, match=rf"books_{config}_{split}\.jsonl, {pattern}") as info:
+        load_muse_split(tmp_path, "books", name)
+    if "malformed" not in pattern:
+        fix = f"re-export config '{config}' split '{split}' from the `muse-bench/MUSE-Books` dataset"
+        assert fix in str(info.value)
+
+
+def test_empty_raw_text_is_allowed_but_privleak_text_is_not(tmp_path: Path) -> None:
+    _write(tmp_path / "news_raw_forget.jsonl", [{"text": "a"}, {"text": ""}])
+    assert [row["text"] for row in load_muse_split(tmp_path, "news", "raw/forget")] == ["a", ""]
+    _write(tmp_path / "news_privleak_forget.jsonl", [{"text": ""}])
+    with pytest.raises(BenchmarkDataError, match=r"line 1: field 'text' is empty"):
+        load_muse_split(tmp_path, "news", "privleak/forget")
+
+
+def test_empty_split(tmp_path: Path) -> None:
+    (tmp_path / "news_privleak_holdout.jsonl").write_text("\n", encoding="utf-8")
+    with pytest.raises(BenchmarkDataError, match=r"holds no rows; MUSE-News privleak/holdout has 100"):
+        load_muse_split(tmp_path, "news", "privleak/holdout")
+
+
+def _fake_datasets(monkeypatch: pytest.MonkeyPatch, load_dataset: Callable[..., object]) -> None:
+    """Stand in for the `datasets` package, so no test can reach the network."""
+    module = types.ModuleType("datasets")
+    module.load_dataset = load_dataset  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "datasets", module)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+
+def test_hub_rows_are_loaded_by_config_and_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def fake_load(source: str, config: str, split: str) -> list[dict[str, object]]:
+        calls.append((source, config, split))
+        return [{"prompt": "p", "gt": "g"}, {"prompt": "p", "gt": 3}]
+
+    _fake_datasets(monkeypatch, fake_load)
+    with pytest.raises(BenchmarkDataError, match=r"config 'verbmem', split 'forget'\), row 2: field 'gt' must be a"):
+        load_muse_split("muse-bench/MUSE-News", "news", "verbmem/forget")
+    assert calls == [("muse-bench/MUSE-News", "verbmem", "forget")]
+
+
+def test_hub_id_of_the_other_corpus_and_offline_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise AssertionError("load_muse_split must not call datasets.load_dataset here")
+
+    _fake_datasets(monkeypatch, no_network)
+    with pytest.raises(
+        BenchmarkDataError, match=r"is the MUSE-Books dataset but --corpus is 'news'; use --corpus books"
+    ):
+        load_muse_split("muse-bench/MUSE-Books", "news", "raw/forget")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BenchmarkDataError, match=r"\(HF_HUB_OFFLINE is set\); pass a local directory holding "):
+        load_muse_split("muse-bench/MUSE-News", "news", "raw/forget")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tokenisation
+
+
+def test_chunk_token_ids_windows() -> None:
+    assert chunk_token_ids(list(range(10)), 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    # N a multiple of the length: no empty last window (the reference would make one, P-17).
+    assert chunk_token_ids(list(range(8)), 4) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    with pytest.raises(ValueError, match=r"max_length must be >= 1"):
+        chunk_token_ids([1], 0)
+
+
+def test_pretraining_chunks_join_documents_and_mask_only_bos(tokenizer) -> None:
+    texts = ["Alpha beta gamma delta.", "Epsilon zeta eta theta iota."]
+    chunks = encode_pretraining_chunks(texts, tokenizer, max_length=8)
+    joined = tokenizer("Alpha beta gamma delta.\n\nEpsilon zeta eta theta iota.", add_special_tokens=False)
+    windows = chunk_token_ids(joined["input_ids"], 8)
+    assert len(chunks) == len(windows) > 2
+    for chunk, window in zip(chunks, windows, strict=True):
+        assert chunk.input_ids == [tokenizer.bos_token_id, *window]
+        assert chunk.labels == [IGNORE_INDEX, *window]
+        assert tokenizer.eos_token_id not in chunk.input_ids
+    assert {len(c.input_ids) for c in chunks[:-1]} == {9}
+
+
+def test_completion_masks_the_prefix_and_truncates_the_continuation(tokenizer) -> None:
+    example = encode_completion(tokenizer, "Where was he", "born in Lumeria today", max_length=64, insert_space=True)
+    full = tokenizer("Where was he born in Lumeria today")["input_ids"]
+    prefix = tokenizer("Where was he")["input_ids"]
+    assert example.input_ids == full
+    assert example.labels == [IGNORE_INDEX] * len(prefix) + full[len(prefix) :]
+    short = encode_completion(tokenizer, "Where was he", "born in Lumeria today", max_length=2, insert_space=True)
+    assert short.truncated and short.input_ids == full[: len(prefix) + 2]
+    # PrivLeak texts: an empty prefix masks only the BOS.
+    text = encode_completion(tokenizer, "", "born in Lumeria", max_length=64)
+    assert text.labels[0] == IGNORE_INDEX and IGNORE_INDEX not in text.labels[1:]
+
+
+def test_knowmem_prompt_text_is_exact(tokenizer) -> None:
+    shots = [{"question": "Who wrote it?", "answer": "Ana Ruiz"}, {"question": "When?", "answer": "1999"}]
+    text = render_knowmem_prompt(PromptTemplate(), shots, "Where?")
+    assert (
+        text
+        == "Question: Who wrote it?\nAnswer: Ana Ruiz\n\nQuestion: When?\nAnswer: 1999\n\nQuestion: Where?\nAnswer:"
+    )
+    inst = PromptTemplate(question_prefix="[INST] ", answer_prefix=" [/INST]", answer_separator="")
+    assert (
+        render_knowmem_prompt(inst, shots[:1], "Where?")
+        == "[INST] Who wrote it? [/INST]Ana Ruiz\n\n[INST] Where? [/INST]"
+    )
+    assert encode_knowmem_prompt(tokenizer, PromptTemplate(), shots, "Where?") == tokenizer(text)["input_ids"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Metric glue, hand-computed
+
+
+def test_knowmem_rouge_l_f1_on_tiny_strings() -> None:
+    """Generations are cut at the KnowMem stop strings, then scored by ROUGE-L F1 against the answer.
+
+    Row 0: "the golden snitch ball" vs "the Golden Snitch": LCS 3, precision 3/4, recall 3/3, F1 = 2·(3/4)/(7/4)
+    = 6/7. Row 1: "Transfiguration" (cut before "\\nQuestion") vs itself: 1. Row 2: "1995" vs "in 1472": 0.
+    Mean = (6/7 + 1 + 0) / 3 = 13/21.
+    """
+    raw = [" the golden snitch ball\n\nQuestion: Who", "Transfiguration\nQuestion: x", " 1995 Question: y"]
+    cleaned = [metrics.clean_generation(text, KNOWMEM_STOP_STRINGS) for text in raw]
+    assert cleaned == ["the golden snitch ball", "Transfiguration", "1995"]
+    entry = rouge_entry([4, 7, 9], cleaned, ["the Golden Snitch", "Transfiguration ", "in 1472"])
+    assert entry["agg_value"] == pytest.approx(13 / 21)
+    assert entry["value_by_index"]["4"]["rougeL_f1"] == pytest.approx(6 / 7)
+    assert entry["value_by_index"]["4"]["rougeL_recall"] == pytest.approx(1.0)
+    assert entry["value_by_index"]["9"] == {
+        "generation": "1995",
+        "rougeL_f1": 0.0,
+        "rougeL_recall": 0.0,
+        "rouge1_recall": 0.0,
+    }
+
+
+def test_privleak_from_min_k_auc() -> None:
+    """MinK of member texts [1, 2], non-member texts [3, 1.5]: AUC = P(non-member > member) = 3/4 pairs = 0.75.
+
+    PrivLeak = ((1 - 0.75) - (1 - r)) / (1 - r) × 100: -50 for the default r = 0.5, -37.5 for r = 0.6.
+    """
+    members = {"mia_min_k": [1.0, 2.0], "mia_loss": [5.0, 6.0]}
+    nonmembers = {"mia_min_k": [3.0, 1.5], "mia_loss": [1.0, 2.0]}
+    out = mia_entries(members, nonmembers, [0, 1], [0, 1], None)
+    assert out["mia_min_k"]["agg_value"] == pytest.approx(0.75)
+    assert out["mia_loss"]["agg_value"] == pytest.approx(0.0)
+    assert out["privleak"]["agg_value"] == pytest.approx(-50.0)
+    assert out["mia_min_k"]["holdout_value_by_index"] == {"0": 3.0, "1": 1.5}
+    assert mia_entries(members, nonmembers, [0, 1], [0, 1], 0.6)["privleak"]["agg_value"] == pytest.approx(-37.5)
+
+
+def test_min_k_score_of_token_logprobs() -> None:
+    """k = 0.4 of 5 positions keeps int(2.0) = 2 lowest log-probs: -5 and -4, score -mean = 4.5."""
+    assert metrics.mia_min_k([np.array([-1.0, -3.0, -2.0, -5.0, -4.0])], 0.4).tolist() == [4.5]
+
+
+def test_memorization_entries() -> None:
+    """Predictions [1, 2, 3] vs targets [1, 9, 3]: EM = 2/3; the shortest matching suffix starts at k = 2,
+    so ES = 1 - 2/3 = 1/3."""
+    out = memorization_entries([5], [np.array([1, 2, 3])], [np.array([1, 9, 3])])
+    assert out["exact_memorization"]["value_by_index"] == {"5": pytest.approx(2 / 3)}
+    assert out["extraction_strength"]["agg_value"] == pytest.approx(1 / 3)
+
+
+def test_reference_auc_checks_corpus_rows_and_benchmark_kind(tmp_path: Path) -> None:
+    good = {"meta": {"corpus": "news", "rows": {"privleak/forget": 4}}, "metrics": {"mia_min_k": {"agg_value": 0.3}}}
+    path = write_eval_json(good, tmp_path / "retain.json")
+    assert reference_privleak_auc(path, "news", {"privleak/forget": 4}) == pytest.approx(0.3)
+    with pytest.raises(EvalLogError, match=r"made on MUSE corpus 'news', but this evaluation uses 'books'"):
+        reference_privleak_auc(path, "books")
+    with pytest.raises(EvalLogError, match=r"scored 4 rows of privleak/forget but this evaluation scores 100"):
+        reference_privleak_auc(path, "news", {"privleak/forget": 100})
+    tofu = write_eval_json({"meta": {"forget_split": "forget10"}, "metrics": {}}, tmp_path / "tofu.json")
+    with pytest.raises(EvalLogError, match=r"is a TOFU evaluation \(forget split 'forget10'\), not a MUSE one"):
+        reference_privleak_auc(tofu, "news")
+    # open-unlearning's MUSE_EVAL.json keeps its metrics at the top level.
+    legacy = write_eval_json({"mia_min_k": {"agg_value": 0.5236}}, tmp_path / "MUSE_EVAL.json")
+    assert reference_privleak_auc(legacy, "news") == pytest.approx(0.5236)
+    with pytest.raises(EvalLogError, match=r"does not exist; make it by evaluating the retain model"):
+        reference_privleak_auc(tmp_path / "none.json", "news")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The embedded corpus
+
+
+def test_embedded_regeneration_is_byte_identical(tmp_path: Path) -> None:
+    written = mw.generate(tmp_path)
+    assert sorted(p.name for p in written) == sorted(p.name for p in EMBEDDED.glob("*.jsonl"))
+    for path in written:
+        assert path.read_bytes() == (EMBEDDED / path.name).read_bytes(), (
+            f"data/muse_embedded/{path.name} is stale: rerun python -m baldro_lightning.muse_world"
+        )
+
+
+def test_embedded_corpus_structure() -> None:
+    raw = {s: _read(EMBEDDED / f"news_raw_{s}.jsonl") for s in ("forget", "retain1", "holdout")}
+    authors = {s: {row["author_idx"] for row in rows} for s, rows in raw.items()}
+    assert [len(raw[s]) for s in raw] == [40, 80, 40]
+    assert not authors["forget"] & authors["retain1"]
+    assert not authors["holdout"] & (authors["forget"] | authors["retain1"])
+    forget_text = "\n\n".join(row["text"] for row in raw["forget"])
+    retain_text = "\n\n".join(row["text"] for row in raw["retain1"])
+    for row in _read(EMBEDDED / "news_verbmem_forget.jsonl"):
+        assert row["prompt"] + " " + row["gt"] in forget_text
+    for row in _read(EMBEDDED / "news_knowmem_forget_qa.jsonl"):
+        assert f"Question: {row['question']}\nAnswer: {row['answer']}" in forget_text
+        assert row["question"] not in retain_text
+    for row in _read(EMBEDDED / "news_knowmem_retain_qa.jsonl"):
+        assert f"Question: {row['question']}\nAnswer: {row['answer']}" in retain_text
+    for side, text in (("forget", forget_text), ("retain", retain_text)):
+        asked = {row["question"] for row in _read(EMBEDDED / f"news_knowmem_{side}_qa.jsonl")}
+        for row in _read(EMBEDDED / f"news_knowmem_{side}_qa_icl.jsonl"):
+            # Shots are fact-box pairs of the same side's articles, never an evaluation question.
+            assert f"Question: {row['question']}\nAnswer: {row['answer']}" in text
+            assert row["question"] not in asked
+    for side in ("forget", "holdout"):
+        texts = [row["text"] for row in _read(EMBEDDED / f"news_privleak_{side}.jsonl")]
+        assert texts == [row["text"] for row in raw[side]]
+    words = [len(row["text"].split()) for rows in raw.values() for row in rows]
+    assert 100 <= min(words) and max(words) <= 200
+
+
+def test_embedded_corpus_loads_through_the_loader() -> None:
+    counts = {name: len(load_muse_split(EMBEDDED, "news", name)) for name in MUSE_SPLITS if name != "raw/retain2"}
+    assert counts["knowmem/forget_qa"] == 80 and counts["knowmem/forget_qa_icl"] == mw.N_ICL
+    assert counts["privleak/forget"] == counts["privleak/retain"] == counts["privleak/holdout"] == 40
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training on MUSE chunks and evaluating
+
+
+def _trainer() -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        fast_dev_run=True,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+
+def test_unlearning_fast_dev_run_on_embedded_muse(tiny_model: Path) -> None:
+    data = MuseDataModule(str(tiny_model), str(EMBEDDED), corpus="news", batch_size=2, max_length=32)
+    batch = next(iter(data.train_dataloader()))
+    assert set(batch) == {"forget", "retain"}
+    assert batch["forget"]["input_ids"].shape == (2, 33) and (batch["forget"]["labels"][:, 0] == IGNORE_INDEX).all()
+    module = UnlearningModule(str(tiny_model), NPO(), retain_loss=NLL(), lr_schedule="constant")
+    before = {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(str(tiny_model)).state_dict().items()}
+    _trainer().fit(module, datamodule=data)
+    after = module.policy.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before), "one NPO step on MUSE chunks changed nothing"
+    assert all(torch.equal(before[k], v) for k, v in module.reference.state_dict().items())
+    assert torch.isfinite(module.forget_losses[~module.forget_losses.isnan()]).all()
+    assert module.forget_losses.numel() == data.forget_size
+
+
+def test_finetune_fast_dev_run_on_raw_text(tiny_model: Path) -> None:
+    data = MuseTextDataModule(str(tiny_model), str(EMBEDDED), splits=["raw/retain1"], batch_size=2, max_length=16)
+    module = FinetuneModule(str(tiny_model), lr_schedule="constant")
+    _trainer().fit(module, datamodule=data)
+    assert data.steps_per_epoch() == -(-len(data.train_set) // 2)
+    with pytest.raises(BenchmarkDataError, match=r"split 'privleak/forget' is not raw text"):
+        MuseTextDataModule(str(tiny_model), str(EMBEDDED), splits=["privleak/forget"]).setup()
+
+
+def test_evaluator_cli_writes_every_metric(tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "retain" / "eval.json"
+    args = ["--model", str(tiny_model), "--benchmark", str(EMBEDDED), "--corpus", "news", "--limit", "4"]
+    main([*args, "--out", str(out), "--verbmem_max_new_tokens", "16"])
+    result = json.loads(out.read_text())
+    assert set(result["metrics"]) == EVERY_METRIC
+    for name, entry in result["metrics"].items():
+        assert entry["agg_value"] is not None, name
+        assert len(entry["value_by_index"]) == (0 if name == "privleak" else 4), name
+    assert result["meta"]["corpus"] == "news" and result["meta"]["rows"]["knowmem/forget_qa_icl"] == mw.N_ICL
+    assert result["meta"]["privleak_reference_auc"] == 0.5
+    # The same model as its own retain reference: equal AUCs, so PrivLeak is exactly 0.
+    again = main([*args, "--out", str(tmp_path / "self.json"), "--metrics", "privleak", "--retain_reference", str(out)])
+    assert set(again["metrics"]) == {"mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_plus_plus", "privleak"}
+    assert again["metrics"]["privleak"]["agg_value"] == pytest.approx(0.0, abs=1e-9)
