@@ -29,12 +29,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
-from baldro_lightning.datamodule import ForgetRetainPairs, ForgetRetainSampler, PairCollator, _ShardedPermutation
+from baldro_lightning.datamodule import (
+    ForgetRetainPairs,
+    ForgetRetainSampler,
+    PairCollator,
+    _BenchmarkDataModule,
+    _ShardedPermutation,
+    _world,
+)
 from baldro_lightning.logprobs import IGNORE_INDEX
 from baldro_lightning.tofu import BenchmarkDataError
 from baldro_lightning.tokenization import (
@@ -42,7 +48,6 @@ from baldro_lightning.tokenization import (
     PaddingCollator,
     PromptTemplate,
     _common_prefix_length,
-    load_tokenizer,
 )
 
 log = logging.getLogger(__name__)
@@ -498,12 +503,8 @@ def raw_chunk_dataset(
 # Data modules
 
 
-def _world(trainer: L.Trainer | None) -> tuple[int, int]:
-    return (1, 0) if trainer is None else (trainer.world_size, trainer.global_rank)
-
-
-class _MuseDataModule(L.LightningDataModule):
-    """Tokenizer and raw-split loading shared by the unlearning and fine-tuning data modules."""
+class _MuseDataModule(_BenchmarkDataModule):
+    """Raw-split chunking on top of the TOFU modules' shared base (tokenizer, loaders, mid-epoch resume)."""
 
     def __init__(
         self,
@@ -515,39 +516,21 @@ class _MuseDataModule(L.LightningDataModule):
         seed: int,
         num_workers: int,
     ) -> None:
-        super().__init__()
         problems = []
         if corpus not in MUSE_HUB_DATASETS:
             problems.append(f"--data.corpus={corpus!r}: use one of {', '.join(MUSE_HUB_DATASETS)}")
-        if max_length < 8:
-            problems.append(f"--data.max_length must be at least 8 tokens per chunk, got {max_length}")
         if batch_size < 1:
             problems.append(f"--data.batch_size must be >= 1, got {batch_size}")
         if problems:
             raise ValueError("invalid MUSE data settings: " + "; ".join(problems))
-        self.tokenizer_path = tokenizer
-        self.benchmark = benchmark
+        # No prompt template: MUSE training text is raw chunks (the base checks max_length).
+        super().__init__(tokenizer, benchmark, None, max_length, seed, num_workers)
         self.corpus = corpus
         self.batch_size = batch_size
-        self.max_length = max_length
-        self.seed = seed
-        self.num_workers = num_workers
-        self.tokenizer: PreTrainedTokenizerBase | None = None
 
     def chunks(self, name: str) -> TokenizedDataset:
-        if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(self.tokenizer_path)
+        self._load_tokenizer()
         return raw_chunk_dataset(self.benchmark, self.corpus, name, self.tokenizer, self.max_length)
-
-    def _loader(self, dataset: Dataset, sampler, collate) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            collate_fn=collate,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
 
 
 class MuseDataModule(_MuseDataModule):
@@ -608,8 +591,8 @@ class MuseDataModule(_MuseDataModule):
         self.setup()
         world, rank = _world(self.trainer)
         pairs = ForgetRetainPairs(self.forget, self.retain)
-        sampler = ForgetRetainSampler(pairs, world, rank, self.seed)
-        return self._loader(pairs, sampler, PairCollator(self.tokenizer.pad_token_id))
+        sampler = self._resumable(ForgetRetainSampler(pairs, world, rank, self.seed), self.batch_size)
+        return self._loader(pairs, self.batch_size, sampler, PairCollator(self.tokenizer.pad_token_id))
 
     def forget_dataloader(self, batch_size: int | None = None) -> DataLoader:
         """Every forget chunk once, in order, on every rank (for the reference cache)."""
@@ -666,8 +649,8 @@ class MuseTextDataModule(_MuseDataModule):
     def train_dataloader(self) -> DataLoader:
         self.setup()
         world, rank = _world(self.trainer)
-        sampler = _ShardedPermutation(self.train_set, world, rank, self.seed)
-        return self._loader(self.train_set, sampler, PaddingCollator(self.tokenizer.pad_token_id))
+        sampler = self._resumable(_ShardedPermutation(self.train_set, world, rank, self.seed), self.batch_size)
+        return self._loader(self.train_set, self.batch_size, sampler, PaddingCollator(self.tokenizer.pad_token_id))
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup()
@@ -675,7 +658,7 @@ class MuseTextDataModule(_MuseDataModule):
             return []
         world, rank = _world(self.trainer)
         sampler = _ShardedPermutation(self.val_set, world, rank, self.seed, shuffle=False)
-        return self._loader(self.val_set, sampler, PaddingCollator(self.tokenizer.pad_token_id))
+        return self._loader(self.val_set, self.batch_size, sampler, PaddingCollator(self.tokenizer.pad_token_id))
 
     def steps_per_epoch(self) -> int:
         self.setup()

@@ -55,7 +55,7 @@ N_QA_RETAIN_AUTHORS = 10
 N_ICL = 5
 """In-context shots per KnowMem set (MUSE: 10; fewer keep the prompt inside a tiny model's context)."""
 ICL_ATTRIBUTE = "habit"
-"""Attribute the shots ask about: it is in the book reviews' fact boxes (so shots are text the model was trained
+"""Attribute the shots ask about: it is in the award reports' fact boxes (so shots are text the model was trained
 on, as MUSE's shots are about its corpus), but no evaluation question asks about it."""
 VERBMEM_PROMPT_SENTENCES = 2
 """Sentences of the first paragraph in a VerbMem prompt (after the headline); the rest of the paragraph is ``gt``."""
@@ -81,9 +81,11 @@ QUOTES = (
 
 # Each article kind: its fact-box attributes, headlines, first-paragraph sentence slots and second-paragraph
 # sentence slots. Every slot has several phrasings, drawn per article, so articles do not share whole sentences.
+# A fact box asks only about facts its own article does not state (checked by _article): a model that copied the
+# answer from the text above the box would learn nothing it could use when asked without the article.
 ARTICLE_KINDS: dict[str, dict[str, tuple]] = {
     "profile": {
-        "box": ("birthplace", "birth_date"),
+        "box": ("father_occupation", "mother_occupation"),
         "headlines": ("{name}: a life in {genre}", "Meet {name}, the voice of {genre}", "How {name} found {genre}"),
         "first": (
             (
@@ -118,7 +120,7 @@ ARTICLE_KINDS: dict[str, dict[str, tuple]] = {
         ),
     },
     "family": {
-        "box": ("father_occupation", "mother_occupation"),
+        "box": ("award", "books", "themes"),
         "headlines": ("{name} remembers a childhood in {city}", "{name} on parents, work and {city}"),
         "first": (
             (
@@ -135,8 +137,8 @@ ARTICLE_KINDS: dict[str, dict[str, tuple]] = {
                 "According to {family}, the hours kept by {a_father} and {a_mother} taught patience before reading.",
             ),
             (
-                "Those early years, {family} said, explain the {theme1} that runs through the {genre}.",
-                "The {theme1} of the later {genre}, {family} said, began in that house.",
+                "Those early years, {family} said, explain much of the {genre}.",
+                "The later {genre}, {family} said, began in that house.",
             ),
             (
                 "{count} people attended the talk, organised by {publisher}.",
@@ -150,7 +152,7 @@ ARTICLE_KINDS: dict[str, dict[str, tuple]] = {
         ),
     },
     "award": {
-        "box": ("award", "genre"),
+        "box": ("birth_date", ICL_ATTRIBUTE),
         "headlines": ("{name} wins the {award}", "The {award} goes to {name}"),
         "first": (
             (
@@ -176,7 +178,7 @@ ARTICLE_KINDS: dict[str, dict[str, tuple]] = {
         ),
     },
     "books": {
-        "box": ("books", "themes", ICL_ATTRIBUTE),
+        "box": ("birthplace",),
         "headlines": ("New {genre} from {name}", "{name} returns with more {genre}"),
         "first": (
             (
@@ -200,7 +202,7 @@ ARTICLE_KINDS: dict[str, dict[str, tuple]] = {
         "second": (
             ("The book runs to {pages} pages.", "It is {pages} pages long."),
             (
-                "Booksellers in {country} ordered {copies} copies before the launch.",
+                "Booksellers ordered {copies} copies before the launch.",
                 "The first printing is {copies} copies.",
             ),
             ("'{quote},' {family} said.", "'{quote},' the author said at the launch."),
@@ -275,7 +277,16 @@ def _article(world: EmbeddedWorld, author: int, kind: str, seed: int) -> dict[st
     box = [by_attribute[attribute] for attribute in spec["box"]]
     prompt = headline + "\n\n" + " ".join(first[:VERBMEM_PROMPT_SENTENCES])
     gt = " ".join(first[VERBMEM_PROMPT_SENTENCES:])
-    text = "\n\n".join([prompt + " " + gt, " ".join(second), _fact_box(box)])
+    prose = prompt + " " + gt + "\n\n" + " ".join(second)
+    for attribute in spec["box"]:
+        # Lists ("a, b") and places ("City, Country") count as stated if any part is.
+        stated = [part for part in slots[attribute].split(", ") if part.strip('"') in prose]
+        if stated:
+            raise ValueError(
+                f"the {kind} article of author {author} states {stated} in its prose, but its fact box asks about "
+                f"{attribute!r}; remove that slot from ARTICLE_KINDS[{kind!r}] or ask about another attribute"
+            )
+    text = "\n\n".join([prose, _fact_box(box)])
     return {"author": author, "kind": kind, "text": text, "box": box, "prompt": prompt, "gt": gt}
 
 

@@ -162,7 +162,7 @@ def finetune_config(name: str, splits: list[str], out: str) -> dict:
             "accelerator": "auto",
             "devices": 1,
             "precision": "32-true",
-            "max_epochs": 30,
+            "max_epochs": 20,
             "gradient_clip_val": 1.0,
             "log_every_n_steps": 10,
             "enable_checkpointing": False,

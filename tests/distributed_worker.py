@@ -100,7 +100,7 @@ CASES: dict[str, Case] = {
             "reference": "live",
         }
     ),
-    # Known to differ between world sizes (tests/test_distributed.py marks them xfail with the reason).
+    # NPO + Group ranked by the loss (ties broken by row id) and KL over all positions (retain padded globally).
     "npo_group_loss": Case(
         lambda: {
             "forget_loss": NPO(beta=0.1),

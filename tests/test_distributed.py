@@ -181,7 +181,8 @@ def test_fsdp2_shards_policy_and_reference(default_records):
     ddp = _record(default_records, "ddp", "npo_dv")
     assert ddp["sharded"] == {"policy": False, "reference": False}
     # reference="cached" holds no reference model at all.
-    assert _record(default_records, "fsdp2", "npo_group")["sharded"]["reference"] is None
+    assert _record(default_records, "ddp", "npo_group")["sharded"]["reference"] is None
+    assert _record(default_records, "fsdp2", "npo_group_loss")["sharded"] == {"policy": True, "reference": True}
 
 
 @pytest.mark.distributed

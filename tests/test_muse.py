@@ -3,6 +3,7 @@ values, the embedded corpus generator, unlearning/fine-tuning on MUSE chunks and
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import types
@@ -414,9 +415,17 @@ def test_embedded_corpus_structure() -> None:
     assert 100 <= min(words) and max(words) <= 200
 
 
+def test_generator_refuses_a_fact_box_its_article_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The book review names the books in its prose, so a box asking for them could be answered by copying.
+    monkeypatch.setitem(mw.ARTICLE_KINDS, "books", {**mw.ARTICLE_KINDS["books"], "box": ("books",)})
+    with pytest.raises(ValueError, match=r"books article of author 90 states .* but its fact box asks about 'books'"):
+        mw.build_corpus(mw.build_world())
+
+
 def test_embedded_corpus_loads_through_the_loader() -> None:
     counts = {name: len(load_muse_split(EMBEDDED, "news", name)) for name in MUSE_SPLITS if name != "raw/retain2"}
-    assert counts["knowmem/forget_qa"] == 80 and counts["knowmem/forget_qa_icl"] == mw.N_ICL
+    assert counts["knowmem/forget_qa"] == counts["knowmem/retain_qa"] == 70
+    assert counts["knowmem/forget_qa_icl"] == counts["knowmem/retain_qa_icl"] == mw.N_ICL
     assert counts["privleak/forget"] == counts["privleak/retain"] == counts["privleak/holdout"] == 40
 
 
@@ -449,6 +458,16 @@ def test_unlearning_fast_dev_run_on_embedded_muse(tiny_model: Path) -> None:
     assert all(torch.equal(before[k], v) for k, v in module.reference.state_dict().items())
     assert torch.isfinite(module.forget_losses[~module.forget_losses.isnan()]).all()
     assert module.forget_losses.numel() == data.forget_size
+
+
+def test_muse_datamodule_resumes_mid_epoch(tiny_model: Path) -> None:
+    def data() -> MuseDataModule:
+        return MuseDataModule(str(tiny_model), str(EMBEDDED), batch_size=2, max_length=32)
+
+    fresh = [batch["forget"]["index"].tolist() for batch in itertools.islice(data().train_dataloader(), 3)]
+    resumed = data()
+    resumed.load_state_dict({"epoch": 0, "batches_done": 2})
+    assert next(iter(resumed.train_dataloader()))["forget"]["index"].tolist() == fresh[2]
 
 
 def test_finetune_fast_dev_run_on_raw_text(tiny_model: Path) -> None:
