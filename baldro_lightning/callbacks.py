@@ -1,6 +1,6 @@
-"""Evaluation while training: TOFU metrics, per-sample forgetting curves and forgetting synchrony.
+"""Evaluation while training: TOFU and MUSE metrics, per-sample forgetting curves and forgetting synchrony.
 
-The callback reads the policy and writes logs and files; it changes no training state. Each rank scores its
+The callbacks read the policy and write logs and files; they change no training state. Each rank scores its
 share of every split's rows (sharded models generate with ``synced_gpus``), the per-row values are gathered,
 and every rank aggregates the same numbers, so results equal a single-process evaluation.
 """
@@ -10,8 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,8 +21,10 @@ from lightning.pytorch.callbacks import Callback
 
 from baldro_lightning import distributed as dist_ops
 from baldro_lightning import metrics
+from baldro_lightning.atomic_files import write_text_atomic
 from baldro_lightning.evaluation import (
     ALL_GROUPS,
+    BenchmarkEvaluator,
     MetricGroup,
     RowScores,
     TofuEvaluator,
@@ -32,22 +32,11 @@ from baldro_lightning.evaluation import (
     shard_rows,
     write_eval_json,
 )
+from baldro_lightning.muse_evaluation import ALL_MUSE_GROUPS, MuseEvaluator, MuseMetricGroup
 
 log = logging.getLogger(__name__)
 
 CURVES = ("log_likelihood_ratio", "truth_ratio", "rougeL_recall", "dro_weight")
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _gather_scores(local: dict[str, RowScores]) -> dict[str, RowScores]:
@@ -58,7 +47,93 @@ def _gather_scores(local: dict[str, RowScores]) -> dict[str, RowScores]:
     return {role: RowScores.concat([p[role] for p in parts if p[role].indices]) for role in local}
 
 
-class TofuEvaluation(Callback):
+class ScheduledEvaluation(Callback):
+    """Evaluates the policy with a benchmark evaluator at the start of training, every N steps and/or every epoch.
+
+    Each evaluation logs ``val/<metric>`` (also into ``trainer.callback_metrics``, so ``ModelCheckpoint`` can
+    monitor it) and writes ``<dirpath>/step_<N>/eval.json``. Subclasses build the evaluator from the data module
+    (:meth:`build_evaluator`) and may add to each result (:meth:`extend_result`).
+    """
+
+    def __init__(self, every_n_steps: int | None, every_epoch: bool, on_start: bool, dirpath: str | None) -> None:
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(f"{type(self).__name__} every_n_steps must be >= 1 or null, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self.every_epoch = every_epoch
+        self.on_start = on_start
+        self.dirpath = dirpath
+        self.evaluator: BenchmarkEvaluator | None = None
+        self._last_step: int | None = None
+
+    def build_evaluator(self, data: L.LightningDataModule) -> BenchmarkEvaluator:
+        """The evaluator for the trainer's data module (called once, after its ``setup``)."""
+        raise NotImplementedError
+
+    def extend_result(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, scores: dict[str, RowScores], result: dict[str, Any]
+    ) -> dict[str, float]:
+        """Add to an evaluation's result before it is written; returns further values to log as ``val/<key>``."""
+        return {}
+
+    # -- set-up -------------------------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.evaluator is not None:
+            return
+        data = trainer.datamodule
+        data.setup(stage)
+        self.evaluator = self.build_evaluator(data)
+
+    def _out_dir(self, trainer: L.Trainer) -> Path:
+        if self.dirpath is not None:
+            return Path(self.dirpath)
+        return Path(trainer.log_dir or trainer.default_root_dir) / "eval"
+
+    # -- schedule -----------------------------------------------------------------------------------------------
+    def _evaluates_at_start(self) -> bool:
+        return self.on_start
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._evaluates_at_start():
+            self._evaluate(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self._evaluate(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.every_epoch:
+            self._evaluate(trainer, pl_module)
+
+    # -- evaluation ---------------------------------------------------------------------------------------------
+    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        step = trainer.global_step
+        if self._last_step == step:
+            return
+        self._last_step = step
+        evaluator = self.evaluator
+        world, rank = trainer.world_size, trainer.global_rank
+        local = {role: shard_rows(r, rank, world) for role, r in evaluator.rows.items()}
+        synced = dist_ops.is_distributed() and getattr(pl_module, "device_mesh", None) is not None
+        scores = _gather_scores(evaluator.score(pl_module.policy, local, synced_gpus=synced))
+        result = {"meta": evaluator.meta(pl_module.policy, getattr(pl_module, "model_path", None))}
+        result["meta"]["global_step"] = step
+        result["metrics"] = evaluator.aggregate(scores)
+        extra = self.extend_result(trainer, pl_module, scores, result)
+        self._log(trainer, result, extra, step)
+        if trainer.is_global_zero:
+            write_eval_json(result, self._out_dir(trainer) / f"step_{step:06d}" / "eval.json")
+
+    def _log(self, trainer: L.Trainer, result: dict[str, Any], extra: dict[str, float], step: int) -> None:
+        values = {f"val/{k}": float(v["agg_value"]) for k, v in result["metrics"].items() if _is_number(v)}
+        values.update({f"val/{k}": v for k, v in extra.items()})
+        finite = {k: v for k, v in values.items() if np.isfinite(v)}
+        # callback_metrics is what ModelCheckpoint(monitor=...) reads; this works from any hook.
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in finite.items()})
+        if trainer.logger is not None:
+            trainer.logger.log_metrics(finite, step=step)
+
+
+class TofuEvaluation(ScheduledEvaluation):
     """TOFU evaluation of the policy at the start of training, every N steps and/or every epoch.
 
     Logs ``val/<metric>`` (so ``ModelCheckpoint(monitor="val/forget_quality", mode="max")`` can keep the best
@@ -88,17 +163,13 @@ class TofuEvaluation(Callback):
         dirpath: str | None = None,
         curves: bool = True,
     ) -> None:
-        if every_n_steps is not None and every_n_steps < 1:
-            raise ValueError(f"TofuEvaluation every_n_steps must be >= 1 or null, got {every_n_steps}")
+        super().__init__(every_n_steps, every_epoch, on_start, dirpath)
         if criterion == "truth_ratio" and retain_reference is None and curves:
             raise ValueError(
                 "TofuEvaluation criterion='truth_ratio' needs retain_reference: the retain model's eval.json on the "
                 "same forget split (python -m baldro_lightning.evaluate --model <retain model> --out <path>), or "
                 "use criterion='rouge'"
             )
-        self.every_n_steps = every_n_steps
-        self.every_epoch = every_epoch
-        self.on_start = on_start
         self.metric_groups = tuple(metrics_groups or ALL_GROUPS)
         self.retain_reference = retain_reference
         self.batch_size = batch_size
@@ -107,21 +178,13 @@ class TofuEvaluation(Callback):
         self.criterion = criterion
         self.retain_quantiles = retain_quantiles
         self.rouge_threshold = rouge_threshold
-        self.dirpath = dirpath
         self.curves = curves
-        self.evaluator: TofuEvaluator | None = None
         self.history: list[dict[str, Any]] = []
-        self._last_step: int | None = None
         self._reference_nll: np.ndarray | None = None
         self._retain_tr: np.ndarray | None = None
 
-    # -- set-up -------------------------------------------------------------------------------------------------
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self.evaluator is not None:
-            return
-        data = trainer.datamodule
-        data.setup(stage)
-        self.evaluator = TofuEvaluator(
+    def build_evaluator(self, data: L.LightningDataModule) -> TofuEvaluator:
+        evaluator = TofuEvaluator(
             benchmark=data.benchmark,
             tokenizer=data.tokenizer,
             forget_split=data.forget_split,
@@ -134,48 +197,24 @@ class TofuEvaluation(Callback):
             rouge_rows_limit=self.rouge_rows_limit,
         )
         if self.criterion == "truth_ratio" and self.curves:
-            forget_rows = self.evaluator.rows["forget"]
+            forget_rows = evaluator.rows["forget"]
             self._retain_tr = reference_truth_ratios(
                 self.retain_reference, data.forget_split, len(forget_rows), [r["index"] for r in forget_rows]
             )
+        return evaluator
 
-    def _out_dir(self, trainer: L.Trainer) -> Path:
-        if self.dirpath is not None:
-            return Path(self.dirpath)
-        return Path(trainer.log_dir or trainer.default_root_dir) / "eval"
+    def _evaluates_at_start(self) -> bool:
+        # The curves' log-likelihood ratio needs the policy before any update as its reference.
+        return self.on_start or self.curves
 
-    # -- schedule -----------------------------------------------------------------------------------------------
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.on_start or self.curves:
-            self._evaluate(trainer, pl_module)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
-            self._evaluate(trainer, pl_module)
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.every_epoch:
-            self._evaluate(trainer, pl_module)
-
-    # -- evaluation ---------------------------------------------------------------------------------------------
-    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        step = trainer.global_step
-        if self._last_step == step:
-            return
-        self._last_step = step
-        evaluator = self.evaluator
-        world, rank = trainer.world_size, trainer.global_rank
-        local = {role: shard_rows(r, rank, world) for role, r in evaluator.rows.items()}
-        synced = dist_ops.is_distributed() and getattr(pl_module, "device_mesh", None) is not None
-        scores = _gather_scores(evaluator.score(pl_module.policy, local, synced_gpus=synced))
-        result = {"meta": evaluator.meta(pl_module.policy, getattr(pl_module, "model_path", None))}
-        result["meta"]["global_step"] = step
-        result["metrics"] = evaluator.aggregate(scores)
-        if self.curves and "forget" in scores:
-            result["synchrony"] = self._record_curves(trainer, pl_module, scores["forget"], step)
-        self._log(trainer, result, step)
-        if trainer.is_global_zero:
-            write_eval_json(result, self._out_dir(trainer) / f"step_{step:06d}" / "eval.json")
+    def extend_result(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, scores: dict[str, RowScores], result: dict[str, Any]
+    ) -> dict[str, float]:
+        if not (self.curves and "forget" in scores):
+            return {}
+        step = result["meta"]["global_step"]
+        result["synchrony"] = synchrony = self._record_curves(trainer, pl_module, scores["forget"], step)
+        return {key: value for key, value in synchrony.items() if isinstance(value, float)}
 
     def _record_curves(self, trainer, pl_module, forget: RowScores, step: int) -> dict[str, Any]:
         cols = forget.columns
@@ -223,17 +262,6 @@ class TofuEvaluation(Callback):
         }
         return summary
 
-    def _log(self, trainer: L.Trainer, result: dict[str, Any], step: int) -> None:
-        values = {f"val/{k}": float(v["agg_value"]) for k, v in result["metrics"].items() if _is_number(v)}
-        for key, value in result.get("synchrony", {}).items():
-            if isinstance(value, float) and np.isfinite(value):
-                values[f"val/{key}"] = value
-        finite = {k: v for k, v in values.items() if np.isfinite(v)}
-        # callback_metrics is what ModelCheckpoint(monitor=...) reads; this works from any hook.
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in finite.items()})
-        if trainer.logger is not None:
-            trainer.logger.log_metrics(finite, step=step)
-
     # -- per-sample outputs -------------------------------------------------------------------------------------
     def _write_table(self, trainer: L.Trainer, synchrony: dict[str, Any]) -> None:
         buffer = io.StringIO()
@@ -243,7 +271,7 @@ class TofuEvaluation(Callback):
             for k, index in enumerate(entry["index"]):
                 values = [f"{float(entry[c][k]):.6g}" for c in CURVES]
                 writer.writerow([entry["step"], index, *values, synchrony["forget_step_by_index"][str(index)]])
-        _write_text_atomic(self._out_dir(trainer) / "per_sample.csv", buffer.getvalue())
+        write_text_atomic(self._out_dir(trainer) / "per_sample.csv", buffer.getvalue())
 
     def _tensorboard_curves(self, trainer: L.Trainer, entry: dict[str, Any]) -> None:
         experiment = getattr(trainer.logger, "experiment", None)
@@ -282,3 +310,82 @@ class TofuEvaluation(Callback):
 def _is_number(entry: Any) -> bool:
     value = entry.get("agg_value") if isinstance(entry, dict) else None
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+class MuseEvaluation(ScheduledEvaluation):
+    """MUSE evaluation of the policy (KnowMem, VerbMem, PrivLeak; spec §3.7) at the start of training, every N
+    steps and/or every epoch, on the corpus and data of the trainer's :class:`baldro_lightning.muse.MuseDataModule`.
+
+    Logs ``val/forget_knowmem_ROUGE``, ``val/retain_knowmem_ROUGE``, ``val/forget_verbmem_ROUGE``, ``val/privleak``
+    and the other entries of :class:`baldro_lightning.muse_evaluation.MuseEvaluator`, and writes
+    ``<dirpath>/step_<N>/eval.json``.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        every_epoch: bool = True,
+        on_start: bool = True,
+        metric_groups: list[MuseMetricGroup] | None = None,
+        retain_reference: str | None = None,
+        max_length: int | None = None,
+        batch_size: int = 8,
+        knowmem_batch_size: int = 16,
+        verbmem_batch_size: int = 8,
+        knowmem_max_new_tokens: int = 32,
+        verbmem_max_new_tokens: int = 128,
+        use_stemmer: bool = True,
+        limit: int | None = None,
+        dirpath: str | None = None,
+    ) -> None:
+        """Args:
+        every_n_steps: Also evaluate after every N optimizer steps (null: only at epoch ends).
+        every_epoch: Evaluate at the end of every epoch.
+        on_start: Evaluate before the first update.
+        metric_groups: Any of ``knowmem``, ``verbmem``, ``privleak`` (default: all).
+        retain_reference: The retain model's MUSE ``eval.json`` on the same corpus (privleak reference AUC; 0.5
+            without one).
+        max_length: Most target tokens of a teacher-forced text; the data module's chunk length when null.
+        batch_size: Texts per likelihood forward.
+        knowmem_batch_size: KnowMem prompts per ``generate`` call.
+        verbmem_batch_size: VerbMem prompts per ``generate`` call.
+        knowmem_max_new_tokens: KnowMem answer length (spec: 32).
+        verbmem_max_new_tokens: VerbMem continuation length (spec: 128).
+        use_stemmer: Porter stemming in ROUGE (open-unlearning); false as in the original MUSE code (P-22).
+        limit: Score only the first N rows of each split (smoke runs).
+        dirpath: Where ``step_<N>/eval.json`` go; ``<log_dir>/eval`` when null.
+        """
+        super().__init__(every_n_steps, every_epoch, on_start, dirpath)
+        self.metric_groups = tuple(metric_groups or ALL_MUSE_GROUPS)
+        self.retain_reference = retain_reference
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.knowmem_batch_size = knowmem_batch_size
+        self.verbmem_batch_size = verbmem_batch_size
+        self.knowmem_max_new_tokens = knowmem_max_new_tokens
+        self.verbmem_max_new_tokens = verbmem_max_new_tokens
+        self.use_stemmer = use_stemmer
+        self.limit = limit
+
+    def build_evaluator(self, data: L.LightningDataModule) -> MuseEvaluator:
+        if not hasattr(data, "corpus"):
+            raise ValueError(
+                f"MuseEvaluation needs a MUSE data module (baldro_lightning.muse.MuseDataModule), got "
+                f"{type(data).__name__}; use baldro_lightning.callbacks.TofuEvaluation for TOFU data"
+            )
+        return MuseEvaluator(
+            benchmark=data.benchmark,
+            tokenizer=data.tokenizer,
+            corpus=data.corpus,
+            template=data.template,
+            max_length=self.max_length or data.max_length,
+            batch_size=self.batch_size,
+            knowmem_batch_size=self.knowmem_batch_size,
+            verbmem_batch_size=self.verbmem_batch_size,
+            knowmem_max_new_tokens=self.knowmem_max_new_tokens,
+            verbmem_max_new_tokens=self.verbmem_max_new_tokens,
+            metric_groups=self.metric_groups,
+            retain_reference=self.retain_reference,
+            use_stemmer=self.use_stemmer,
+            limit=self.limit,
+        )

@@ -15,7 +15,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
 
 from baldro_lightning.tofu import load_split, split_pairing
 from baldro_lightning.tokenization import PaddingCollator, PromptTemplate, QADataset, load_tokenizer
@@ -23,7 +23,7 @@ from baldro_lightning.tokenization import PaddingCollator, PromptTemplate, QADat
 log = logging.getLogger(__name__)
 
 
-class _ShardedPermutation(DistributedSampler):
+class ShardedPermutation(DistributedSampler):
     """A seeded per-epoch permutation, padded to a multiple of the world size and dealt out round-robin."""
 
     def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, shuffle: bool = True) -> None:
@@ -53,7 +53,44 @@ class _ShardedPermutation(DistributedSampler):
         return iter(self._skip_consumed(order[self.rank : self.total_size : self.num_replicas]))
 
 
-class ForgetRetainSampler(_ShardedPermutation):
+class LengthGroupedPermutation(ShardedPermutation):
+    """A seeded permutation whose global batches hold rows of similar length, so right padding wastes little.
+
+    Each window of ``window`` global batches of the shuffled order is sorted by length and cut into global
+    batches, and the batch order is shuffled again, so batches stay random in content and position. A global
+    batch is ``global_batch`` consecutive rows of the global order, which the round-robin deal turns into the
+    union of one step's rows on every rank: the same rows for any world size with the same global batch.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        lengths: Sequence[int],
+        global_batch: int,
+        num_replicas: int,
+        rank: int,
+        seed: int,
+        window: int = 16,
+    ) -> None:
+        super().__init__(dataset, num_replicas, rank, seed)
+        if len(lengths) != len(dataset):
+            raise ValueError(f"{len(lengths)} lengths for a dataset of {len(dataset)} rows")
+        self.lengths = list(lengths)
+        self.global_batch = global_batch
+        self.window = window
+
+    def _global_order(self, generator: torch.Generator) -> list[int]:
+        order = super()._global_order(generator)
+        span = self.global_batch * self.window
+        batches: list[list[int]] = []
+        for start in range(0, len(order), span):
+            chunk = sorted(order[start : start + span], key=lambda i: self.lengths[i], reverse=True)
+            batches += [chunk[i : i + self.global_batch] for i in range(0, len(chunk), self.global_batch)]
+        shuffled = torch.randperm(len(batches), generator=generator).tolist()
+        return [row for b in shuffled for row in batches[b]]
+
+
+class ForgetRetainSampler(ShardedPermutation):
     """Yields ``(forget_row, retain_row)``: forget rows in a seeded order, each with a uniformly drawn retain row.
 
     The retain draw is with replacement and independent of the forget row (the reference's forget-anchored
@@ -97,25 +134,39 @@ class PairCollator:
         return {"forget": self.pad([x["forget"] for x in items]), "retain": self.pad([x["retain"] for x in items])}
 
 
-def _world(trainer: L.Trainer | None) -> tuple[int, int]:
+def world_and_rank(trainer: L.Trainer | None) -> tuple[int, int]:
+    """``(world_size, global_rank)`` of the trainer a data module is attached to; ``(1, 0)`` outside one."""
     if trainer is None:
         return 1, 0
     return trainer.world_size, trainer.global_rank
 
 
-class _BenchmarkDataModule(L.LightningDataModule):
-    """Tokenizer, template and split loading shared by both data modules."""
+class BenchmarkDataModule(L.LightningDataModule):
+    """Tokenizer, template, batch size, mid-epoch resume and loader construction shared by every data module."""
 
     def __init__(
-        self, tokenizer: str, benchmark: str, template: PromptTemplate | None, max_length: int, seed: int, workers: int
+        self,
+        tokenizer: str,
+        benchmark: str,
+        template: PromptTemplate | None,
+        max_length: int,
+        batch_size: int,
+        seed: int,
+        workers: int,
     ) -> None:
         super().__init__()
+        problems = []
         if max_length < 8:
-            raise ValueError(f"--data.max_length must be at least 8 tokens, got {max_length}")
+            problems.append(f"--data.max_length must be at least 8 tokens, got {max_length}")
+        if batch_size < 1:
+            problems.append(f"--data.batch_size must be >= 1, got {batch_size}")
+        if problems:
+            raise ValueError("; ".join(problems))
         self.tokenizer_path = tokenizer
         self.benchmark = benchmark
         self.template = template or PromptTemplate()
         self.max_length = max_length
+        self.batch_size = batch_size
         self.seed = seed
         self.num_workers = workers
         self.tokenizer = None
@@ -134,10 +185,10 @@ class _BenchmarkDataModule(L.LightningDataModule):
         if state_dict:
             self._resume = (state_dict["epoch"], state_dict["batches_done"])
 
-    def _resumable(self, sampler: _ShardedPermutation, batch_size: int) -> _ShardedPermutation:
+    def _resumable(self, sampler: ShardedPermutation) -> ShardedPermutation:
         if self._resume is not None:
             sampler.resume_epoch, done = self._resume
-            sampler.resume_rows = done * batch_size
+            sampler.resume_rows = done * self.batch_size
             self._resume = None
         return sampler
 
@@ -150,10 +201,10 @@ class _BenchmarkDataModule(L.LightningDataModule):
         rows = load_split(self.benchmark, split)
         return QADataset(rows, self.tokenizer, self.template, self.max_length, answer_key=answer_key)
 
-    def _loader(self, dataset: Dataset, batch_size: int, sampler, collate) -> DataLoader:
+    def _loader(self, dataset: Dataset, sampler: ShardedPermutation, collate) -> DataLoader:
         return DataLoader(
             dataset,
-            batch_size=batch_size,
+            batch_size=self.batch_size,
             sampler=sampler,
             collate_fn=collate,
             num_workers=self.num_workers,
@@ -161,7 +212,86 @@ class _BenchmarkDataModule(L.LightningDataModule):
         )
 
 
-class ForgetRetainDataModule(_BenchmarkDataModule):
+class PairedDataModule(BenchmarkDataModule):
+    """Unlearning batches ``{"forget": batch, "retain": batch}``: forget rows in a seeded order, each paired with a
+    uniformly drawn retain row, so the forget set defines the epoch. Subclasses fill ``forget`` and ``retain`` in
+    :meth:`setup`."""
+
+    forget: Dataset | None = None
+    retain: Dataset | None = None
+
+    @property
+    def forget_size(self) -> int:
+        """Number of forget rows (the length of an epoch and of the per-sample records)."""
+        self.setup()
+        return len(self.forget)
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        world, rank = world_and_rank(self.trainer)
+        pairs = ForgetRetainPairs(self.forget, self.retain)
+        sampler = self._resumable(ForgetRetainSampler(pairs, world, rank, self.seed))
+        return self._loader(pairs, sampler, PairCollator(self.tokenizer.pad_token_id))
+
+    def forget_dataloader(self, batch_size: int | None = None) -> DataLoader:
+        """Every forget row once, in row order, on every rank (for the reference cache)."""
+        self.setup()
+        collate = PaddingCollator(self.tokenizer.pad_token_id, "right")
+        return DataLoader(self.forget, batch_size=batch_size or self.batch_size, shuffle=False, collate_fn=collate)
+
+
+class SplitsDataModule(BenchmarkDataModule):
+    """Fine-tuning on the union of some splits, with optional validation splits; subclasses name them with
+    :meth:`_use_splits` and say how one split becomes a dataset (:meth:`split_dataset`)."""
+
+    example_split = "full"
+    """Shown in the error for an empty ``--data.splits``."""
+    train_set: Dataset | None = None
+    val_set: Dataset | None = None
+    group_by_length = False
+    """Batch rows of similar length together (:class:`LengthGroupedPermutation`)."""
+
+    def _use_splits(self, splits: Sequence[str], val_splits: Sequence[str]) -> None:
+        if not splits:
+            raise ValueError(
+                f"--data.splits is empty; name at least one split to train on, e.g. [{self.example_split}]"
+            )
+        self.splits = list(splits)
+        self.val_splits = list(val_splits)
+
+    def split_dataset(self, name: str) -> Dataset:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None:
+            self.train_set = ConcatDataset([self.split_dataset(s) for s in self.splits])
+            if self.val_splits:
+                self.val_set = ConcatDataset([self.split_dataset(s) for s in self.val_splits])
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        world, rank = world_and_rank(self.trainer)
+        if self.group_by_length:
+            lengths = [len(self.train_set[i]["input_ids"]) for i in range(len(self.train_set))]
+            sampler = LengthGroupedPermutation(self.train_set, lengths, self.batch_size * world, world, rank, self.seed)
+        else:
+            sampler = ShardedPermutation(self.train_set, world, rank, self.seed)
+        return self._loader(self.train_set, self._resumable(sampler), PaddingCollator(self.tokenizer.pad_token_id))
+
+    def val_dataloader(self) -> DataLoader | list:
+        self.setup()
+        if self.val_set is None:
+            return []
+        world, rank = world_and_rank(self.trainer)
+        sampler = ShardedPermutation(self.val_set, world, rank, self.seed, shuffle=False)
+        return self._loader(self.val_set, sampler, PaddingCollator(self.tokenizer.pad_token_id))
+
+    def steps_per_epoch(self) -> int:
+        self.setup()
+        return math.ceil(len(self.train_set) / self.batch_size)
+
+
+class ForgetRetainDataModule(PairedDataModule):
     """Each training step: one forget batch and one retain batch; the forget set defines the epoch."""
 
     def __init__(
@@ -187,13 +317,10 @@ class ForgetRetainDataModule(_BenchmarkDataModule):
         seed: Seeds the forget order and the retain draws (the epoch is added each epoch).
         num_workers: DataLoader worker processes.
         """
-        super().__init__(tokenizer, benchmark, template, max_length, seed, num_workers)
+        super().__init__(tokenizer, benchmark, template, max_length, batch_size, seed, num_workers)
         retain_default, _, _ = split_pairing(forget_split)
         self.forget_split = forget_split
         self.retain_split = retain_split or retain_default
-        if batch_size < 1:
-            raise ValueError(f"--data.batch_size must be >= 1, got {batch_size}")
-        self.batch_size = batch_size
         self.forget: QADataset | None = None
         self.retain: QADataset | None = None
 
@@ -218,26 +345,8 @@ class ForgetRetainDataModule(_BenchmarkDataModule):
                 self.forget_split,
             )
 
-    @property
-    def forget_size(self) -> int:
-        self.setup()
-        return len(self.forget)
 
-    def train_dataloader(self) -> DataLoader:
-        self.setup()
-        world, rank = _world(self.trainer)
-        pairs = ForgetRetainPairs(self.forget, self.retain)
-        sampler = self._resumable(ForgetRetainSampler(pairs, world, rank, self.seed), self.batch_size)
-        return self._loader(pairs, self.batch_size, sampler, PairCollator(self.tokenizer.pad_token_id))
-
-    def forget_dataloader(self, batch_size: int | None = None) -> DataLoader:
-        """Every forget row once, in row order, on every rank (for the reference cache)."""
-        self.setup()
-        collate = PaddingCollator(self.tokenizer.pad_token_id, "right")
-        return DataLoader(self.forget, batch_size=batch_size or self.batch_size, shuffle=False, collate_fn=collate)
-
-
-class QADataModule(_BenchmarkDataModule):
+class QADataModule(SplitsDataModule):
     """Fine-tuning on the union of QA splits (the embedded target model: ``full`` plus the general sets)."""
 
     def __init__(
@@ -251,6 +360,7 @@ class QADataModule(_BenchmarkDataModule):
         template: PromptTemplate | None = None,
         seed: int = 0,
         num_workers: int = 0,
+        group_by_length: bool = False,
     ) -> None:
         """Args:
         tokenizer: Tokenizer path or Hub id.
@@ -262,36 +372,11 @@ class QADataModule(_BenchmarkDataModule):
         template: Prompt rendering.
         seed: Seeds the shuffle order.
         num_workers: DataLoader worker processes.
+        group_by_length: Batch rows of similar length (less padding, faster steps; batches stay shuffled).
         """
-        super().__init__(tokenizer, benchmark, template, max_length, seed, num_workers)
-        if not splits:
-            raise ValueError("--data.splits is empty; name at least one split to train on, e.g. [full]")
-        self.splits = list(splits)
-        self.val_splits = list(val_splits)
-        self.batch_size = batch_size
-        self.train_set: Dataset | None = None
-        self.val_set: Dataset | None = None
+        super().__init__(tokenizer, benchmark, template, max_length, batch_size, seed, num_workers)
+        self._use_splits(splits, val_splits)
+        self.group_by_length = group_by_length
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is None:
-            self.train_set = torch.utils.data.ConcatDataset([self.qa_dataset(s) for s in self.splits])
-            if self.val_splits:
-                self.val_set = torch.utils.data.ConcatDataset([self.qa_dataset(s) for s in self.val_splits])
-
-    def train_dataloader(self) -> DataLoader:
-        self.setup()
-        world, rank = _world(self.trainer)
-        sampler = self._resumable(_ShardedPermutation(self.train_set, world, rank, self.seed), self.batch_size)
-        return self._loader(self.train_set, self.batch_size, sampler, PaddingCollator(self.tokenizer.pad_token_id))
-
-    def val_dataloader(self) -> DataLoader | list:
-        self.setup()
-        if self.val_set is None:
-            return []
-        world, rank = _world(self.trainer)
-        sampler = _ShardedPermutation(self.val_set, world, rank, self.seed, shuffle=False)
-        return self._loader(self.val_set, self.batch_size, sampler, PaddingCollator(self.tokenizer.pad_token_id))
-
-    def steps_per_epoch(self) -> int:
-        self.setup()
-        return math.ceil(len(self.train_set) / self.batch_size)
+    def split_dataset(self, name: str) -> QADataset:
+        return self.qa_dataset(name)

@@ -5,7 +5,9 @@ paraphrases and perturbed answers tokenise as well as training answers); ``init_
 initialised ``LlamaForCausalLM`` next to that tokenizer, loadable with ``AutoModelForCausalLM.from_pretrained``.
 The target and retain models are then fine-tuned from it by the ``fit`` command.
 
-Run ``python -m baldro_lightning.embedded_models --data data/tofu_embedded --out models/embedded/init``.
+Run ``python -m baldro_lightning.embedded_models --data data/tofu_embedded --out models/embedded/init``. The MUSE
+models get a tokenizer of their own, fitted on the articles they are trained on:
+``python -m baldro_lightning.embedded_models --data data/muse_embedded --out models/embedded_muse/init``.
 """
 
 from __future__ import annotations
@@ -27,14 +29,31 @@ TEXT_FIELDS = ("paraphrased_question", "paraphrased_answer")
 """Row fields fed to the tokenizer besides the question/answer pair and the ``perturbed_answer`` list."""
 
 
+def _row_texts(row: object, where: str) -> list[str]:
+    """The texts of one benchmark row: a TOFU QA row, a MUSE raw/privleak row (``text``) or a VerbMem row."""
+    if isinstance(row, dict) and {"question", "answer"} <= row.keys():
+        texts = [f"Question: {row['question']}\nAnswer: {row['answer']}"]
+        texts += [row[field] for field in TEXT_FIELDS if field in row]
+        return texts + list(row.get("perturbed_answer", []))
+    if isinstance(row, dict) and "text" in row:
+        return [row["text"]] if row["text"] else []  # MUSE raw splits may hold an empty document
+    if isinstance(row, dict) and {"prompt", "gt"} <= row.keys():
+        return [f"{row['prompt']} {row['gt']}"]  # how VerbMem scores it: prompt, one space, continuation
+    raise ValueError(
+        f"{where}: expected a JSON object with 'question' and 'answer' (TOFU, MUSE knowmem), 'text' (MUSE raw, "
+        "privleak) or 'prompt' and 'gt' (MUSE verbmem)"
+    )
+
+
 def corpus_texts(data_dir: Path) -> Iterator[str]:
     """Every distinct text of the ``*.jsonl`` files of ``data_dir``, in a fixed order (sorted files, row order).
 
     A question/answer pair is yielded in the ``Question: {q}\\nAnswer: {a}`` layout the QA template uses, so the
-    template's words and line break are learned as tokens; evaluation-only fields are yielded on their own.
+    template's words and line break are learned as tokens; evaluation-only fields are yielded on their own. MUSE
+    files (``data/muse_embedded``) give their articles and VerbMem passages as they are.
 
     Raises:
-        ValueError: ``data_dir`` holds no ``*.jsonl`` file, or a row is not a JSON object with question/answer.
+        ValueError: ``data_dir`` holds no ``*.jsonl`` file, or a row is none of the row kinds above.
     """
     files = sorted(data_dir.glob("*.jsonl"))
     if not files:
@@ -43,13 +62,7 @@ def corpus_texts(data_dir: Path) -> Iterator[str]:
     for path in files:
         with open(path, encoding="utf-8") as handle:
             for line_no, line in enumerate(handle, start=1):
-                row = json.loads(line)
-                if not isinstance(row, dict) or not {"question", "answer"} <= row.keys():
-                    raise ValueError(f"{path}:{line_no}: expected a JSON object with 'question' and 'answer'")
-                texts = [f"Question: {row['question']}\nAnswer: {row['answer']}"]
-                texts += [row[field] for field in TEXT_FIELDS if field in row]
-                texts += list(row.get("perturbed_answer", []))
-                for text in texts:
+                for text in _row_texts(json.loads(line), f"{path}:{line_no}"):
                     if text not in seen:
                         seen[text] = None
                         yield text

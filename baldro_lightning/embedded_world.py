@@ -13,13 +13,13 @@ given seed and module constants (the dataset card is ``data/README.md``).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from random import Random
+
+from baldro_lightning.atomic_files import write_jsonl_atomic
 
 SEED = 0
 """Seed of every random choice; each purpose derives its own ``Random`` from it (no global RNG)."""
@@ -708,18 +708,8 @@ def build_splits(world: EmbeddedWorld) -> dict[str, list[dict[str, object]]]:
 
 
 def write_splits(splits: dict[str, list[dict[str, object]]], out_dir: Path) -> list[Path]:
-    """Write one ``<split>.jsonl`` per split, atomically (temp file + ``os.replace``); returns the paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths: list[Path] = []
-    for name, rows in splits.items():
-        path = out_dir / f"{name}.jsonl"
-        tmp = out_dir / f".{name}.jsonl.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8", newline="\n") as handle:
-            for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-        paths.append(path)
-    return paths
+    """Write one ``<split>.jsonl`` per split, each atomically; returns the paths."""
+    return [write_jsonl_atomic(out_dir / f"{name}.jsonl", rows) for name, rows in splits.items()]
 
 
 def generate(out_dir: Path, seed: int = SEED) -> list[Path]:
@@ -727,15 +717,22 @@ def generate(out_dir: Path, seed: int = SEED) -> list[Path]:
     return write_splits(build_splits(build_world(seed)), out_dir)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: ``python -m baldro_lightning.embedded_world --out data/tofu_embedded``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("data/tofu_embedded"), help="output folder")
+def generator_main(
+    description: str, default_out: Path, generate_files: Callable[[Path, int], list[Path]], argv: Sequence[str] | None
+) -> None:
+    """The command line of a benchmark generator: ``--out`` and ``--seed``, then one line per written file."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, default=default_out, help="output folder")
     parser.add_argument("--seed", type=int, default=SEED, help="generation seed (the committed files use 0)")
     args = parser.parse_args(argv)
-    for path in generate(args.out, args.seed):
+    for path in generate_files(args.out, args.seed):
         with open(path, encoding="utf-8") as handle:
             print(f"{path}: {sum(1 for _ in handle)} rows")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line: ``python -m baldro_lightning.embedded_world --out data/tofu_embedded``."""
+    generator_main(__doc__.splitlines()[0], Path("data/tofu_embedded"), generate, argv)
 
 
 if __name__ == "__main__":

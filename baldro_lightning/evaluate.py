@@ -13,16 +13,30 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, get_args
 
 import torch
 
-from baldro_lightning.evaluation import ALL_GROUPS, TofuEvaluator
+from baldro_lightning.evaluation import ALL_GROUPS, BenchmarkEvaluator, TofuEvaluator
 from baldro_lightning.module import TorchDtype, load_causal_lm
 from baldro_lightning.tokenization import PromptTemplate, load_tokenizer
 
 log = logging.getLogger(__name__)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, benchmark_help: str, reference_help: str) -> None:
+    """Flags every evaluation command has: model, data, output, retain reference, prompt form, dtype, device."""
+    parser.add_argument("--model", required=True, help="model directory (save_pretrained) or Hub id in the cache")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory or id; defaults to --model")
+    parser.add_argument("--benchmark", required=True, help=benchmark_help)
+    parser.add_argument("--out", required=True, help="path of the eval.json to write")
+    parser.add_argument("--retain_reference", default=None, help=reference_help)
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows of each split")
+    parser.add_argument("--chat", action="store_true", help="render prompts with the tokenizer's chat template")
+    parser.add_argument("--system_prompt", default=None, help="system message (with --chat)")
+    parser.add_argument("--dtype", default="float32", choices=get_args(TorchDtype), help="weights dtype")
+    parser.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,16 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m baldro_lightning.evaluate",
         description="Evaluate a causal LM on the TOFU splits of one forget split and write eval.json (spec §3).",
     )
-    parser.add_argument("--model", required=True, help="model directory (save_pretrained) or Hub id in the cache")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer directory or id; defaults to --model")
-    parser.add_argument("--benchmark", required=True, help="directory of TOFU {split}.jsonl files, or a Hub id")
-    parser.add_argument("--forget_split", default="forget10", choices=["forget01", "forget05", "forget10"])
-    parser.add_argument("--out", required=True, help="path of the eval.json to write")
-    parser.add_argument(
-        "--retain_reference",
-        default=None,
-        help="eval.json of the retain model on the same forget split (enables forget_quality, privleak reference)",
+    add_common_arguments(
+        parser,
+        benchmark_help="directory of TOFU {split}.jsonl files, or a Hub id",
+        reference_help="eval.json of the retain model on the same forget split (enables forget_quality, privleak "
+        "reference)",
     )
+    parser.add_argument("--forget_split", default="forget10", choices=["forget01", "forget05", "forget10"])
     parser.add_argument("--batch_size", type=int, default=32, help="examples per likelihood forward")
     parser.add_argument("--generation_batch_size", type=int, default=None, help="prompts per generate call")
     parser.add_argument("--max_new_tokens", type=int, default=200, help="greedy generation length for ROUGE")
@@ -47,13 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--metrics", nargs="+", default=list(ALL_GROUPS), choices=ALL_GROUPS, help="metric groups to compute"
     )
-    parser.add_argument("--chat", action="store_true", help="render prompts with the tokenizer's chat template")
-    parser.add_argument("--system_prompt", default=None, help="system message (with --chat)")
     parser.add_argument("--date_string", default=None, help="date_string passed to the chat template (with --chat)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows of each split")
     parser.add_argument("--rouge_rows_limit", type=int, default=None, help="generate for only the first N rows")
-    parser.add_argument("--dtype", default="float32", choices=get_args(TorchDtype), help="weights dtype")
-    parser.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
     return parser
 
 
@@ -70,15 +76,19 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Parse arguments, evaluate, write ``--out``, print the aggregates; returns the written result."""
-    parser = build_parser()
+def evaluation_main(
+    parser: argparse.ArgumentParser,
+    build_evaluator: Callable[[argparse.Namespace], BenchmarkEvaluator],
+    argv: Sequence[str] | None,
+) -> dict[str, Any]:
+    """Parse arguments, build the evaluator (data and reference checked before any weight loads), evaluate,
+    write ``--out`` and print the aggregates; returns the written result."""
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # rouge_score logs every scorer it builds
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
-        evaluator = _build_evaluator(args)
+        evaluator = build_evaluator(args)
     except ValueError as err:  # bad flags, data or reference: a message, not a traceback
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     model = load_causal_lm(args.model, args.dtype).to(device)
@@ -86,6 +96,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(format_table(result))
     print(f"wrote {args.out}")
     return result
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Parse arguments, evaluate, write ``--out``, print the aggregates; returns the written result."""
+    return evaluation_main(build_parser(), _build_evaluator, argv)
 
 
 def _build_evaluator(args: argparse.Namespace) -> TofuEvaluator:

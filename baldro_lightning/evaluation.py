@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import platform
-import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from transformers import PreTrainedTokenizerBase
 
 import baldro_lightning
 from baldro_lightning import metrics
+from baldro_lightning.atomic_files import write_atomic
 from baldro_lightning.logprobs import IGNORE_INDEX, sequence_logprobs
 from baldro_lightning.tofu import load_split, split_pairing
 from baldro_lightning.tokenization import PromptTemplate, collate, encode_example, encode_prompt
@@ -108,7 +108,10 @@ def _input_device(model: nn.Module) -> torch.device:
 
 
 def _synced_count(count: int, device: torch.device, synced_gpus: bool) -> int:
-    """The largest ``count`` over ranks when ``synced_gpus`` (so every rank runs as many sharded forwards)."""
+    """The largest ``count`` over ranks when ``synced_gpus`` (so every rank runs as many sharded forwards).
+
+    A collective: every rank calls it before its first forward, never between forwards.
+    """
     if not (synced_gpus and dist.is_available() and dist.is_initialized()):
         return count
     value = torch.tensor([count], device=device, dtype=torch.long)
@@ -166,6 +169,8 @@ def score_examples(
     # Longest first: a batch that does not fit in memory fails at once, not at the end of the split.
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids), reverse=True)
     batches = _batches(order, batch_size)
+    # Agreed before any forward: a rank asking later would meet the others' FSDP all-gathers and deadlock.
+    forwards = _synced_count(len(batches), device, synced_gpus)
     results: list[ExampleScore | None] = [None] * len(examples)
     for batch_rows in batches:
         items = [{"input_ids": examples[i].input_ids, "labels": examples[i].labels} for i in batch_rows]
@@ -183,7 +188,7 @@ def score_examples(
             extra = token_parts[position] if token_parts is not None and examples[i].token_stats else {}
             results[i] = ExampleScore(nll_mean=float(nll[position]), **extra)
         del logits, stats
-    for _ in range(_synced_count(len(batches), device, synced_gpus) - len(batches)):
+    for _ in range(forwards - len(batches)):
         dummy = torch.full((1, 2), pad_token_id, dtype=torch.long, device=device)
         model(input_ids=dummy, attention_mask=torch.ones_like(dummy), use_cache=False)
     return cast(list[ExampleScore], results)
@@ -265,6 +270,7 @@ def generate_answers(
     batches = _batches(order, batch_size)
     texts: list[str] = [""] * len(prompts)
     options = {"do_sample": False, "max_new_tokens": max_new_tokens, "pad_token_id": pad, "use_cache": True}
+    calls = _synced_count(len(batches), device, synced_gpus)  # before any generate, as in score_examples
     for batch_rows in batches:
         batch = collate([{"input_ids": list(prompts[i])} for i in batch_rows], pad, padding_side="left")
         input_ids = batch["input_ids"].to(device)
@@ -277,7 +283,7 @@ def generate_answers(
         decoded = tokenizer.batch_decode(output[:, input_ids.shape[1] :], skip_special_tokens=True)
         for i, text in zip(batch_rows, decoded, strict=True):
             texts[i] = metrics.clean_generation(text, stop_strings)
-    for _ in range(_synced_count(len(batches), device, synced_gpus) - len(batches)):
+    for _ in range(calls - len(batches)):
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         dummy = torch.tensor([[start]], dtype=torch.long, device=device)
         model.generate(input_ids=dummy, attention_mask=torch.ones_like(dummy), synced_gpus=True, **options)
@@ -313,10 +319,12 @@ class RowScores:
     Columns (present as the plan asks): ``answer_nll``, ``para_nll``, ``pert_nll`` (list of K), ``mia_loss``,
     ``mia_zlib``, ``mia_min_k``, ``mia_min_k_plus_plus``, ``extraction_strength``, ``exact_memorization``
     (NaN for a row without answer positions), ``generation`` and ``rouge1_recall``, ``rougeL_recall``,
-    ``rougeL_f1`` (``None`` for rows beyond ``rouge_rows_limit``).
+    ``rougeL_f1`` (``None`` for rows beyond ``rouge_rows_limit``). Other evaluators keep their own columns
+    (:class:`baldro_lightning.muse_evaluation.MuseEvaluator`).
     """
 
-    role: Role
+    role: str
+    """The split's use (a TOFU :data:`Role`) or, for MUSE, its ``{config}/{split}`` name."""
     split: str
     indices: list[int]
     """Dataset row index of each row."""
@@ -374,27 +382,12 @@ def _jsonable(value: Any) -> Any:
 
 
 def write_eval_json(result: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write ``result`` atomically: a temporary file in the same directory, then ``os.replace``.
-
-    A run killed or failing while writing leaves the previous file (or none), never a partial one.
+    """Write ``result`` as strict JSON, atomically (:func:`atomic_files.write_atomic`).
 
     Returns:
         The path written.
     """
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            json.dump(_jsonable(result), file, indent=1, allow_nan=False)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(staging, out)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(staging)
-        raise
-    return out
+    return write_atomic(path, lambda file: json.dump(_jsonable(result), file, indent=1, allow_nan=False))
 
 
 def load_eval_json(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -518,13 +511,29 @@ def reference_min_k_auc(
         EvalLogError: the file is missing, was made on another forget split, or scored other row counts.
     """
     file, data = _load_reference(path, forget_split)
+    return checked_min_k_auc(file, data, rows, _remake_hint(file, forget_split))
+
+
+def checked_min_k_auc(
+    file: Path, data: Mapping[str, Any], rows: Mapping[str, int] | None, remake_hint: str
+) -> float | None:
+    """The ``mia_min_k`` AUC of a loaded retain reference (``None`` if it has none), once its row counts match.
+
+    Args:
+        file: Where the reference was read from (for messages).
+        data: The reference as :func:`load_eval_json` returns it.
+        rows: Row counts of this evaluation's member and non-member splits; checked against ``meta.rows``.
+        remake_hint: How to make the right reference; ends the error message.
+
+    Raises:
+        EvalLogError: the reference scored another number of rows of one of those splits.
+    """
     found_rows = data["meta"].get("rows") or {}
     for split, count in (rows or {}).items():
         if split in found_rows and found_rows[split] != count:
             raise EvalLogError(
                 f"retain reference {file} scored {found_rows[split]} rows of {split} but this evaluation scores "
-                f"{count} (a different --limit), so their MinK AUCs are not comparable; "
-                f"{_remake_hint(file, forget_split)}"
+                f"{count} (a different --limit), so their MinK AUCs are not comparable; {remake_hint}"
             )
     entry = data["metrics"].get("mia_min_k")
     if not isinstance(entry, Mapping) or entry.get("agg_value") is None:
@@ -536,17 +545,139 @@ def reference_min_k_auc(
 # The evaluator
 
 
-def _mean(values: Sequence[float]) -> float:
+def nan_mean(values: Sequence[float]) -> float:
+    """Mean of ``values`` ignoring NaN (rows without a value); NaN when no value is left."""
     arr = np.asarray(values, dtype=np.float64)
     return float(np.nanmean(arr)) if arr.size and not np.all(np.isnan(arr)) else math.nan
 
 
-def _by_index(indices: Sequence[int], values: Sequence[Any]) -> dict[str, Any]:
+def values_by_index(indices: Sequence[int], values: Sequence[Any]) -> dict[str, Any]:
+    """``{str(row index): value}``: the ``value_by_index`` of an ``eval.json`` entry."""
     return {str(i): v for i, v in zip(indices, values, strict=True)}
 
 
+MIA_ATTACKS: tuple[str, ...] = ("mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_plus_plus")
+"""Membership-inference attacks scored on members vs non-members; PrivLeak uses ``mia_min_k`` (spec §3.6)."""
+
+
+def mia_entries(
+    members: Mapping[str, Sequence[float]],
+    nonmembers: Mapping[str, Sequence[float]],
+    member_indices: Sequence[int],
+    nonmember_indices: Sequence[int],
+    reference_auc: float | None,
+) -> dict[str, dict[str, Any]]:
+    """MIA AUC entries and PrivLeak from per-row attack scores (spec §3.6).
+
+    Args:
+        members: Attack name -> (N_f,) scores of the member rows (loss-like: higher = less likely a member).
+        nonmembers: Attack name -> (N_h,) scores of the non-member rows.
+        member_indices: Row indices of the members.
+        nonmember_indices: Row indices of the non-members.
+        reference_auc: The retain model's ``mia_min_k`` AUC; None gives the default 0.5 (P-23).
+
+    Returns:
+        One entry per attack (``agg_value`` = AUC, members in ``value_by_index``, non-members in
+        ``holdout_value_by_index``) and ``privleak`` (needs ``mia_min_k``).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for name in members:
+        out[name] = {
+            "agg_value": metrics.mia_auc(members[name], nonmembers[name]),
+            "value_by_index": values_by_index(member_indices, list(members[name])),
+            "holdout_value_by_index": values_by_index(nonmember_indices, list(nonmembers[name])),
+        }
+    out["privleak"] = {
+        "agg_value": metrics.privleak(out["mia_min_k"]["agg_value"], reference_auc),
+        "value_by_index": {},
+    }
+    return out
+
+
+GENERATION_NOTE = "greedy, left-padded prompts, new tokens decoded without special tokens, stripped"
+"""How every evaluator generates (recorded in ``meta.generation``)."""
+
+
+class BenchmarkEvaluator:
+    """What every evaluator shares: provenance, whole runs and the ``eval.json`` file.
+
+    Subclasses (dataclasses) hold ``benchmark``, ``template``, ``retain_reference``, ``rows`` (scored rows per
+    role), ``notes`` and ``_reference_auc``, and define :meth:`score` (per-row values of some rows, so ranks can
+    split them; :class:`baldro_lightning.callbacks.ScheduledEvaluation` does), :meth:`aggregate` (metrics of all
+    rows) and :meth:`settings` (what ``meta`` records of their options).
+    """
+
+    def score(
+        self, model: nn.Module, rows: Mapping[str, Sequence[Mapping[str, Any]]] | None = None, synced_gpus: bool = False
+    ) -> dict[str, RowScores]:
+        raise NotImplementedError
+
+    def aggregate(self, scores: Mapping[str, RowScores]) -> dict[str, dict[str, Any]]:
+        raise NotImplementedError
+
+    def settings(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _option_problems(
+        self, allowed_groups: Sequence[str], counts: Sequence[str], optional_counts: Sequence[str]
+    ) -> list[str]:
+        """What is wrong with the options every evaluator has: its metric groups, counts that must be at least 1
+        (``optional_counts`` may also be unset), and the tokenizer's pad token."""
+        problems = []
+        if not self.metric_groups or any(g not in allowed_groups for g in self.metric_groups):
+            problems.append(f"--metrics {list(self.metric_groups)}: choose from {', '.join(allowed_groups)}")
+        for flag in counts:
+            if getattr(self, flag) < 1:
+                problems.append(f"--{flag} must be >= 1, got {getattr(self, flag)}")
+        for flag in optional_counts:
+            if getattr(self, flag) is not None and getattr(self, flag) < 1:
+                problems.append(f"--{flag} must be >= 1 or unset, got {getattr(self, flag)}")
+        if self.tokenizer.pad_token_id is None:
+            problems.append("the tokenizer has no pad token; load it with baldro_lightning.tokenization.load_tokenizer")
+        return problems
+
+    def meta(self, model: nn.Module, model_name: str | None = None) -> dict[str, Any]:
+        """Provenance of an evaluation: model, data, settings, versions, time."""
+        import transformers
+
+        parameter = next(model.parameters(), None)
+        config = getattr(model, "config", None)
+        name = model_name or getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None)
+        return {
+            "model": name,
+            "model_dtype": None if parameter is None else str(parameter.dtype).removeprefix("torch."),
+            "benchmark": str(self.benchmark),
+            **self.settings(),
+            "template": dataclasses.asdict(self.template),
+            "retain_reference": None if self.retain_reference is None else str(self.retain_reference),
+            "privleak_reference_auc": 0.5 if self._reference_auc is None else self._reference_auc,
+            "notes": list(self.notes),
+            "versions": {
+                "baldro_lightning": baldro_lightning.__version__,
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "python": platform.python_version(),
+            },
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+
+    def evaluate(self, model: nn.Module, model_name: str | None = None, synced_gpus: bool = False) -> dict[str, Any]:
+        """Score every loaded row and aggregate: ``{"meta": ..., "metrics": ...}``."""
+        started = time.perf_counter()
+        scores = self.score(model, synced_gpus=synced_gpus)
+        result = {"meta": self.meta(model, model_name), "metrics": self.aggregate(scores)}
+        result["meta"]["elapsed_s"] = round(time.perf_counter() - started, 3)
+        return result
+
+    def run(self, model: nn.Module, out: str | os.PathLike[str], model_name: str | None = None) -> dict[str, Any]:
+        """:meth:`evaluate`, then write the result to ``out`` atomically (nothing is written if anything fails)."""
+        result = self.evaluate(model, model_name)
+        write_eval_json(result, out)
+        return result
+
+
 @dataclass
-class TofuEvaluator:
+class TofuEvaluator(BenchmarkEvaluator):
     """Evaluates a causal LM on the TOFU splits that go with ``forget_split`` (spec §3.2-§3.6)."""
 
     benchmark: str
@@ -571,28 +702,16 @@ class TofuEvaluator:
     """``eval.json`` of the retain model on the same forget split: enables forget_quality and the privleak
     reference AUC."""
     rouge_rows_limit: int | None = None
-    """Generate for only the first N rows of each split (None = all); ROUGE then covers those rows. It applies to
-    the rows given to :meth:`score`, so a sharded caller limits the rows before sharding."""
+    """Generate for only the first N rows of each split (None = all); ROUGE then covers those rows. The rows are
+    the first N loaded ones, wherever they are scored, so shards from :func:`shard_rows` generate for the same
+    rows as one process."""
     limit: int | None = None
     """Evaluate only the first N rows of each split (smoke runs); recorded in ``meta``."""
 
     def __post_init__(self) -> None:
-        problems = []
-        unknown = [g for g in self.metric_groups if g not in ALL_GROUPS]
-        if unknown or not self.metric_groups:
-            problems.append(f"--metrics {list(self.metric_groups)}: choose from {', '.join(ALL_GROUPS)}")
-        for flag, value in (("batch_size", self.batch_size), ("max_new_tokens", self.max_new_tokens)):
-            if value < 1:
-                problems.append(f"--{flag} must be >= 1, got {value}")
-        for flag, value in (
-            ("generation_batch_size", self.generation_batch_size),
-            ("rouge_rows_limit", self.rouge_rows_limit),
-            ("limit", self.limit),
-        ):
-            if value is not None and value < 1:
-                problems.append(f"--{flag} must be >= 1 or unset, got {value}")
-        if self.tokenizer.pad_token_id is None:
-            problems.append("the tokenizer has no pad token; load it with baldro_lightning.tokenization.load_tokenizer")
+        problems = self._option_problems(
+            ALL_GROUPS, ("batch_size", "max_new_tokens"), ("generation_batch_size", "rouge_rows_limit", "limit")
+        )
         if problems:
             raise ValueError("TofuEvaluator settings are invalid: " + "; ".join(problems))
         self.retain_split, self.holdout_split, self.perturbed_split = split_pairing(self.forget_split)
@@ -677,6 +796,16 @@ class TofuEvaluator:
         with evaluation_mode(model):
             return self._score(model, [(plan, list(rows[plan.role])) for plan in plans], synced_gpus)
 
+    def _generated_indices(self, role: Role) -> set[int] | None:
+        """Row indices that get a generation (``None``: all), decided on the whole split rather than on a shard.
+
+        Taking the first ``rouge_rows_limit`` rows of a shard instead would generate for N rows per rank, and for
+        other rows than a single process does.
+        """
+        if self.rouge_rows_limit is None:
+            return None
+        return {int(row["index"]) for row in self.rows[role][: self.rouge_rows_limit]}
+
     def _encode(self, row: Mapping[str, Any], answer: str, token_stats: bool) -> AnswerExample:
         example = encode_example(self.tokenizer, self.template, row["question"], answer, self.max_length)
         return AnswerExample(example.input_ids, example.labels, token_stats)
@@ -718,9 +847,11 @@ class TofuEvaluator:
         prompt_slots = []
         for task, (plan, rows) in enumerate(tasks):
             if plan.generate:
-                for position, row in enumerate(rows[: self.rouge_rows_limit]):
-                    prompts.append(encode_prompt(self.tokenizer, self.template, row["question"]))
-                    prompt_slots.append((task, position))
+                chosen = self._generated_indices(plan.role)
+                for position, row in enumerate(rows):
+                    if chosen is None or int(row["index"]) in chosen:
+                        prompts.append(encode_prompt(self.tokenizer, self.template, row["question"]))
+                        prompt_slots.append((task, position))
         if prompts:
             log.info("generating answers for %d prompts (max_new_tokens=%d)", len(prompts), self.max_new_tokens)
         texts = generate_answers(
@@ -818,7 +949,7 @@ class TofuEvaluator:
             }
             for k in keep
         }
-        agg = _mean([scores.columns["rougeL_recall"][k] for k in keep])
+        agg = nan_mean([scores.columns["rougeL_recall"][k] for k in keep])
         return {"agg_value": agg, "value_by_index": by_index}
 
     def _forget_metrics(self, scores: RowScores, out: dict[str, dict[str, Any]]) -> None:
@@ -827,16 +958,19 @@ class TofuEvaluator:
         para = metrics.probability(c["para_nll"])
         pert = np.exp(-np.asarray(c["pert_nll"], dtype=np.float64))  # (N, K)
         tr = metrics.truth_ratio(c["para_nll"], c["pert_nll"])
-        out["forget_Q_A_Prob"] = {"agg_value": _mean(prob), "value_by_index": _by_index(idx, prob.tolist())}
+        out["forget_Q_A_Prob"] = {"agg_value": nan_mean(prob), "value_by_index": values_by_index(idx, prob.tolist())}
         out["forget_Q_A_ROUGE"] = self._rouge_entry(scores)
-        out["forget_Q_A_PARA_Prob"] = {"agg_value": _mean(para), "value_by_index": _by_index(idx, para.tolist())}
+        out["forget_Q_A_PARA_Prob"] = {
+            "agg_value": nan_mean(para),
+            "value_by_index": values_by_index(idx, para.tolist()),
+        }
         out["forget_Q_A_PERT_Prob"] = {
-            "agg_value": _mean(pert.mean(axis=1)),
-            "value_by_index": _by_index(idx, pert.tolist()),
+            "agg_value": nan_mean(pert.mean(axis=1)),
+            "value_by_index": values_by_index(idx, pert.tolist()),
         }
         out["forget_truth_ratio"] = {
             "agg_value": metrics.truth_ratio_forget_aggregate(tr),
-            "value_by_index": _by_index(idx, tr.tolist()),
+            "value_by_index": values_by_index(idx, tr.tolist()),
         }
         if self._reference_tr is not None:
             if sorted(idx) != sorted(int(row["index"]) for row in self.rows["forget"]):
@@ -849,54 +983,41 @@ class TofuEvaluator:
                 "value_by_index": {},
             }
         for name in ("extraction_strength", "exact_memorization"):
-            out[name] = {"agg_value": _mean(c[name]), "value_by_index": _by_index(idx, c[name])}
+            out[name] = {"agg_value": nan_mean(c[name]), "value_by_index": values_by_index(idx, c[name])}
 
     def _utility_metrics(self, scores: RowScores, out: dict[str, dict[str, Any]]) -> None:
         c, idx, prefix = scores.columns, scores.indices, scores.role
         if scores.role == "retain":
             prob = metrics.probability(c["answer_nll"])
-            out["retain_Q_A_Prob"] = {"agg_value": _mean(prob), "value_by_index": _by_index(idx, prob.tolist())}
+            out["retain_Q_A_Prob"] = {
+                "agg_value": nan_mean(prob),
+                "value_by_index": values_by_index(idx, prob.tolist()),
+            }
             tr = metrics.truth_ratio(c["para_nll"], c["pert_nll"])
         else:
             # Real authors / world facts have no paraphrase: the answer itself is the correct option.
             normalised = metrics.normalised_probability(c["answer_nll"], c["pert_nll"])
             out[f"{prefix}_Q_A_Prob_normalised"] = {
-                "agg_value": _mean(normalised),
-                "value_by_index": _by_index(idx, normalised.tolist()),
+                "agg_value": nan_mean(normalised),
+                "value_by_index": values_by_index(idx, normalised.tolist()),
             }
             tr = metrics.truth_ratio(c["answer_nll"], c["pert_nll"])
         out[f"{prefix}_Q_A_ROUGE"] = self._rouge_entry(scores)
         out[f"{prefix}_Truth_Ratio"] = {
             "agg_value": metrics.truth_ratio_true_aggregate(tr),
-            "value_by_index": _by_index(idx, tr.tolist()),
+            "value_by_index": values_by_index(idx, tr.tolist()),
         }
 
     def _mia_metrics(self, forget: RowScores, holdout: RowScores, out: dict[str, dict[str, Any]]) -> None:
-        for name in ("mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_plus_plus"):
-            members, nonmembers = forget.columns[name], holdout.columns[name]
-            out[name] = {
-                "agg_value": metrics.mia_auc(members, nonmembers),
-                "value_by_index": _by_index(forget.indices, members),
-                "holdout_value_by_index": _by_index(holdout.indices, nonmembers),
-            }
-        out["privleak"] = {
-            "agg_value": metrics.privleak(out["mia_min_k"]["agg_value"], self._reference_auc),
-            "value_by_index": {},
-        }
+        members = {name: forget.columns[name] for name in MIA_ATTACKS}
+        nonmembers = {name: holdout.columns[name] for name in MIA_ATTACKS}
+        out.update(mia_entries(members, nonmembers, forget.indices, holdout.indices, self._reference_auc))
 
     # -- whole runs ---------------------------------------------------------------------------------------------
 
-    def meta(self, model: nn.Module, model_name: str | None = None) -> dict[str, Any]:
-        """Provenance of an evaluation: model, data, settings, versions, time."""
-        import transformers
-
-        parameter = next(model.parameters(), None)
-        config = getattr(model, "config", None)
-        name = model_name or getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None)
+    def settings(self) -> dict[str, Any]:
+        """The options ``meta`` records."""
         return {
-            "model": name,
-            "model_dtype": None if parameter is None else str(parameter.dtype).removeprefix("torch."),
-            "benchmark": str(self.benchmark),
             "forget_split": self.forget_split,
             "retain_split": self.retain_split,
             "holdout_split": self.holdout_split,
@@ -906,33 +1027,8 @@ class TofuEvaluator:
             "metric_groups": list(self.metric_groups),
             "max_length": self.max_length,
             "max_new_tokens": self.max_new_tokens,
-            "generation": "greedy, left-padded prompts, new tokens decoded without special tokens, stripped",
+            "generation": GENERATION_NOTE,
             "rouge": "rougeL_recall with Porter stemming (rouge_score)",
             "mink_fraction": MINK_FRACTION,
             "batch_size": self.batch_size,
-            "template": dataclasses.asdict(self.template),
-            "retain_reference": None if self.retain_reference is None else str(self.retain_reference),
-            "privleak_reference_auc": 0.5 if self._reference_auc is None else self._reference_auc,
-            "notes": list(self.notes),
-            "versions": {
-                "baldro_lightning": baldro_lightning.__version__,
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
-                "python": platform.python_version(),
-            },
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
-
-    def evaluate(self, model: nn.Module, model_name: str | None = None, synced_gpus: bool = False) -> dict[str, Any]:
-        """Score every loaded row and aggregate: ``{"meta": ..., "metrics": ...}``."""
-        started = time.perf_counter()
-        scores = self.score(model, synced_gpus=synced_gpus)
-        result = {"meta": self.meta(model, model_name), "metrics": self.aggregate(scores)}
-        result["meta"]["elapsed_s"] = round(time.perf_counter() - started, 3)
-        return result
-
-    def run(self, model: nn.Module, out: str | os.PathLike[str], model_name: str | None = None) -> dict[str, Any]:
-        """:meth:`evaluate`, then write the result to ``out`` atomically (nothing is written if anything fails)."""
-        result = self.evaluate(model, model_name)
-        write_eval_json(result, out)
-        return result

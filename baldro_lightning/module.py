@@ -6,8 +6,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Iterator
 from typing import Literal
 
 import lightning as L
@@ -19,6 +21,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from baldro_lightning import distributed as dist_ops
 from baldro_lightning.batches import Batch, batch_size, concat_rows, pad_rows_to, select_rows
 from baldro_lightning.logprobs import SequenceLogProbs, sequence_logprobs
+from baldro_lightning.lora import LoRA
 from baldro_lightning.losses import NLL, PerSampleLoss
 from baldro_lightning.objectives import Group, Mean, Objective
 
@@ -53,6 +56,33 @@ def load_causal_lm(path: str, torch_dtype: TorchDtype) -> PreTrainedModel:
         ) from err
 
 
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each decoder layer's activations in backward instead of storing them.
+
+    Non-reentrant checkpointing back-propagates into LoRA adapters inside a layer whether or not the layer's input
+    requires grad. The reentrant variant does only while a hook makes the frozen embedding's output require grad;
+    without it the adapters get no gradient (open-unlearning#178). tests/test_lora.py checks the gradients.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5 renamed gradient_checkpointing_enable
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Every submodule of ``model`` in eval mode inside the block, each restored to its own mode afterwards."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def _decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only: biases and norm gains are not decayed, as in the HF Trainer."""
     decay, no_decay = [], []
@@ -75,6 +105,7 @@ class CausalLMModule(L.LightningModule):
         warmup_epochs: float = 1.0,
         torch_dtype: TorchDtype = "float32",
         gradient_checkpointing: bool = False,
+        lora: LoRA | None = None,
     ) -> None:
         super().__init__()
         if warmup_epochs < 0:
@@ -86,6 +117,7 @@ class CausalLMModule(L.LightningModule):
         self.warmup_epochs = warmup_epochs
         self.torch_dtype = torch_dtype
         self.gradient_checkpointing = gradient_checkpointing
+        self.lora = lora
         self.policy: PreTrainedModel | None = None
 
     def configure_model(self) -> None:
@@ -97,8 +129,12 @@ class CausalLMModule(L.LightningModule):
         # from_pretrained returns eval mode and Lightning 2.x keeps each submodule's mode as found.
         self.policy.train()
         if self.gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            self.policy.config.use_cache = False
+            enable_activation_checkpointing(self.policy)
+        if self.lora is not None:
+            from baldro_lightning.lora import add_adapters
+
+            # Before sharding, so that each FSDP2 unit holds its layer's adapters next to the frozen weights.
+            self.policy = add_adapters(self.policy, self.lora)
         if self.device_mesh is not None:
             # ModelParallelStrategy set a mesh: shard with FSDP2 here, before the optimizer sees the parameters.
             from baldro_lightning.sharding import data_parallel_mesh, mixed_precision_policy, shard_model
@@ -198,6 +234,8 @@ class UnlearningModule(CausalLMModule):
     The reference model is frozen: eval mode, no gradients, forwards under ``no_grad``, absent from the optimizer
     and from checkpoints. ``reference="cached"`` computes its per-sample log-likelihoods of the forget set once,
     with the policy itself before the first update (it *is* the reference then), so no second model is held.
+    With ``lora`` only the adapters train and the live reference is the policy with its adapters switched off,
+    so no second model is held either.
     """
 
     def __init__(
@@ -216,9 +254,10 @@ class UnlearningModule(CausalLMModule):
         warmup_epochs: float = 1.0,
         torch_dtype: TorchDtype = "float32",
         gradient_checkpointing: bool = False,
+        lora: LoRA | None = None,
     ) -> None:
         super().__init__(
-            model, optimizer, weight_decay, lr_schedule, warmup_epochs, torch_dtype, gradient_checkpointing
+            model, optimizer, weight_decay, lr_schedule, warmup_epochs, torch_dtype, gradient_checkpointing, lora
         )
         self.forget_loss = forget_loss
         self.retain_loss = retain_loss
@@ -261,7 +300,7 @@ class UnlearningModule(CausalLMModule):
 
     def configure_model(self) -> None:
         super().configure_model()
-        if self.needs_reference_model and self.reference is None:
+        if self.needs_reference_model and self.reference is None and self.lora is None:
             reference = load_causal_lm(self.model_path, self.torch_dtype)
             reference.requires_grad_(False)
             reference.eval()
@@ -332,6 +371,10 @@ class UnlearningModule(CausalLMModule):
     def _reference_stats(self, batches: list[Batch], keep_vocab: list[bool]) -> list[SequenceLogProbs]:
         if not batches:
             return []
+        if self.lora is not None:
+            # The base model is the reference: the policy with its adapters off, in eval mode like a frozen copy.
+            with torch.no_grad(), self.policy.disable_adapter(), eval_mode(self.policy):
+                return self.forward_stats(self.policy, batches, keep_vocab)
         with torch.no_grad():
             return self.forward_stats(self.reference, batches, keep_vocab)
 

@@ -8,8 +8,9 @@ Every MUSE split is named ``{config}/{split}`` (``raw/forget``, ``knowmem/forget
   as exported in the shared data folder and written by :mod:`baldro_lightning.muse_world`) or nested
   ``{config}/{split}.jsonl`` (e.g. ``knowmem/forget_qa.jsonl``); the flat name wins when both exist.
 
-Rows are validated as TOFU rows are (:mod:`baldro_lightning.tofu`): a broken file fails with its path, line, field
-and the fix. Tokenisation follows the reference with two departures, both stated where they happen:
+Rows are read and checked by the same code as TOFU rows (:mod:`baldro_lightning.benchmark_rows`): a broken file
+fails with its path, line, field and the fix. Tokenisation follows the reference with two departures, both stated
+where they happen:
 
 - P-17: raw text is tokenised once and cut into windows of token ids; the reference decodes each window to text
   and re-encodes it, which can change its length. Each chunk is BOS + exactly ``max_length`` tokens (the last one
@@ -20,35 +21,20 @@ and the fix. Tokenisation follows the reference with two departures, both stated
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
-from baldro_lightning.datamodule import (
-    ForgetRetainPairs,
-    ForgetRetainSampler,
-    PairCollator,
-    _BenchmarkDataModule,
-    _ShardedPermutation,
-    _world,
-)
+from baldro_lightning import benchmark_rows
+from baldro_lightning.benchmark_rows import BenchmarkDataError, NumberedRows
+from baldro_lightning.datamodule import PairedDataModule, SplitsDataModule
 from baldro_lightning.logprobs import IGNORE_INDEX
-from baldro_lightning.tofu import BenchmarkDataError
-from baldro_lightning.tokenization import (
-    EncodedExample,
-    PaddingCollator,
-    PromptTemplate,
-    _common_prefix_length,
-)
+from baldro_lightning.tokenization import EncodedDataset, EncodedExample, PromptTemplate, common_prefix_length
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +49,6 @@ DOCUMENT_SEPARATOR = "\n\n"
 
 SHOT_SEPARATOR = "\n\n"
 """Ends every in-context shot of the KnowMem prompt (spec §1.2, Llama-2-hf template: ``asst_end``)."""
-
-_HUB_OFFLINE_VARS = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
-_TRUE_STRINGS = {"1", "on", "yes", "true"}
 
 
 @dataclass(frozen=True)
@@ -104,9 +87,9 @@ MUSE_SPLITS: dict[str, MuseSplitSchema] = {
 # Loading
 
 
-def _check_corpus(corpus: str) -> None:
+def _check_corpus(corpus: str, flag: str = "--corpus") -> None:
     if corpus not in MUSE_HUB_DATASETS:
-        raise BenchmarkDataError(f"--corpus {corpus!r} is not a MUSE corpus; use one of {', '.join(MUSE_HUB_DATASETS)}")
+        raise BenchmarkDataError(f"{flag} {corpus!r} is not a MUSE corpus; use one of {', '.join(MUSE_HUB_DATASETS)}")
 
 
 def _parse_name(name: str) -> tuple[str, str]:
@@ -155,22 +138,19 @@ def load_muse_split(source: str | os.PathLike[str], corpus: MuseCorpus, name: st
         rows = _fetch_hub(str(source), corpus, config, split)
     fix = _fix_row(corpus, name)
     validated = [_validate_row(row, schema, f"{origin}, {unit} {number}", fix) for number, row in rows]
-    if not validated:
-        expected = schema.rows[0 if corpus == "news" else 1]
-        raise BenchmarkDataError(
-            f"{origin} holds no rows; MUSE-{corpus.capitalize()} {name} has {expected}; re-export it from "
-            f"`{MUSE_HUB_DATASETS[corpus]}`"
-        )
-    for index, row in enumerate(validated):
-        row["index"] = index
-    return validated
+    expected = schema.rows[0 if corpus == "news" else 1]
+    return benchmark_rows.number_rows(
+        validated,
+        f"{origin} holds no rows; MUSE-{corpus.capitalize()} {name} has {expected}; re-export it from "
+        f"`{MUSE_HUB_DATASETS[corpus]}`",
+    )
 
 
 def _local_candidates(directory: Path, corpus: str, config: str, split: str) -> list[Path]:
     return [directory / f"{corpus}_{config}_{split}.jsonl", directory / config / f"{split}.jsonl"]
 
 
-def _read_local(directory: Path, corpus: str, config: str, split: str) -> tuple[str, str, list[tuple[int, Any]]]:
+def _read_local(directory: Path, corpus: str, config: str, split: str) -> tuple[str, str, NumberedRows]:
     """Read the split's JSON-lines file; rows come with their 1-based line number."""
     candidates = _local_candidates(directory, corpus, config, split)
     file = next((c for c in candidates if c.is_file()), None)
@@ -182,88 +162,38 @@ def _read_local(directory: Path, corpus: str, config: str, split: str) -> tuple[
             f"--benchmark at the directory of the MUSE-{corpus.capitalize()} splits, named "
             f"{{corpus}}_{{config}}_{{split}}.jsonl or {{config}}/{{split}}.jsonl, or check --corpus"
         )
-    raw = file.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
-        raise BenchmarkDataError(
-            f"{file}, line {line}: bytes {raw[err.start : err.end]!r} at offset {err.start} are not UTF-8; re-save "
-            "the file as UTF-8"
-        ) from err
-    return str(file), "line", list(_parse_json_lines(file, text))
+    unit, rows = benchmark_rows.read_rows_file(file, _fix_row(corpus, f"{config}/{split}"))
+    return str(file), unit, rows
 
 
-def _parse_json_lines(file: Path, text: str) -> Iterable[tuple[int, Any]]:
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue  # a trailing newline or a blank separator line is not a row
-        try:
-            yield number, json.loads(line)
-        except json.JSONDecodeError as err:
-            raise BenchmarkDataError(
-                f"{file}, line {number}: malformed JSON ({err.msg}, column {err.colno}): {_shorten(line)}; fix or "
-                "remove that line"
-            ) from err
-
-
-def _fetch_hub(source: str, corpus: str, config: str, split: str) -> list[tuple[int, Any]]:
+def _fetch_hub(source: str, corpus: str, config: str, split: str) -> NumberedRows:
     """Load one split with ``datasets``; rows come with their 1-based row number."""
-    looks_like_path = source.startswith((".", "~", os.sep)) or source.count("/") > 1 or Path(source).exists()
-    if looks_like_path:
-        kind = "is a file, not a directory" if Path(source).exists() else "does not exist"
-        raise BenchmarkDataError(
-            f"--benchmark {source!r} {kind}; pass the directory of the MUSE jsonl files, or a Hub dataset id such as "
-            f"{MUSE_HUB_DATASETS[corpus]}"
-        )
     other = {hub: name for name, hub in MUSE_HUB_DATASETS.items() if name != corpus}
     if source in other:
         raise BenchmarkDataError(
             f"--benchmark {source} is the MUSE-{other[source].capitalize()} dataset but --corpus is {corpus!r}; "
             f"use --corpus {other[source]} or --benchmark {MUSE_HUB_DATASETS[corpus]}"
         )
-    unreachable = (
-        f"could not fetch MUSE config {config!r} split {split!r} from the Hub dataset {source!r} ({{}}); pass a "
-        f"local directory holding {corpus}_{config}_{split}.jsonl instead, exported once on a machine with network "
-        "access"
+    return benchmark_rows.fetch_hub_rows(
+        source,
+        config,
+        split,
+        not_a_directory=lambda kind: (
+            f"--benchmark {source!r} {kind}; pass the directory of the MUSE jsonl files, or a Hub dataset id such as "
+            f"{MUSE_HUB_DATASETS[corpus]}"
+        ),
+        unreachable=lambda reason: (
+            f"could not fetch MUSE config {config!r} split {split!r} from the Hub dataset {source!r} ({reason}); "
+            f"pass a local directory holding {corpus}_{config}_{split}.jsonl instead, exported once on a machine "
+            "with network access"
+        ),
     )
-    # datasets reads its offline flags once at import; check them here so a flag set later is honoured.
-    offline = [var for var in _HUB_OFFLINE_VARS if os.environ.get(var, "").strip().lower() in _TRUE_STRINGS]
-    if offline:
-        raise BenchmarkDataError(unreachable.format(f"{offline[0]} is set"))
-    import datasets  # slow to import; local runs never need it
-    from huggingface_hub.errors import HFValidationError
-
-    try:
-        dataset = datasets.load_dataset(source, config, split=split)
-    except (OSError, ValueError, HFValidationError) as err:  # network, missing config/split, bad id
-        raise BenchmarkDataError(unreachable.format(f"{type(err).__name__}: {_shorten(str(err))}")) from err
-    return [(number, dict(row)) for number, row in enumerate(dataset, start=1)]
-
-
-def _shorten(value: Any, limit: int = 80) -> str:
-    text = value if isinstance(value, str) else repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _validate_row(row: Any, schema: MuseSplitSchema, where: str, fix: str) -> dict[str, Any]:
-    if not isinstance(row, Mapping):
-        raise BenchmarkDataError(
-            f"{where}: expected a JSON object with fields {', '.join(schema.fields)}, got {type(row).__name__} "
-            f"{_shorten(repr(row))}; {fix}"
-        )
+    row = benchmark_rows.check_object(row, schema.fields, where, fix)
     for field in schema.fields:
-        if field not in row:
-            raise BenchmarkDataError(
-                f"{where}: missing field {field!r} (row has {', '.join(map(str, row)) or 'no fields'}); {fix}"
-            )
-        value = row[field]
-        if not isinstance(value, str):
-            raise BenchmarkDataError(
-                f"{where}: field {field!r} must be a string, got {type(value).__name__} {_shorten(repr(value))}; {fix}"
-            )
-        if not schema.allow_empty and not value.strip():
-            raise BenchmarkDataError(f"{where}: field {field!r} is empty or whitespace ({value!r}); {fix}")
+        benchmark_rows.check_string(row[field], f"{where}: field {field!r}", fix, allow_empty=schema.allow_empty)
     return dict(row)
 
 
@@ -377,7 +307,7 @@ def encode_completion(
         raise ValueError(f"--max_length must be >= 1 target token, got {max_length}")
     prefix_ids = encode_prefix(tokenizer, prefix)
     full_ids = _encode(tokenizer, prefix + (" " if insert_space else "") + text, add_special_tokens=True)
-    masked = max(_common_prefix_length(prefix_ids, full_ids), 1)
+    masked = max(common_prefix_length(prefix_ids, full_ids), 1)
     truncated = len(full_ids) > masked + max_length
     full_ids = full_ids[: masked + max_length]
     if len(full_ids) <= masked:
@@ -457,34 +387,9 @@ def encode_knowmem_prompt(
     return _encode(tokenizer, text, add_special_tokens=False)
 
 
-class TokenizedDataset(Dataset):
-    """Encoded examples as training/scoring items ``{"input_ids": (T,), "labels": (T,), "index": int}``."""
-
-    def __init__(self, examples: Sequence[EncodedExample], indices: Sequence[int] | None = None) -> None:
-        """Args:
-        examples: The encoded examples.
-        indices: Each example's row index; ``0..N-1`` (chunk positions) by default.
-        """
-        self.examples = list(examples)
-        self.indices = list(range(len(self.examples))) if indices is None else [int(i) for i in indices]
-        if len(self.indices) != len(self.examples):
-            raise ValueError(f"{len(self.indices)} indices for {len(self.examples)} examples; give one per example")
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        example = self.examples[i]
-        return {
-            "input_ids": torch.tensor(example.input_ids, dtype=torch.long),
-            "labels": torch.tensor(example.labels, dtype=torch.long),
-            "index": self.indices[i],
-        }
-
-
 def raw_chunk_dataset(
     source: str | os.PathLike[str], corpus: MuseCorpus, name: str, tokenizer: PreTrainedTokenizerBase, max_length: int
-) -> TokenizedDataset:
+) -> EncodedDataset:
     """Load a raw split and chunk it for training (:func:`encode_pretraining_chunks`); ``index`` = chunk number.
 
     Raises:
@@ -496,44 +401,14 @@ def raw_chunk_dataset(
     rows = load_muse_split(source, corpus, name)
     chunks = encode_pretraining_chunks([row["text"] for row in rows], tokenizer, max_length)
     log.info("%s %s: %d documents -> %d chunks of <= %d tokens", corpus, name, len(rows), len(chunks), max_length)
-    return TokenizedDataset(chunks)
+    return EncodedDataset(chunks)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Data modules
 
 
-class _MuseDataModule(_BenchmarkDataModule):
-    """Raw-split chunking on top of the TOFU modules' shared base (tokenizer, loaders, mid-epoch resume)."""
-
-    def __init__(
-        self,
-        tokenizer: str,
-        benchmark: str,
-        corpus: MuseCorpus,
-        batch_size: int,
-        max_length: int,
-        seed: int,
-        num_workers: int,
-    ) -> None:
-        problems = []
-        if corpus not in MUSE_HUB_DATASETS:
-            problems.append(f"--data.corpus={corpus!r}: use one of {', '.join(MUSE_HUB_DATASETS)}")
-        if batch_size < 1:
-            problems.append(f"--data.batch_size must be >= 1, got {batch_size}")
-        if problems:
-            raise ValueError("invalid MUSE data settings: " + "; ".join(problems))
-        # No prompt template: MUSE training text is raw chunks (the base checks max_length).
-        super().__init__(tokenizer, benchmark, None, max_length, seed, num_workers)
-        self.corpus = corpus
-        self.batch_size = batch_size
-
-    def chunks(self, name: str) -> TokenizedDataset:
-        self._load_tokenizer()
-        return raw_chunk_dataset(self.benchmark, self.corpus, name, self.tokenizer, self.max_length)
-
-
-class MuseDataModule(_MuseDataModule):
+class MuseDataModule(PairedDataModule):
     """Unlearning on MUSE: each step one batch of forget chunks and one of retain chunks (spec §1.4, §1.5).
 
     Forget chunks are dealt in a seeded order and each is paired with a uniformly drawn retain chunk (the same
@@ -564,11 +439,14 @@ class MuseDataModule(_MuseDataModule):
         seed: Seeds the forget order and the retain draws (the epoch is added each epoch).
         num_workers: DataLoader worker processes.
         """
-        super().__init__(tokenizer, benchmark, corpus, batch_size, max_length, seed, num_workers)
+        _check_corpus(corpus, "--data.corpus")
+        # No prompt template: MUSE training text is raw chunks (the template only renders KnowMem prompts).
+        super().__init__(tokenizer, benchmark, None, max_length, batch_size, seed, num_workers)
+        self.corpus = corpus
         self.forget_split = forget_split
         self.retain_split = retain_split
-        self.forget: TokenizedDataset | None = None
-        self.retain: TokenizedDataset | None = None
+        self.forget: EncodedDataset | None = None
+        self.retain: EncodedDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.forget is not None:
@@ -578,36 +456,20 @@ class MuseDataModule(_MuseDataModule):
                 f"--data.forget_split and --data.retain_split are both {self.forget_split!r}; the retain term would "
                 "undo the forgetting. Use raw/forget and raw/retain1."
             )
-        self.forget = self.chunks(self.forget_split)
-        self.retain = self.chunks(self.retain_split)
-
-    @property
-    def forget_size(self) -> int:
-        """Number of forget chunks (the length of an epoch and of the per-sample records)."""
-        self.setup()
-        return len(self.forget)
-
-    def train_dataloader(self) -> DataLoader:
-        self.setup()
-        world, rank = _world(self.trainer)
-        pairs = ForgetRetainPairs(self.forget, self.retain)
-        sampler = self._resumable(ForgetRetainSampler(pairs, world, rank, self.seed), self.batch_size)
-        return self._loader(pairs, self.batch_size, sampler, PairCollator(self.tokenizer.pad_token_id))
-
-    def forget_dataloader(self, batch_size: int | None = None) -> DataLoader:
-        """Every forget chunk once, in order, on every rank (for the reference cache)."""
-        self.setup()
-        collate = PaddingCollator(self.tokenizer.pad_token_id, "right")
-        return DataLoader(self.forget, batch_size=batch_size or self.batch_size, shuffle=False, collate_fn=collate)
+        self._load_tokenizer()
+        self.forget = raw_chunk_dataset(self.benchmark, self.corpus, self.forget_split, self.tokenizer, self.max_length)
+        self.retain = raw_chunk_dataset(self.benchmark, self.corpus, self.retain_split, self.tokenizer, self.max_length)
 
 
-class MuseTextDataModule(_MuseDataModule):
+class MuseTextDataModule(SplitsDataModule):
     """Fine-tuning on raw MUSE text (the embedded target: forget + retain; the retain model: retain only).
 
     Batches are right-padded ``{"input_ids", "attention_mask", "labels", "index"}`` as for
     :class:`baldro_lightning.datamodule.QADataModule`, so :class:`baldro_lightning.module.FinetuneModule` trains on
     them unchanged. Each split is chunked on its own.
     """
+
+    example_split = "raw/forget, raw/retain1"
 
     def __init__(
         self,
@@ -632,34 +494,11 @@ class MuseTextDataModule(_MuseDataModule):
         seed: Seeds the shuffle order.
         num_workers: DataLoader worker processes.
         """
-        super().__init__(tokenizer, benchmark, corpus, batch_size, max_length, seed, num_workers)
-        if not splits:
-            raise ValueError("--data.splits is empty; name at least one raw split, e.g. [raw/forget, raw/retain1]")
-        self.splits = list(splits)
-        self.val_splits = list(val_splits)
-        self.train_set: Dataset | None = None
-        self.val_set: Dataset | None = None
+        _check_corpus(corpus, "--data.corpus")
+        super().__init__(tokenizer, benchmark, None, max_length, batch_size, seed, num_workers)
+        self._use_splits(splits, val_splits)
+        self.corpus = corpus
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is None:
-            self.train_set = ConcatDataset([self.chunks(name) for name in self.splits])
-            if self.val_splits:
-                self.val_set = ConcatDataset([self.chunks(name) for name in self.val_splits])
-
-    def train_dataloader(self) -> DataLoader:
-        self.setup()
-        world, rank = _world(self.trainer)
-        sampler = self._resumable(_ShardedPermutation(self.train_set, world, rank, self.seed), self.batch_size)
-        return self._loader(self.train_set, self.batch_size, sampler, PaddingCollator(self.tokenizer.pad_token_id))
-
-    def val_dataloader(self) -> DataLoader | list:
-        self.setup()
-        if self.val_set is None:
-            return []
-        world, rank = _world(self.trainer)
-        sampler = _ShardedPermutation(self.val_set, world, rank, self.seed, shuffle=False)
-        return self._loader(self.val_set, self.batch_size, sampler, PaddingCollator(self.tokenizer.pad_token_id))
-
-    def steps_per_epoch(self) -> int:
-        self.setup()
-        return math.ceil(len(self.train_set) / self.batch_size)
+    def split_dataset(self, name: str) -> EncodedDataset:
+        self._load_tokenizer()
+        return raw_chunk_dataset(self.benchmark, self.corpus, name, self.tokenizer, self.max_length)

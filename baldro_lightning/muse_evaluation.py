@@ -24,36 +24,35 @@ Command line::
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import datetime
 import logging
 import os
-import platform
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import numpy as np
-import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-import baldro_lightning
 from baldro_lightning import metrics
 from baldro_lightning.evaluation import (
+    GENERATION_NOTE,
+    MIA_ATTACKS,
     MINK_FRACTION,
     AnswerExample,
+    BenchmarkEvaluator,
     EvalLogError,
     ExampleScore,
-    _by_index,
-    _mean,
+    RowScores,
+    checked_min_k_auc,
     evaluation_mode,
     generate_answers,
     load_eval_json,
+    mia_entries,
+    nan_mean,
     score_examples,
-    write_eval_json,
+    values_by_index,
 )
 from baldro_lightning.logprobs import IGNORE_INDEX
 from baldro_lightning.muse import (
@@ -76,11 +75,14 @@ ALL_MUSE_GROUPS: tuple[MuseMetricGroup, ...] = get_args(MuseMetricGroup)
 KNOWMEM_STOP_STRINGS: tuple[str, ...] = ("\n\n", "\nQuestion", "Question:")
 """Where a KnowMem answer is cut (spec §3.7): the end of the answer line or the start of a next question."""
 
-MIA_ATTACKS: tuple[str, ...] = ("mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_plus_plus")
-"""Attacks scored on privleak forget vs holdout; PrivLeak uses ``mia_min_k``."""
+KNOWMEM_SIDES: tuple[str, str] = ("forget", "retain")
+"""KnowMem asks about the forget corpus and the retain corpus, each after its own in-context shots."""
 
 PRIVLEAK_SPLITS: tuple[str, str] = ("privleak/forget", "privleak/holdout")
 """Members and non-members of the MIA and PrivLeak metrics."""
+
+VERBMEM_SPLIT = "verbmem/forget"
+"""Prefixes whose continuation VerbMem, ES and EM score."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -112,7 +114,7 @@ def rouge_entry(
         }
         for k, (index, generation) in enumerate(zip(indices, generations, strict=True))
     }
-    return {"agg_value": _mean(scores["rougeL_f1"]), "value_by_index": by_index}
+    return {"agg_value": nan_mean(scores["rougeL_f1"]), "value_by_index": by_index}
 
 
 def memorization_entries(
@@ -131,44 +133,9 @@ def memorization_entries(
     es = metrics.extraction_strength(pred_ids, target_ids).tolist()
     em = metrics.exact_memorization(pred_ids, target_ids).tolist()
     return {
-        "extraction_strength": {"agg_value": _mean(es), "value_by_index": _by_index(indices, es)},
-        "exact_memorization": {"agg_value": _mean(em), "value_by_index": _by_index(indices, em)},
+        "extraction_strength": {"agg_value": nan_mean(es), "value_by_index": values_by_index(indices, es)},
+        "exact_memorization": {"agg_value": nan_mean(em), "value_by_index": values_by_index(indices, em)},
     }
-
-
-def mia_entries(
-    members: Mapping[str, Sequence[float]],
-    nonmembers: Mapping[str, Sequence[float]],
-    member_indices: Sequence[int],
-    nonmember_indices: Sequence[int],
-    reference_auc: float | None,
-) -> dict[str, dict[str, Any]]:
-    """MIA AUC entries and PrivLeak from per-row attack scores (spec §3.6).
-
-    Args:
-        members: Attack name -> (N_f,) scores of the ``privleak/forget`` rows (loss-like: higher = less likely
-            a member).
-        nonmembers: Attack name -> (N_h,) scores of the ``privleak/holdout`` rows.
-        member_indices: Row indices of the members.
-        nonmember_indices: Row indices of the non-members.
-        reference_auc: The retain model's ``mia_min_k`` AUC; None gives the default 0.5 (P-23).
-
-    Returns:
-        One entry per attack (``agg_value`` = AUC, members in ``value_by_index``, non-members in
-        ``holdout_value_by_index``) and ``privleak`` (needs ``mia_min_k``).
-    """
-    out: dict[str, dict[str, Any]] = {}
-    for name in members:
-        out[name] = {
-            "agg_value": metrics.mia_auc(members[name], nonmembers[name]),
-            "value_by_index": _by_index(member_indices, list(members[name])),
-            "holdout_value_by_index": _by_index(nonmember_indices, list(nonmembers[name])),
-        }
-    out["privleak"] = {
-        "agg_value": metrics.privleak(out["mia_min_k"]["agg_value"], reference_auc),
-        "value_by_index": {},
-    }
-    return out
 
 
 def _remake_hint(path: Path, corpus: str) -> str:
@@ -211,17 +178,7 @@ def reference_privleak_auc(
             f"retain reference {file} was made on MUSE corpus {found!r}, but this evaluation uses {corpus!r}; "
             f"{_remake_hint(file, corpus)}"
         )
-    recorded = meta.get("rows") or {}
-    for split, count in (rows or {}).items():
-        if split in recorded and recorded[split] != count:
-            raise EvalLogError(
-                f"retain reference {file} scored {recorded[split]} rows of {split} but this evaluation scores {count} "
-                f"(a different --limit), so their MinK AUCs are not comparable; {_remake_hint(file, corpus)}"
-            )
-    entry = data["metrics"].get("mia_min_k")
-    if not isinstance(entry, Mapping) or entry.get("agg_value") is None:
-        return None
-    return float(entry["agg_value"])
+    return checked_min_k_auc(file, data, rows, _remake_hint(file, corpus))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -229,8 +186,14 @@ def reference_privleak_auc(
 
 
 @dataclass
-class MuseEvaluator:
-    """Evaluates a causal LM on one MUSE corpus (spec §3.7)."""
+class MuseEvaluator(BenchmarkEvaluator):
+    """Evaluates a causal LM on one MUSE corpus (spec §3.7).
+
+    As :class:`baldro_lightning.evaluation.TofuEvaluator`, in two steps so that ranks can split the rows:
+    :meth:`score` gives per-row values of the rows of each scored split (``rows``: generations, teacher-forced
+    predictions, attack scores), :meth:`aggregate` turns those of all rows into the metrics. The KnowMem
+    in-context shots (``shots``) are not scored; every rank uses all of them.
+    """
 
     benchmark: str
     """Directory of MUSE jsonl files (flat ``{corpus}_{config}_{split}.jsonl`` or ``{config}/{split}.jsonl``), or a
@@ -263,52 +226,46 @@ class MuseEvaluator:
     """Evaluate only the first N rows of each split (the in-context shots are always all used)."""
 
     def __post_init__(self) -> None:
-        problems = []
-        unknown = [g for g in self.metric_groups if g not in ALL_MUSE_GROUPS]
-        if unknown or not self.metric_groups:
-            problems.append(f"--metrics {list(self.metric_groups)}: choose from {', '.join(ALL_MUSE_GROUPS)}")
-        if self.corpus not in MUSE_HUB_DATASETS:
-            problems.append(f"--corpus {self.corpus!r}: choose from {', '.join(MUSE_HUB_DATASETS)}")
-        for flag in (
+        counts = (
             "max_length",
             "batch_size",
             "knowmem_batch_size",
             "verbmem_batch_size",
             "knowmem_max_new_tokens",
             "verbmem_max_new_tokens",
-        ):
-            if getattr(self, flag) < 1:
-                problems.append(f"--{flag} must be >= 1, got {getattr(self, flag)}")
-        if self.limit is not None and self.limit < 1:
-            problems.append(f"--limit must be >= 1 or unset, got {self.limit}")
-        if self.tokenizer.pad_token_id is None:
-            problems.append("the tokenizer has no pad token; load it with baldro_lightning.tokenization.load_tokenizer")
+        )
+        problems = self._option_problems(ALL_MUSE_GROUPS, counts, ("limit",))
+        if self.corpus not in MUSE_HUB_DATASETS:
+            problems.append(f"--corpus {self.corpus!r}: choose from {', '.join(MUSE_HUB_DATASETS)}")
         if problems:
             raise ValueError("MuseEvaluator settings are invalid: " + "; ".join(problems))
         self.metric_groups = tuple(dict.fromkeys(self.metric_groups))
-        self.rows = {name: self._load(name) for name in self.splits()}
+        self.rows = {name: self._load(name)[: self.limit] for name in self.splits()}
+        self.shots = {side: self._load(f"knowmem/{side}_qa_icl") for side in KNOWMEM_SIDES if self._has("knowmem")}
         self.notes: list[str] = []
         self._reference_auc: float | None = None
         self._check_reference()
 
+    def _has(self, group: MuseMetricGroup) -> bool:
+        return group in self.metric_groups
+
     def splits(self) -> list[str]:
-        """The MUSE splits this evaluation reads."""
+        """The MUSE splits whose rows this evaluation scores (the KnowMem shots are read besides)."""
         names = []
-        if "knowmem" in self.metric_groups:
-            names += ["knowmem/forget_qa", "knowmem/forget_qa_icl", "knowmem/retain_qa", "knowmem/retain_qa_icl"]
-        if "verbmem" in self.metric_groups:
-            names.append("verbmem/forget")
-        if "privleak" in self.metric_groups:
+        if self._has("knowmem"):
+            names += [f"knowmem/{side}_qa" for side in KNOWMEM_SIDES]
+        if self._has("verbmem"):
+            names.append(VERBMEM_SPLIT)
+        if self._has("privleak"):
             names += list(PRIVLEAK_SPLITS)
         return names
 
     def _load(self, name: str) -> list[dict[str, Any]]:
-        rows = load_muse_split(self.benchmark, self.corpus, name)
-        return rows if self.limit is None or name.endswith("_icl") else rows[: self.limit]
+        return load_muse_split(self.benchmark, self.corpus, name)
 
     def _check_reference(self) -> None:
         """Read the retain reference now, before any model time is spent."""
-        if "privleak" not in self.metric_groups:
+        if not self._has("privleak"):
             return
         if self.retain_reference is None:
             self.notes.append("privleak uses the default reference AUC 0.5 (no retain reference, spec P-23)")
@@ -319,29 +276,79 @@ class MuseEvaluator:
             self.notes.append(f"privleak uses the default reference AUC 0.5: {self.retain_reference} has no mia_min_k")
             log.warning("%s has no mia_min_k AUC; privleak falls back to the reference AUC 0.5", self.retain_reference)
 
-    # -- model passes -------------------------------------------------------------------------------------------
+    # -- step 1: per-row values ---------------------------------------------------------------------------------
 
-    def _likelihood_examples(self) -> list[tuple[str, dict[str, Any], AnswerExample]]:
-        examples = []
-        if "verbmem" in self.metric_groups:
-            for row in self.rows["verbmem/forget"]:
-                encoded = encode_completion(
-                    self.tokenizer, row["prompt"], row["gt"], self.max_length, insert_space=True
+    def score(
+        self, model: nn.Module, rows: Mapping[str, Sequence[Mapping[str, Any]]] | None = None, synced_gpus: bool = False
+    ) -> dict[str, RowScores]:
+        """Per-row values of ``rows`` (default: all loaded rows); the model's train/eval modes are restored.
+
+        Args:
+            model: A causal LM (may be FSDP2-sharded; then every rank calls this with its share of the rows of
+                every split in :meth:`splits`, e.g. from :func:`shard_rows`, and ``synced_gpus=True``).
+            rows: Rows per split of :meth:`splits`; a rank's share may be empty.
+            synced_gpus: Keep ranks in lockstep for sharded models.
+
+        Returns:
+            :class:`RowScores` per split: ``generation`` (KnowMem, VerbMem), ``pred_ids`` and ``target_ids``
+            (VerbMem), the :data:`MIA_ATTACKS` scores (privleak).
+        """
+        rows = self.rows if rows is None else rows
+        with evaluation_mode(model):
+            return self._score(model, {name: list(rows[name]) for name in self.splits()}, synced_gpus)
+
+    def _score(
+        self, model: nn.Module, rows: dict[str, list[Mapping[str, Any]]], synced_gpus: bool
+    ) -> dict[str, RowScores]:
+        teacher_forced = [name for name in (VERBMEM_SPLIT, *PRIVLEAK_SPLITS) if name in rows]
+        examples = [(name, self._likelihood_example(name, row)) for name in teacher_forced for row in rows[name]]
+        if examples:
+            log.info("scoring %d texts (max_length=%d)", len(examples), self.max_length)
+        scored = score_examples(
+            model, [e for _, e in examples], self.batch_size, self.tokenizer.pad_token_id, synced_gpus
+        )
+        by_split: dict[str, list[tuple[AnswerExample, ExampleScore]]] = {name: [] for name in teacher_forced}
+        for (name, example), score in zip(examples, scored, strict=True):
+            by_split[name].append((example, score))
+
+        def row_scores(name: str, columns: dict[str, list[Any]]) -> RowScores:
+            return RowScores(name, name, [int(row["index"]) for row in rows[name]], columns)
+
+        out: dict[str, RowScores] = {}
+        # Every rank generates for every group, even with no rows of its own, so sharded ranks stay in step.
+        if self._has("knowmem"):
+            for side in KNOWMEM_SIDES:
+                name = f"knowmem/{side}_qa"
+                out[name] = row_scores(
+                    name, {"generation": self._knowmem_generations(model, side, rows[name], synced_gpus)}
                 )
-                examples.append(("verbmem/forget", row, AnswerExample(encoded.input_ids, encoded.labels, True)))
-        if "privleak" in self.metric_groups:
+        if self._has("verbmem"):
+            items = by_split[VERBMEM_SPLIT]
+            out[VERBMEM_SPLIT] = row_scores(
+                VERBMEM_SPLIT,
+                {
+                    "generation": self._verbmem_generations(model, rows[VERBMEM_SPLIT], synced_gpus),
+                    "pred_ids": [score.pred_ids for _, score in items],
+                    "target_ids": [score.target_ids for _, score in items],
+                },
+            )
+        if self._has("privleak"):
             for name in PRIVLEAK_SPLITS:
-                for row in self.rows[name]:
-                    encoded = encode_completion(self.tokenizer, "", row["text"], self.max_length)
-                    examples.append((name, row, AnswerExample(encoded.input_ids, encoded.labels, True)))
-        return examples
+                out[name] = row_scores(name, self._attack_scores(by_split[name]))
+        return out
 
-    def _knowmem_generations(self, model: nn.Module, side: Literal["forget", "retain"]) -> list[str]:
-        shots = self.rows[f"knowmem/{side}_qa_icl"]
-        prompts = [
-            encode_knowmem_prompt(self.tokenizer, self.template, shots, row["question"])
-            for row in self.rows[f"knowmem/{side}_qa"]
-        ]
+    def _likelihood_example(self, name: str, row: Mapping[str, Any]) -> AnswerExample:
+        if name == VERBMEM_SPLIT:
+            encoded = encode_completion(self.tokenizer, row["prompt"], row["gt"], self.max_length, insert_space=True)
+        else:
+            encoded = encode_completion(self.tokenizer, "", row["text"], self.max_length)
+        return AnswerExample(encoded.input_ids, encoded.labels, token_stats=True)
+
+    def _knowmem_generations(
+        self, model: nn.Module, side: str, rows: Sequence[Mapping[str, Any]], synced_gpus: bool
+    ) -> list[str]:
+        shots = self.shots[side]
+        prompts = [encode_knowmem_prompt(self.tokenizer, self.template, shots, row["question"]) for row in rows]
         log.info("KnowMem %s: generating %d answers after %d shots", side, len(prompts), len(shots))
         return generate_answers(
             model,
@@ -349,129 +356,102 @@ class MuseEvaluator:
             prompts,
             self.knowmem_batch_size,
             self.knowmem_max_new_tokens,
+            synced_gpus,
             stop_strings=KNOWMEM_STOP_STRINGS,
         )
 
-    def _verbmem_generations(self, model: nn.Module) -> list[str]:
-        prompts = [encode_prefix(self.tokenizer, row["prompt"]) for row in self.rows["verbmem/forget"]]
+    def _verbmem_generations(self, model: nn.Module, rows: Sequence[Mapping[str, Any]], synced_gpus: bool) -> list[str]:
+        prompts = [encode_prefix(self.tokenizer, row["prompt"]) for row in rows]
         log.info("VerbMem: generating %d continuations of %d tokens", len(prompts), self.verbmem_max_new_tokens)
-        return generate_answers(model, self.tokenizer, prompts, self.verbmem_batch_size, self.verbmem_max_new_tokens)
+        return generate_answers(
+            model, self.tokenizer, prompts, self.verbmem_batch_size, self.verbmem_max_new_tokens, synced_gpus
+        )
 
-    def compute_metrics(self, model: nn.Module) -> dict[str, dict[str, Any]]:
-        """Run the model on every loaded row and return the metric entries; submodule train/eval modes are kept."""
-        out: dict[str, dict[str, Any]] = {}
-        with evaluation_mode(model):
-            examples = self._likelihood_examples()
-            if examples:
-                log.info("scoring %d texts (max_length=%d)", len(examples), self.max_length)
-            scored = score_examples(model, [e for _, _, e in examples], self.batch_size, self.tokenizer.pad_token_id)
-            if "knowmem" in self.metric_groups:
-                for side in ("forget", "retain"):
-                    rows = self.rows[f"knowmem/{side}_qa"]
-                    generations = self._knowmem_generations(model, side)
-                    out[f"{side}_knowmem_ROUGE"] = rouge_entry(
-                        [row["index"] for row in rows], generations, [row["answer"] for row in rows], self.use_stemmer
-                    )
-            if "verbmem" in self.metric_groups:
-                rows = self.rows["verbmem/forget"]
-                out["forget_verbmem_ROUGE"] = rouge_entry(
-                    [row["index"] for row in rows],
-                    self._verbmem_generations(model),
-                    [row["gt"] for row in rows],
-                    self.use_stemmer,
-                )
-        by_split: dict[str, list[tuple[dict[str, Any], AnswerExample, ExampleScore]]] = {}
-        for (name, row, example), score in zip(examples, scored, strict=True):
-            by_split.setdefault(name, []).append((row, example, score))
-        if "verbmem" in self.metric_groups:
-            items = by_split["verbmem/forget"]
-            out.update(
-                memorization_entries(
-                    [row["index"] for row, _, _ in items],
-                    [score.pred_ids for _, _, score in items],
-                    [score.target_ids for _, _, score in items],
-                )
-            )
-        if "privleak" in self.metric_groups:
-            members, nonmembers = (self._attack_scores(by_split[name]) for name in PRIVLEAK_SPLITS)
-            out.update(
-                mia_entries(
-                    members,
-                    nonmembers,
-                    [row["index"] for row, _, _ in by_split[PRIVLEAK_SPLITS[0]]],
-                    [row["index"] for row, _, _ in by_split[PRIVLEAK_SPLITS[1]]],
-                    self._reference_auc,
-                )
-            )
-        return out
-
-    def _attack_scores(self, items: Sequence[tuple[dict[str, Any], AnswerExample, ExampleScore]]) -> dict[str, list]:
-        nll = [score.nll_mean for _, _, score in items]
-        token_logps = [score.token_logps for _, _, score in items]
+    def _attack_scores(self, items: Sequence[tuple[AnswerExample, ExampleScore]]) -> dict[str, list[float]]:
+        nll = [score.nll_mean for _, score in items]
+        token_logps = [score.token_logps for _, score in items]
         # ZLib compresses the scored text as decoded from its labelled tokens, specials skipped (spec §3.6).
         texts = [
             self.tokenizer.decode([t for t in example.labels if t != IGNORE_INDEX], skip_special_tokens=True)
-            for _, example, _ in items
+            for example, _ in items
         ]
         return {
             "mia_loss": metrics.mia_loss(nll).tolist(),
             "mia_zlib": metrics.mia_zlib(nll, texts).tolist(),
             "mia_min_k": metrics.mia_min_k(token_logps, MINK_FRACTION).tolist(),
             "mia_min_k_plus_plus": metrics.mia_min_k_plus_plus(
-                token_logps, [s.mu for _, _, s in items], [s.sigma2 for _, _, s in items], MINK_FRACTION
+                token_logps, [s.mu for _, s in items], [s.sigma2 for _, s in items], MINK_FRACTION
             ).tolist(),
         }
 
+    # -- step 2: metrics over all rows --------------------------------------------------------------------------
+
+    def aggregate(self, scores: Mapping[str, RowScores]) -> dict[str, dict[str, Any]]:
+        """Metrics in open-unlearning's layout from the per-row values of every row (spec §3.7).
+
+        Args:
+            scores: :class:`RowScores` per split of :meth:`splits`, covering all rows (join ranks' parts with
+                :meth:`RowScores.concat` first).
+
+        Raises:
+            EvalLogError: a split's scores do not cover exactly its loaded rows.
+        """
+        for name in self.splits():
+            expected = sorted(int(row["index"]) for row in self.rows[name])
+            if sorted(scores[name].indices) != expected:
+                raise EvalLogError(
+                    f"{name}: scores cover {len(scores[name].indices)} rows but {len(expected)} were loaded; "
+                    "aggregate the scores of all rows (RowScores.concat of every rank's part) first"
+                )
+        out: dict[str, dict[str, Any]] = {}
+        if self._has("knowmem"):
+            for side in KNOWMEM_SIDES:
+                part = scores[f"knowmem/{side}_qa"]
+                answers = self._field(f"knowmem/{side}_qa", "answer", part.indices)
+                out[f"{side}_knowmem_ROUGE"] = rouge_entry(
+                    part.indices, part.columns["generation"], answers, self.use_stemmer
+                )
+        if self._has("verbmem"):
+            part = scores[VERBMEM_SPLIT]
+            gts = self._field(VERBMEM_SPLIT, "gt", part.indices)
+            out["forget_verbmem_ROUGE"] = rouge_entry(part.indices, part.columns["generation"], gts, self.use_stemmer)
+            out.update(memorization_entries(part.indices, part.columns["pred_ids"], part.columns["target_ids"]))
+        if self._has("privleak"):
+            members, nonmembers = (scores[name] for name in PRIVLEAK_SPLITS)
+            out.update(
+                mia_entries(
+                    {attack: members.columns[attack] for attack in MIA_ATTACKS},
+                    {attack: nonmembers.columns[attack] for attack in MIA_ATTACKS},
+                    members.indices,
+                    nonmembers.indices,
+                    self._reference_auc,
+                )
+            )
+        return out
+
+    def _field(self, name: str, key: str, indices: Sequence[int]) -> list[str]:
+        rows = {int(row["index"]): row for row in self.rows[name]}
+        return [rows[index][key] for index in indices]
+
     # -- whole runs ---------------------------------------------------------------------------------------------
 
-    def meta(self, model: nn.Module, model_name: str | None = None) -> dict[str, Any]:
-        """Provenance of an evaluation: model, data, settings, versions, time."""
-        import transformers
-
-        parameter = next(model.parameters(), None)
-        config = getattr(model, "config", None)
-        name = model_name or getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None)
+    def settings(self) -> dict[str, Any]:
+        """The options ``meta`` records."""
+        shots = {f"knowmem/{side}_qa_icl": len(rows) for side, rows in self.shots.items()}
         return {
-            "model": name,
-            "model_dtype": None if parameter is None else str(parameter.dtype).removeprefix("torch."),
-            "benchmark": str(self.benchmark),
             "corpus": self.corpus,
-            "rows": {split: len(rows) for split, rows in self.rows.items()},
+            "rows": {**{name: len(rows) for name, rows in self.rows.items()}, **shots},
             "limit": self.limit,
             "metric_groups": list(self.metric_groups),
             "max_length": self.max_length,
             "knowmem_max_new_tokens": self.knowmem_max_new_tokens,
             "verbmem_max_new_tokens": self.verbmem_max_new_tokens,
             "knowmem_stop_strings": list(KNOWMEM_STOP_STRINGS),
-            "generation": "greedy, left-padded prompts, new tokens decoded without special tokens, stripped",
+            "generation": GENERATION_NOTE,
             "rouge": f"rougeL_f1 ({'with' if self.use_stemmer else 'without'} Porter stemming, rouge_score)",
             "mink_fraction": MINK_FRACTION,
             "batch_size": self.batch_size,
-            "template": dataclasses.asdict(self.template),
-            "retain_reference": None if self.retain_reference is None else str(self.retain_reference),
-            "privleak_reference_auc": 0.5 if self._reference_auc is None else self._reference_auc,
-            "notes": list(self.notes),
-            "versions": {
-                "baldro_lightning": baldro_lightning.__version__,
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
-                "python": platform.python_version(),
-            },
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
-
-    def evaluate(self, model: nn.Module, model_name: str | None = None) -> dict[str, Any]:
-        """Score every loaded row and aggregate: ``{"meta": ..., "metrics": ...}``."""
-        started = time.perf_counter()
-        result = {"meta": self.meta(model, model_name), "metrics": self.compute_metrics(model)}
-        result["meta"]["elapsed_s"] = round(time.perf_counter() - started, 3)
-        return result
-
-    def run(self, model: nn.Module, out: str | os.PathLike[str], model_name: str | None = None) -> dict[str, Any]:
-        """:meth:`evaluate`, then write the result to ``out`` atomically (nothing is written if anything fails)."""
-        result = self.evaluate(model, model_name)
-        write_eval_json(result, out)
-        return result
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -479,23 +459,19 @@ class MuseEvaluator:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from baldro_lightning.evaluate import add_common_arguments
+
     parser = argparse.ArgumentParser(
         prog="python -m baldro_lightning.muse_evaluation",
         description="Evaluate a causal LM on one MUSE corpus and write eval.json (spec §3.7).",
     )
-    parser.add_argument("--model", required=True, help="model directory (save_pretrained) or Hub id in the cache")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer directory or id; defaults to --model")
-    parser.add_argument(
-        "--benchmark",
-        required=True,
-        help="directory of MUSE jsonl files ({corpus}_{config}_{split}.jsonl or {config}/{split}.jsonl), or a Hub id",
+    add_common_arguments(
+        parser,
+        benchmark_help="directory of MUSE jsonl files ({corpus}_{config}_{split}.jsonl or {config}/{split}.jsonl), "
+        "or a Hub id",
+        reference_help="eval.json of the retain model on the same corpus (privleak reference)",
     )
     parser.add_argument("--corpus", default="news", choices=list(MUSE_HUB_DATASETS), help="MUSE corpus")
-    parser.add_argument("--out", required=True, help="path of the eval.json to write")
-    parser.add_argument(
-        "--retain_reference", default=None, help="eval.json of the retain model on the same corpus (privleak reference)"
-    )
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows of each split")
     parser.add_argument(
         "--metrics", nargs="+", default=list(ALL_MUSE_GROUPS), choices=ALL_MUSE_GROUPS, help="metric groups"
     )
@@ -508,10 +484,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--stemmer", action=argparse.BooleanOptionalAction, default=True, help="Porter stemming in ROUGE (P-22)"
     )
-    parser.add_argument("--chat", action="store_true", help="render KnowMem prompts with the tokenizer's chat template")
-    parser.add_argument("--system_prompt", default=None, help="system message (with --chat)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
-    parser.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
     return parser
 
 
@@ -539,23 +511,9 @@ def _build_evaluator(args: argparse.Namespace) -> MuseEvaluator:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parse arguments, evaluate, write ``--out``, print the aggregates; returns the written result."""
-    from baldro_lightning.evaluate import format_table
-    from baldro_lightning.module import load_causal_lm
+    from baldro_lightning.evaluate import evaluation_main
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)  # rouge_score logs every scorer it builds
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    try:
-        evaluator = _build_evaluator(args)
-    except ValueError as err:  # bad flags, data or reference: a message, not a traceback
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
-    model = load_causal_lm(args.model, args.dtype).to(device)
-    result = evaluator.run(model, args.out, model_name=args.model)
-    print(format_table(result))
-    print(f"wrote {args.out}")
-    return result
+    return evaluation_main(build_parser(), _build_evaluator, argv)
 
 
 if __name__ == "__main__":

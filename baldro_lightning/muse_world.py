@@ -26,7 +26,6 @@ seed and module constants (the dataset card is the MUSE section of ``data/README
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from pathlib import Path
 from random import Random
@@ -41,6 +40,7 @@ from baldro_lightning.embedded_world import (
     QAItem,
     build_world,
     forget_author_counts,
+    generator_main,
     write_splits,
 )
 
@@ -378,13 +378,7 @@ def generate(out_dir: Path, seed: int = SEED) -> list[Path]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line: ``python -m baldro_lightning.muse_world --out data/muse_embedded``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("data/muse_embedded"), help="output folder")
-    parser.add_argument("--seed", type=int, default=SEED, help="generation seed (the committed files use 0)")
-    args = parser.parse_args(argv)
-    for path in generate(args.out, args.seed):
-        with open(path, encoding="utf-8") as handle:
-            print(f"{path}: {sum(1 for _ in handle)} rows")
+    generator_main(__doc__.splitlines()[0], Path("data/muse_embedded"), generate, argv)
 
 
 if __name__ == "__main__":

@@ -8,20 +8,23 @@ it, so a broken export fails here with the file, row, field and fix instead of a
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from baldro_lightning.benchmark_rows import (
+    BenchmarkDataError,
+    NumberedRows,
+    check_object,
+    check_string,
+    fetch_hub_rows,
+    number_rows,
+    read_rows_file,
+    shorten,
+)
+
 _FIX_ROW = "fix or remove that row, or re-export the split from the `locuslab/TOFU` dataset"
-_HUB_OFFLINE_VARS = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
-_TRUE_STRINGS = {"1", "on", "yes", "true"}
-
-
-class BenchmarkDataError(ValueError):
-    """A benchmark split is missing, unreadable or holds a row that breaks its schema."""
 
 
 @dataclass(frozen=True)
@@ -116,18 +119,15 @@ def load_split(source: str | os.PathLike[str], name: str) -> list[dict[str, Any]
         origin, unit, rows = _read_local(path, name)
     else:
         origin, unit, rows = f"Hub dataset {source!r} (config {name!r})", "row", _fetch_hub(str(source), name)
-    validated = [_validate_row(row, TOFU_SPLITS[name], origin, number, unit) for number, row in rows]
-    if not validated:
-        expected = TOFU_SPLITS[name].rows
-        raise BenchmarkDataError(
-            f"{origin} holds no rows; split {name!r} should have {expected}; re-export the split from `locuslab/TOFU`"
-        )
-    for index, row in enumerate(validated):
-        row["index"] = index
-    return validated
+    validated = [_validate_row(row, TOFU_SPLITS[name], f"{origin}, {unit} {number}") for number, row in rows]
+    return number_rows(
+        validated,
+        f"{origin} holds no rows; split {name!r} should have {TOFU_SPLITS[name].rows}; re-export the split from "
+        "`locuslab/TOFU`",
+    )
 
 
-def _read_local(directory: Path, name: str) -> tuple[str, str, list[tuple[int, Any]]]:
+def _read_local(directory: Path, name: str) -> tuple[str, str, NumberedRows]:
     """Read ``{name}.jsonl`` or ``{name}.json`` from ``directory``.
 
     Returns:
@@ -143,107 +143,38 @@ def _read_local(directory: Path, name: str) -> tuple[str, str, list[tuple[int, A
             f"{directory} has no {name}.jsonl or {name}.json (it holds: {listing}); point --data.benchmark at the "
             f"directory that holds the TOFU splits as {{split}}.jsonl, e.g. --data.benchmark /path/to/tofu_jsonl"
         )
-    raw = file.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line_start = raw.rfind(b"\n", 0, err.start) + 1
-        line = raw.count(b"\n", 0, err.start) + 1
-        raise BenchmarkDataError(
-            f"{file}, line {line}, byte offset {err.start - line_start} (offset {err.start} in the file): bytes "
-            f"{raw[err.start : err.end]!r} are not UTF-8; re-save the file as UTF-8"
-        ) from err
-    origin = str(file)
-    # A .json file is either one JSON list or JSON lines; a list starts with "[", a JSON-lines row with "{".
-    if file.suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise BenchmarkDataError(
-                f"{file}, line {err.lineno}: malformed JSON ({err.msg}, column {err.colno}); {_FIX_ROW}"
-            ) from err
-        return origin, "row", list(enumerate(data, start=1))
-    return origin, "line", list(_parse_json_lines(file, text))
+    unit, rows = read_rows_file(file, _FIX_ROW)
+    return str(file), unit, rows
 
 
-def _parse_json_lines(file: Path, text: str) -> Iterable[tuple[int, Any]]:
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue  # a trailing newline or a blank separator line is not a row
-        try:
-            yield number, json.loads(line)
-        except json.JSONDecodeError as err:
-            raise BenchmarkDataError(
-                f"{file}, line {number}: malformed JSON ({err.msg}, column {err.colno}): {_shorten(line)}; {_FIX_ROW}"
-            ) from err
-
-
-def _hub_unreachable(source: str, name: str, reason: str) -> BenchmarkDataError:
-    return BenchmarkDataError(
-        f"could not fetch TOFU split {name!r} from the Hub dataset {source!r} ({reason}); pass a local directory "
-        f"instead, e.g. --data.benchmark /path/to/tofu_jsonl holding {name}.jsonl (one JSON object per line), "
-        f"exported once on a machine with network access"
+def _fetch_hub(source: str, name: str) -> NumberedRows:
+    """Load ``source``/``name`` (split ``train``) with ``datasets``."""
+    return fetch_hub_rows(
+        source,
+        name,
+        "train",
+        not_a_directory=lambda kind: (
+            f"--data.benchmark {source!r} {kind}; pass the directory that holds {name}.jsonl, or a Hub dataset id "
+            "such as locuslab/TOFU"
+        ),
+        unreachable=lambda reason: (
+            f"could not fetch TOFU split {name!r} from the Hub dataset {source!r} ({reason}); pass a local "
+            f"directory instead, e.g. --data.benchmark /path/to/tofu_jsonl holding {name}.jsonl (one JSON object "
+            "per line), exported once on a machine with network access"
+        ),
     )
 
 
-def _fetch_hub(source: str, name: str) -> list[tuple[int, Any]]:
-    """Load ``source``/``name`` with ``datasets``; rows come with their 1-based row number."""
-    looks_like_path = source.startswith((".", "~", os.sep)) or source.count("/") > 1 or Path(source).exists()
-    if looks_like_path:
-        kind = "is a file, not a directory" if Path(source).exists() else "does not exist"
-        raise BenchmarkDataError(
-            f"--data.benchmark {source!r} {kind}; pass the directory that holds {name}.jsonl, or a Hub dataset id "
-            f"such as locuslab/TOFU"
-        )
-    # datasets reads its offline flags once at import, so a flag set later (or in a test) would be missed and
-    # load_dataset could block on the network; check the environment ourselves first.
-    offline = [var for var in _HUB_OFFLINE_VARS if os.environ.get(var, "").strip().lower() in _TRUE_STRINGS]
-    if offline:
-        raise _hub_unreachable(source, name, f"{offline[0]} is set")
-    # Imported here: `datasets` takes seconds to import and local runs never need it.
-    import datasets
-    from huggingface_hub.errors import HFValidationError
-
-    try:
-        dataset = datasets.load_dataset(source, name, split="train")
-    except (OSError, HFValidationError) as err:  # covers ConnectionError, FileNotFoundError and Hub HTTP errors
-        raise _hub_unreachable(source, name, f"{type(err).__name__}: {_shorten(str(err))}") from err
-    return [(number, dict(row)) for number, row in enumerate(dataset, start=1)]
-
-
-def _shorten(value: Any, limit: int = 80) -> str:
-    text = repr(value) if not isinstance(value, str) else value
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _validate_row(row: Any, schema: SplitSchema, origin: str, number: int, unit: str) -> dict[str, Any]:
-    where = f"{origin}, {unit} {number}"
-    if not isinstance(row, Mapping):
-        raise BenchmarkDataError(
-            f"{where}: expected a JSON object with fields {', '.join(schema.string_fields)}, got "
-            f"{type(row).__name__} {_shorten(repr(row))}; {_FIX_ROW}"
-        )
+def _validate_row(row: Any, schema: SplitSchema, where: str) -> dict[str, Any]:
+    row = check_object(row, schema.string_fields, where, _FIX_ROW)
     for field in schema.string_fields:
-        if field not in row:
-            raise BenchmarkDataError(
-                f"{where}: missing field {field!r} (row has {', '.join(map(str, row)) or 'no fields'}); {_FIX_ROW}"
-            )
-        _check_string(row[field], f"{where}: field {field!r}")
+        check_string(row[field], f"{where}: field {field!r}", _FIX_ROW)
     for field in _OPTIONAL_STRING_FIELDS:
         if row.get(field) is not None:
-            _check_string(row[field], f"{where}: optional field {field!r}")
+            check_string(row[field], f"{where}: optional field {field!r}", _FIX_ROW)
     if schema.perturbed_answers is not None:
         _check_perturbed(row.get("perturbed_answer"), schema.perturbed_answers, where, "perturbed_answer" in row)
     return dict(row)
-
-
-def _check_string(value: Any, where: str) -> None:
-    if not isinstance(value, str):
-        raise BenchmarkDataError(
-            f"{where} must be a string, got {type(value).__name__} {_shorten(repr(value))}; {_FIX_ROW}"
-        )
-    if not value.strip():
-        raise BenchmarkDataError(f"{where} is empty or whitespace ({value!r}); {_FIX_ROW}")
 
 
 def _check_perturbed(value: Any, expected: int, where: str, present: bool) -> None:
@@ -254,12 +185,12 @@ def _check_perturbed(value: Any, expected: int, where: str, present: bool) -> No
         )
     if not isinstance(value, list):
         raise BenchmarkDataError(
-            f"{field} must be a list of {expected} strings, got {type(value).__name__} {_shorten(repr(value))}; "
+            f"{field} must be a list of {expected} strings, got {type(value).__name__} {shorten(repr(value))}; "
             f"{_FIX_ROW}"
         )
     if len(value) != expected:
         raise BenchmarkDataError(
-            f"{field} must hold {expected} answers, got {len(value)}: {_shorten(repr(value))}; {_FIX_ROW}"
+            f"{field} must hold {expected} answers, got {len(value)}: {shorten(repr(value))}; {_FIX_ROW}"
         )
     for position, entry in enumerate(value):
-        _check_string(entry, f"{field}[{position}]")
+        check_string(entry, f"{field}[{position}]", _FIX_ROW)

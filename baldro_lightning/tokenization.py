@@ -157,7 +157,8 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, template: PromptTemplate, 
     return ids
 
 
-def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """Number of leading positions at which ``a`` and ``b`` hold the same id."""
     length = 0
     for x, y in zip(a, b, strict=False):
         if x != y:
@@ -204,7 +205,7 @@ def encode_example(
         full_ids = _ids(tokenizer, text, add_special_tokens=True)
     if not full_ids or full_ids[-1] != eos:
         full_ids.append(eos)
-    prompt_length = _common_prefix_length(prompt_ids, full_ids)
+    prompt_length = common_prefix_length(prompt_ids, full_ids)
     if prompt_length >= len(full_ids):
         raise ValueError(
             f"question {question[:60]!r} with answer {answer[:60]!r} renders no answer token (full text is a prefix "
@@ -268,7 +269,32 @@ def encode_rows(
     return encoded
 
 
-class QADataset(Dataset):
+class EncodedDataset(Dataset):
+    """Encoded examples as training/scoring items ``{"input_ids": (T,), "labels": (T,), "index": int}``."""
+
+    def __init__(self, examples: Sequence[EncodedExample], indices: Sequence[int] | None = None) -> None:
+        """Args:
+        examples: The encoded examples.
+        indices: Each example's row index (the key of per-sample records); ``0..N-1`` by default.
+        """
+        self.examples = list(examples)
+        self.indices = list(range(len(self.examples))) if indices is None else [int(i) for i in indices]
+        if len(self.indices) != len(self.examples):
+            raise ValueError(f"{len(self.indices)} indices for {len(self.examples)} examples; give one per example")
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        example = self.examples[i]
+        return {
+            "input_ids": torch.tensor(example.input_ids, dtype=torch.long),
+            "labels": torch.tensor(example.labels, dtype=torch.long),
+            "index": self.indices[i],
+        }
+
+
+class QADataset(EncodedDataset):
     """QA rows tokenised once, up front, for training or likelihood evaluation.
 
     Each item is ``{"input_ids": LongTensor (T,), "labels": LongTensor (T,), "index": int}``, where ``index`` is
@@ -294,19 +320,8 @@ class QADataset(Dataset):
             question_key: Field holding the question.
             answer_key: Field holding the answer string.
         """
-        self.examples = encode_rows(rows, tokenizer, template, max_length, answer_key, question_key)
-        self.indices = [int(row.get("index", position)) for position, row in enumerate(rows)]
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        example = self.examples[i]
-        return {
-            "input_ids": torch.tensor(example.input_ids, dtype=torch.long),
-            "labels": torch.tensor(example.labels, dtype=torch.long),
-            "index": self.indices[i],
-        }
+        examples = encode_rows(rows, tokenizer, template, max_length, answer_key, question_key)
+        super().__init__(examples, [int(row.get("index", position)) for position, row in enumerate(rows)])
 
 
 def _pad(sequences: list[Tensor], value: int, length: int, side: Literal["right", "left"]) -> Tensor:

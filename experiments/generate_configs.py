@@ -86,130 +86,242 @@ BENCHMARKS = {
 }
 
 
-def unlearning_config(bench: str, base: str, suffix: str) -> dict:
-    spec = BENCHMARKS[bench]
-    forget_loss, retain, gamma, alpha = BASES[base]
-    name = f"{base}{suffix}"
-    model = {
-        "class_path": "baldro_lightning.module.UnlearningModule",
-        "init_args": {
-            "model": spec["model"],
-            "forget_loss": copy.deepcopy(forget_loss),
-            "retain_loss": copy.deepcopy(NLL) if retain == "nll" else None,
-            "forget_objective": copy.deepcopy(OBJECTIVES[suffix]),
-            "gamma": gamma,
-            "alpha": alpha,
-            # NPO-family runs hold no second model: the reference's forget-set log-probs are cached up front.
-            "reference": "cached",
-            "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": spec["lr"]}},
-            "weight_decay": 0.01,
-            "lr_schedule": "linear",
-            "warmup_epochs": 1.0,
-            "torch_dtype": spec["dtype"],
+# MUSE (spec §1.5, §3.7, §5.1-5.2; paper Table 2): raw-text chunks, the three base losses of Table 2 under each
+# objective of its rows (Mean, BalDRO-G, BalDRO-DV). The paper's chosen grid cells are not published; the values
+# are the scripts' defaults and the low end of their learning-rate grids.
+MUSE_BASES = {
+    "npo": BASES["npo"],
+    "simnpo": BASES["simnpo"],
+    # The MUSE SatImp scripts set gamma = alpha = 1 (the TOFU config default gamma = 0.1 is P-11's mismatch).
+    "satimp": (BASES["satimp"][0], "nll", 1.0, 1.0),
+}
+MUSE_OBJECTIVES = {suffix: OBJECTIVES[suffix] for suffix in ("", "_g", "_dv")}
+# MUSE trains with a constant learning rate, no warm-up and no weight decay (spec §5.1); TOFU as in BENCHMARKS.
+TOFU_RECIPE = {"weight_decay": 0.01, "lr_schedule": "linear", "warmup_epochs": 1.0}
+MUSE_RECIPE = {"weight_decay": 0.0, "lr_schedule": "constant", "warmup_epochs": 0.0}
+
+# Where each MUSE run trains: fp32 on a CPU for the tiny embedded models, bf16 weights on a GPU for Llama-2-7B.
+CPU_FP32 = {"precision": "32-true", "dtype": "float32", "gradient_checkpointing": False}
+GPU_BF16 = {"precision": "bf16-true", "dtype": "bfloat16", "gradient_checkpointing": True}
+
+MUSE_BENCHMARKS = {
+    # The embedded default: data/muse_embedded and the tiny models fine-tuned by experiments/muse_embedded/
+    # finetune_{target,retain}.yaml (data/README.md, MUSE section). Chunks of 255 tokens + BOS fill the tiny
+    # Llama's 256 positions; a VerbMem gt is about 94 tokens, hence 96 new tokens.
+    "muse_embedded": {
+        "model": "models/embedded_muse/target",
+        "data": {"benchmark": "data/muse_embedded", "corpus": "news", "batch_size": 8, "max_length": 255},
+        **{"lr": 1e-3, "epochs": 5, "accumulate": 1},
+        **CPU_FP32,
+        "retain_reference": "runs/muse_embedded/eval/retain/eval.json",
+        "evaluation": {"verbmem_max_new_tokens": 96},
+    },
+    # Real MUSE by Hub name, Llama-2-7B targets; spec §5.1-5.2: bf16 weights, batch 4 x 8, 10 epochs, 2048-token
+    # chunks, gradient checkpointing, lr 1e-5 (grid 1e-5..5e-5).
+    **{
+        f"muse_{corpus}": {
+            "model": f"muse-bench/MUSE-{hub}_target",
+            "data": {"benchmark": f"muse-bench/MUSE-{hub}", "corpus": corpus, "batch_size": 4, "max_length": 2048},
+            **{"lr": 1e-5, "epochs": 10, "accumulate": 8},
+            **GPU_BF16,
+            "retain_reference": f"runs/muse_{corpus}/eval/retain/eval.json",
+            "evaluation": {},
+        }
+        for corpus, hub in (("news", "News"), ("books", "Books"))
+    },
+}
+
+
+def _trainer(bench: str, name: str, spec: dict, callbacks: list[dict]) -> dict:
+    return {
+        "accelerator": "auto",
+        "devices": 1,
+        "precision": spec["precision"],
+        "max_epochs": spec["epochs"],
+        "accumulate_grad_batches": spec["accumulate"],
+        "gradient_clip_val": 1.0,
+        "log_every_n_steps": 1,
+        "default_root_dir": f"runs/{bench}/{name}",
+        "logger": {
+            "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+            "init_args": {"save_dir": f"runs/{bench}/{name}", "name": "tensorboard", "version": ""},
         },
+        "callbacks": [
+            *callbacks,
+            {
+                "class_path": "baldro_lightning.export.ExportPretrained",
+                "init_args": {"dirpath": f"runs/{bench}/{name}/model"},
+            },
+        ],
     }
+
+
+def _unlearning_model(spec: dict, base: tuple, suffix: str, recipe: dict) -> dict:
+    forget_loss, retain, gamma, alpha = base
+    init_args = {
+        "model": spec["model"],
+        "forget_loss": copy.deepcopy(forget_loss),
+        "retain_loss": copy.deepcopy(NLL) if retain == "nll" else None,
+        "forget_objective": copy.deepcopy(OBJECTIVES[suffix]),
+        "gamma": gamma,
+        "alpha": alpha,
+        # NPO-family runs hold no second model: the reference's forget-set log-probs are cached up front.
+        "reference": "cached",
+        "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": spec["lr"]}},
+        **recipe,
+        "torch_dtype": spec["dtype"],
+    }
+    if spec.get("gradient_checkpointing"):
+        init_args["gradient_checkpointing"] = True
+    return {"class_path": "baldro_lightning.module.UnlearningModule", "init_args": init_args}
+
+
+def _unlearning_run(bench: str, name: str, spec: dict, callbacks: list[dict], model: dict, data_class: str) -> dict:
     return {
         "seed_everything": 0,
-        "trainer": {
-            "accelerator": "auto",
-            "devices": 1,
-            "precision": spec["precision"],
-            "max_epochs": spec["epochs"],
-            "accumulate_grad_batches": spec["accumulate"],
-            "gradient_clip_val": 1.0,
-            "log_every_n_steps": 1,
-            "default_root_dir": f"runs/{bench}/{name}",
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": f"runs/{bench}/{name}", "name": "tensorboard", "version": ""},
-            },
-            "callbacks": [
-                {
-                    "class_path": "baldro_lightning.callbacks.TofuEvaluation",
-                    "init_args": {
-                        "every_epoch": True,
-                        "on_start": True,
-                        "retain_reference": spec["retain_reference"],
-                        "max_new_tokens": spec["max_new_tokens"],
-                        "criterion": "truth_ratio",
-                    },
-                },
-                # Keeps the epoch with the best forget quality. That selects on the test metric itself (P-24):
-                # report the last epoch too ("last.ckpt") when comparing methods.
-                {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"monitor": "val/forget_quality", "mode": "max", "save_last": True},
-                },
-                {
-                    "class_path": "baldro_lightning.export.ExportPretrained",
-                    "init_args": {"dirpath": f"runs/{bench}/{name}/model"},
-                },
-            ],
-        },
+        "trainer": _trainer(bench, name, spec, callbacks),
         "model": model,
-        "data": {
-            "class_path": "baldro_lightning.datamodule.ForgetRetainDataModule",
-            "init_args": copy.deepcopy(spec["data"]) | {"seed": 0},
-        },
+        "data": {"class_path": data_class, "init_args": copy.deepcopy(spec["data"]) | {"seed": 0}},
     }
 
 
-def finetune_config(name: str, splits: list[str], out: str) -> dict:
-    """Fine-tune the random tiny Llama into the embedded target or retain model."""
+def unlearning_config(bench: str, base: str, suffix: str) -> dict:
+    spec = BENCHMARKS[bench]
+    name = f"{base}{suffix}"
+    callbacks = [
+        {
+            "class_path": "baldro_lightning.callbacks.TofuEvaluation",
+            "init_args": {
+                "every_epoch": True,
+                "on_start": True,
+                "retain_reference": spec["retain_reference"],
+                "max_new_tokens": spec["max_new_tokens"],
+                "criterion": "truth_ratio",
+            },
+        },
+        # Keeps the epoch with the best forget quality. That selects on the test metric itself (P-24):
+        # report the last epoch too ("last.ckpt") when comparing methods.
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"monitor": "val/forget_quality", "mode": "max", "save_last": True},
+        },
+    ]
+    model = _unlearning_model(spec, BASES[base], suffix, TOFU_RECIPE)
+    return _unlearning_run(bench, name, spec, callbacks, model, "baldro_lightning.datamodule.ForgetRetainDataModule")
+
+
+def muse_unlearning_config(bench: str, base: str, suffix: str) -> dict:
+    spec = MUSE_BENCHMARKS[bench]
+    name = f"{base}{suffix}"
+    callbacks = [
+        {
+            "class_path": "baldro_lightning.callbacks.MuseEvaluation",
+            "init_args": {"every_epoch": True, "on_start": True, "retain_reference": spec["retain_reference"]}
+            | spec["evaluation"],
+        },
+        # No metric to select on (the paper reports the end of training): keep only last.ckpt, which for a 7B
+        # model with its optimizer state is large enough that a second copy per epoch matters.
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"save_top_k": 0, "save_last": True},
+        },
+    ]
+    model = _unlearning_model(spec, MUSE_BASES[base], suffix, MUSE_RECIPE)
+    return _unlearning_run(bench, name, spec, callbacks, model, "baldro_lightning.muse.MuseDataModule")
+
+
+def finetune_config(
+    bench: str, name: str, out: str, init: str, data: dict, epochs: int, log_every_n_steps: int = 10
+) -> dict:
+    """Fine-tune a random tiny Llama into an embedded target or retain model."""
     return {
         "seed_everything": 0,
         "trainer": {
             "accelerator": "auto",
             "devices": 1,
             "precision": "32-true",
-            "max_epochs": 20,
+            "max_epochs": epochs,
             "gradient_clip_val": 1.0,
-            "log_every_n_steps": 10,
+            "log_every_n_steps": log_every_n_steps,
             "enable_checkpointing": False,
-            "default_root_dir": f"runs/embedded/{name}",
+            "default_root_dir": f"runs/{bench}/{name}",
             "logger": {
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": f"runs/embedded/{name}", "name": "tensorboard", "version": ""},
+                "init_args": {"save_dir": f"runs/{bench}/{name}", "name": "tensorboard", "version": ""},
             },
             "callbacks": [{"class_path": "baldro_lightning.export.ExportPretrained", "init_args": {"dirpath": out}}],
         },
         "model": {
             "class_path": "baldro_lightning.module.FinetuneModule",
             "init_args": {
-                "model": "models/embedded/init",
+                "model": init,
                 "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 3e-3}},
                 "weight_decay": 0.0,
                 "lr_schedule": "linear",
                 "warmup_epochs": 1.0,
             },
         },
-        "data": {
-            "class_path": "baldro_lightning.datamodule.QADataModule",
-            "init_args": {
-                "benchmark": "data/tofu_embedded",
-                "splits": splits,
-                "batch_size": 32,
-                "max_length": 128,
-                "seed": 0,
-            },
+        "data": data,
+    }
+
+
+def tofu_finetune_config(name: str, splits: list[str], out: str) -> dict:
+    data = {
+        "class_path": "baldro_lightning.datamodule.QADataModule",
+        "init_args": {
+            "benchmark": "data/tofu_embedded",
+            "splits": splits,
+            "batch_size": 32,
+            "max_length": 128,
+            "seed": 0,
+            "group_by_length": True,
         },
     }
+    return finetune_config("embedded", name, out, "models/embedded/init", data, epochs=20)
+
+
+def muse_finetune_config(name: str, splits: list[str], out: str) -> dict:
+    # The recipe measured in data/README.md (MUSE section): 50 epochs of 255-token chunks, batch 8, from a tiny
+    # Llama whose tokenizer is fitted on data/muse_embedded (python -m baldro_lightning.embedded_models
+    # --data data/muse_embedded --out models/embedded_muse/init).
+    data = {
+        "class_path": "baldro_lightning.muse.MuseTextDataModule",
+        "init_args": {
+            "benchmark": "data/muse_embedded",
+            "corpus": "news",
+            "splits": splits,
+            "batch_size": 8,
+            "max_length": 255,
+            "seed": 0,
+        },
+    }
+    return finetune_config("muse_embedded", name, out, "models/embedded_muse/init", data, epochs=50)
 
 
 def all_configs() -> dict[Path, dict]:
     configs: dict[Path, dict] = {}
     general = ["real_authors_perturbed", "world_facts_perturbed"]
-    configs[HERE / "embedded" / "finetune_target.yaml"] = finetune_config(
+    configs[HERE / "embedded" / "finetune_target.yaml"] = tofu_finetune_config(
         "finetune_target", ["full", *general], "models/embedded/target"
     )
     for keep in ("90", "95", "99"):
-        configs[HERE / "embedded" / f"finetune_retain{keep}.yaml"] = finetune_config(
+        configs[HERE / "embedded" / f"finetune_retain{keep}.yaml"] = tofu_finetune_config(
             f"finetune_retain{keep}", [f"retain{keep}", *general], f"models/embedded/retain{keep}"
         )
     for bench in BENCHMARKS:
         for base in BASES:
             for suffix in OBJECTIVES:
                 configs[HERE / bench / f"{base}{suffix}.yaml"] = unlearning_config(bench, base, suffix)
+    configs[HERE / "muse_embedded" / "finetune_target.yaml"] = muse_finetune_config(
+        "finetune_target", ["raw/forget", "raw/retain1"], "models/embedded_muse/target"
+    )
+    configs[HERE / "muse_embedded" / "finetune_retain.yaml"] = muse_finetune_config(
+        "finetune_retain", ["raw/retain1"], "models/embedded_muse/retain"
+    )
+    for bench in MUSE_BENCHMARKS:
+        for base in MUSE_BASES:
+            for suffix in MUSE_OBJECTIVES:
+                configs[HERE / bench / f"{base}{suffix}.yaml"] = muse_unlearning_config(bench, base, suffix)
     return configs
 
 

@@ -8,11 +8,14 @@ from pathlib import Path
 import lightning as L
 import pytest
 
+from baldro_lightning.callbacks import MuseEvaluation
 from baldro_lightning.cli import cli_main
 from baldro_lightning.module import UnlearningModule
+from baldro_lightning.muse import MuseDataModule
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-CONFIGS = sorted(EXPERIMENTS.glob("**/*.yaml"))
+# Sweep grids are not LightningCLI configs; tests/test_sweep.py checks them and parses a run of each config.
+CONFIGS = sorted(p for p in EXPERIMENTS.glob("**/*.yaml") if p.relative_to(EXPERIMENTS).parts[0] != "sweeps")
 
 
 def _generator():
@@ -24,6 +27,11 @@ def _generator():
 
 def test_configs_exist():
     assert len(CONFIGS) >= 40, "expected the base x objective grid for both benchmarks"
+    # Paper Table 2: News and Books x (NPO, SimNPO, SatImp) x (Mean, G, DV), the same on the embedded MUSE corpus,
+    # plus the embedded MUSE target and retain fine-tunes.
+    muse = [p.relative_to(EXPERIMENTS).as_posix() for p in CONFIGS if p.parent.name.startswith("muse_")]
+    assert len(muse) == 3 * 3 * 3 + 2
+    assert {"muse_news/satimp_g.yaml", "muse_books/simnpo_dv.yaml", "muse_embedded/finetune_retain.yaml"} <= set(muse)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(EXPERIMENTS)))
@@ -33,6 +41,10 @@ def test_config_instantiates(config: Path):
     assert isinstance(cli.datamodule, L.LightningDataModule)
     if isinstance(cli.model, UnlearningModule):
         assert cli.datamodule.tokenizer_path == cli.model.model_path
+    if isinstance(cli.model, UnlearningModule) and isinstance(cli.datamodule, MuseDataModule):
+        # Spec §5.1: MUSE unlearning runs use a constant learning rate, no warm-up and no weight decay.
+        assert (cli.model.lr_schedule, cli.model.warmup_epochs, cli.model.weight_decay) == ("constant", 0.0, 0.0)
+        assert any(isinstance(c, MuseEvaluation) for c in cli.trainer.callbacks)
 
 
 def test_generated_files_are_current():

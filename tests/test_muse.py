@@ -1,5 +1,6 @@
 """MUSE: split loading (shared files, both layouts, bad rows, Hub path), tokenisation, metric glue with hand-computed
-values, the embedded corpus generator, unlearning/fine-tuning on MUSE chunks and the MUSE evaluator end to end."""
+values, the embedded corpus generator and its tokenizer, unlearning/fine-tuning on MUSE chunks, the MUSE evaluator
+(whole and rank-sharded), and the shipped embedded MUSE config end to end with its in-training evaluation."""
 
 from __future__ import annotations
 
@@ -14,14 +15,20 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from baldro_lightning import metrics
 from baldro_lightning import muse_world as mw
-from baldro_lightning.evaluation import EvalLogError, write_eval_json
+from baldro_lightning.benchmark_rows import BenchmarkDataError
+from baldro_lightning.callbacks import MuseEvaluation
+from baldro_lightning.cli import cli_main
+from baldro_lightning.datamodule import ForgetRetainDataModule
+from baldro_lightning.embedded_models import corpus_texts, init_tiny_llama, train_tokenizer
+from baldro_lightning.evaluation import EvalLogError, RowScores, shard_rows, write_eval_json
 from baldro_lightning.logprobs import IGNORE_INDEX
 from baldro_lightning.losses import NLL, NPO
-from baldro_lightning.module import FinetuneModule, UnlearningModule
+from baldro_lightning.module import FinetuneModule, UnlearningModule, load_causal_lm
 from baldro_lightning.muse import (
     MUSE_SPLITS,
     MuseDataModule,
@@ -35,17 +42,18 @@ from baldro_lightning.muse import (
 )
 from baldro_lightning.muse_evaluation import (
     KNOWMEM_STOP_STRINGS,
+    MuseEvaluator,
     main,
     memorization_entries,
     mia_entries,
     reference_privleak_auc,
     rouge_entry,
 )
-from baldro_lightning.tofu import BenchmarkDataError
-from baldro_lightning.tokenization import PromptTemplate
+from baldro_lightning.tokenization import PromptTemplate, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 EMBEDDED = REPO / "data" / "muse_embedded"
+EMBEDDED_CONFIG = REPO / "experiments" / "muse_embedded" / "npo_dv.yaml"
 SHARED_MUSE = REPO.parent / "shared" / "data" / "muse"
 
 EVERY_METRIC = {
@@ -72,6 +80,16 @@ def shared_muse() -> Path:
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model: Path):
     return AutoTokenizer.from_pretrained(str(tiny_model))
+
+
+@pytest.fixture(scope="module")
+def muse_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny Llama whose tokenizer is fitted on the embedded MUSE corpus, as the MUSE configs expect."""
+    root = tmp_path_factory.mktemp("muse_model")
+    train_tokenizer(EMBEDDED, root / "tokenizer", vocab_size=512, model_max_length=256)
+    shape = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
+    init_tiny_llama(root / "tokenizer", root / "init", seed=0, **shape)
+    return root / "init"
 
 
 def _write(path: Path, rows: list[object]) -> Path:
@@ -494,3 +512,95 @@ def test_evaluator_cli_writes_every_metric(tiny_model: Path, tmp_path: Path) -> 
     again = main([*args, "--out", str(tmp_path / "self.json"), "--metrics", "privleak", "--retain_reference", str(out)])
     assert set(again["metrics"]) == {"mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_plus_plus", "privleak"}
     assert again["metrics"]["privleak"]["agg_value"] == pytest.approx(0.0, abs=1e-9)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The embedded MUSE models' tokenizer, sharded evaluation and the shipped config end to end
+
+
+def test_muse_tokenizer_is_fitted_on_articles_and_passages(muse_model: Path, tmp_path: Path) -> None:
+    texts = list(corpus_texts(EMBEDDED))
+    articles = [row["text"] for row in _read(EMBEDDED / "news_raw_forget.jsonl")]
+    assert set(articles) <= set(texts)
+    row = _read(EMBEDDED / "news_verbmem_forget.jsonl")[0]
+    assert f"{row['prompt']} {row['gt']}" in texts
+    tokenizer = AutoTokenizer.from_pretrained(str(muse_model))
+    for text in articles[:5]:
+        ids = tokenizer(text)["input_ids"]
+        assert tokenizer.unk_token_id not in ids
+        assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    _write(tmp_path / "odd.jsonl", [{"title": "no text field"}])
+    with pytest.raises(ValueError, match=r"odd\.jsonl:1: expected a JSON object with 'question' and 'answer'"):
+        list(corpus_texts(tmp_path))
+
+
+def test_sharded_muse_scores_aggregate_to_the_single_process_metrics(muse_model: Path) -> None:
+    """Two ranks' shares of 5 rows per split (3 + 2), joined with RowScores.concat, give exactly the metrics of one
+    process. Batches of one example keep every row's forward identical in both runs (no padding differs)."""
+    unpadded = {"batch_size": 1, "knowmem_batch_size": 1, "verbmem_batch_size": 1}
+    short = {"knowmem_max_new_tokens": 6, "verbmem_max_new_tokens": 6}
+    evaluator = MuseEvaluator(
+        str(EMBEDDED), load_tokenizer(str(muse_model)), limit=5, max_length=255, **unpadded, **short
+    )
+    model = load_causal_lm(str(muse_model), "float32")
+    whole = evaluator.evaluate(model)["metrics"]
+    parts = [evaluator.score(model, {n: shard_rows(r, rank, 2) for n, r in evaluator.rows.items()}) for rank in (0, 1)]
+    assert [part["verbmem/forget"].indices for part in parts] == [[0, 2, 4], [1, 3]]
+    joined = {name: RowScores.concat([part[name] for part in parts]) for name in parts[0]}
+    assert evaluator.aggregate(joined) == whole
+    with pytest.raises(EvalLogError, match=r"knowmem/forget_qa: scores cover 3 rows but 5 were loaded"):
+        evaluator.aggregate(parts[0])
+
+
+def test_muse_evaluation_needs_a_muse_data_module(tiny_model: Path, tiny_benchmark: Path) -> None:
+    data = ForgetRetainDataModule(str(tiny_model), str(tiny_benchmark))
+    with pytest.raises(ValueError, match=r"MuseEvaluation needs a MUSE data module .* got ForgetRetainDataModule"):
+        MuseEvaluation().build_evaluator(data)
+
+
+class _PolicyModes(Callback):
+    """Records whether the policy is in train mode at every training batch."""
+
+    def __init__(self) -> None:
+        self.training: list[bool] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.training.append(pl_module.policy.training)
+
+
+def test_embedded_muse_config_fast_dev_run(muse_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """experiments/muse_embedded/npo_dv.yaml as shipped (NPO + BalDRO-DV on MuseDataModule, MuseEvaluation with the
+    retain reference it names), on a tiny model: one step, evaluations before and after it.
+
+    The retain reference is the same model, evaluated by the CLI on the same rows, so at step 0 the policy's MinK
+    AUC equals the reference's and PrivLeak is exactly 0.
+    """
+    monkeypatch.chdir(tmp_path)  # the config's relative run and reference paths land here
+    reference = Path("runs/muse_embedded/eval/retain/eval.json")
+    flags = ["--limit", "4", "--max_length", "255", "--batch_size", "1", "--metrics", "privleak"]
+    retain = main(["--model", str(muse_model), "--benchmark", str(EMBEDDED), *flags, "--out", str(reference)])
+    overrides = [f"--model.init_args.model={muse_model}", f"--data.init_args.benchmark={EMBEDDED}"]
+    cli = cli_main(["--config", str(EMBEDDED_CONFIG), *overrides, "--trainer.fast_dev_run=true"], run=False)
+    evaluation = next(c for c in cli.trainer.callbacks if isinstance(c, MuseEvaluation))
+    assert evaluation.retain_reference == str(reference) and evaluation.every_epoch and evaluation.on_start
+    # Smoke-sized evaluation: 4 rows per split, short continuations, unpadded likelihood batches.
+    evaluation.limit, evaluation.verbmem_max_new_tokens, evaluation.batch_size = 4, 8, 1
+    evaluation.dirpath = str(tmp_path / "eval")
+    modes = _PolicyModes()
+    cli.trainer.callbacks.append(modes)
+    before = {k: v.clone() for k, v in load_causal_lm(str(muse_model), "float32").state_dict().items()}
+
+    cli.trainer.fit(cli.model, cli.datamodule)
+
+    assert sorted(p.name for p in (tmp_path / "eval").glob("step_*")) == ["step_000000", "step_000001"]
+    start, end = (json.loads((tmp_path / "eval" / s / "eval.json").read_text()) for s in ("step_000000", "step_000001"))
+    assert set(start["metrics"]) == set(end["metrics"]) == EVERY_METRIC
+    assert (start["meta"]["global_step"], end["meta"]["global_step"]) == (0, 1)
+    assert start["meta"]["privleak_reference_auc"] == retain["metrics"]["mia_min_k"]["agg_value"]
+    assert start["metrics"]["privleak"]["agg_value"] == pytest.approx(0.0, abs=1e-9)
+    assert all(len(start["metrics"][m]["value_by_index"]) == 4 for m in EVERY_METRIC - {"privleak"})
+    for key in ("forget_knowmem_ROUGE", "retain_knowmem_ROUGE", "forget_verbmem_ROUGE", "privleak", "mia_min_k"):
+        assert f"val/{key}" in cli.trainer.callback_metrics, key
+    assert modes.training == [True], "the evaluation before the step left the policy in eval mode"
+    exported = load_causal_lm("runs/muse_embedded/npo_dv/model", "float32").state_dict()
+    assert any(not torch.equal(before[k], exported[k]) for k in before), "one NPO + DV step changed nothing"

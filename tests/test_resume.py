@@ -23,7 +23,6 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from baldro_lightning import callbacks as callbacks_module
 from baldro_lightning import evaluation, export
 from baldro_lightning.callbacks import TofuEvaluation
 from baldro_lightning.evaluation import write_eval_json
@@ -325,17 +324,17 @@ def test_per_sample_csv_interrupted_midway_keeps_previous_table(tmp_path, monkey
             self.handle.flush()
             raise Interrupted
 
-    monkeypatch.setattr(callbacks_module.os, "fdopen", HalfFile)
+    monkeypatch.setattr(os, "fdopen", HalfFile)
     with pytest.raises(Interrupted):
         callback._write_table(None, {"forget_step_by_index": {"0": 5.0, "1": None}})
-    monkeypatch.setattr(callbacks_module.os, "fdopen", real_fdopen)
+    monkeypatch.setattr(os, "fdopen", real_fdopen)
     assert table.read_text() == previous
     assert _entries(table.parent) == ["per_sample.csv"]
 
     def interrupted(src, dst):
         raise Interrupted
 
-    monkeypatch.setattr(callbacks_module.os, "replace", interrupted)
+    monkeypatch.setattr(os, "replace", interrupted)
     with pytest.raises(Interrupted):
         callback._write_table(None, {"forget_step_by_index": {"0": 5.0, "1": None}})
     assert table.read_text() == previous

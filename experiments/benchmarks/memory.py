@@ -1,10 +1,14 @@
-"""Per-rank memory of weights, gradients and AdamW state: FSDP2 on 2 ranks vs 1 process.
+"""Per-rank memory of weights, gradients and AdamW state: FSDP2 on 2 ranks vs 1 process, full and LoRA.
 
 A randomly initialised Llama of about 30M parameters (policy, trainable) plus a frozen copy (the NPO reference)
 takes one AdamW step on random tokens. Afterwards each rank sums ``numel * element_size`` over the tensors it
 actually holds: its local shards of the policy parameters, their gradients and the optimizer states, and its shard
 of the reference. This is a measurement of what stays resident between steps, not an estimate from the parameter
 count; it leaves out activations and the transiently all-gathered layer, which FSDP2 frees after use.
+
+The LoRA rows train rank-8 adapters on every attention and MLP projection (``baldro_lightning.lora.LoRA``'s
+defaults): gradients and AdamW state exist for the adapters only, and the reference is the same base weights with
+the adapters switched off, so no reference copy is held.
 
 Run it plainly; it measures one process in-process and launches the 2-rank run itself (gloo, CPU)::
 
@@ -28,9 +32,11 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from baldro_lightning.lora import LoRA, add_adapters
 from baldro_lightning.sharding import shard_model
 
 COLUMNS = ("policy weights", "gradients", "optimizer state", "reference weights")
+VARIANTS = ("full", "lora")
 
 
 def _config() -> LlamaConfig:
@@ -63,24 +69,37 @@ def _local_bytes(tensors: Iterable[Tensor | None]) -> int:
     return total
 
 
-def measure(seed: int = 0, batch_size: int = 2, length: int = 64) -> dict[str, float]:
-    """One AdamW step of the policy (sharded when a process group is up); resident MiB per column."""
+def measure(variant: str = "full", seed: int = 0, batch_size: int = 2, length: int = 64) -> dict[str, float]:
+    """One AdamW step of the policy (sharded when a process group is up); resident MiB per column.
+
+    ``variant="lora"``: the policy carries LoRA adapters and there is no reference model (its forward is the
+    policy's with the adapters off).
+    """
     torch.manual_seed(seed)
     policy = LlamaForCausalLM(_config())
-    reference = LlamaForCausalLM(_config()).requires_grad_(False).eval()
-    reference.load_state_dict(policy.state_dict())
     parameter_count = sum(p.numel() for p in policy.parameters())
+    reference = None
+    if variant == "lora":
+        policy = add_adapters(policy, LoRA())
+    else:
+        reference = LlamaForCausalLM(_config()).requires_grad_(False).eval()
+        reference.load_state_dict(policy.state_dict())
     if dist.is_initialized():
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("data_parallel",))
         shard_model(policy, mesh["data_parallel"])
-        shard_model(reference, mesh["data_parallel"])
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4)
+        if reference is not None:
+            shard_model(reference, mesh["data_parallel"])
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-4)
 
     tokens = torch.randint(policy.config.vocab_size, (batch_size, length))
     with torch.no_grad():
-        reference(input_ids=tokens)
+        if reference is not None:
+            reference(input_ids=tokens)
+        else:
+            with policy.disable_adapter():
+                policy(input_ids=tokens)
     policy(input_ids=tokens, labels=tokens).loss.backward()
     optimizer.step()
 
@@ -90,24 +109,27 @@ def measure(seed: int = 0, batch_size: int = 2, length: int = 64) -> dict[str, f
         "policy weights": _local_bytes(policy.parameters()) / mib,
         "gradients": _local_bytes(p.grad for p in policy.parameters()) / mib,
         "optimizer state": _local_bytes(states) / mib,
-        "reference weights": _local_bytes(reference.parameters()) / mib,
+        "reference weights": 0.0 if reference is None else _local_bytes(reference.parameters()) / mib,
     }
     sizes["total"] = sum(sizes.values())
     sizes["parameters"] = parameter_count
+    sizes["trainable"] = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     return sizes
 
 
 def _worker(out: Path) -> None:
     dist.init_process_group("gloo")
-    sizes = measure()
-    everyone: list[dict[str, float] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, sizes)
+    results = {}
+    for variant in VARIANTS:
+        everyone: list[dict[str, float] | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, measure(variant))
+        results[variant] = everyone
     if dist.get_rank() == 0:
-        out.write_text(json.dumps(everyone))
+        out.write_text(json.dumps(results))
     dist.destroy_process_group()
 
 
-def _launch(world_size: int) -> list[dict[str, float]]:
+def _launch(world_size: int) -> dict[str, list[dict[str, float]]]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "ranks.json"
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}"]
@@ -125,17 +147,24 @@ def main() -> None:
         _worker(args.worker_out)
         return
 
-    single = measure()
+    singles = {variant: measure(variant) for variant in VARIANTS}
     ranks = _launch(args.world_size)
-    print(f"Llama, {single['parameters'] / 1e6:.1f}M parameters; fp32; AdamW; resident MiB per process after one step")
-    header = f"{'':<22}" + "".join(f"{c:>19}" for c in (*COLUMNS, "total"))
+    full = singles["full"]
+    print(f"Llama, {full['parameters'] / 1e6:.1f}M parameters; fp32; AdamW; resident MiB per process after one step")
+    print(f"LoRA: {singles['lora']['trainable'] / 1e6:.2f}M trainable adapter parameters; reference = adapters off")
+    header = f"{'':<28}" + "".join(f"{c:>19}" for c in (*COLUMNS, "total"))
     print(header)
-    print(f"{'1 process':<22}" + "".join(f"{single[c]:>19.2f}" for c in (*COLUMNS, "total")))
-    for rank, sizes in enumerate(ranks):
-        label = f"FSDP2 rank {rank}/{args.world_size}"
-        print(f"{label:<22}" + "".join(f"{sizes[c]:>19.2f}" for c in (*COLUMNS, "total")))
-    worst = max(sizes["total"] for sizes in ranks)
-    print(f"largest rank / 1 process: {worst / single['total']:.3f} (ideal {1 / args.world_size:.3f})")
+    for variant in VARIANTS:
+        print(f"{variant + ', 1 process':<28}" + "".join(f"{singles[variant][c]:>19.2f}" for c in (*COLUMNS, "total")))
+        for rank, sizes in enumerate(ranks[variant]):
+            label = f"{variant}, FSDP2 rank {rank}/{args.world_size}"
+            print(f"{label:<28}" + "".join(f"{sizes[c]:>19.2f}" for c in (*COLUMNS, "total")))
+    for variant in VARIANTS:
+        worst = max(sizes["total"] for sizes in ranks[variant])
+        print(
+            f"{variant}: largest rank / {variant} on 1 process: {worst / singles[variant]['total']:.3f} "
+            f"(ideal {1 / args.world_size:.3f}); / full on 1 process: {worst / full['total']:.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,246 @@
+"""FSDP2 runs end to end on 2 gloo processes: resume from a distributed checkpoint, export, LoRA.
+
+Three launches of ``python -m baldro_lightning fit`` on 2 gloo processes under ``ModelParallelStrategy``: an
+uninterrupted run of 6 steps, a run stopped after 3 steps (its checkpoint is a directory of ``.distcp`` shards),
+and that run resumed with ``--ckpt_path``. The resumed steps must train on the same rows with the same losses as
+steps 4-6 of the uninterrupted run, and both runs' exports (``ExportPretrained`` under FSDP2) must agree. AdamW
+keeps per-parameter state, so the optimizer's shards must be restored too, not only the weights. The checkpoint
+must hold the policy and no reference, and ``python -m baldro_lightning.export`` must turn it into the model the
+stopped run exported. Two more launches train LoRA adapters with activation checkpointing on 2 FSDP2 ranks and
+in 1 process with the same global batch; the merged exports must agree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from torch.distributed.checkpoint import FileSystemReader
+from transformers import AutoModelForCausalLM
+
+from baldro_lightning.export import main as export_main
+
+TESTS = Path(__file__).resolve().parent
+FORGET_ROWS = 8  # 2 ranks x batch 1: four steps per epoch, so the stop at step 3 is inside the first epoch
+STOP, TOTAL = 3, 6  # the resumed run crosses an epoch boundary (a reshuffle)
+TIMEOUT_S = 420
+
+pytestmark = [
+    pytest.mark.skipif(
+        not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is unavailable"
+    ),
+    pytest.mark.distributed,
+    pytest.mark.slow,
+]
+
+
+def benchmark_with_eight_forget_rows(tiny_benchmark: Path, root: Path) -> Path:
+    benchmark = Path(shutil.copytree(tiny_benchmark, root))
+    lines = (benchmark / "full.jsonl").read_text().splitlines()
+    (benchmark / "forget10.jsonl").write_text("\n".join(lines[-FORGET_ROWS:]) + "\n")
+    (benchmark / "retain90.jsonl").write_text("\n".join(lines[:-FORGET_ROWS]) + "\n")
+    return benchmark
+
+
+def write_config(
+    run: Path, model: Path, benchmark: Path, devices: int = 2, batch_size: int = 1, **model_args: Any
+) -> Path:
+    """FSDP2 on 2 CPU processes (or 1 plain process); a checkpoint every ``STOP`` steps; NPO with a live reference."""
+    strategy = {
+        "class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+        "init_args": {"data_parallel_size": devices, "tensor_parallel_size": 1},
+    }
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": devices,
+            "strategy": strategy if devices > 1 else "auto",
+            "logger": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "default_root_dir": str(run),
+            "callbacks": [
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {
+                        "dirpath": str(run / "ckpt"),
+                        "filename": "{step}",
+                        "every_n_train_steps": STOP,
+                        "save_top_k": -1,
+                        "save_last": True,
+                    },
+                },
+                {"class_path": "distributed_resume_worker.RecordSteps", "init_args": {"path": str(run / "steps")}},
+                {
+                    "class_path": "baldro_lightning.export.ExportPretrained",
+                    "init_args": {"dirpath": str(run / "model")},
+                },
+            ],
+        },
+        "model": {
+            "class_path": "baldro_lightning.module.UnlearningModule",
+            "init_args": {
+                "model": str(model),
+                "forget_loss": "baldro_lightning.losses.NPO",
+                "retain_loss": "baldro_lightning.losses.NLL",
+                "reference": "live",
+                # Constant: a schedule over max_steps would differ between the stopped and the full run.
+                "lr_schedule": "constant",
+                "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}},
+                **model_args,
+            },
+        },
+        "data": {
+            "class_path": "baldro_lightning.datamodule.ForgetRetainDataModule",
+            "init_args": {"benchmark": str(benchmark), "batch_size": batch_size, "max_length": 48},
+        },
+    }
+    run.mkdir(parents=True, exist_ok=True)
+    path = run / "config.yaml"
+    path.write_text(json.dumps(config, indent=1))
+    return path
+
+
+def fit(config: Path, max_steps: int, ckpt_path: Path | None = None, processes: int = 2) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    command += ["-m", "baldro_lightning", "fit", "--config", str(config), f"--trainer.max_steps={max_steps}"]
+    if ckpt_path is not None:
+        command += ["--ckpt_path", str(ckpt_path)]
+    pythonpath = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    try:
+        done = subprocess.run(
+            command, env=env, cwd=config.parent, capture_output=True, text=True, timeout=TIMEOUT_S, check=False
+        )
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"the 2-process fit did not finish in {TIMEOUT_S} s: {' '.join(command)}\n{err.stdout or ''}")
+    if done.returncode != 0:
+        pytest.fail(f"the 2-process fit failed (exit {done.returncode}): {' '.join(command)}\n{done.stderr[-6000:]}")
+
+
+def steps(run: Path, rank: int) -> list[dict]:
+    lines = (run / f"steps.rank{rank}").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model, tiny_benchmark, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("distributed_resume")
+    benchmark = benchmark_with_eight_forget_rows(tiny_benchmark, root / "benchmark")
+    full = write_config(root / "full", tiny_model, benchmark)
+    fit(full, TOTAL)
+    stopped = write_config(root / "stopped", tiny_model, benchmark)
+    fit(stopped, STOP)
+    # What the stopped run exported (weights after step 3), kept before the resumed run replaces it.
+    shutil.copytree(stopped.parent / "model", root / "export_at_stop")
+    fit(stopped, TOTAL, ckpt_path=stopped.parent / "ckpt" / "last.ckpt")
+    return {"full": full.parent, "resumed": stopped.parent, "export_at_stop": root / "export_at_stop"}
+
+
+def test_resumed_fsdp2_run_matches_the_uninterrupted_run(runs):
+    full, resumed = runs["full"], runs["resumed"]
+    for rank in range(2):
+        uninterrupted, interrupted = steps(full, rank), steps(resumed, rank)
+        assert uninterrupted[0] == {"sharded": True}, "the policy was not sharded by FSDP2"
+        assert [r["step"] for r in uninterrupted[1:]] == list(range(1, TOTAL + 1))
+        # The stopped run's records, a start marker of the resumed run, then the resumed steps.
+        assert interrupted[STOP + 1] == {"sharded": True}
+        after = interrupted[STOP + 2 :]
+        expected = uninterrupted[STOP + 1 :]
+        assert [(r["step"], r["forget"]) for r in after] == [(r["step"], r["forget"]) for r in expected], (
+            f"rank {rank}: the resumed run trained on other rows than the uninterrupted one"
+        )
+        losses = torch.tensor([r["loss"] for r in after])
+        torch.testing.assert_close(losses, torch.tensor([r["loss"] for r in expected]), rtol=0, atol=1e-6)
+
+    reference = load_file(full / "model" / "model.safetensors")
+    continued = load_file(resumed / "model" / "model.safetensors")
+    assert reference.keys() == continued.keys()
+    for name, value in reference.items():
+        torch.testing.assert_close(continued[name], value, rtol=0, atol=1e-6, msg=f"final {name}")
+    stopped = load_file(runs["export_at_stop"] / "model.safetensors")
+    moved = max((reference[k] - stopped[k]).abs().max().item() for k in reference)
+    assert moved > 1e-3, "steps 4-6 barely moved the weights, so the comparison above shows little"
+
+
+def test_distributed_checkpoint_holds_policy_and_optimizer_but_no_reference(runs):
+    checkpoint = runs["resumed"] / "ckpt" / f"step={STOP}.ckpt"
+    assert checkpoint.is_dir() and (checkpoint / "meta.pt").is_file()
+    keys = list(FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata)
+    assert any(k.startswith("state_dict.policy.") for k in keys)
+    assert any(k.startswith("optimizer_0.state.") for k in keys), "AdamW's moments are not in the checkpoint"
+    assert not [k for k in keys if "reference" in k], "the frozen reference was checkpointed"
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "callback_export"), [(f"step={STOP}.ckpt", "export_at_stop"), ("last.ckpt", "resumed")]
+)
+def test_export_command_consolidates_the_distributed_checkpoint(runs, tmp_path, checkpoint, callback_export):
+    """The command's export of a checkpoint equals what ``ExportPretrained`` wrote at that step under FSDP2."""
+    path = runs["resumed"] / "ckpt" / checkpoint
+    assert path.is_dir(), f"{checkpoint} is not a distributed checkpoint directory"
+    out = export_main(["--checkpoint", str(path), "--out", str(tmp_path / "model")])
+    exported = load_file(out / "model.safetensors")
+    directory = runs[callback_export] if callback_export == "export_at_stop" else runs[callback_export] / "model"
+    expected = load_file(directory / "model.safetensors")
+    assert exported.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(exported[name], value), name
+    assert (out / "tokenizer.json").is_file()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# LoRA under FSDP2
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tiny_model, tiny_benchmark, tmp_path_factory) -> dict[str, Path]:
+    """LoRA with activation checkpointing: 2 FSDP2 ranks x batch 1 and 1 process x batch 2, plain SGD."""
+    root = tmp_path_factory.mktemp("distributed_lora")
+    benchmark = benchmark_with_eight_forget_rows(tiny_benchmark, root / "benchmark")
+    options = {
+        "lora": {"r": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+        "gradient_checkpointing": True,
+        # SGD: AdamW's normalised first steps would magnify float rounding between the two layouts.
+        "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 1.0}},
+    }
+    runs = {}
+    for name, devices in (("fsdp2", 2), ("single", 1)):
+        config = write_config(root / name, tiny_model, benchmark, devices, batch_size=2 // devices, **options)
+        fit(config, STOP, processes=devices)
+        runs[name] = config.parent
+    return runs
+
+
+def test_lora_under_fsdp2_matches_one_process_and_exports_merged(lora_runs, tiny_model):
+    fsdp2, single = lora_runs["fsdp2"], lora_runs["single"]
+    assert steps(fsdp2, 0)[0] == {"sharded": True}
+    sharded_losses = torch.tensor([r["loss"] for r in steps(fsdp2, 0)[1:]])
+    single_losses = torch.tensor([r["loss"] for r in steps(single, 0)[1:]])
+    assert len(single_losses) == STOP
+    torch.testing.assert_close(sharded_losses, single_losses, rtol=1e-5, atol=1e-5)
+
+    merged = load_file(fsdp2 / "model" / "model.safetensors")
+    expected = load_file(single / "model" / "model.safetensors")
+    pristine = AutoModelForCausalLM.from_pretrained(str(tiny_model)).state_dict()
+    assert merged.keys() == expected.keys() and not [k for k in merged if "lora" in k]
+    for name, value in expected.items():
+        torch.testing.assert_close(merged[name], value, rtol=0, atol=1e-5, msg=f"merged {name}")
+    moved = {k for k in merged if not torch.equal(merged[k], pristine[k])}
+    # Only the targeted projections change when the adapters are merged in.
+    assert moved == {
+        f"model.layers.{i}.{m}.weight"
+        for i in range(2)
+        for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")
+    }
+    assert max((merged[k] - pristine[k]).abs().max().item() for k in moved) > 1e-4
