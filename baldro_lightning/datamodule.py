@@ -258,6 +258,11 @@ class SplitsDataModule(BenchmarkDataModule):
             )
         self.splits = list(splits)
         self.val_splits = list(val_splits)
+        if self.val_splits:
+            # Lightning builds a validation loop only when `val_dataloader` is overridden, so it is defined only
+            # where there is something to validate on: an empty list of loaders would still be asked for its
+            # length and warned about ("Total length of `list` across ranks is zero").
+            self.val_dataloader = self._val_dataloader
 
     def split_dataset(self, name: str) -> Dataset:
         raise NotImplementedError
@@ -278,10 +283,9 @@ class SplitsDataModule(BenchmarkDataModule):
             sampler = ShardedPermutation(self.train_set, world, rank, self.seed)
         return self._loader(self.train_set, self._resumable(sampler), PaddingCollator(self.tokenizer.pad_token_id))
 
-    def val_dataloader(self) -> DataLoader | list:
+    def _val_dataloader(self) -> DataLoader:
+        """``val_dataloader`` of a data module with ``val_splits`` (see :meth:`_use_splits`)."""
         self.setup()
-        if self.val_set is None:
-            return []
         world, rank = world_and_rank(self.trainer)
         sampler = ShardedPermutation(self.val_set, world, rank, self.seed, shuffle=False)
         return self._loader(self.val_set, sampler, PaddingCollator(self.tokenizer.pad_token_id))

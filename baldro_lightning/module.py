@@ -83,13 +83,17 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def _decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: biases and norm gains are not decayed, as in the HF Trainer."""
+def _undecayed(model: nn.Module) -> set[Tensor]:
+    """Biases and norm gains (vectors, or named ``norm``): not decayed, as in the HF Trainer."""
+    return {param for name, param in model.named_parameters() if param.dim() < 2 or "norm" in name.lower()}
+
+
+def _decay_groups(model: nn.Module, weight_decay: float, undecayed: set[Tensor]) -> list[dict]:
+    """Weight decay on the trainable parameters outside ``undecayed`` (from :func:`_undecayed`)."""
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.dim() < 2 or "norm" in name.lower() else decay).append(param)
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param in undecayed else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -107,6 +111,19 @@ class CausalLMModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         lora: LoRA | None = None,
     ) -> None:
+        """Options shared by every module; subclasses take them as keyword arguments (the YAML keys under
+        ``model.init_args`` are these names).
+
+        Args:
+            model: Hugging Face model directory or Hub id: the policy, and the reference where one is needed.
+            optimizer: Optimizer class and its arguments (``class_path``/``init_args``), e.g. AdamW with ``lr``.
+            weight_decay: Decay of weight matrices; biases and norm gains are never decayed.
+            lr_schedule: ``linear``: warm-up, then linear decay to 0 at the last step (HF's); or ``constant``.
+            warmup_epochs: Length of the linear warm-up in epochs (fractions allowed).
+            torch_dtype: dtype the weights are loaded in (``bfloat16`` with ``--trainer.precision=bf16-true``).
+            gradient_checkpointing: Recompute each decoder layer's activations in backward.
+            lora: Train LoRA adapters only (see :class:`~baldro_lightning.lora.LoRA`); ``None`` trains all weights.
+        """
         super().__init__()
         if warmup_epochs < 0:
             raise ValueError(f"--model.warmup_epochs must be >= 0, got {warmup_epochs}")
@@ -119,12 +136,22 @@ class CausalLMModule(L.LightningModule):
         self.gradient_checkpointing = gradient_checkpointing
         self.lora = lora
         self.policy: PreTrainedModel | None = None
+        self._no_decay: set[Tensor] | None = None
 
     def configure_model(self) -> None:
         # Weights load here, not in __init__, so that parsing a config is instant and sharding strategies
         # can wrap the model inside their own context.
         if self.policy is not None:
             return
+        if self._trainer is not None:
+            from lightning.pytorch.strategies import FSDPStrategy
+
+            if isinstance(self.trainer.strategy, FSDPStrategy):
+                if problems := self._fsdp1_problems():
+                    raise ValueError("--trainer.strategy=FSDPStrategy (FSDP1):\n  - " + "\n  - ".join(problems))
+                # FSDP1 moves the parameters to the GPU without Module.to, so Lightning never updates self.device
+                # (litgpt#383); the tensors the training step creates on self.device must land there too.
+                self._device = self.trainer.strategy.root_device
         self.policy = load_causal_lm(self.model_path, self.torch_dtype)
         # from_pretrained returns eval mode and Lightning 2.x keeps each submodule's mode as found.
         self.policy.train()
@@ -141,6 +168,15 @@ class CausalLMModule(L.LightningModule):
 
             mp_policy = mixed_precision_policy(self.trainer.precision)
             shard_model(self.policy, data_parallel_mesh(self.device_mesh), mp_policy=mp_policy)
+        # Decided now, on the parameters' real shapes: FSDPStrategy wraps the model after this hook and turns each
+        # parameter into a flat 1-D view of its shard (keeping the Parameter objects), so shapes read later lie.
+        self._no_decay = _undecayed(self.policy)
+
+    def _fsdp1_problems(self) -> list[str]:
+        """What this configuration needs that Lightning's ``FSDPStrategy`` cannot give; checked before training."""
+        from baldro_lightning.sharding import fsdp1_callback_problems
+
+        return fsdp1_callback_problems(self.trainer.callbacks)
 
     @property
     def pad_token_id(self) -> int:
@@ -167,7 +203,8 @@ class CausalLMModule(L.LightningModule):
         return out
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(_decay_groups(self.policy, self.weight_decay))
+        undecayed = self._no_decay if self._no_decay is not None else _undecayed(self.policy)
+        optimizer = self.optimizer_factory(_decay_groups(self.policy, self.weight_decay, undecayed))
         if self.lr_schedule == "constant":
             return optimizer
         total = max(int(self.trainer.estimated_stepping_batches), 1)
@@ -183,6 +220,20 @@ class CausalLMModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        root = self.trainer.strategy.model
+        by_norm = gradient_clip_algorithm in (None, "norm")
+        if gradient_clip_val and by_norm and isinstance(root, FullyShardedDataParallel):
+            # FSDP1 shards the gradients, so only its root wrapper can compute their global norm; Lightning's
+            # FSDPPrecision refuses to clip by norm and points to this method.
+            root.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def _check_finite(self, loss: Tensor, what: str, indices: Tensor | None = None) -> None:
         if torch.isfinite(loss).all():
             return
@@ -196,20 +247,16 @@ class CausalLMModule(L.LightningModule):
 class FinetuneModule(CausalLMModule):
     """Plain NLL fine-tuning: how the embedded target and retain models are trained."""
 
-    def __init__(
-        self,
-        model: str,
-        loss: PerSampleLoss | None = None,
-        optimizer: OptimizerCallable = torch.optim.AdamW,
-        weight_decay: float = 0.01,
-        lr_schedule: Literal["linear", "constant"] = "linear",
-        warmup_epochs: float = 1.0,
-        torch_dtype: TorchDtype = "float32",
-        gradient_checkpointing: bool = False,
-    ) -> None:
-        super().__init__(
-            model, optimizer, weight_decay, lr_schedule, warmup_epochs, torch_dtype, gradient_checkpointing
-        )
+    def __init__(self, model: str, loss: PerSampleLoss | None = None, **kwargs) -> None:
+        """Args:
+        model: Hugging Face model directory or Hub id to fine-tune.
+        loss: Per-sample training loss; NLL by default.
+        **kwargs: The optimizer, schedule, dtype, checkpointing and LoRA options of :class:`CausalLMModule`
+            (``--model.init_args.optimizer``, ``weight_decay``, ``lr_schedule``, ``warmup_epochs``, …).
+        """
+        # Explicit **kwargs into the base: LightningCLI (jsonargparse) follows them to CausalLMModule's signature,
+        # so the YAML keys and their types are the base's, written once.
+        super().__init__(model, **kwargs)
         self.loss = loss or NLL()
         if self.loss.requires_reference:
             raise ValueError(f"--model.loss={type(self.loss).__name__} needs a reference model; fine-tuning has none")
@@ -248,17 +295,21 @@ class UnlearningModule(CausalLMModule):
         gamma: float = 1.0,
         alpha: float = 1.0,
         reference: Literal["live", "cached"] = "live",
-        optimizer: OptimizerCallable = torch.optim.AdamW,
-        weight_decay: float = 0.01,
-        lr_schedule: Literal["linear", "constant"] = "linear",
-        warmup_epochs: float = 1.0,
-        torch_dtype: TorchDtype = "float32",
-        gradient_checkpointing: bool = False,
-        lora: LoRA | None = None,
+        **kwargs,
     ) -> None:
-        super().__init__(
-            model, optimizer, weight_decay, lr_schedule, warmup_epochs, torch_dtype, gradient_checkpointing, lora
-        )
+        """Args:
+        model: Hugging Face model directory or Hub id: the policy, and the frozen reference.
+        forget_loss: Per-sample loss on forget rows (``baldro_lightning.losses``).
+        retain_loss: Per-sample loss on retain rows; ``None`` turns the retain term off.
+        forget_objective: Reduction of the forget losses over the batch (``baldro_lightning.objectives``); Mean.
+        retain_objective: Reduction of the retain losses; Mean.
+        gamma: Weight of the forget term.
+        alpha: Weight of the retain term (the paper's lambda).
+        reference: ``live``: a frozen reference model; ``cached``: forget-set log-likelihoods computed once.
+        **kwargs: The optimizer, schedule, dtype, checkpointing and LoRA options of :class:`CausalLMModule`
+            (``--model.init_args.optimizer``, ``weight_decay``, ``lr_schedule``, ``warmup_epochs``, …).
+        """
+        super().__init__(model, **kwargs)
         self.forget_loss = forget_loss
         self.retain_loss = retain_loss
         self.forget_objective = forget_objective or Mean()
@@ -312,6 +363,16 @@ class UnlearningModule(CausalLMModule):
 
                 mp_policy = mixed_precision_policy(self.trainer.precision)
                 shard_model(self.reference, data_parallel_mesh(self.device_mesh), mp_policy=mp_policy)
+
+    def _fsdp1_problems(self) -> list[str]:
+        problems = super()._fsdp1_problems()
+        if self.reference_mode == "cached" and self.forget_loss.requires_reference:
+            # The cache is computed in on_fit_start, with the policy called outside FSDP1's wrapped root forward.
+            problems.append(
+                "--model.init_args.reference=cached runs the policy before training, outside the wrapped forward; "
+                "use reference=live (the reference is sharded too) or ModelParallelStrategy"
+            )
+        return problems
 
     def _check_reference_is_separate(self) -> None:
         if self.reference is self.policy:

@@ -1,9 +1,13 @@
-"""FSDP2 sharding of a Hugging Face causal LM: one ``fully_shard`` unit per decoder layer, then the root.
+"""Sharding a Hugging Face causal LM per decoder layer: FSDP2 (``fully_shard``) and FSDP1 auto-wrap policies.
 
 Lightning's ``ModelParallelStrategy`` hands the module a device mesh and leaves the parallelisation to
 ``configure_model``; :func:`shard_model` is what that hook calls for the policy and for the frozen reference. The
 reference is sharded on its own (it is a separate model), so no FSDP unit mixes frozen and trainable parameters
 and the reference costs ``1 / world_size`` of its weights per rank instead of a full copy.
+
+Lightning's ``FSDPStrategy`` (FSDP1, GPUs only) wraps the module itself after ``configure_model``; it takes
+:class:`DecoderLayerWrapPolicy` as its ``auto_wrap_policy`` and :class:`DecoderLayerPolicy` as its
+``activation_checkpointing_policy`` (``experiments/tofu/npo_dv_fsdp1.yaml``).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from transformers import PreTrainedModel
 
 
@@ -120,3 +125,136 @@ def shard_model(
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+# -- FSDP1: Lightning's FSDPStrategy ------------------------------------------------------------------------------
+# FSDPStrategy wraps the whole LightningModule in FullyShardedDataParallel after configure_model, splitting it into
+# units with an auto-wrap policy given in YAML (--trainer.strategy.init_args.auto_wrap_policy). Lightning 2.6 sets
+# use_orig_params=True itself, which FSDP1 needs for units that mix frozen and trainable parameters (LoRA).
+
+
+def _layer_names_in(model: nn.Module) -> set[str]:
+    """Class names listed in ``_no_split_modules`` by the Hugging Face models inside ``model``."""
+    names: set[str] = set()
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            names.update(module._no_split_modules or ())
+    return names
+
+
+def _outermost_models(root: nn.Module) -> list[PreTrainedModel]:
+    """The Hugging Face models held by ``root`` (the policy, the reference), not the ones nested inside them."""
+    if isinstance(root, PreTrainedModel):
+        return []  # root is the model itself: it becomes the root unit anyway
+    found = []
+    for child in root.children():
+        found += [child] if isinstance(child, PreTrainedModel) else _outermost_models(child)
+    return found
+
+
+class DecoderLayerPolicy(ModuleWrapPolicy):
+    """Selects every decoder layer, e.g. for ``FSDPStrategy(activation_checkpointing_policy=...)``.
+
+    A decoder layer is a module whose class name is in ``layer_classes`` or, by default, in the
+    ``_no_split_modules`` of a Hugging Face model containing it (``LlamaDecoderLayer`` for Llama, ``GPT2Block`` for
+    GPT-2). The classes are looked up on the model when the policy is applied, so one YAML serves every architecture.
+
+    Args:
+        layer_classes: Class names to select instead of the models' ``_no_split_modules``.
+    """
+
+    def __init__(self, layer_classes: list[str] | None = None) -> None:
+        # The class set of ModuleWrapPolicy stays empty: the classes are only known once the model is loaded.
+        super().__init__(())
+        if layer_classes is not None and not layer_classes:
+            raise ValueError(f"{type(self).__name__}(layer_classes=[]) selects nothing; pass null or class names")
+        self.layer_classes = layer_classes
+        self._seen_names: set[str] = set()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(layer_classes={self.layer_classes})"
+
+    def layers(self, root: nn.Module) -> list[nn.Module]:
+        """The decoder layers inside ``root``.
+
+        Raises:
+            ValueError: if none is found, naming the layer lists the model does have.
+        """
+        names = set(self.layer_classes) if self.layer_classes else _layer_names_in(root)
+        found = [module for module in root.modules() if type(module).__name__ in names]
+        if not found:
+            try:
+                candidate = type(decoder_layers(root)[0]).__name__
+            except NoDecoderLayersError:
+                candidate = "the class of its repeated blocks"
+            raise ValueError(
+                f"{self!r} selects no module of {type(root).__name__} (looked for {sorted(names) or 'nothing'}: "
+                f"{'layer_classes' if self.layer_classes else '_no_split_modules of its Hugging Face models'}). "
+                f"Set layer_classes under --trainer.strategy.init_args.auto_wrap_policy (and activation_checkpointing_"
+                f"policy) to the decoder layer class, here {candidate!r}."
+            )
+        return found
+
+    def targets(self, root: nn.Module) -> list[nn.Module]:
+        """The modules this policy makes units of (FSDP) or checkpoints (activation checkpointing)."""
+        return self.layers(root)
+
+    def _run_policy(
+        self, root_module: nn.Module, ignored_modules: set[nn.Module], root_kwargs: dict
+    ) -> dict[nn.Module, dict]:
+        # How FSDP1 applies a policy object: it sees the whole root at once. Same contract as ModuleWrapPolicy's.
+        return {m: dict(root_kwargs) for m in self.targets(root_module) if m not in ignored_modules}
+
+    def __call__(self, module: nn.Module, recurse: bool, *args, **kwargs) -> bool:
+        # How apply_activation_checkpointing applies a callable policy: module by module, depth first from the root
+        # (recurse=True on the way down, recurse=False to decide). A model is met before its layers, so the names
+        # in its _no_split_modules are known by the time its layers are decided.
+        if recurse:
+            if self.layer_classes is None and isinstance(module, PreTrainedModel):
+                self._seen_names.update(module._no_split_modules or ())
+            return True
+        return type(module).__name__ in (set(self.layer_classes) if self.layer_classes else self._seen_names)
+
+
+class DecoderLayerWrapPolicy(DecoderLayerPolicy):
+    """FSDP1 auto-wrap policy: one unit per decoder layer and one per model (the policy and the frozen reference).
+
+    The per-model units keep the reference's embeddings, final norm and output head out of the root unit, where
+    they would share a flat parameter with the policy's trainable ones (gradient memory for frozen weights). They
+    also make checkpoints work: :class:`~baldro_lightning.module.UnlearningModule` drops the ``reference.*`` keys
+    from its state dict, and FSDP's root unit requires every parameter it holds to be in it.
+
+    Use as ``--trainer.strategy.init_args.auto_wrap_policy``; for activation checkpointing use
+    :class:`DecoderLayerPolicy`, which selects the layers only.
+    """
+
+    def targets(self, root: nn.Module) -> list[nn.Module]:
+        return self.layers(root) + _outermost_models(root)
+
+    def __call__(self, module: nn.Module, recurse: bool, *args, **kwargs) -> bool:
+        # FSDP1 applies a policy object through _run_policy; the module-by-module form cannot tell the outermost
+        # models apart, and would checkpoint whole models if this were given as the checkpointing policy.
+        raise TypeError(
+            f"{type(self).__name__} is an auto_wrap_policy; for --trainer.strategy.init_args."
+            "activation_checkpointing_policy use baldro_lightning.sharding.DecoderLayerPolicy"
+        )
+
+
+def fsdp1_callback_problems(callbacks: list) -> list[str]:
+    """Why the given callbacks cannot run under FSDP1 (``FSDPStrategy``); empty when they all can.
+
+    The evaluation callbacks generate and score with the policy outside the wrapped forward, in lockstep across
+    ranks only when the module has an FSDP2 device mesh; :class:`~baldro_lightning.export.ExportPretrained`
+    expects an unwrapped policy. Both would fail at their first use, possibly after hours of training.
+    """
+    from baldro_lightning.callbacks import ScheduledEvaluation
+    from baldro_lightning.export import ExportPretrained
+
+    unsupported = [type(c).__name__ for c in callbacks if isinstance(c, ScheduledEvaluation | ExportPretrained)]
+    if not unsupported:
+        return []
+    return [
+        f"the callbacks {unsupported} need an FSDP2-sharded policy: remove them from --trainer.callbacks and export "
+        "the last checkpoint with `python -m baldro_lightning.export --checkpoint <ckpt>`, or use --trainer.strategy="
+        "lightning.pytorch.strategies.ModelParallelStrategy (FSDP2), which supports both"
+    ]

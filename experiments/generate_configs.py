@@ -274,7 +274,6 @@ def tofu_finetune_config(name: str, splits: list[str], out: str) -> dict:
             "batch_size": 32,
             "max_length": 128,
             "seed": 0,
-            "group_by_length": True,
         },
     }
     return finetune_config("embedded", name, out, "models/embedded/init", data, epochs=20)
@@ -322,6 +321,7 @@ def all_configs() -> dict[Path, dict]:
         for base in MUSE_BASES:
             for suffix in MUSE_OBJECTIVES:
                 configs[HERE / bench / f"{base}{suffix}.yaml"] = muse_unlearning_config(bench, base, suffix)
+    configs[HERE / "tofu" / "npo_dv_fsdp1.yaml"] = tofu_fsdp1_config()
     return configs
 
 
@@ -334,6 +334,45 @@ def main() -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(render(config))
         print(path.relative_to(HERE.parent))
+
+
+def tofu_fsdp1_config() -> dict:
+    """TOFU NPO+DV under Lightning's FSDPStrategy (FSDP1) on 4 GPUs, with a live frozen reference.
+
+    The same DRO batch as tofu/npo_dv.yaml: 2 forget rows per GPU x 4 GPUs = 8 rows per step. FSDPStrategy does
+    not support the evaluation and export callbacks (baldro_lightning.sharding.fsdp1_callback_problems): evaluate
+    and export the saved checkpoint afterwards.
+    """
+    devices = 4
+    config = unlearning_config("tofu", "npo", "_dv")
+    name = "npo_dv_fsdp1"
+    trainer = config["trainer"]
+    trainer.update(
+        accelerator="gpu",
+        devices=devices,
+        default_root_dir=f"runs/tofu/{name}",
+        strategy={
+            "class_path": "lightning.pytorch.strategies.FSDPStrategy",
+            "init_args": {
+                # One FSDP unit per decoder layer and per model, found on the model (its _no_split_modules).
+                "auto_wrap_policy": {"class_path": "baldro_lightning.sharding.DecoderLayerWrapPolicy"},
+                # Replaces model.init_args.gradient_checkpointing, which stays off so layers are not recomputed twice.
+                "activation_checkpointing_policy": {"class_path": "baldro_lightning.sharding.DecoderLayerPolicy"},
+                # One consolidated .ckpt on rank 0, which `python -m baldro_lightning.export --checkpoint` reads.
+                "state_dict_type": "full",
+            },
+        },
+    )
+    trainer["logger"]["init_args"]["save_dir"] = f"runs/tofu/{name}"
+    trainer["callbacks"] = [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_top_k": 0, "save_last": True}}
+    ]
+    model = config["model"]["init_args"]
+    # A live reference: the frozen copy is sharded in its own FSDP units, like the policy.
+    model["reference"] = "live"
+    model["gradient_checkpointing"] = False
+    config["data"]["init_args"]["batch_size"] = 8 // devices
+    return config
 
 
 if __name__ == "__main__":

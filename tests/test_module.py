@@ -8,7 +8,10 @@ deals the same pairs to one process and to two ranks, and a non-finite loss stop
 
 from __future__ import annotations
 
+import configparser
 import math
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,15 +19,16 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.testing import assert_close
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM
 
 from baldro_lightning.cli import cli_main
-from baldro_lightning.datamodule import ForgetRetainDataModule, ForgetRetainPairs, ForgetRetainSampler
+from baldro_lightning.datamodule import ForgetRetainDataModule, ForgetRetainPairs, ForgetRetainSampler, QADataModule
 from baldro_lightning.logprobs import SequenceLogProbs
 from baldro_lightning.losses import KL, NLL, NPO, WGA, GradAscent, PerSampleLoss
-from baldro_lightning.module import FinetuneModule, NonFiniteLossError, UnlearningModule
+from baldro_lightning.module import CausalLMModule, FinetuneModule, NonFiniteLossError, UnlearningModule
 from baldro_lightning.objectives import DV, Group
 
 FORGET_ROWS = 4  # forget10 of the tiny benchmark: the last two authors × two questions
@@ -382,3 +386,87 @@ def test_cli_builds_module_and_links_tokenizer(tiny_model, tiny_benchmark, tmp_p
     assert cli.model.forget_loss == NPO(beta=0.2)
     assert cli.model.forget_objective == DV(tau=1.0, sign="released")
     assert cli.datamodule.tokenizer_path == str(tiny_model)
+
+    # Options shared through the base class: the subclasses pass them on as **kwargs.
+    cli = cli_main(
+        [
+            "--model=baldro_lightning.module.FinetuneModule",
+            f"--model.model={tiny_model}",
+            "--model.optimizer=torch.optim.SGD",
+            "--model.optimizer.lr=0.5",
+            "--model.weight_decay=0.2",
+            "--model.lr_schedule=constant",
+            "--model.warmup_epochs=0.5",
+            "--model.torch_dtype=bfloat16",
+            "--data=baldro_lightning.datamodule.QADataModule",
+            f"--data.benchmark={tiny_benchmark}",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        run=False,
+    )
+    model = cli.model
+    assert (model.weight_decay, model.lr_schedule, model.warmup_epochs, model.torch_dtype) == (
+        0.2,
+        "constant",
+        0.5,
+        "bfloat16",
+    )
+    assert model.optimizer_factory([torch.nn.Parameter(torch.zeros(1))]).defaults["lr"] == 0.5
+
+
+@pytest.mark.parametrize("module_class", [FinetuneModule, UnlearningModule])
+def test_shared_options_have_the_base_types_and_defaults(module_class):
+    """LightningCLI follows each subclass's ``super().__init__(model, **kwargs)`` to ``CausalLMModule``'s signature."""
+    from jsonargparse import ArgumentParser
+
+    def defaults(cls: type) -> dict:
+        parser = ArgumentParser()
+        parser.add_class_arguments(cls, "model")
+        return dict(parser.get_defaults().items())
+
+    shared = {k: v for k, v in defaults(CausalLMModule).items() if k != "model.model"}
+    assert {"model.weight_decay", "model.lr_schedule", "model.warmup_epochs", "model.torch_dtype"} <= set(shared)
+    subclass = defaults(module_class)
+    assert {k: subclass.get(k, "missing") for k in shared} == shared
+
+
+def test_weight_decay_groups_survive_flattened_parameters(tiny_model):
+    """FSDPStrategy (FSDP1) turns each parameter into a 1-D view after ``configure_model``, before the optimizer is
+    built; matrices must still be decayed and vectors not."""
+    module = unlearning_module(tiny_model, weight_decay=0.1)
+    module.configure_model()
+    matrices = {id(p) for name, p in module.policy.named_parameters() if p.dim() == 2 and "norm" not in name}
+    for param in module.policy.parameters():
+        param.data = param.data.reshape(-1)  # what FSDP1's use_orig_params views look like
+    decay, no_decay = module.configure_optimizers().param_groups
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+    assert {id(p) for p in decay["params"]} == matrices
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(module.policy.parameters()))
+
+
+def test_frozen_reference_warning_is_the_one_setup_cfg_filters(tiny_model, tiny_benchmark):
+    """Lightning warns about the reference's eval mode at fit start (expected); setup.cfg's pattern must match it."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_steps=1).fit(unlearning_module(tiny_model), data_module(tiny_model, tiny_benchmark))
+    messages = [str(w.message) for w in caught if "eval mode" in str(w.message)]
+    assert messages, "Lightning no longer warns about modules in eval mode: drop the setup.cfg filter"
+    ini = configparser.ConfigParser(interpolation=None)
+    ini.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    patterns = [line.split(":")[1] for line in ini["tool:pytest"]["filterwarnings"].splitlines() if "eval" in line]
+    assert patterns and all(any(re.match(p, m) for p in patterns) for m in messages), (patterns, messages)
+
+
+@pytest.mark.parametrize("val_splits", [[], ["forget10"]], ids=["no_val_splits", "val_splits"])
+def test_validation_runs_only_with_val_splits(tiny_model, tiny_benchmark, val_splits):
+    data = QADataModule(str(tiny_model), str(tiny_benchmark), ["retain90"], val_splits, batch_size=4, max_length=64)
+    fit = trainer(max_epochs=1, limit_train_batches=1, num_sanity_val_steps=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit.fit(FinetuneModule(str(tiny_model), lr_schedule="constant"), data)
+    assert not [w for w in caught if "across ranks is zero" in str(w.message)]
+    assert is_overridden("val_dataloader", data) == bool(val_splits)
+    assert ("val/loss" in fit.callback_metrics) == bool(val_splits)
+    if val_splits:
+        assert fit.num_val_batches == [1]  # the 4 forget10 rows, one batch

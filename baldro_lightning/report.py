@@ -1,0 +1,725 @@
+"""``python -m baldro_lightning.report RUN_DIRS... --out DIR``: the paper's tables and figures from run directories.
+
+Reads each run's evaluations (``<run>/tensorboard/eval/step_N/eval.json`` and ``per_sample.csv``, written by
+:class:`baldro_lightning.callbacks.TofuEvaluation`; or a ``<run>/eval.json`` of ``baldro_lightning.evaluate`` /
+``baldro_lightning.muse_evaluation``) and the config Lightning saved with the run (``config.yaml``), and writes:
+
+- ``report.md``: Table 1 (FQ, MU, [Fluency], EM, ES, F-TR, Ra-TR, R-TR, Rw-TR) and Table 3 (MIA AUCs) per forget
+  split, forgetting synchrony, Table 2 (MUSE), the selected configurations and the selection rule;
+- one CSV per table and ``runs.csv`` with every run's final evaluation and hyperparameters;
+- figures: FQ vs MU of every run, the beta x lambda heatmap (Fig. 4), per-sample curves (Fig. 1a), forget-step
+  spread (Fig. 1b) and the forget-ratio sweep (Fig. 3), each drawn when the runs hold what it needs.
+
+Every number is the run's **last** evaluation: choosing the epoch with the best forget quality would select on
+the test metric itself (spec P-24). A directory argument without evaluations of its own is read as a sweep root
+and each sub-directory as a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import yaml
+
+# (column, eval.json key) in the order of the paper's tables.
+TABLE1 = (
+    ("FQ", "forget_quality"),
+    ("MU", "model_utility"),
+    ("Fluency", "forget_Q_A_gibberish"),
+    ("EM", "exact_memorization"),
+    ("ES", "extraction_strength"),
+    ("F-TR", "forget_truth_ratio"),
+    ("Ra-TR", "ra_Truth_Ratio"),
+    ("R-TR", "retain_Truth_Ratio"),
+    ("Rw-TR", "wf_Truth_Ratio"),
+)
+TABLE3 = (("LOSS", "mia_loss"), ("ZLib", "mia_zlib"), ("MinK", "mia_min_k"), ("MinK++", "mia_min_k_plus_plus"))
+TABLE2 = (
+    ("KM-Dr", "retain_knowmem_ROUGE"),
+    ("KM-Df", "forget_knowmem_ROUGE"),
+    ("VM-Df", "forget_verbmem_ROUGE"),
+    ("PL", "privleak"),
+)
+SYNCHRONY = (
+    ("median step", "forget_step_median"),
+    ("IQR", "forget_step_iqr"),
+    ("std", "forget_step_std"),
+    ("never forgotten", "fraction_never_forgotten"),
+    ("over-forgotten", "fraction_over_forgotten"),
+)
+HPARAMS = ("lr", "batch_size", "accumulate", "beta", "lambda", "gamma", "epochs")
+METHOD_ORDER = ("GradAscent", "GradDiff", "NPO", "SimNPO", "SatImp")
+VARIANT_ORDER = ("", "BalDRO-G", "BalDRO-DV", "BalDRO-DV (released sign)")
+CORPUS_NAMES = {"news": "News", "books": "Books"}
+
+Rule = Literal["fq_at_mu", "fq", "mu"]
+
+
+class ReportError(ValueError):
+    """Inputs of the report are missing or inconsistent; the message names the flag or file and the fix."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading runs
+
+
+@dataclass
+class RunResult:
+    """What the report needs from one run directory."""
+
+    name: str
+    directory: Path
+    benchmark: Literal["tofu", "muse"]
+    split: str
+    """Forget split (TOFU) or corpus (MUSE)."""
+    method: str
+    variant: str
+    hparams: dict[str, Any]
+    final: dict[str, Any]
+    """The last ``eval.json``."""
+    first: dict[str, Any] | None = None
+    """The evaluation at step 0 (the model before unlearning), when the run has one."""
+    per_sample: Path | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+    """Metrics computed by the report (Fluency)."""
+
+    @property
+    def trained(self) -> bool:
+        """False when the last evaluation is the step-0 one (the run stopped before its first update)."""
+        return self.first is None or self.final is not self.first
+
+    @property
+    def label(self) -> str:
+        return self.method if not self.variant else f"{self.method} + {self.variant}"
+
+    def metric(self, key: str) -> float | None:
+        if key in self.extra:
+            return self.extra[key]
+        return metric_value(self.final, key)
+
+
+def metric_value(result: Mapping[str, Any] | None, key: str) -> float | None:
+    """``agg_value`` of ``key`` in an eval.json, or from its synchrony block; None when absent or not finite."""
+    if result is None:
+        return None
+    entry = result.get("metrics", {}).get(key)
+    value = entry.get("agg_value") if isinstance(entry, Mapping) else result.get("synchrony", {}).get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ReportError(f"{path} is not a readable eval.json ({err}); re-run the evaluation that wrote it") from err
+    if not isinstance(data, dict):
+        raise ReportError(f"{path} holds a JSON {type(data).__name__}, not an eval.json object")
+    if "metrics" not in data:  # open-unlearning's TOFU_EVAL.json: metrics at the top level
+        data = {"meta": {}, "metrics": data}
+    return data
+
+
+def _step_evals(directory: Path) -> list[Path]:
+    """In-training evaluations: ``<run>/eval``, ``<run>/<logger name>/eval`` or ``<run>/<name>/version_N/eval``.
+
+    Deeper matches are not searched, so a sweep root (whose runs hold ``<run>/tensorboard/eval``) is not
+    mistaken for one run.
+    """
+    found: list[Path] = []
+    for pattern in ("eval/step_*/eval.json", "*/eval/step_*/eval.json", "*/version_*/eval/step_*/eval.json"):
+        found += directory.glob(pattern)
+    return sorted(found, key=lambda p: p.parent.name)
+
+
+def _saved_config(directory: Path) -> dict[str, Any] | None:
+    for pattern in ("config.yaml", "*/config.yaml", "*/version_*/config.yaml"):
+        for path in sorted(directory.glob(pattern)):
+            return yaml.safe_load(path.read_text())
+    return None
+
+
+def _get(data: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(data, Mapping):
+            return None
+        data = data.get(key)
+    return data
+
+
+def _tail(class_path: Any) -> str:
+    return str(class_path or "").rsplit(".", 1)[-1]
+
+
+def describe_config(config: Mapping[str, Any] | None) -> tuple[str | None, str, dict[str, Any]]:
+    """Method name, DRO variant and hyperparameters from a saved LightningCLI config (the paper's names).
+
+    GradAscent with a retain term (``alpha > 0`` and a retain loss) is GradDiff. The paper's beta is the DV
+    temperature ``tau`` and its lambda the retain weight ``alpha``.
+    """
+    model = _get(config, "model", "init_args") or {}
+    loss = _tail(_get(model, "forget_loss", "class_path"))
+    alpha = model.get("alpha")
+    method = None
+    if loss:
+        method = loss
+        if loss == "GradAscent" and model.get("retain_loss") and alpha:
+            method = "GradDiff"
+    objective = _get(model, "forget_objective") or {}
+    kind = _tail(objective.get("class_path"))
+    variant = {"Group": "BalDRO-G", "DV": "BalDRO-DV"}.get(kind, "")
+    if kind == "DV" and _get(objective, "init_args", "sign") == "released":
+        variant = "BalDRO-DV (released sign)"
+    hparams = {
+        "lr": _get(model, "optimizer", "init_args", "lr"),
+        "batch_size": _get(config, "data", "init_args", "batch_size"),
+        "accumulate": _get(config, "trainer", "accumulate_grad_batches"),
+        "beta": _get(objective, "init_args", "tau") if kind == "DV" else None,
+        "lambda": alpha,
+        "gamma": model.get("gamma"),
+        "epochs": _get(config, "trainer", "max_epochs"),
+    }
+    return method, variant, hparams
+
+
+def _is_muse(result: Mapping[str, Any]) -> bool:
+    return "corpus" in result.get("meta", {}) or "forget_knowmem_ROUGE" in result.get("metrics", {})
+
+
+def load_run(path: Path) -> RunResult | None:
+    """One run from a run directory or an ``eval.json`` file; None when the directory holds no evaluation."""
+    if path.is_file():
+        directory, evals = path.parent, [path]
+    else:
+        directory, evals = path, _step_evals(path)
+        if not evals and (path / "eval.json").is_file():
+            evals = [path / "eval.json"]
+    if not evals:
+        return None
+    results = [_load_json(p) for p in evals]
+    final = results[-1]
+    first = next((r for r in results if r.get("meta", {}).get("global_step") == 0), None)
+    method, variant, hparams = describe_config(_saved_config(directory))
+    muse = _is_muse(final)
+    split = final.get("meta", {}).get("corpus" if muse else "forget_split") or "unknown"
+    per_sample = evals[-1].parent.parent / "per_sample.csv"
+    return RunResult(
+        name=directory.name,
+        directory=directory,
+        benchmark="muse" if muse else "tofu",
+        split=str(split),
+        method=method or directory.name,
+        variant=variant,
+        hparams=hparams,
+        final=final,
+        first=first,
+        per_sample=per_sample if per_sample.is_file() else None,
+    )
+
+
+def load_runs(paths: Iterable[str | os.PathLike[str]]) -> list[RunResult]:
+    """Every run under ``paths``: run directories, eval.json files, or sweep roots (their sub-directories).
+
+    Raises:
+        ReportError: a path does not exist, or no evaluation is found under any of them.
+    """
+    runs: list[RunResult] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise ReportError(f"run directory {path} does not exist; pass run directories or a sweep root")
+        run = load_run(path)
+        if run is not None:
+            runs.append(run)
+            continue
+        children = [load_run(child) for child in sorted(path.iterdir()) if child.is_dir() and child.name[0] != "."]
+        found = [child for child in children if child is not None]
+        if not found:
+            raise ReportError(
+                f"{path} holds no evaluation (<run>/*/eval/step_*/eval.json or <run>/eval.json) and no run "
+                "directories with one; train with the TofuEvaluation callback or run baldro_lightning.evaluate"
+            )
+        runs += found
+    return runs
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Selecting the best configuration per method
+
+
+@dataclass(frozen=True)
+class SelectionRule:
+    """How one run per method is chosen among a sweep's runs of that method (and forget split)."""
+
+    rule: Rule = "fq_at_mu"
+    """``fq_at_mu``: highest FQ among runs with MU at or above the threshold; ``fq``: highest FQ; ``mu``: highest
+    MU. Ties go to the higher MU (FQ), then to the run name."""
+    mu_ratio: float = 0.9
+    """Threshold = ``mu_ratio`` x the MU of the model before unlearning (on the same forget split)."""
+    mu_min: float | None = None
+    """An absolute MU threshold; replaces ``mu_ratio``."""
+
+    def threshold(self, target_mu: float | None, split: str) -> float | None:
+        if self.rule != "fq_at_mu":
+            return None
+        if self.mu_min is not None:
+            return self.mu_min
+        if target_mu is None:
+            raise ReportError(
+                f"--rule fq_at_mu with --mu_ratio {self.mu_ratio} needs the original model's MU on {split}, but no "
+                "run has a step-0 evaluation and no --target_eval for it was given; pass --target_eval PATH or "
+                "--mu_min VALUE"
+            )
+        return self.mu_ratio * target_mu
+
+    def describe(self) -> str:
+        if self.rule == "fq":
+            return "the run with the highest FQ (no utility constraint); ties go to the higher MU"
+        if self.rule == "mu":
+            return "the run with the highest MU; ties go to the higher FQ"
+        bound = f"MU ≥ {self.mu_min:g}" if self.mu_min is not None else f"MU ≥ {self.mu_ratio:g} × MU of Original"
+        return (
+            f"the run with the highest FQ among the runs with {bound} (same forget split); ties go to the higher MU. "
+            "A method with no run above the threshold shows its highest-MU run, marked †"
+        )
+
+    def pick(self, runs: Sequence[RunResult], threshold: float | None) -> tuple[RunResult, bool]:
+        """The selected run and whether it meets the threshold."""
+
+        def score(key_a: str, key_b: str):
+            def key(run: RunResult) -> tuple[float, float, str]:
+                a, b = run.metric(key_a), run.metric(key_b)
+                return (-math.inf if a is None else a, -math.inf if b is None else b, run.name)
+
+            return key
+
+        by_fq, by_mu = score("forget_quality", "model_utility"), score("model_utility", "forget_quality")
+        if self.rule == "fq":
+            return max(runs, key=by_fq), True
+        if self.rule == "mu":
+            return max(runs, key=by_mu), True
+        ok = [r for r in runs if (mu := r.metric("model_utility")) is not None and mu >= threshold]
+        if ok:
+            return max(ok, key=by_fq), True
+        return max(runs, key=by_mu), False
+
+
+def _order(label_parts: tuple[str, str]) -> tuple[int, str, int, str]:
+    method, variant = label_parts
+    m = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+    v = VARIANT_ORDER.index(variant) if variant in VARIANT_ORDER else len(VARIANT_ORDER)
+    return (m, method, v, variant)
+
+
+def group_by_method(runs: Iterable[RunResult]) -> dict[tuple[str, str], list[RunResult]]:
+    groups: dict[tuple[str, str], list[RunResult]] = defaultdict(list)
+    for run in runs:
+        groups[(run.method, run.variant)].append(run)
+    return {key: groups[key] for key in sorted(groups, key=_order)}
+
+
+def _split_order(split: str) -> tuple[int, str]:
+    digits = "".join(ch for ch in split if ch.isdigit())
+    return (int(digits) if digits else 10**6, split)
+
+
+@dataclass
+class SplitSummary:
+    """Original, Retain and the selected run per method on one forget split."""
+
+    split: str
+    original: dict[str, Any] | None
+    retain: dict[str, Any] | None
+    threshold: float | None
+    selected: list[tuple[RunResult, bool]]
+    runs: list[RunResult]
+    """The runs that trained past step 0."""
+    untrained: list[str] = field(default_factory=list)
+    """Runs left out: their only evaluation is at step 0."""
+
+
+def summarise_tofu(
+    runs: Sequence[RunResult],
+    rule: SelectionRule,
+    target_evals: Mapping[str, dict[str, Any]],
+    retain_evals: Mapping[str, dict[str, Any]],
+) -> list[SplitSummary]:
+    """Pick one run per (forget split, method, variant) by ``rule``."""
+    by_split: dict[str, list[RunResult]] = defaultdict(list)
+    for run in runs:
+        if run.benchmark == "tofu":
+            by_split[run.split].append(run)
+    out = []
+    for split in sorted(by_split, key=_split_order):
+        split_runs = by_split[split]
+        original = target_evals.get(split) or next((r.first for r in split_runs if r.first is not None), None)
+        retain = retain_evals.get(split) or _retain_from_meta(split_runs)
+        threshold = rule.threshold(metric_value(original, "model_utility"), split)
+        trained = [r for r in split_runs if r.trained]
+        selected = [rule.pick(group, threshold) for group in group_by_method(trained).values()]
+        untrained = sorted(r.name for r in split_runs if not r.trained)
+        out.append(SplitSummary(split, original, retain, threshold, selected, trained, untrained))
+    return out
+
+
+def _retain_from_meta(runs: Sequence[RunResult]) -> dict[str, Any] | None:
+    """The retain reference the runs' evaluations name in ``meta.retain_reference``, when it can be read."""
+    for run in runs:
+        reference = run.final.get("meta", {}).get("retain_reference")
+        if reference and Path(reference).is_file():
+            data = _load_json(Path(reference))
+            if data.get("meta", {}).get("corpus" if run.benchmark == "muse" else "forget_split") in (None, run.split):
+                return data
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fluency (optional; needs a local text classifier)
+
+
+def fluency(generations: Sequence[str], classifier: str, max_length: int = 32, batch_size: int = 32) -> float:
+    """Mean probability of the "clean" class of a gibberish classifier over generations (spec §3.5).
+
+    The class is the label named ``clean`` in the classifier's ``id2label``, else index 0 as in open-unlearning.
+    """
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(classifier)
+    model = AutoModelForSequenceClassification.from_pretrained(classifier).eval()
+    labels = {str(v).lower(): int(k) for k, v in (model.config.id2label or {}).items()}
+    clean = labels.get("clean", 0)
+    probs = []
+    with torch.no_grad():
+        for start in range(0, len(generations), batch_size):
+            batch = tokenizer(
+                list(generations[start : start + batch_size]),
+                truncation=True,
+                max_length=max_length,
+                padding=True,
+                return_tensors="pt",
+            )
+            logits = model(**batch).logits.float()
+            probs += torch.softmax(logits, dim=-1)[:, clean].tolist()
+    return float(np.mean(probs))
+
+
+def forget_generations(result: Mapping[str, Any]) -> list[str]:
+    rows = _get(result, "metrics", "forget_Q_A_ROUGE", "value_by_index") or {}
+    return [row["generation"] for _, row in sorted(rows.items(), key=lambda kv: int(kv[0])) if "generation" in row]
+
+
+def add_fluency(summaries: Sequence[SplitSummary], classifier: str, max_length: int) -> None:
+    """Compute Fluency for every selected run and for Original/Retain, unless their eval.json already has it.
+
+    An evaluation without forget-set generations (ROUGE not computed) keeps an empty Fluency cell.
+    """
+    for summary in summaries:
+        for result in (summary.original, summary.retain):
+            texts = forget_generations(result or {})
+            if texts and metric_value(result, "forget_Q_A_gibberish") is None:
+                value = fluency(texts, classifier, max_length)
+                result.setdefault("metrics", {})["forget_Q_A_gibberish"] = {"agg_value": value}
+        for run, _ in summary.selected:
+            texts = forget_generations(run.final)
+            if texts and run.metric("forget_Q_A_gibberish") is None:
+                run.extra["forget_Q_A_gibberish"] = fluency(texts, classifier, max_length)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tables
+
+
+def fmt(value: float | None) -> str:
+    """Four decimals as in the paper; scientific notation below 1e-3 so tiny forget qualities stay readable."""
+    if value is None or not math.isfinite(value):
+        return "–"
+    if value != 0 and abs(value) < 1e-3:
+        return f"{value:.2e}"
+    return f"{value:.4f}"
+
+
+def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def table_rows(
+    summary: SplitSummary, columns: Sequence[tuple[str, str]], retain_fq: bool
+) -> tuple[list[str], list[list[str]], list[list[Any]]]:
+    """Header, Markdown rows and CSV rows of a Table-1/3-style table: Original, Retain, then one row per method."""
+    header = ["Method", *(name for name, _ in columns)]
+    md, raw = [], []
+    for name, result in (("Original", summary.original), ("Retain", summary.retain)):
+        if result is None:
+            continue
+        values = [metric_value(result, key) for _, key in columns]
+        if retain_fq and name == "Retain" and columns[0][1] == "forget_quality" and values[0] is None:
+            values[0] = 1.0  # the KS test of the retain model against itself
+        md.append([name, *map(fmt, values)])
+        raw.append([name, *values, ""])
+    for run, meets in summary.selected:
+        values = [run.metric(key) for _, key in columns]
+        md.append([run.label + ("" if meets else " †"), *map(fmt, values)])
+        raw.append([run.label, *values, str(run.directory)])
+    return header, md, raw
+
+
+def _hparam_text(value: Any) -> str:
+    return "–" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def write_report(
+    runs: Sequence[RunResult],
+    out: Path,
+    rule: SelectionRule,
+    target_evals: Mapping[str, dict[str, Any]] | None = None,
+    retain_evals: Mapping[str, dict[str, Any]] | None = None,
+    muse_target_evals: Mapping[str, dict[str, Any]] | None = None,
+    muse_retain_evals: Mapping[str, dict[str, Any]] | None = None,
+    fluency_classifier: str | None = None,
+    fluency_max_length: int = 32,
+    fig3_methods: Sequence[str] = ("NPO", "SimNPO"),
+    figures: bool = True,
+) -> Path:
+    """Write ``report.md``, the CSV tables and the figures into ``out``; returns the Markdown path."""
+    out.mkdir(parents=True, exist_ok=True)
+    summaries = summarise_tofu(runs, rule, target_evals or {}, retain_evals or {})
+    if fluency_classifier is not None:
+        add_fluency(summaries, fluency_classifier, fluency_max_length)
+    table1 = TABLE1 if fluency_classifier is not None else tuple(c for c in TABLE1 if c[0] != "Fluency")
+    md = ["# Unlearning report", ""]
+    md += [
+        f"{len(runs)} runs. Each number is a run's last evaluation (not its best epoch, which would select on the "
+        "test metric, spec P-24).",
+        "",
+        f"**Selection rule.** For every forget split and method, the row shows {rule.describe()}.",
+        "",
+    ]
+    if fluency_classifier is None:
+        md += ["Fluency is omitted: no classifier was given (`--fluency_classifier`).", ""]
+    for summary in summaries:
+        md += _tofu_section(summary, table1, out)
+    md += _muse_section(runs, rule, muse_target_evals or {}, muse_retain_evals or {}, out)
+    _write_runs_csv(runs, out / "runs.csv")
+    if figures:
+        from baldro_lightning import report_figures
+
+        drawn = report_figures.draw_all(summaries, rule, out, fig3_methods)
+        if drawn:
+            md += ["## Figures", ""] + [f"![{path.stem}]({path.name})" for path in drawn] + [""]
+    path = out / "report.md"
+    path.write_text("\n".join(md))
+    return path
+
+
+def _tofu_section(summary: SplitSummary, table1: Sequence[tuple[str, str]], out: Path) -> list[str]:
+    split = summary.split
+    md = [f"## TOFU {split}", ""]
+    if summary.threshold is not None:
+        md += [f"MU threshold: {summary.threshold:.4f}.", ""]
+    if summary.original is None:
+        md += ["No Original row: no run has a step-0 evaluation and no `--target_eval` was given.", ""]
+    if summary.retain is None:
+        md += ["No Retain row: the retain reference named in the evaluations was not found (`--retain_eval`).", ""]
+    if summary.untrained:
+        md += [f"Left out (no evaluation after step 0): {', '.join(f'`{n}`' for n in summary.untrained)}.", ""]
+    header, rows, raw = table_rows(summary, table1, retain_fq=True)
+    md += [f"### Table 1 ({split})", "", _markdown(header, rows), ""]
+    _write_csv(out / f"table1_{split}.csv", [*header, "run"], raw)
+    header, rows, raw = table_rows(summary, TABLE3, retain_fq=False)
+    md += [f"### Table 3: MIA AUC ({split})", "", _markdown(header, rows), ""]
+    _write_csv(out / f"table3_{split}.csv", [*header, "run"], raw)
+    sync_rows = [
+        [run.label, *(_hparam_text(run.metric(key)) for _, key in SYNCHRONY)]
+        for run, _ in summary.selected
+        if "synchrony" in run.final
+    ]
+    if sync_rows:
+        criterion = next(
+            r.final["synchrony"].get("criterion", "?") for r, _ in summary.selected if "synchrony" in r.final
+        )
+        md += [
+            f"### Forgetting synchrony ({split})",
+            "",
+            f"Per-sample forget step (criterion: {criterion}); a smaller spread means samples are forgotten together.",
+            "",
+            _markdown(["Method", *(name for name, _ in SYNCHRONY)], sync_rows),
+            "",
+        ]
+        _write_csv(out / f"synchrony_{split}.csv", ["Method", *(k for _, k in SYNCHRONY)], sync_rows)
+    config_rows = [
+        [run.label, f"`{run.name}`", *(_hparam_text(run.hparams.get(k)) for k in HPARAMS)]
+        for run, _ in summary.selected
+    ]
+    md += [
+        f"### Selected configurations ({split})",
+        "",
+        _markdown(["Method", "run", *HPARAMS], config_rows),
+        "",
+        "beta is the DV temperature `tau`, lambda the retain weight `alpha`.",
+        "",
+    ]
+    return md
+
+
+def _muse_section(
+    runs: Sequence[RunResult],
+    rule: SelectionRule,
+    targets: Mapping[str, dict[str, Any]],
+    retains: Mapping[str, dict[str, Any]],
+    out: Path,
+) -> list[str]:
+    every = [run for run in runs if run.benchmark == "muse"]
+    muse = [run for run in every if run.trained]
+    if not every:
+        return []
+    corpora = sorted({run.split for run in muse} | set(targets) | set(retains))
+    # Without --muse_target_eval, a run's step-0 evaluation is the target model before unlearning.
+    targets, retains = dict(targets), dict(retains)
+    for run in every:
+        if run.first is not None:
+            targets.setdefault(run.split, run.first)
+        if run.split not in retains and (retain := _retain_from_meta([run])) is not None:
+            retains[run.split] = retain
+    chosen: dict[tuple[str, str], dict[str, RunResult]] = defaultdict(dict)
+    for corpus in corpora:
+        target_km = metric_value(targets.get(corpus), "retain_knowmem_ROUGE")
+        bound = None if target_km is None else rule.mu_ratio * target_km
+        for key, group in group_by_method(r for r in muse if r.split == corpus).items():
+            ok = [r for r in group if bound is None or (r.metric("retain_knowmem_ROUGE") or -1) >= bound] or group
+            chosen[key][corpus] = min(ok, key=lambda r: (r.metric("forget_verbmem_ROUGE") or math.inf, r.name))
+    header = ["Method", *(f"{CORPUS_NAMES.get(c, c)} {name}" for c in corpora for name, _ in TABLE2)]
+    rows, raw = [], []
+    for name, evals in (("Original", targets), ("Retain", retains)):
+        if evals:
+            values = [metric_value(evals.get(c), key) for c in corpora for _, key in TABLE2]
+            rows.append([name, *map(fmt, values)])
+            raw.append([name, *values])
+    for (method, variant), per_corpus in chosen.items():
+        label = method if not variant else f"{method} + {variant}"
+        values = [per_corpus[c].metric(key) if c in per_corpus else None for c in corpora for _, key in TABLE2]
+        rows.append([label, *map(fmt, values)])
+        raw.append([label, *values])
+    _write_csv(out / "table2_muse.csv", header, raw)
+    return [
+        "## MUSE",
+        "",
+        f"Per corpus and method: the run with the lowest VM-Df among runs with KM-Dr ≥ {rule.mu_ratio:g} × KM-Dr of "
+        "Original (no constraint without `--muse_target_eval`).",
+        "",
+        "### Table 2",
+        "",
+        _markdown(header, rows),
+        "",
+    ]
+
+
+def _write_runs_csv(runs: Sequence[RunResult], path: Path) -> None:
+    keys = [key for _, key in TABLE1 + TABLE3 + TABLE2 + SYNCHRONY]
+    header = ["run", "benchmark", "split", "method", "variant", *HPARAMS, "global_step", *keys, "directory"]
+    rows = [
+        [
+            run.name,
+            run.benchmark,
+            run.split,
+            run.method,
+            run.variant,
+            *(run.hparams.get(k) for k in HPARAMS),
+            run.final.get("meta", {}).get("global_step"),
+            *(run.metric(k) for k in keys),
+            str(run.directory),
+        ]
+        for run in sorted(
+            runs, key=lambda r: (r.benchmark, _split_order(r.split), _order((r.method, r.variant)), r.name)
+        )
+    ]
+    _write_csv(path, header, rows)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _evals_by(paths: Sequence[str], key: str, flag: str) -> dict[str, dict[str, Any]]:
+    out = {}
+    for raw in paths:
+        path = Path(raw)
+        if not path.is_file():
+            raise ReportError(f"{flag} {path} does not exist; pass the eval.json of that model")
+        data = _load_json(path)
+        value = data.get("meta", {}).get(key)
+        if value is None:
+            raise ReportError(f"{flag} {path} has no meta.{key}; write it with baldro_lightning's evaluation")
+        out[str(value)] = data
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m baldro_lightning.report",
+        description="Paper-style tables (Markdown + CSV) and figures (PNG) from unlearning run directories.",
+    )
+    parser.add_argument("runs", nargs="+", help="run directories, eval.json files, or sweep roots")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--rule", default="fq_at_mu", choices=["fq_at_mu", "fq", "mu"], help="selection rule")
+    parser.add_argument("--mu_ratio", type=float, default=0.9, help="fq_at_mu: MU >= ratio x MU of Original")
+    parser.add_argument("--mu_min", type=float, default=None, help="fq_at_mu: absolute MU threshold instead")
+    parser.add_argument("--target_eval", nargs="*", default=[], help="eval.json of the original model, per split")
+    parser.add_argument("--retain_eval", nargs="*", default=[], help="eval.json of the retain model, per split")
+    parser.add_argument("--muse_target_eval", nargs="*", default=[], help="MUSE eval.json of the target, per corpus")
+    parser.add_argument("--muse_retain_eval", nargs="*", default=[], help="MUSE eval.json of the retain model")
+    parser.add_argument("--fluency_classifier", default=None, help="local gibberish classifier; adds Fluency")
+    parser.add_argument("--fluency_max_length", type=int, default=32, help="classifier truncation (TOFU: 32)")
+    parser.add_argument("--fig3_methods", nargs="*", default=["NPO", "SimNPO"], help="base methods in Fig. 3")
+    parser.add_argument("--no_figures", action="store_true", help="tables only")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not 0 < args.mu_ratio <= 10:
+        raise ReportError(f"--mu_ratio must be a positive ratio such as 0.9, got {args.mu_ratio}")
+    rule = SelectionRule(rule=args.rule, mu_ratio=args.mu_ratio, mu_min=args.mu_min)
+    path = write_report(
+        load_runs(args.runs),
+        Path(args.out),
+        rule,
+        target_evals=_evals_by(args.target_eval, "forget_split", "--target_eval"),
+        retain_evals=_evals_by(args.retain_eval, "forget_split", "--retain_eval"),
+        muse_target_evals=_evals_by(args.muse_target_eval, "corpus", "--muse_target_eval"),
+        muse_retain_evals=_evals_by(args.muse_retain_eval, "corpus", "--muse_retain_eval"),
+        fluency_classifier=args.fluency_classifier,
+        fluency_max_length=args.fluency_max_length,
+        fig3_methods=args.fig3_methods,
+        figures=not args.no_figures,
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except ReportError as err:
+        sys.exit(f"error: {err}")

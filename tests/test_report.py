@@ -1,0 +1,277 @@
+"""Report: paper-style tables from hand-made run directories, the selection rule, Fluency, MUSE and figures."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from baldro_lightning import report
+
+LOSSES = {"NPO": "NPO", "GradAscent": "GradAscent", "SimNPO": "SimNPO"}
+SYNC = {
+    "forget_step_median": 4.0,
+    "forget_step_iqr": 2.0,
+    "forget_step_std": 1.5,
+    "fraction_never_forgotten": 0.25,
+    "fraction_over_forgotten": 0.0,
+    "criterion": "truth_ratio",
+    "forget_step_by_index": {"0": 2.0, "1": 4.0, "2": None, "3": 6.0},
+}
+
+
+def tofu_metrics(fq: float | None, mu: float, base: float = 0.1) -> dict[str, float]:
+    """Every Table 1/3 metric; the others are ``base`` + a fixed offset so each column is recognisable."""
+    values = {"model_utility": mu}
+    if fq is not None:
+        values["forget_quality"] = fq
+    keys = [key for _, key in report.TABLE1[3:] + report.TABLE3]
+    values.update({key: round(base + 0.01 * k, 4) for k, key in enumerate(keys)})
+    return values
+
+
+def make_run(
+    root: Path,
+    name: str,
+    evals: dict[int, dict[str, float]],
+    loss: str = "NPO",
+    objective: str = "Mean",
+    split: str = "forget01",
+    lr: float = 1e-3,
+    tau: float | None = None,
+    alpha: float = 1.0,
+    retain_reference: Path | None = None,
+    per_sample: bool = False,
+) -> Path:
+    run = root / name
+    logdir = run / "tensorboard"
+    logdir.mkdir(parents=True)
+    objective_args = {"tau": tau, "sign": "paper"} if objective == "DV" else {}
+    config = {
+        "trainer": {"max_epochs": 3, "accumulate_grad_batches": 1},
+        "model": {
+            "class_path": "baldro_lightning.module.UnlearningModule",
+            "init_args": {
+                "forget_loss": {"class_path": f"baldro_lightning.losses.{loss}"},
+                "retain_loss": None if alpha == 0 else {"class_path": "baldro_lightning.losses.NLL"},
+                "forget_objective": {
+                    "class_path": f"baldro_lightning.objectives.{objective}",
+                    "init_args": objective_args,
+                },
+                "alpha": alpha,
+                "gamma": 1.0,
+                "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": lr}},
+            },
+        },
+        "data": {"init_args": {"batch_size": 8, "forget_split": split}},
+    }
+    (logdir / "config.yaml").write_text(yaml.safe_dump(config))
+    for step, metrics in evals.items():
+        meta = {
+            "global_step": step,
+            "forget_split": split,
+            "retain_reference": retain_reference and str(retain_reference),
+        }
+        data = {"meta": meta, "metrics": {k: {"agg_value": v, "value_by_index": {}} for k, v in metrics.items()}}
+        data["metrics"]["forget_Q_A_ROUGE"] = {
+            "agg_value": 0.5,
+            "value_by_index": {"0": {"generation": "born in a city"}, "1": {"generation": "zz qq xx"}},
+        }
+        data["synchrony"] = SYNC
+        out = logdir / "eval" / f"step_{step:06d}" / "eval.json"
+        out.parent.mkdir(parents=True)
+        out.write_text(json.dumps(data))
+    if per_sample:
+        lines = ["step,index,log_likelihood_ratio,truth_ratio,rougeL_recall,dro_weight,forget_step"]
+        for step in evals:
+            lines += [f"{step},{i},{-0.1 * step * (i + 1)},{0.1 + 0.05 * step},0.5,0.25,{2 * i}" for i in range(4)]
+        (logdir / "eval" / "per_sample.csv").write_text("\n".join(lines) + "\n")
+    return run
+
+
+def write_eval(path: Path, metrics: dict[str, float], **meta) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, "metrics": {k: {"agg_value": v} for k, v in metrics.items()}}))
+    return path
+
+
+def read_csv(path: Path) -> dict[str, dict[str, str]]:
+    with open(path, newline="") as handle:
+        return {row["Method"]: row for row in csv.DictReader(handle)}
+
+
+@pytest.fixture
+def sweep_root(tmp_path) -> Path:
+    """forget01: two NPO runs (one above, one below the MU threshold 0.9 x 0.60), NPO + DV, and GA below it."""
+    root = tmp_path / "sweep"
+    retain = write_eval(
+        tmp_path / "retain99" / "eval.json", tofu_metrics(None, 0.62, base=0.3), forget_split="forget01"
+    )
+    original = tofu_metrics(0.001, 0.60, base=0.9)
+    make_run(root, "npo__lr-a", {0: original, 6: tofu_metrics(0.5, 0.56, 0.2)}, retain_reference=retain)
+    make_run(root, "npo__lr-b", {0: original, 6: tofu_metrics(0.9, 0.40, 0.4)}, lr=1e-2, retain_reference=retain)
+    make_run(root, "npo_dv", {0: original, 6: tofu_metrics(0.99, 0.58, 0.5)}, objective="DV", tau=2.0)
+    make_run(root, "ga", {0: original, 6: tofu_metrics(0.8, 0.1, 0.6)}, loss="GradAscent", alpha=0.0)
+    make_run(root, "npo__lr-c", {0: original})  # stopped before its first update
+    return root
+
+
+def test_table1_layout_values_and_default_rule(sweep_root, tmp_path):
+    out = tmp_path / "report"
+    rule = report.SelectionRule()
+    md = report.write_report(report.load_runs([sweep_root]), out, rule, figures=False).read_text()
+    table = read_csv(out / "table1_forget01.csv")
+    assert list(next(iter(table.values())))[:10] == [
+        "Method",
+        "FQ",
+        "MU",
+        "EM",
+        "ES",
+        "F-TR",
+        "Ra-TR",
+        "R-TR",
+        "Rw-TR",
+        "run",
+    ]
+    assert list(table) == ["Original", "Retain", "GradAscent", "NPO", "NPO + BalDRO-DV"]
+    # NPO: lr-b has the higher FQ but MU 0.40 < 0.9 x 0.60, so lr-a is selected; its EM is base 0.2.
+    assert float(table["NPO"]["FQ"]) == 0.5 and float(table["NPO"]["EM"]) == 0.2
+    assert table["NPO"]["run"].endswith("npo__lr-a")
+    assert float(table["NPO + BalDRO-DV"]["FQ"]) == 0.99
+    assert float(table["Original"]["MU"]) == 0.6 and float(table["Original"]["FQ"]) == 0.001
+    assert float(table["Retain"]["FQ"]) == 1.0 and float(table["Retain"]["MU"]) == 0.62
+    assert "| GradAscent † |" in md  # no GA run reaches the threshold
+    assert "MU ≥ 0.9 × MU of Original" in md and "MU threshold: 0.5400" in md
+    assert "Left out (no evaluation after step 0): `npo__lr-c`." in md
+    assert "Fluency is omitted" in md and "Fluency" not in (out / "table1_forget01.csv").read_text()
+    # Table 3 columns are the four MIA AUCs of the same selected runs (EM..Rw-TR take offsets 0..5).
+    table3 = read_csv(out / "table3_forget01.csv")
+    assert float(table3["NPO"]["LOSS"]) == pytest.approx(0.2 + 0.06)
+    assert float(table3["NPO"]["MinK++"]) == pytest.approx(0.2 + 0.09)
+    sync = read_csv(out / "synchrony_forget01.csv")
+    assert float(sync["NPO"]["forget_step_iqr"]) == 2.0
+    assert "| NPO + BalDRO-DV | `npo_dv` | 0.001 | 8 | 1 | 2 | 1 | 1 | 3 |" in md
+
+
+@pytest.mark.parametrize(
+    ("rule", "expected"),
+    [
+        (report.SelectionRule(rule="fq"), "npo__lr-b"),
+        (report.SelectionRule(mu_min=0.3), "npo__lr-b"),
+        (report.SelectionRule(rule="mu"), "npo__lr-a"),  # npo__lr-c has the higher MU, but only at step 0
+    ],
+)
+def test_other_rules_pick_other_runs(sweep_root, tmp_path, rule, expected):
+    report.write_report(report.load_runs([sweep_root]), tmp_path / "r", rule, figures=False)
+    assert read_csv(tmp_path / "r" / "table1_forget01.csv")["NPO"]["run"].endswith(expected)
+
+
+def test_fq_at_mu_without_original_names_the_fix(tmp_path):
+    make_run(tmp_path / "s", "npo", {6: tofu_metrics(0.5, 0.5)})
+    with pytest.raises(report.ReportError, match="--target_eval PATH or --mu_min VALUE"):
+        report.write_report(report.load_runs([tmp_path / "s"]), tmp_path / "r", report.SelectionRule(), figures=False)
+
+
+def test_missing_run_directory_is_named(tmp_path):
+    with pytest.raises(report.ReportError, match="nowhere does not exist"):
+        report.load_runs([tmp_path / "nowhere"])
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(report.ReportError, match="holds no evaluation"):
+        report.load_runs([tmp_path / "empty"])
+
+
+def test_fluency_column_with_a_classifier(sweep_root, tmp_path, tiny_model):
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        pad_token_id=tokenizer.pad_token_id,
+        id2label={0: "noise", 1: "clean"},
+        label2id={"noise": 0, "clean": 1},
+    )
+    classifier = tmp_path / "classifier"
+    model = LlamaForSequenceClassification(config).eval()
+    model.save_pretrained(classifier)
+    tokenizer.save_pretrained(classifier)
+    with torch.no_grad():
+        batch = tokenizer(["born in a city", "zz qq xx"], padding=True, return_tensors="pt")
+        expected = torch.softmax(model(**batch).logits, -1)[:, 1].mean().item()  # the "clean" label, not index 0
+
+    out = tmp_path / "report"
+    runs = report.load_runs([sweep_root])
+    report.write_report(runs, out, report.SelectionRule(), fluency_classifier=str(classifier), figures=False)
+    table = read_csv(out / "table1_forget01.csv")
+    assert list(next(iter(table.values())))[3] == "Fluency"
+    assert float(table["NPO"]["Fluency"]) == pytest.approx(expected, rel=1e-5)
+    assert float(table["Original"]["Fluency"]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_muse_table2(tmp_path):
+    root = tmp_path / "muse"
+    muse = {"retain_knowmem_ROUGE": 0.45, "forget_knowmem_ROUGE": 0.5, "forget_verbmem_ROUGE": 0.3, "privleak": -60.0}
+    for corpus in ("news", "books"):
+        run = make_run(root, f"npo_{corpus}", {})
+        write_eval(run / "eval.json", {**muse, "forget_verbmem_ROUGE": 0.3 if corpus == "news" else 0.2}, corpus=corpus)
+        worse = make_run(root, f"npo_{corpus}_b", {})
+        write_eval(worse / "eval.json", {**muse, "forget_verbmem_ROUGE": 0.9}, corpus=corpus)
+    target = write_eval(tmp_path / "t.json", {**muse, "retain_knowmem_ROUGE": 0.5, "privleak": -99.0}, corpus="news")
+    out = tmp_path / "report"
+    targets = report._evals_by([str(target)], "corpus", "--muse_target_eval")
+    md = report.write_report(
+        report.load_runs([root]), out, report.SelectionRule(), muse_target_evals=targets
+    ).read_text()
+    table = read_csv(out / "table2_muse.csv")
+    assert list(table) == ["Original", "NPO"]
+    assert float(table["NPO"]["News VM-Df"]) == 0.3 and float(table["NPO"]["Books VM-Df"]) == 0.2
+    assert float(table["Original"]["News PL"]) == -99.0 and table["Original"]["Books PL"] == ""
+    assert "### Table 2" in md
+
+
+def test_figures_are_written(tmp_path):
+    root = tmp_path / "grid"
+    original = tofu_metrics(0.001, 0.6)
+    for split in ("forget01", "forget05"):
+        make_run(root, f"npo_{split}", {0: original, 3: tofu_metrics(0.2, 0.58)}, split=split, per_sample=True)
+        for tau in (1.0, 2.0):
+            for alpha in (0.5, 1.0):
+                metrics = tofu_metrics(0.1 * tau * alpha, 0.55 + 0.01 * alpha)
+                name = f"npo_dv_{split}_{tau}_{alpha}"
+                make_run(
+                    root, name, {0: original, 3: metrics}, "NPO", "DV", split, tau=tau, alpha=alpha, per_sample=True
+                )
+    out = tmp_path / "report"
+    md = report.write_report(report.load_runs([root]), out, report.SelectionRule()).read_text()
+    expected = {
+        "fig_fq_vs_mu.png",
+        "fig4_beta_lambda_forget01_NPO_BalDRO-DV.png",
+        "fig4_beta_lambda_forget05_NPO_BalDRO-DV.png",
+        "fig1a_curves_forget01_NPO.png",
+        "fig1b_forget_steps_forget05.png",
+        "fig3_forget_ratio.png",
+    }
+    written = {p.name for p in out.glob("*.png")}
+    assert expected <= written
+    for name in expected:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"({name})" in md
+    # The best DV cell: highest FQ (0.1 x 2 x 1) with MU 0.56 >= 0.54.
+    assert read_csv(out / "table1_forget01.csv")["NPO + BalDRO-DV"]["run"].endswith("npo_dv_forget01_2.0_1.0")
+
+
+def test_command_line(sweep_root, tmp_path, capsys):
+    assert report.main([str(sweep_root / "npo__lr-a"), str(sweep_root / "npo_dv"), "--out", str(tmp_path / "o")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    runs = list(csv.DictReader(open(tmp_path / "o" / "runs.csv")))
+    assert [r["run"] for r in runs] == ["npo__lr-a", "npo_dv"]
+    assert runs[1]["beta"] == "2.0" and runs[1]["variant"] == "BalDRO-DV"
