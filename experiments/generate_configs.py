@@ -52,13 +52,18 @@ BENCHMARKS = {
     "embedded": {
         "model": "models/embedded/target",
         "data": {"benchmark": "data/tofu_embedded", "forget_split": "forget10", "batch_size": 8, "max_length": 128},
-        "lr": 1e-3,
+        # Measured with NPO on forget10 (data/README.md): 3e-5 barely moves in 5 epochs, 3e-4 and 1e-3 collapse
+        # model utility within 2 epochs, 1e-4 halves forget ROUGE at MU 0.72 (from 0.74).
+        "lr": 1e-4,
         "epochs": 5,
         "accumulate": 1,
         "precision": "32-true",
         "dtype": "float32",
         "retain_reference": "runs/embedded/eval/retain90/eval.json",
         "max_new_tokens": 48,
+        # The paraphrase template is never trained, so truth ratios hardly move: 78% of the target's forget rows
+        # already lie in the retain model's truth-ratio range (data/README.md). Answer ROUGE tells forgetting.
+        "synchrony_criterion": "rouge",
     },
     # Real TOFU by Hub name; the recipe of spec §5.1 (bf16 weights, batch 8 x 4, 10 epochs, lr 1e-5).
     "tofu": {
@@ -82,6 +87,7 @@ BENCHMARKS = {
         "dtype": "bfloat16",
         "retain_reference": "runs/tofu/eval/retain90/eval.json",
         "max_new_tokens": 200,
+        "synchrony_criterion": "truth_ratio",
     },
 }
 
@@ -196,7 +202,7 @@ def unlearning_config(bench: str, base: str, suffix: str) -> dict:
                 "on_start": True,
                 "retain_reference": spec["retain_reference"],
                 "max_new_tokens": spec["max_new_tokens"],
-                "criterion": "truth_ratio",
+                "criterion": spec["synchrony_criterion"],
             },
         },
         # Keeps the epoch with the best forget quality. That selects on the test metric itself (P-24):
@@ -276,7 +282,7 @@ def tofu_finetune_config(name: str, splits: list[str], out: str) -> dict:
             "seed": 0,
         },
     }
-    return finetune_config("embedded", name, out, "models/embedded/init", data, epochs=20)
+    return finetune_config("embedded", name, out, "models/embedded/init", data, epochs=18)
 
 
 def muse_finetune_config(name: str, splits: list[str], out: str) -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 import lightning as L
-from torch.distributed.tensor import DTensor
+from worker_setup import is_sharded
 
 
 class RecordSteps(L.Callback):
@@ -25,7 +25,7 @@ class RecordSteps(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Whether FSDP2 really sharded the policy: every parameter a DTensor.
-        self._write(trainer, {"sharded": all(isinstance(p, DTensor) for p in pl_module.policy.parameters())})
+        self._write(trainer, {"sharded": is_sharded(pl_module.policy)})
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         record = {

@@ -9,8 +9,6 @@ dicts of the policy and, when one is held, of the reference.
 
 from __future__ import annotations
 
-import argparse
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +17,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.tensor import DTensor
+from worker_setup import cpu_trainer, is_sharded, seeded_sgd_module, worker_parser, world_size
 
 from baldro_lightning.datamodule import ForgetRetainDataModule
 from baldro_lightning.losses import KL, NLL, NPO, SatImp, SimNPO
@@ -27,7 +25,6 @@ from baldro_lightning.module import UnlearningModule
 from baldro_lightning.objectives import DV, Group
 
 StrategyName = Literal["single", "ddp", "fsdp2"]
-LEARNING_RATE = 0.05
 
 
 @dataclass(frozen=True)
@@ -139,21 +136,6 @@ class StepRecorder(L.Callback):
         self.weights.append(pl_module.forget_weights.clone())
 
 
-def _strategy(name: StrategyName, world: int):
-    if name == "fsdp2":
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
-        return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
-    return "ddp" if name == "ddp" else "auto"
-
-
-def _is_sharded(model: torch.nn.Module | None) -> bool | None:
-    """Whether every parameter is an FSDP2 shard (a DTensor); ``None`` when there is no model."""
-    if model is None:
-        return None
-    return all(isinstance(p, DTensor) for p in model.parameters())
-
-
 def _full_state(model: torch.nn.Module | None) -> dict[str, torch.Tensor] | None:
     """The unsharded state dict on CPU (a collective under FSDP2: every rank must call it)."""
     if model is None:
@@ -166,28 +148,11 @@ def run_case(
     case: str, strategy: StrategyName, model: str, benchmark: str, batch_size: int, steps: int, out: Path
 ) -> Path:
     """Train one case and write its record; returns the record's path (written on rank 0 only)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    L.seed_everything(0, verbose=False)
-    module = UnlearningModule(
-        model,
-        optimizer=lambda params: torch.optim.SGD(params, lr=LEARNING_RATE),
-        weight_decay=0.0,
-        lr_schedule="constant",
-        **CASES[case].module(),
-    )
+    module = seeded_sgd_module(model, **CASES[case].module())
     data = ForgetRetainDataModule(model, benchmark, forget_split="forget10", batch_size=batch_size, max_length=48)
     recorder = StepRecorder()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=world,
-        strategy=_strategy(strategy, world),
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[recorder],
-        gradient_clip_val=CASES[case].gradient_clip_val,
+    trainer = cpu_trainer(
+        strategy, steps, logger=False, callbacks=[recorder], gradient_clip_val=CASES[case].gradient_clip_val
     )
     trainer.fit(module, datamodule=data)
     record = {
@@ -195,8 +160,8 @@ def run_case(
         "weights": recorder.weights,
         "policy": _full_state(module.policy),
         "reference": _full_state(module.reference),
-        "sharded": {"policy": _is_sharded(module.policy), "reference": _is_sharded(module.reference)},
-        "world_size": world,
+        "sharded": {"policy": is_sharded(module.policy), "reference": is_sharded(module.reference)},
+        "world_size": world_size(),
     }
     path = out / f"{strategy}-{case}.pt"
     if trainer.is_global_zero:
@@ -205,13 +170,12 @@ def run_case(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="directory of a save_pretrained causal LM and tokenizer")
-    parser.add_argument("--benchmark", required=True, help="directory of {split}.jsonl files with a forget10 split")
-    parser.add_argument("--out", required=True, type=Path, help="directory for the <strategy>-<case>.pt records")
-    parser.add_argument("--runs", required=True, nargs="+", help="strategy:case pairs, e.g. ddp:npo_dv fsdp2:npo_dv")
-    parser.add_argument("--batch-size", type=int, default=2, help="forget (and retain) rows per rank per step")
-    parser.add_argument("--steps", type=int, default=3)
+    parser = worker_parser(
+        __doc__,
+        out_help="directory for the <strategy>-<case>.pt records",
+        runs_help="strategy:case pairs, e.g. ddp:npo_dv fsdp2:npo_dv",
+        steps=3,
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     for run in args.runs:

@@ -19,7 +19,6 @@ how many forwards its policy ran while scoring (sharded ranks must run equally m
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 from typing import Any
@@ -28,17 +27,16 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch.distributed.tensor import DTensor
+from worker_setup import cpu_trainer, is_sharded, seeded_sgd_module, worker_parser
 
 from baldro_lightning.callbacks import TofuEvaluation
 from baldro_lightning.datamodule import ForgetRetainDataModule
 from baldro_lightning.evaluation import RowScores, TofuEvaluator, shard_rows, write_eval_json
 from baldro_lightning.losses import NLL, NPO
-from baldro_lightning.module import UnlearningModule, load_causal_lm
+from baldro_lightning.module import load_causal_lm
 from baldro_lightning.objectives import DV
 from baldro_lightning.tokenization import load_tokenizer
 
-LEARNING_RATE = 0.05
 MAX_LENGTH = 64
 
 
@@ -60,7 +58,7 @@ class _Recorder:
                     "scored": {role: list(part.indices) for role, part in out.items()},
                     "synced_gpus": synced_gpus,
                     "forwards": self.forwards - before,
-                    "sharded": all(isinstance(p, DTensor) for p in model.parameters()),
+                    "sharded": is_sharded(model),
                 }
             )
             return out
@@ -95,18 +93,6 @@ class RecordedEvaluation(TofuEvaluation):
             self.recorder = _Recorder(self.evaluator)
 
 
-def _strategy(name: str, world: int):
-    if name == "fsdp2":
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
-        return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
-    if name == "ddp":
-        return "ddp"
-    if name == "single":
-        return "auto"
-    raise ValueError(f"--runs fit:{name}: unknown strategy; use single, ddp or fsdp2")
-
-
 def _rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -124,17 +110,8 @@ def run_fit(
     steps: int,
 ) -> Path:
     """Train ``steps`` steps with the evaluation callback at the start and after every step; returns the record."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    L.seed_everything(0, verbose=False)
-    module = UnlearningModule(
-        model,
-        forget_loss=NPO(beta=0.1),
-        retain_loss=NLL(),
-        forget_objective=DV(tau=1.0),
-        reference="live",
-        optimizer=lambda params: torch.optim.SGD(params, lr=LEARNING_RATE),
-        weight_decay=0.0,
-        lr_schedule="constant",
+    module = seeded_sgd_module(
+        model, forget_loss=NPO(beta=0.1), retain_loss=NLL(), forget_objective=DV(tau=1.0), reference="live"
     )
     data = ForgetRetainDataModule(
         model, benchmark, forget_split="forget10", batch_size=batch_size, max_length=MAX_LENGTH
@@ -150,16 +127,8 @@ def run_fit(
         max_new_tokens=max_new_tokens,
         dirpath=str(run_dir / "eval"),
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=world,
-        strategy=_strategy(strategy, world),
-        max_steps=steps,
-        logger=TensorBoardLogger(run_dir, name="tb", version=""),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[callback],
+    trainer = cpu_trainer(
+        strategy, steps, logger=TensorBoardLogger(run_dir, name="tb", version=""), callbacks=[callback]
     )
     trainer.fit(module, datamodule=data)
     record = {
@@ -218,17 +187,14 @@ def run_standalone(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="directory of a save_pretrained causal LM and tokenizer")
-    parser.add_argument("--benchmark", required=True, help="directory of {split}.jsonl files with a forget10 split")
-    parser.add_argument("--out", required=True, type=Path, help="directory for the runs' files and records")
-    parser.add_argument(
-        "--runs", required=True, nargs="+", help="fit:<single|ddp|fsdp2> or standalone:<replicated|fsdp2>"
+    parser = worker_parser(
+        __doc__,
+        out_help="directory for the runs' files and records",
+        runs_help="fit:<single|ddp|fsdp2> or standalone:<replicated|fsdp2>",
+        steps=1,
     )
-    parser.add_argument("--batch-size", type=int, default=2, help="forget (and retain) rows per rank per step")
     parser.add_argument("--eval-batch-size", type=int, default=4, help="examples per likelihood forward / generate")
     parser.add_argument("--max-new-tokens", type=int, default=6)
-    parser.add_argument("--steps", type=int, default=1)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     for run in args.runs:

@@ -13,15 +13,13 @@ run in this process.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 from conftest import write_tiny_benchmark
+from gloo_launch import run_worker
 from torch import nn
 
 from baldro_lightning.sharding import NoDecoderLayersError, data_parallel_mesh, decoder_layers, mixed_precision_policy
@@ -79,29 +77,10 @@ def initial_state(tiny_model) -> dict[str, torch.Tensor]:
 
 def _launch(runs: list[tuple[str, str]], model: Path, benchmark: Path, out: Path, timeout: int) -> Path:
     """Run ``runs`` in one 2-process gloo launch; the records land in ``out``."""
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",  # a free rendezvous port on localhost, so parallel test sessions do not collide
-        f"--nproc_per_node={WORLD_SIZE}",
-        str(WORKER),
-        f"--model={model}",
-        f"--benchmark={benchmark}",
-        f"--out={out}",
-        f"--batch-size={PER_RANK_BATCH}",
-        f"--steps={STEPS}",
-        "--runs",
-        *[f"{strategy}:{case}" for strategy, case in runs],
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    try:
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as err:
-        pytest.fail(f"the 2-process run did not finish in {timeout} s: {' '.join(command)}\n{err.stdout or ''}")
-    if done.returncode != 0:
-        pytest.fail(f"the 2-process run failed (exit {done.returncode}): {' '.join(command)}\n{done.stderr[-6000:]}")
-    return out
+    pairs = [f"{strategy}:{case}" for strategy, case in runs]
+    return run_worker(
+        WORKER, pairs, model, benchmark, out, timeout, "the 2-process run", batch_size=PER_RANK_BATCH, steps=STEPS
+    )
 
 
 @pytest.fixture(scope="module")

@@ -13,23 +13,20 @@ in 1 process with the same global batch; the merged exports must agree.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
+from gloo_launch import torchrun
 from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 from transformers import AutoModelForCausalLM
 
 from baldro_lightning.export import main as export_main
 
-TESTS = Path(__file__).resolve().parent
 FORGET_ROWS = 8  # 2 ranks x batch 1: four steps per epoch, so the stop at step 3 is inside the first epoch
 STOP, TOTAL = 3, 6  # the resumed run crosses an epoch boundary (a reshuffle)
 TIMEOUT_S = 420
@@ -112,20 +109,11 @@ def write_config(
 
 
 def fit(config: Path, max_steps: int, ckpt_path: Path | None = None, processes: int = 2) -> None:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-    command += ["-m", "baldro_lightning", "fit", "--config", str(config), f"--trainer.max_steps={max_steps}"]
+    """``python -m baldro_lightning fit`` on ``processes`` gloo processes, run from the config's directory."""
+    program = ["-m", "baldro_lightning", "fit", "--config", str(config), f"--trainer.max_steps={max_steps}"]
     if ckpt_path is not None:
-        command += ["--ckpt_path", str(ckpt_path)]
-    pythonpath = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    try:
-        done = subprocess.run(
-            command, env=env, cwd=config.parent, capture_output=True, text=True, timeout=TIMEOUT_S, check=False
-        )
-    except subprocess.TimeoutExpired as err:
-        pytest.fail(f"the 2-process fit did not finish in {TIMEOUT_S} s: {' '.join(command)}\n{err.stdout or ''}")
-    if done.returncode != 0:
-        pytest.fail(f"the 2-process fit failed (exit {done.returncode}): {' '.join(command)}\n{done.stderr[-6000:]}")
+        program += ["--ckpt_path", str(ckpt_path)]
+    torchrun(program, f"the {processes}-process fit", TIMEOUT_S, processes, cwd=config.parent)
 
 
 def steps(run: Path, rank: int) -> list[dict]:

@@ -18,10 +18,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +26,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import _rows
+from gloo_launch import run_worker
 
 from baldro_lightning import evaluation
 from baldro_lightning.evaluation import RowScores, TofuEvaluator, load_eval_json, shard_rows
@@ -151,52 +148,21 @@ def _files_under(directory: Path) -> list[Path]:
 
 
 # -- the 2-process launch ------------------------------------------------------------------------------------------
-def _worker_args(model: Path, benchmark: Path, out: Path) -> list[str]:
-    return [
-        f"--model={model}",
-        f"--benchmark={benchmark}",
-        f"--out={out}",
-        f"--batch-size={PER_RANK_BATCH}",
-        f"--eval-batch-size={EVAL_BATCH}",
-        f"--max-new-tokens={NEW_TOKENS}",
-        f"--steps={STEPS}",
-    ]
-
-
-def _launch(runs: list[str], model: Path, benchmark: Path, out: Path, timeout: int) -> Path:
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",  # a free rendezvous port on localhost, so parallel test sessions do not collide
-        f"--nproc_per_node={WORLD_SIZE}",
-        str(WORKER),
-        *_worker_args(model, benchmark, out),
-        "--runs",
-        *runs,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    # A session of its own, so that on a timeout the workers go too, not only the launcher.
-    process = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        _, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        _, stderr = process.communicate()
-        pytest.fail(
-            f"sharded evaluation did not finish in {timeout} s (a deadlock?): {' '.join(command)}\n{stderr[-6000:]}"
-        )
-    if process.returncode != 0:
-        pytest.fail(f"the 2-process run failed (exit {process.returncode}): {' '.join(command)}\n{stderr[-6000:]}")
-    return out
-
-
 @pytest.fixture(scope="module")
 def sharded_out(tmp_path_factory, varied_model, uneven_benchmark) -> Path:
-    out = tmp_path_factory.mktemp("sharded")
-    return _launch(STANDALONE_RUNS + FIT_RUNS, varied_model, uneven_benchmark, out, timeout=300)
+    return run_worker(
+        WORKER,
+        STANDALONE_RUNS + FIT_RUNS,
+        varied_model,
+        uneven_benchmark,
+        tmp_path_factory.mktemp("sharded"),
+        timeout=300,
+        what="the 2-process sharded evaluation",
+        batch_size=PER_RANK_BATCH,
+        eval_batch_size=EVAL_BATCH,
+        max_new_tokens=NEW_TOKENS,
+        steps=STEPS,
+    )
 
 
 @pytest.fixture(scope="module")
