@@ -61,8 +61,8 @@ BENCHMARKS = {
         "dtype": "float32",
         "retain_reference": "runs/embedded/eval/retain90/eval.json",
         "max_new_tokens": 48,
-        # The paraphrase template is never trained, so truth ratios hardly move: 78% of the target's forget rows
-        # already lie in the retain model's truth-ratio range (data/README.md). Answer ROUGE tells forgetting.
+        # The paraphrase template is never trained, so truth ratios hardly move: 78% of a 20-epoch target's
+        # forget rows already lay in the retain model's truth-ratio range (data/README.md). ROUGE tells forgetting.
         "synchrony_criterion": "rouge",
     },
     # Real TOFU by Hub name; the recipe of spec §5.1 (bf16 weights, batch 8 x 4, 10 epochs, lr 1e-5).
