@@ -55,6 +55,15 @@ class SequenceLogProbs:
         """(B,) per-sample mean NLL ``m_i = s_i / n_i``; a row with no labelled token gives 0, not NaN (P-16)."""
         return -self.logp_sum / self.count.clamp_min(1)
 
+    def rows(self, start: int, count: int, positions: int) -> SequenceLogProbs:
+        """Rows ``start .. start+count-1`` with their first ``positions`` token positions (a part of joined batches).
+
+        The dropped positions must be masked (right padding), so the per-sample sums and counts are unchanged.
+        """
+        token_logps = self.token_logps[start : start + count, :positions]
+        mask = self.mask[start : start + count, :positions]
+        return SequenceLogProbs(logp_sum=token_logps.sum(-1), count=mask.sum(-1), token_logps=token_logps, mask=mask)
+
     def select(self, rows: Tensor) -> SequenceLogProbs:
         """The same statistics restricted to ``rows`` (a 1-D index tensor)."""
 
@@ -93,9 +102,11 @@ def token_logprobs(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         ``(logps, mask)``, both (B, T-1); ``logps`` is 0 where ``mask`` is False.
     """
     targets, mask = shifted_labels(labels)
-    shifted = logits[:, :-1, :]
-    picked = shifted.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()
-    logps = picked - torch.logsumexp(shifted.float(), dim=-1)
+    # Score every position and drop the last one from the (B, T) result: slicing the (B, T, V) logits instead would
+    # make the backward pass allocate, zero-fill and copy a second tensor of that size.
+    every_position = torch.nn.functional.pad(targets, (0, 1))
+    picked = logits.gather(-1, every_position.unsqueeze(-1)).squeeze(-1).float()
+    logps = (picked - torch.logsumexp(logits.float(), dim=-1))[:, :-1]
     return logps.masked_fill(~mask, 0.0), mask
 
 

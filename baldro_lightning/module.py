@@ -193,12 +193,18 @@ class CausalLMModule(L.LightningModule):
         keep_vocab = keep_vocab or [False] * len(batches)
         joined = batches[0] if len(batches) == 1 else concat_rows(batches, self.pad_token_id)
         logits = model(input_ids=joined["input_ids"], attention_mask=joined["attention_mask"], use_cache=False).logits
+        # Scored once over the joined rows and split afterwards, so the backward pass never scatters a slice of the
+        # (B, T, V) logits; a part that needs the whole distribution (KL) slices its own.
+        joined_stats = None if all(keep_vocab) else sequence_logprobs(logits, joined["labels"])
         out, start = [], 0
         for part, vocab in zip(batches, keep_vocab, strict=True):
             rows = batch_size(part)
             length = part["labels"].shape[1]
             # Right padding: trimming the shared padding columns changes no labelled position.
-            out.append(sequence_logprobs(logits[start : start + rows, :length], part["labels"], keep_vocab=vocab))
+            if vocab:
+                out.append(sequence_logprobs(logits[start : start + rows, :length], part["labels"], keep_vocab=True))
+            else:
+                out.append(joined_stats.rows(start, rows, length - 1))
             start += rows
         return out
 

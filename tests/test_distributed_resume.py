@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from fit_configs import benchmark_with_forget_rows, write_npo_fit_config
 from gloo_launch import torchrun
 from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
@@ -40,14 +41,6 @@ pytestmark = [
 ]
 
 
-def benchmark_with_eight_forget_rows(tiny_benchmark: Path, root: Path) -> Path:
-    benchmark = Path(shutil.copytree(tiny_benchmark, root))
-    lines = (benchmark / "full.jsonl").read_text().splitlines()
-    (benchmark / "forget10.jsonl").write_text("\n".join(lines[-FORGET_ROWS:]) + "\n")
-    (benchmark / "retain90.jsonl").write_text("\n".join(lines[:-FORGET_ROWS]) + "\n")
-    return benchmark
-
-
 def write_config(
     run: Path, model: Path, benchmark: Path, devices: int = 2, batch_size: int = 1, **model_args: Any
 ) -> Path:
@@ -56,56 +49,33 @@ def write_config(
         "class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
         "init_args": {"data_parallel_size": devices, "tensor_parallel_size": 1},
     }
-    config = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": devices,
-            "strategy": strategy if devices > 1 else "auto",
-            "logger": False,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "default_root_dir": str(run),
-            "callbacks": [
-                {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {
-                        "dirpath": str(run / "ckpt"),
-                        "filename": "{step}",
-                        "every_n_train_steps": STOP,
-                        "save_top_k": -1,
-                        "save_last": True,
-                    },
-                },
-                {"class_path": "distributed_resume_worker.RecordSteps", "init_args": {"path": str(run / "steps")}},
-                {
-                    "class_path": "baldro_lightning.export.ExportPretrained",
-                    "init_args": {"dirpath": str(run / "model")},
-                },
-            ],
-        },
-        "model": {
-            "class_path": "baldro_lightning.module.UnlearningModule",
+    callbacks = [
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
             "init_args": {
-                "model": str(model),
-                "forget_loss": "baldro_lightning.losses.NPO",
-                "retain_loss": "baldro_lightning.losses.NLL",
-                "reference": "live",
-                # Constant: a schedule over max_steps would differ between the stopped and the full run.
-                "lr_schedule": "constant",
-                "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}},
-                **model_args,
+                "dirpath": str(run / "ckpt"),
+                "filename": "{step}",
+                "every_n_train_steps": STOP,
+                "save_top_k": -1,
+                "save_last": True,
             },
         },
-        "data": {
-            "class_path": "baldro_lightning.datamodule.ForgetRetainDataModule",
-            "init_args": {"benchmark": str(benchmark), "batch_size": batch_size, "max_length": 48},
+        {"class_path": "distributed_resume_worker.RecordSteps", "init_args": {"path": str(run / "steps")}},
+        {"class_path": "baldro_lightning.export.ExportPretrained", "init_args": {"dirpath": str(run / "model")}},
+    ]
+    return write_npo_fit_config(
+        run,
+        model,
+        benchmark,
+        callbacks,
+        trainer={"devices": devices, "strategy": strategy if devices > 1 else "auto"},
+        model_args={
+            "reference": "live",
+            "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}},
+            **model_args,
         },
-    }
-    run.mkdir(parents=True, exist_ok=True)
-    path = run / "config.yaml"
-    path.write_text(json.dumps(config, indent=1))
-    return path
+        data_args={"batch_size": batch_size, "max_length": 48},
+    )
 
 
 def fit(config: Path, max_steps: int, ckpt_path: Path | None = None, processes: int = 2) -> None:
@@ -124,7 +94,7 @@ def steps(run: Path, rank: int) -> list[dict]:
 @pytest.fixture(scope="module")
 def runs(tiny_model, tiny_benchmark, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("distributed_resume")
-    benchmark = benchmark_with_eight_forget_rows(tiny_benchmark, root / "benchmark")
+    benchmark = benchmark_with_forget_rows(tiny_benchmark, root / "benchmark", FORGET_ROWS)
     full = write_config(root / "full", tiny_model, benchmark)
     fit(full, TOTAL)
     stopped = write_config(root / "stopped", tiny_model, benchmark)
@@ -195,7 +165,7 @@ def test_export_command_consolidates_the_distributed_checkpoint(runs, tmp_path, 
 def lora_runs(tiny_model, tiny_benchmark, tmp_path_factory) -> dict[str, Path]:
     """LoRA with activation checkpointing: 2 FSDP2 ranks x batch 1 and 1 process x batch 2, plain SGD."""
     root = tmp_path_factory.mktemp("distributed_lora")
-    benchmark = benchmark_with_eight_forget_rows(tiny_benchmark, root / "benchmark")
+    benchmark = benchmark_with_forget_rows(tiny_benchmark, root / "benchmark", FORGET_ROWS)
     options = {
         "lora": {"r": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj", "down_proj"]},
         "gradient_checkpointing": True,

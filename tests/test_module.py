@@ -204,6 +204,36 @@ def test_cached_and_live_reference_give_the_same_npo_loss(tiny_model, tiny_bench
     assert_close(losses["cached"], losses["live"], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("keep_vocab", [[False, False], [False, True]])
+def test_one_forward_over_forget_and_retain_equals_separate_forwards(tiny_model, tiny_benchmark, keep_vocab):
+    """The policy scores forget and retain rows in one padded forward; per-sample sums, token log-probs and the
+    gradient of their total must equal two separate forwards (the batches differ in length, so padding is cut)."""
+    batch = first_batch(tiny_model, tiny_benchmark, batch_size=2)
+    forget, retain = batch["forget"], batch["retain"]
+    assert forget["input_ids"].shape[1] != retain["input_ids"].shape[1]
+    module = unlearning_module(tiny_model, retain_loss=KL())
+    module.configure_model()
+
+    def scored(parts, vocab):
+        module.policy.zero_grad()
+        stats = module.forward_stats(module.policy, parts, vocab)
+        sum(s.logp_sum.sum() for s in stats).backward()
+        return stats, [p.grad.clone() for p in module.policy.parameters()]
+
+    joined, joined_grads = scored([forget, retain], keep_vocab)
+    separate = [scored([part], [vocab])[0][0] for part, vocab in zip((forget, retain), keep_vocab, strict=True)]
+    _, separate_grads = scored([forget], [keep_vocab[0]])
+    _, retain_grads = scored([retain], [keep_vocab[1]])
+    for got, want in zip(joined, separate, strict=True):
+        assert got.token_logps.shape == want.token_logps.shape
+        assert_close(got.logp_sum, want.logp_sum, rtol=0, atol=1e-5)
+        assert_close(got.token_logps, want.token_logps, rtol=0, atol=1e-5)
+        assert torch.equal(got.count, want.count)
+        assert (got.vocab_logps is None) == (want.vocab_logps is None)
+    for got, want_forget, want_retain in zip(joined_grads, separate_grads, retain_grads, strict=True):
+        assert_close(got, want_forget + want_retain, rtol=1e-4, atol=1e-6)
+
+
 def test_cached_reference_cannot_serve_kl_retain(tiny_model):
     with pytest.raises(ValueError, match=r"--model\.reference=cached.*--model\.retain_loss=KL"):
         UnlearningModule(str(tiny_model), NPO(), KL(), reference="cached")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fit_configs import benchmark_with_forget_rows, write_npo_fit_config
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -43,62 +43,19 @@ class Interrupted(BaseException):
 # Kill and resume
 
 
-def resume_benchmark(tiny_benchmark: Path, root: Path) -> Path:
-    """The tiny benchmark with the last eight rows of ``full`` as forget10 and the other eight as retain90."""
-    benchmark = Path(shutil.copytree(tiny_benchmark, root))
-    lines = (benchmark / "full.jsonl").read_text().splitlines()
-    (benchmark / "forget10.jsonl").write_text("\n".join(lines[-FORGET_ROWS:]) + "\n")
-    (benchmark / "retain90.jsonl").write_text("\n".join(lines[:-FORGET_ROWS]) + "\n")
-    return benchmark
-
-
 def write_config(run: Path, model: Path, benchmark: Path) -> Path:
-    """A fit config (JSON is YAML) that checkpoints every step, records each step's rows, and exports the policy."""
-    config = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "max_epochs": EPOCHS,
-            "logger": False,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "default_root_dir": str(run),
-            "callbacks": [
-                {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {
-                        "dirpath": str(run / "ckpt"),
-                        "every_n_train_steps": 1,
-                        "save_top_k": -1,
-                        "save_last": True,
-                    },
-                },
-                {"class_path": "resume_worker.RecordBatches", "init_args": {"path": str(run / "batches.jsonl")}},
-                {
-                    "class_path": "baldro_lightning.export.ExportPretrained",
-                    "init_args": {"dirpath": str(run / "model")},
-                },
-            ],
+    """A fit config that checkpoints every step, records each step's rows, and exports the policy."""
+    callbacks = [
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"dirpath": str(run / "ckpt"), "every_n_train_steps": 1, "save_top_k": -1, "save_last": True},
         },
-        "model": {
-            "class_path": "baldro_lightning.module.UnlearningModule",
-            "init_args": {
-                "model": str(model),
-                "forget_loss": "baldro_lightning.losses.NPO",
-                "retain_loss": "baldro_lightning.losses.NLL",
-                "lr_schedule": "constant",
-            },
-        },
-        "data": {
-            "class_path": "baldro_lightning.datamodule.ForgetRetainDataModule",
-            "init_args": {"benchmark": str(benchmark), "batch_size": 1, "max_length": 64},
-        },
-    }
-    run.mkdir(parents=True, exist_ok=True)
-    path = run / "config.yaml"
-    path.write_text(json.dumps(config, indent=1))
-    return path
+        {"class_path": "resume_worker.RecordBatches", "init_args": {"path": str(run / "batches.jsonl")}},
+        {"class_path": "baldro_lightning.export.ExportPretrained", "init_args": {"dirpath": str(run / "model")}},
+    ]
+    return write_npo_fit_config(
+        run, model, benchmark, callbacks, trainer={"max_epochs": EPOCHS}, data_args={"max_length": 64}
+    )
 
 
 def launch(config: Path, ckpt_path: Path | None = None) -> subprocess.Popen:
@@ -131,7 +88,7 @@ def rows_by_step(steps: list[dict]) -> list[tuple[int, list[int], list[int]]]:
 
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tiny_model, tiny_benchmark, tmp_path):
-    benchmark = resume_benchmark(tiny_benchmark, tmp_path / "benchmark")
+    benchmark = benchmark_with_forget_rows(tiny_benchmark, tmp_path / "benchmark", FORGET_ROWS)
     full = write_config(tmp_path / "full", tiny_model, benchmark)
     finish(launch(full), full)
 

@@ -1,11 +1,17 @@
-"""Median training-step time of BalDRO variants relative to plain NPO, and their peak memory.
+"""Median training-step time of BalDRO variants relative to plain NPO, and the memory each one holds.
 
     python experiments/benchmarks/step_time.py --model models/embedded/target --benchmark data/tofu_embedded
 
-Variants run interleaved (round-robin, ``--rounds`` times ``--steps`` steps each) so machine noise hits all of them
-alike; each step is timed from ``on_train_batch_start`` to ``on_train_batch_end`` (forwards, backward, optimizer
-step) and the first ``--warmup`` steps of every round are dropped. Peak memory is the resident-set high-water mark
-of a fresh subprocess that runs the same steps, so it includes everything the variant allocates.
+Variants run interleaved: each round runs every variant for ``--steps`` steps, in an order rotated from round to
+round, so machine noise and position in the round hit all of them alike. Each step is timed from
+``on_train_batch_start`` to ``on_train_batch_end`` (forwards, backward, optimizer step) and the first ``--warmup``
+steps of every run are dropped. Two ratios are printed per variant: the median over all its steps against NPO's,
+and the median over rounds of the within-round ratio, with the rounds' range, which shows how much of a
+difference is noise.
+
+Memory, per variant: the bytes of model state it holds (policy weights, gradients, optimizer state, the frozen
+reference or the cached reference log-probs), counted exactly, and the peak resident set during training (Linux:
+``VmHWM`` after resetting it when training starts) of a fresh subprocess.
 """
 
 from __future__ import annotations
@@ -49,7 +55,49 @@ class StepTimer(L.Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def run_variant(name: str, args: argparse.Namespace) -> list[float]:
+class StateBytes(L.Callback):
+    """Bytes of training state after the first optimizer step, when AdamW's moments exist."""
+
+    def __init__(self) -> None:
+        self.bytes: dict[str, int] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.bytes:
+            return
+
+        def size(tensors) -> int:
+            return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+        policy = list(pl_module.policy.parameters())
+        optimizer = trainer.optimizers[0]
+        reference = pl_module.reference
+        self.bytes = {
+            "policy": size(policy),
+            "grads": size(p.grad for p in policy),
+            "optimizer": size(v for state in optimizer.state.values() for v in state.values()),
+            "reference": size(reference.parameters()) if reference is not None else 0,
+            "reference_cache": size([pl_module.reference_cache]) if pl_module.reference_cache is not None else 0,
+        }
+
+
+class PeakRSS(L.Callback):
+    """Linux only: reset the resident-set high-water mark when training starts, read it when it ends."""
+
+    def __init__(self) -> None:
+        self.mib = float("nan")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    self.mib = int(line.split()[1]) / 1024
+
+
+def run_variant(name: str, args: argparse.Namespace, extra: list[L.Callback] = ()) -> list[float]:
     module = UnlearningModule(args.model, NPO(beta=0.1), NLL(), lr_schedule="constant", **VARIANTS[name])
     data = ForgetRetainDataModule(args.model, args.benchmark, batch_size=args.batch_size, max_length=128)
     timer = StepTimer()
@@ -60,21 +108,23 @@ def run_variant(name: str, args: argparse.Namespace) -> list[float]:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[timer],
+        callbacks=[timer, *extra],
     )
     trainer.fit(module, data)
     return timer.times[args.warmup :]
 
 
-def peak_rss_mib(name: str, args: argparse.Namespace) -> float:
+def memory_of(name: str, args: argparse.Namespace) -> dict:
+    """State bytes and training peak RSS of ``name``, measured in a fresh process so earlier runs do not count."""
     code = (
-        "import resource, sys, argparse; sys.argv=['x']; "
-        "from experiments.benchmarks.step_time import run_variant; "
-        f"run_variant({name!r}, argparse.Namespace(**{vars(args)!r})); "
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "import json, sys, argparse; sys.argv=['x']; "
+        "from experiments.benchmarks.step_time import run_variant, StateBytes, PeakRSS; "
+        "state, peak = StateBytes(), PeakRSS(); "
+        f"run_variant({name!r}, argparse.Namespace(**{vars(args)!r}), [state, peak]); "
+        "print(json.dumps({'state': state.bytes, 'peak_rss_mib': peak.mib}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1]) / 1024
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -89,24 +139,48 @@ def main() -> None:
     parser.add_argument("--no-memory", dest="memory", action="store_false")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
+    if "npo" not in args.variants:
+        parser.error(f"--variants must include npo, the baseline of every ratio; got {args.variants}")
     torch.manual_seed(0)
 
     times: dict[str, list[float]] = {name: [] for name in args.variants}
-    for _ in range(args.rounds):
-        for name in args.variants:
-            times[name] += run_variant(name, args)
+    round_medians: list[dict[str, float]] = []
+    for round_index in range(args.rounds):
+        shift = round_index % len(args.variants)
+        medians = {}
+        for name in args.variants[shift:] + args.variants[:shift]:
+            steps = run_variant(name, args)
+            times[name] += steps
+            medians[name] = statistics.median(steps)
+        round_medians.append(medians)
     baseline = statistics.median(times["npo"])
     rows = []
     for name in args.variants:
         median = statistics.median(times[name])
-        memory = peak_rss_mib(name, args) if args.memory else float("nan")
+        per_round = [m[name] / m["npo"] for m in round_medians]
+        memory = memory_of(name, args) if args.memory else {"state": {}, "peak_rss_mib": float("nan")}
         rows.append(
-            {"variant": name, "median_step_s": median, "ratio_vs_npo": median / baseline, "peak_rss_mib": memory}
+            {
+                "variant": name,
+                "median_step_s": median,
+                "ratio_vs_npo": median / baseline,
+                "round_ratio_median": statistics.median(per_round),
+                "round_ratio_min": min(per_round),
+                "round_ratio_max": max(per_round),
+                "state_mib": sum(memory["state"].values()) / 2**20 if memory["state"] else float("nan"),
+                "state_bytes": memory["state"],
+                "peak_rss_mib": memory["peak_rss_mib"],
+            }
         )
-    print(f"{'variant':28s} {'median step (s)':>16s} {'/ npo':>8s} {'peak RSS (MiB)':>15s}")
+    print(
+        f"{'variant':26s} {'median step (s)':>15s} {'/ npo':>7s} {'rounds: median [min, max]':>26s}"
+        f" {'state (MiB)':>11s} {'train peak RSS (MiB)':>20s}"
+    )
     for row in rows:
+        spread = f"{row['round_ratio_median']:.3f} [{row['round_ratio_min']:.3f}, {row['round_ratio_max']:.3f}]"
         print(
-            f"{row['variant']:28s} {row['median_step_s']:16.4f} {row['ratio_vs_npo']:8.3f} {row['peak_rss_mib']:15.1f}"
+            f"{row['variant']:26s} {row['median_step_s']:15.4f} {row['ratio_vs_npo']:7.3f} {spread:>26s}"
+            f" {row['state_mib']:11.2f} {row['peak_rss_mib']:20.1f}"
         )
     print(f"steps per variant: {len(times['npo'])} ({args.rounds} rounds x {args.steps}); batch {args.batch_size}")
     if args.out:

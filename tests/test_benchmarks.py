@@ -1,0 +1,45 @@
+"""The benchmark scripts under ``experiments/benchmarks`` run end to end and account memory correctly.
+
+No timing is asserted (timings belong in the scripts' output, not in pass/fail tests); what is checked is that a
+one-round run produces every field, and that the state each variant holds is what its reference mode implies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS reset needs Linux /proc")
+def test_step_time_reports_ratios_and_reference_memory(tiny_model, tiny_benchmark, tmp_path):
+    out = tmp_path / "step_time.json"
+    command = [
+        sys.executable,
+        "experiments/benchmarks/step_time.py",
+        *("--model", str(tiny_model), "--benchmark", str(tiny_benchmark)),
+        *("--batch-size", "2", "--steps", "2", "--warmup", "0", "--rounds", "2"),
+        *("--variants", "npo", "npo_cached", "npo_dv", "--out", str(out)),
+    ]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {row["variant"]: row for row in json.loads(out.read_text())["results"]}
+
+    assert rows["npo"]["ratio_vs_npo"] == 1.0
+    for row in rows.values():
+        assert row["median_step_s"] > 0 and row["peak_rss_mib"] > 0
+        assert row["round_ratio_min"] <= row["round_ratio_median"] <= row["round_ratio_max"]
+    live, cached = rows["npo"]["state_bytes"], rows["npo_cached"]["state_bytes"]
+    # A live reference is a second copy of the weights; the cache is one fp32 number per forget row.
+    assert live["reference"] == live["policy"] and live["reference_cache"] == 0
+    assert cached["reference"] == 0 and cached["reference_cache"] == 4 * 4  # the tiny benchmark's 4 forget rows
+    assert live["grads"] == live["policy"] and live["optimizer"] >= 2 * live["policy"]  # AdamW's two moments
+    assert rows["npo_dv"]["state_bytes"] == live
