@@ -34,6 +34,7 @@ def test_step_time_reports_ratios_and_reference_memory(tiny_model, tiny_benchmar
     rows = {row["variant"]: row for row in json.loads(out.read_text())["results"]}
 
     assert rows["npo"]["ratio_vs_npo"] == 1.0
+    assert 0 < rows["npo"]["reference_share"] < 1 and rows["npo_cached"]["reference_share"] == 0
     for row in rows.values():
         assert row["median_step_s"] > 0 and row["peak_rss_mib"] > 0
         assert row["round_ratio_min"] <= row["round_ratio_median"] <= row["round_ratio_max"]

@@ -45,14 +45,34 @@ VARIANTS = {
 
 
 class StepTimer(L.Callback):
+    """Wall time of each step and, with a live reference, of the reference's forward inside it.
+
+    The reference's share of a live step bounds what a cached reference can save: cached / live >= 1 - share.
+    """
+
     def __init__(self) -> None:
         self.times: list[float] = []
+        self.reference_times: list[float] = []
+        self._reference_time = 0.0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if pl_module.reference is not None:
+            pl_module.reference.register_forward_pre_hook(self._reference_start)
+            pl_module.reference.register_forward_hook(self._reference_end)
+
+    def _reference_start(self, module, args) -> None:
+        self._reference_started = time.perf_counter()
+
+    def _reference_end(self, module, args, output) -> None:
+        self._reference_time += time.perf_counter() - self._reference_started
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._reference_time = 0.0
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.times.append(time.perf_counter() - self._start)
+        self.reference_times.append(self._reference_time)
 
 
 class StateBytes(L.Callback):
@@ -97,7 +117,8 @@ class PeakRSS(L.Callback):
                     self.mib = int(line.split()[1]) / 1024
 
 
-def run_variant(name: str, args: argparse.Namespace, extra: list[L.Callback] = ()) -> list[float]:
+def run_variant(name: str, args: argparse.Namespace, extra: list[L.Callback] = ()) -> tuple[list[float], list[float]]:
+    """Step times and reference-forward times of ``name``'s steps after the warm-up."""
     module = UnlearningModule(args.model, NPO(beta=0.1), NLL(), lr_schedule="constant", **VARIANTS[name])
     data = ForgetRetainDataModule(args.model, args.benchmark, batch_size=args.batch_size, max_length=128)
     timer = StepTimer()
@@ -111,7 +132,7 @@ def run_variant(name: str, args: argparse.Namespace, extra: list[L.Callback] = (
         callbacks=[timer, *extra],
     )
     trainer.fit(module, data)
-    return timer.times[args.warmup :]
+    return timer.times[args.warmup :], timer.reference_times[args.warmup :]
 
 
 def memory_of(name: str, args: argparse.Namespace) -> dict:
@@ -144,13 +165,15 @@ def main() -> None:
     torch.manual_seed(0)
 
     times: dict[str, list[float]] = {name: [] for name in args.variants}
+    reference_shares: dict[str, list[float]] = {name: [] for name in args.variants}
     round_medians: list[dict[str, float]] = []
     for round_index in range(args.rounds):
         shift = round_index % len(args.variants)
         medians = {}
         for name in args.variants[shift:] + args.variants[:shift]:
-            steps = run_variant(name, args)
+            steps, reference = run_variant(name, args)
             times[name] += steps
+            reference_shares[name] += [r / t for r, t in zip(reference, steps, strict=True)]
             medians[name] = statistics.median(steps)
         round_medians.append(medians)
     baseline = statistics.median(times["npo"])
@@ -167,6 +190,7 @@ def main() -> None:
                 "round_ratio_median": statistics.median(per_round),
                 "round_ratio_min": min(per_round),
                 "round_ratio_max": max(per_round),
+                "reference_share": statistics.median(reference_shares[name]),
                 "state_mib": sum(memory["state"].values()) / 2**20 if memory["state"] else float("nan"),
                 "state_bytes": memory["state"],
                 "peak_rss_mib": memory["peak_rss_mib"],
@@ -174,15 +198,16 @@ def main() -> None:
         )
     print(
         f"{'variant':26s} {'median step (s)':>15s} {'/ npo':>7s} {'rounds: median [min, max]':>26s}"
-        f" {'state (MiB)':>11s} {'train peak RSS (MiB)':>20s}"
+        f" {'ref share':>9s} {'state (MiB)':>11s} {'train peak RSS (MiB)':>20s}"
     )
     for row in rows:
         spread = f"{row['round_ratio_median']:.3f} [{row['round_ratio_min']:.3f}, {row['round_ratio_max']:.3f}]"
         print(
             f"{row['variant']:26s} {row['median_step_s']:15.4f} {row['ratio_vs_npo']:7.3f} {spread:>26s}"
-            f" {row['state_mib']:11.2f} {row['peak_rss_mib']:20.1f}"
+            f" {row['reference_share']:9.3f} {row['state_mib']:11.2f} {row['peak_rss_mib']:20.1f}"
         )
     print(f"steps per variant: {len(times['npo'])} ({args.rounds} rounds x {args.steps}); batch {args.batch_size}")
+    print("ref share: median fraction of a step spent in the live reference's forward (0 when cached)")
     if args.out:
         with open(args.out, "w") as handle:
             json.dump({"settings": vars(args), "results": rows}, handle, indent=2)
