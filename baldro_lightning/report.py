@@ -603,12 +603,15 @@ def _muse_section(
         if run.split not in retains and (retain := _retain_from_meta([run])) is not None:
             retains[run.split] = retain
     chosen: dict[tuple[str, str], dict[str, RunResult]] = defaultdict(dict)
+    below_bound: set[tuple[str, str]] = set()
     for corpus in corpora:
         target_km = metric_value(targets.get(corpus), "retain_knowmem_ROUGE")
         bound = None if target_km is None else rule.mu_ratio * target_km
         for key, group in group_by_method(r for r in muse if r.split == corpus).items():
-            ok = [r for r in group if bound is None or (r.metric("retain_knowmem_ROUGE") or -1) >= bound] or group
-            chosen[key][corpus] = min(ok, key=lambda r: (r.metric("forget_verbmem_ROUGE") or math.inf, r.name))
+            ok = [r for r in group if bound is None or (r.metric("retain_knowmem_ROUGE") or -1) >= bound]
+            if not ok:
+                below_bound.add(key)
+            chosen[key][corpus] = min(ok or group, key=lambda r: (r.metric("forget_verbmem_ROUGE") or math.inf, r.name))
     header = ["Method", *(f"{CORPUS_NAMES.get(c, c)} {name}" for c in corpora for name, _ in TABLE2)]
     rows, raw = [], []
     for name, evals in (("Original", targets), ("Retain", retains)):
@@ -618,6 +621,7 @@ def _muse_section(
             raw.append([name, *values])
     for (method, variant), per_corpus in chosen.items():
         label = method if not variant else f"{method} + {variant}"
+        label += " †" if (method, variant) in below_bound else ""
         values = [per_corpus[c].metric(key) if c in per_corpus else None for c in corpora for _, key in TABLE2]
         rows.append([label, *map(fmt, values)])
         raw.append([label, *values])
@@ -626,7 +630,9 @@ def _muse_section(
         "## MUSE",
         "",
         f"Per corpus and method: the run with the lowest VM-Df among runs with KM-Dr ≥ {rule.mu_ratio:g} × KM-Dr of "
-        "Original (no constraint without `--muse_target_eval`).",
+        "Original (the runs' step-0 evaluation or `--muse_target_eval`; no constraint without either); a method "
+        "with no run above that bound shows its "
+        "lowest-VM-Df run, marked †.",
         "",
         "### Table 2",
         "",

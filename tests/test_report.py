@@ -238,6 +238,21 @@ def test_muse_table2(tmp_path):
     assert "### Table 2" in md
 
 
+def test_muse_method_below_the_utility_bound_is_marked(tmp_path):
+    """Every run of a method losing more than 10% of the target's KM-Dr: the table still shows one, marked †."""
+    root = tmp_path / "muse"
+    muse = {"retain_knowmem_ROUGE": 0.2, "forget_knowmem_ROUGE": 0.5, "forget_verbmem_ROUGE": 0.3, "privleak": -60.0}
+    for name, verbmem in (("npo", 0.3), ("npo_b", 0.1)):
+        write_eval(make_run(root, name, {}) / "eval.json", {**muse, "forget_verbmem_ROUGE": verbmem}, corpus="news")
+    target = write_eval(tmp_path / "t.json", {**muse, "retain_knowmem_ROUGE": 0.5}, corpus="news")
+    out = tmp_path / "report"
+    targets = report._evals_by([str(target)], "corpus", "--muse_target_eval")
+    report.write_report(report.load_runs([root]), out, report.SelectionRule(), muse_target_evals=targets)
+    table = read_csv(out / "table2_muse.csv")
+    assert list(table) == ["Original", "NPO †"]
+    assert float(table["NPO †"]["News VM-Df"]) == 0.1
+
+
 def test_figures_are_written(tmp_path):
     root = tmp_path / "grid"
     original = tofu_metrics(0.001, 0.6)
