@@ -157,12 +157,30 @@ class TofuEvaluation(ScheduledEvaluation):
         batch_size: int = 32,
         max_new_tokens: int = 200,
         rouge_rows_limit: int | None = None,
+        limit: int | None = None,
         criterion: Literal["truth_ratio", "rouge"] = "truth_ratio",
         retain_quantiles: tuple[float, float] = (0.05, 0.95),
         rouge_threshold: float = 0.3,
         dirpath: str | None = None,
         curves: bool = True,
     ) -> None:
+        """Args:
+        every_n_steps: Also evaluate after every N optimizer steps (null: only at epoch ends).
+        every_epoch: Evaluate at the end of every epoch.
+        on_start: Evaluate before the first update (the curves evaluate then anyway: it is their reference).
+        metrics_groups: Any of the TOFU metric groups (default: all).
+        retain_reference: The retain model's ``eval.json`` on the same forget split and rows (forget quality,
+            privleak, the truth-ratio criterion).
+        batch_size: Answers per likelihood forward.
+        max_new_tokens: Greedy generation length for ROUGE (TOFU: 200).
+        rouge_rows_limit: Generate for only the first N rows of each split.
+        limit: Score only the first N rows of each split (smoke runs; the retain reference needs the same limit).
+        criterion: When a forget sample counts as forgotten: ``truth_ratio`` or ``rouge`` (see the class).
+        retain_quantiles: The retain model's truth-ratio quantiles that bound forgotten and over-forgotten.
+        rouge_threshold: ROUGE-L recall at or below which a sample counts as forgotten (``criterion="rouge"``).
+        dirpath: Where ``step_<N>/eval.json`` and ``per_sample.csv`` go; ``<log_dir>/eval`` when null.
+        curves: Record per-sample forgetting curves and synchrony.
+        """
         super().__init__(every_n_steps, every_epoch, on_start, dirpath)
         if criterion == "truth_ratio" and retain_reference is None and curves:
             raise ValueError(
@@ -175,6 +193,7 @@ class TofuEvaluation(ScheduledEvaluation):
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self.rouge_rows_limit = rouge_rows_limit
+        self.limit = limit
         self.criterion = criterion
         self.retain_quantiles = retain_quantiles
         self.rouge_threshold = rouge_threshold
@@ -195,6 +214,7 @@ class TofuEvaluation(ScheduledEvaluation):
             metric_groups=self.metric_groups,
             retain_reference=self.retain_reference,
             rouge_rows_limit=self.rouge_rows_limit,
+            limit=self.limit,
         )
         if self.criterion == "truth_ratio" and self.curves:
             forget_rows = evaluator.rows["forget"]

@@ -18,6 +18,18 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def release_process_group() -> None:
+    """Tear down the default process group before the interpreter exits (no-op outside a distributed run).
+
+    Lightning leaves the group it created alive; gloo's worker threads are then destroyed during interpreter
+    shutdown, which sometimes aborts the process ("terminate called without an active exception", exit -6) after
+    the work is done.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 

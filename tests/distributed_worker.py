@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from worker_setup import cpu_trainer, is_sharded, seeded_sgd_module, worker_parser, world_size
 
 from baldro_lightning.datamodule import ForgetRetainDataModule
+from baldro_lightning.distributed import release_process_group
 from baldro_lightning.losses import KL, NLL, NPO, SatImp, SimNPO
 from baldro_lightning.module import UnlearningModule
 from baldro_lightning.objectives import DV, Group
@@ -185,3 +186,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    release_process_group()

@@ -31,6 +31,7 @@ from worker_setup import cpu_trainer, is_sharded, seeded_sgd_module, worker_pars
 
 from baldro_lightning.callbacks import TofuEvaluation
 from baldro_lightning.datamodule import ForgetRetainDataModule
+from baldro_lightning.distributed import release_process_group
 from baldro_lightning.evaluation import RowScores, TofuEvaluator, shard_rows, write_eval_json
 from baldro_lightning.losses import NLL, NPO
 from baldro_lightning.module import load_causal_lm
@@ -218,3 +219,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    release_process_group()

@@ -1,0 +1,138 @@
+"""A ``fast_dev_run`` of every shipped experiment config, through LightningCLI, as a user would start it.
+
+Each config keeps its module, objective, data module, precision, reference mode and callbacks; only what cannot
+exist offline is swapped: the model becomes a random tiny Llama and a Hub benchmark becomes a local copy of the
+same shape. ``tests/test_configs.py`` checks that every file parses; this checks that every one trains a step,
+evaluates, and exports.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from lightning.pytorch.callbacks import Callback
+
+from baldro_lightning import evaluate, muse_evaluation
+from baldro_lightning.callbacks import MuseEvaluation, TofuEvaluation
+from baldro_lightning.cli import cli_main
+from baldro_lightning.module import UnlearningModule
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = REPO / "experiments"
+CONFIGS = sorted(p for p in EXPERIMENTS.glob("**/*.yaml") if p.relative_to(EXPERIMENTS).parts[0] != "sweeps")
+EMBEDDED_MUSE = REPO / "data" / "muse_embedded"
+ROWS = 3  # rows per split that the smoke-sized evaluations score
+
+
+def _needs_gpu(config: Path) -> bool:
+    return yaml.safe_load(config.read_text())["trainer"].get("accelerator") == "gpu"
+
+
+@pytest.fixture(scope="module")
+def muse_books_benchmark(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded MUSE files under the Books corpus name, so the Books configs read a local MUSE layout."""
+    root = tmp_path_factory.mktemp("muse_books")
+    for file in EMBEDDED_MUSE.glob("news_*.jsonl"):
+        shutil.copy(file, root / file.name.replace("news_", "books_", 1))
+    return root
+
+
+@pytest.fixture(scope="module")
+def retain_references(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path):
+    """``reference(callback, data) -> eval.json``: the tiny model's own evaluation as the retain reference.
+
+    Made once per benchmark and split, with the evaluation command a user runs; the run reads it from the path
+    its config names.
+    """
+    made: dict[tuple, Path] = {}
+
+    def reference(callback: TofuEvaluation | MuseEvaluation, data) -> Path:
+        if isinstance(callback, TofuEvaluation):
+            key = ("tofu", data.benchmark, data.forget_split)
+            flags = ["--forget_split", data.forget_split, "--limit", str(ROWS), "--max_new_tokens", "4"]
+            command = evaluate.main
+        else:
+            key = ("muse", data.benchmark, data.corpus)
+            flags = ["--corpus", data.corpus, "--limit", str(ROWS), "--metrics", "privleak"]
+            command = muse_evaluation.main
+        if key not in made:
+            out = tmp_path_factory.mktemp("retain_reference") / "eval.json"
+            command(["--model", str(tiny_model), "--benchmark", str(data.benchmark), *flags, "--out", str(out)])
+            made[key] = out
+        return made[key]
+
+    return reference
+
+
+class _Steps(Callback):
+    """Counts optimizer steps and remembers the loss of each, so the test sees that training happened."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.losses.append(float(loss.detach()))
+
+
+def _data_override(config: dict, tiny_benchmark: Path, muse_books: Path) -> list[str]:
+    data = config["data"]["init_args"]
+    benchmark = data["benchmark"]
+    if benchmark == "locuslab/TOFU":
+        return [f"--data.init_args.benchmark={tiny_benchmark}"]
+    if benchmark == "muse-bench/MUSE-News":
+        return [f"--data.init_args.benchmark={EMBEDDED_MUSE}"]
+    if benchmark == "muse-bench/MUSE-Books":
+        return [f"--data.init_args.benchmark={muse_books}"]
+    assert not benchmark.startswith(("locuslab/", "muse-bench/")), f"no offline stand-in for {benchmark}"
+    return []  # the committed embedded benchmarks are read as shipped
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(EXPERIMENTS)))
+def test_config_fast_dev_run(
+    config: Path,
+    tiny_model: Path,
+    tiny_benchmark: Path,
+    muse_books_benchmark: Path,
+    retain_references,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+):
+    if _needs_gpu(config) and not torch.cuda.is_available():
+        pytest.skip("FSDPStrategy needs GPUs; tests/test_fsdp_strategy.py checks this config's strategy and policies")
+    # The configs name paths relative to the repository root: the committed data is read from there, and the run,
+    # model and reference paths land in tmp_path.
+    (tmp_path / "data").symlink_to(REPO / "data")
+    monkeypatch.chdir(tmp_path)
+    raw = yaml.safe_load(config.read_text())
+    overrides = [f"--model.init_args.model={tiny_model}", *_data_override(raw, tiny_benchmark, muse_books_benchmark)]
+    cli = cli_main(["--config", str(config), *overrides, "--trainer.fast_dev_run=true"], run=False)
+    for callback in cli.trainer.callbacks:
+        if getattr(callback, "retain_reference", None):
+            Path(callback.retain_reference).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(retain_references(callback, cli.datamodule), callback.retain_reference)
+        # Smoke-sized evaluation on a random model: short generations, few rows; the schedule is the config's.
+        if isinstance(callback, TofuEvaluation):
+            callback.limit, callback.max_new_tokens, callback.dirpath = ROWS, 4, str(tmp_path / "eval")
+        if isinstance(callback, MuseEvaluation):
+            callback.limit, callback.dirpath = ROWS, str(tmp_path / "eval")
+            callback.knowmem_max_new_tokens = callback.verbmem_max_new_tokens = 4
+    steps = _Steps()
+    cli.trainer.callbacks.append(steps)
+
+    cli.trainer.fit(cli.model, cli.datamodule)
+
+    assert len(steps.losses) == 1 and all(map(torch.isfinite, torch.tensor(steps.losses)))
+    evaluations = [c for c in cli.trainer.callbacks if isinstance(c, (TofuEvaluation, MuseEvaluation))]
+    if evaluations:
+        # Configs evaluate before the first update and after the epoch.
+        assert sorted(p.name for p in (tmp_path / "eval").glob("step_*")) == ["step_000000", "step_000001"]
+        assert any(key.startswith("val/") for key in cli.trainer.callback_metrics)
+    if isinstance(cli.model, UnlearningModule):
+        assert cli.model.forget_weights is not None and torch.isfinite(cli.model.forget_weights).any()
+    exported = [Path(c.dirpath) for c in cli.trainer.callbacks if type(c).__name__ == "ExportPretrained"]
+    assert exported and all((path / "config.json").is_file() for path in exported)
