@@ -713,3 +713,59 @@ def synchrony_summary(forget_step: ArrayOrTensor, over_forgotten_mask: ArrayOrTe
         "fraction_never_forgotten": float(np.mean(~np.isfinite(step))),
         "fraction_over_forgotten": float(np.mean(over)),
     }
+
+
+def forgetting_balance(log_ppl_ratio: ArrayOrTensor, bottom: float = 0.1) -> dict[str, float]:
+    """How evenly the forget samples have been forgotten at one evaluation (a continuous view of synchrony).
+
+    A sample's forgetting is its log perplexity ratio to the model before unlearning, ``NLL_now - NLL_before``
+    (mean NLL per answer token; the negated ``log_likelihood_ratio`` of the per-sample curves). Unlike the forget
+    step, it needs no threshold, and samples the threshold never catches still count.
+
+    Args:
+        log_ppl_ratio: (N,) per-sample forgetting.
+        bottom: the fraction of least-forgotten samples whose share is reported.
+
+    Returns:
+        ``forgetting_mean``, ``forgetting_std`` (population, ddof 0), ``forgetting_cv`` (std / mean; NaN unless
+        the mean is positive) and ``forgetting_bottom_share``: the mean forgetting of the ``bottom`` fraction
+        of least-forgotten samples (at least one) over the overall mean (1 = perfectly even; NaN unless the mean
+        is positive). Smaller CV and a bottom share nearer 1 mean more balanced forgetting.
+    """
+    values = _vector(log_ppl_ratio, "log_ppl_ratio")
+    if values.size == 0 or not np.all(np.isfinite(values)):
+        raise MetricInputError(f"forgetting_balance needs finite per-sample values, got {values.size} with NaN/inf")
+    if not 0.0 < bottom <= 1.0:
+        raise MetricInputError(f"`bottom` must be a fraction in (0, 1], got {bottom}")
+    mean, std = float(values.mean()), float(values.std())
+    lowest = np.sort(values)[: max(1, math.floor(bottom * values.size))]
+    positive = mean > 0
+    return {
+        "forgetting_mean": mean,
+        "forgetting_std": std,
+        "forgetting_cv": std / mean if positive else math.nan,
+        "forgetting_bottom_share": float(lowest.mean()) / mean if positive else math.nan,
+    }
+
+
+def spread_at_mean(means: ArrayOrTensor, spreads: ArrayOrTensor, level: float) -> float:
+    """The spread of per-sample forgetting when a run's mean forgetting first reaches ``level``.
+
+    Runs that forget at different speeds are compared at equal average progress: along one run's evaluations
+    (E,), the spread (e.g. ``forgetting_std``) is interpolated linearly between the two evaluations whose means
+    bracket the first crossing of ``level``.
+
+    Returns:
+        The interpolated spread; NaN when the run's mean never reaches ``level``.
+    """
+    mean_arr, spread_arr = _vector(means, "means"), _vector(spreads, "spreads")
+    _same_length(means=mean_arr, spreads=spread_arr)
+    reached = np.flatnonzero(mean_arr >= level)
+    if reached.size == 0:
+        return math.nan
+    e = int(reached[0])
+    if e == 0:
+        return float(spread_arr[0])
+    m0, m1 = mean_arr[e - 1], mean_arr[e]
+    t = (level - m0) / (m1 - m0)
+    return float(spread_arr[e - 1] + t * (spread_arr[e] - spread_arr[e - 1]))

@@ -5,10 +5,12 @@ Reads each run's evaluations (``<run>/tensorboard/eval/step_N/eval.json`` and ``
 ``baldro_lightning.muse_evaluation``) and the config Lightning saved with the run (``config.yaml``), and writes:
 
 - ``report.md``: Table 1 (FQ, MU, [Fluency], EM, ES, F-TR, Ra-TR, R-TR, Rw-TR) and Table 3 (MIA AUCs) per forget
-  split, forgetting synchrony, Table 2 (MUSE), the selected configurations and the selection rule;
+  split, forgetting synchrony (forget-step spread) and balance (spread of per-sample forgetting), Table 2 (MUSE),
+  the selected configurations and the selection rule;
 - one CSV per table and ``runs.csv`` with every run's final evaluation and hyperparameters;
 - figures: FQ vs MU of every run, the beta x lambda heatmap (Fig. 4), per-sample curves (Fig. 1a), forget-step
-  spread (Fig. 1b) and the forget-ratio sweep (Fig. 3), each drawn when the runs hold what it needs.
+  spread (Fig. 1b), forgetting balance over training and the forget-ratio sweep (Fig. 3), each drawn when the runs
+  hold what it needs.
 
 Every number is the run's **last** evaluation: choosing the epoch with the best forget quality would select on
 the test metric itself (spec P-24). A directory argument without evaluations of its own is read as a sweep root
@@ -31,6 +33,8 @@ from typing import Any, Literal
 
 import numpy as np
 import yaml
+
+from baldro_lightning import metrics
 
 # (column, eval.json key) in the order of the paper's tables.
 TABLE1 = (
@@ -57,6 +61,12 @@ SYNCHRONY = (
     ("std", "forget_step_std"),
     ("never forgotten", "fraction_never_forgotten"),
     ("over-forgotten", "fraction_over_forgotten"),
+)
+BALANCE = (
+    ("mean", "forgetting_mean"),
+    ("std", "forgetting_std"),
+    ("CV", "forgetting_cv"),
+    ("bottom-10% share", "forgetting_bottom_share"),
 )
 HPARAMS = ("lr", "batch_size", "accumulate", "beta", "lambda", "gamma", "epochs")
 METHOD_ORDER = ("GradAscent", "GradDiff", "NPO", "SimNPO", "SatImp")
@@ -196,6 +206,42 @@ def describe_config(config: Mapping[str, Any] | None) -> tuple[str | None, str, 
 
 def _is_muse(result: Mapping[str, Any]) -> bool:
     return "corpus" in result.get("meta", {}) or "forget_knowmem_ROUGE" in result.get("metrics", {})
+
+
+def read_per_sample(path: Path) -> dict[str, np.ndarray]:
+    """``per_sample.csv`` as columns: ``step``, ``index`` and each curve, one value per (evaluation, sample)."""
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    columns: dict[str, np.ndarray] = {}
+    for key in rows[0] if rows else []:
+        values = [row[key] for row in rows]
+        columns[key] = np.array([math.nan if v in ("", "None", "nan") else float(v) for v in values])
+    return columns
+
+
+@dataclass(frozen=True)
+class BalanceTrajectory:
+    """:func:`baldro_lightning.metrics.forgetting_balance` at every evaluation of one run."""
+
+    steps: np.ndarray
+    stats: list[dict[str, float]]
+
+    def series(self, key: str) -> np.ndarray:
+        return np.array([entry[key] for entry in self.stats])
+
+    def std_at_mean(self, level: float) -> float:
+        return metrics.spread_at_mean(self.series("forgetting_mean"), self.series("forgetting_std"), level)
+
+
+def balance_trajectory(per_sample: Path) -> BalanceTrajectory | None:
+    """The run's forgetting balance per evaluation, from its ``per_sample.csv``; None without log-likelihoods."""
+    table = read_per_sample(per_sample)
+    if "log_likelihood_ratio" not in table or "step" not in table:
+        return None
+    steps = np.unique(table["step"])
+    # The curves store log(p_now / p_before) per token; forgetting is its negation, the log perplexity ratio.
+    stats = [metrics.forgetting_balance(-table["log_likelihood_ratio"][table["step"] == step]) for step in steps]
+    return BalanceTrajectory(steps, stats)
 
 
 def load_run(path: Path) -> RunResult | None:
@@ -568,6 +614,7 @@ def _tofu_section(summary: SplitSummary, table1: Sequence[tuple[str, str]], out:
             "",
         ]
         _write_csv(out / f"synchrony_{split}.csv", ["Method", *(k for _, k in SYNCHRONY)], sync_rows)
+    md += _balance_section(summary, out)
     config_rows = [
         [run.label, f"`{run.name}`", *(_hparam_text(run.hparams.get(k)) for k in HPARAMS)]
         for run, _ in summary.selected
@@ -581,6 +628,41 @@ def _tofu_section(summary: SplitSummary, table1: Sequence[tuple[str, str]], out:
         "",
     ]
     return md
+
+
+def _balance_section(summary: SplitSummary, out: Path) -> list[str]:
+    """Spread of per-sample forgetting at the last evaluation, and at equal mean forgetting within each method."""
+    trajectories = {
+        run.label: (run, balance_trajectory(run.per_sample)) for run, _ in summary.selected if run.per_sample
+    }
+    trajectories = {label: pair for label, pair in trajectories.items() if pair[1] is not None}
+    if not trajectories:
+        return []
+    # Variants of one base method forget at different speeds; their spreads are compared where each run's mean
+    # forgetting first reaches the level that every one of them reaches (the smallest final mean).
+    levels: dict[str, float] = {}
+    for run, trajectory in trajectories.values():
+        final_mean = trajectory.stats[-1]["forgetting_mean"]
+        levels[run.method] = min(levels.get(run.method, math.inf), final_mean)
+    header = ["Method", *(name for name, _ in BALANCE), "matched mean", "std at matched mean"]
+    rows = []
+    for label, (run, trajectory) in trajectories.items():
+        level = levels[run.method]
+        at_level = trajectory.std_at_mean(level) if level > 0 else math.nan
+        rows.append([label, *(fmt(trajectory.stats[-1][key]) for _, key in BALANCE), fmt(level), fmt(at_level)])
+    _write_csv(out / f"balance_{summary.split}.csv", header, rows)
+    return [
+        f"### Forgetting balance ({summary.split})",
+        "",
+        "A forget sample's forgetting is its log perplexity ratio to the model before unlearning (mean NLL per "
+        "answer token, now minus then). Columns: mean, std, coefficient of variation and the mean of the 10% "
+        "least-forgotten samples over the overall mean, at the last evaluation; then the std where the run's mean "
+        "forgetting first reached the smallest final mean among the variants of its base method (interpolated "
+        "between evaluations). Lower CV, a bottom share nearer 1 and a lower matched std mean more even forgetting.",
+        "",
+        _markdown(header, rows),
+        "",
+    ]
 
 
 def _muse_section(

@@ -6,7 +6,6 @@ runs do not hold (one forget split only, no beta/lambda grid, no per-sample tabl
 
 from __future__ import annotations
 
-import csv
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -121,29 +120,16 @@ def beta_lambda_heatmaps(summaries: Sequence[SplitSummary], rule: SelectionRule,
     return paths
 
 
-def read_per_sample(path: Path) -> dict[str, np.ndarray]:
-    """``per_sample.csv`` as columns: ``step``, ``index`` and each curve, one value per (evaluation, sample)."""
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    columns: dict[str, np.ndarray] = {}
-    for key in rows[0] if rows else []:
-        values = [row[key] for row in rows]
-        columns[key] = np.array([math.nan if v in ("", "None", "nan") else float(v) for v in values])
-    return columns
-
-
 def per_sample_curves(summaries: Sequence[SplitSummary], out: Path) -> list[Path]:
     """Fig. 1a: per-sample log perplexity ratio to the original model and truth ratio over training steps.
 
     One figure per (forget split, base method), one column per DRO variant of that method's selected runs.
     """
+    from baldro_lightning.report import read_per_sample
+
     paths = []
     for summary in summaries:
-        by_method: dict[str, list[RunResult]] = defaultdict(list)
-        for run, _ in summary.selected:
-            if run.per_sample is not None:
-                by_method[run.method].append(run)
-        for method, runs in by_method.items():
+        for method, runs in _per_sample_runs(summary).items():
             fig, axes = plt.subplots(2, len(runs), figsize=(4 * len(runs), 6), squeeze=False, sharey="row")
             for k, run in enumerate(runs):
                 table = read_per_sample(run.per_sample)
@@ -159,6 +145,49 @@ def per_sample_curves(summaries: Sequence[SplitSummary], out: Path) -> list[Path
                     ax.set_title(run.label, fontsize=9)
             fig.suptitle(f"Per-sample forgetting curves, TOFU {summary.split}")
             paths.append(_save(fig, out / f"fig1a_curves_{summary.split}_{method}.png"))
+    return paths
+
+
+def _per_sample_runs(summary: SplitSummary) -> dict[str, list[RunResult]]:
+    """The selected runs with per-sample curves, by base method."""
+    by_method: dict[str, list[RunResult]] = defaultdict(list)
+    for run, _ in summary.selected:
+        if run.per_sample is not None:
+            by_method[run.method].append(run)
+    return by_method
+
+
+def forgetting_balance(summaries: Sequence[SplitSummary], out: Path) -> list[Path]:
+    """Spread (std) against mean of per-sample forgetting at every evaluation: one panel per base method.
+
+    At equal mean forgetting, a lower curve means the samples were forgotten more evenly.
+    """
+    from baldro_lightning.report import balance_trajectory
+
+    paths = []
+    for summary in summaries:
+        by_method = _per_sample_runs(summary)
+        if not by_method:
+            continue
+        fig, axes = plt.subplots(1, len(by_method), figsize=(4.2 * len(by_method), 4), squeeze=False)
+        for ax, (method, runs) in zip(axes[0], by_method.items(), strict=True):
+            for run in runs:
+                trajectory = balance_trajectory(run.per_sample)
+                if trajectory is None:
+                    continue
+                ax.plot(
+                    trajectory.series("forgetting_mean"),
+                    trajectory.series("forgetting_std"),
+                    marker=MARKERS.get(run.variant, "x"),
+                    markersize=4,
+                    label=run.variant or "Mean",
+                )
+            ax.set_xlabel("mean log(PPL / PPL before)")
+            ax.set_ylabel("std over forget samples")
+            ax.set_title(method, fontsize=9)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"Forgetting balance over training, TOFU {summary.split} (lower = more even)")
+        paths.append(_save(fig, out / f"fig1c_balance_{summary.split}.png"))
     return paths
 
 
@@ -224,5 +253,6 @@ def draw_all(
         *beta_lambda_heatmaps(summaries, rule, out),
         *per_sample_curves(summaries, out),
         *forget_step_spread(summaries, out),
+        *forgetting_balance(summaries, out),
         *forget_ratio_sweep(summaries, fig3_methods, out),
     ]

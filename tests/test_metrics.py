@@ -372,3 +372,33 @@ def test_synchrony_summary_nobody_forgotten_and_shape_errors():
         M.forget_steps(np.zeros((3, 2)), [0, 1], np.zeros((3, 2), dtype=bool))
     with pytest.raises(ValueError, match="non-decreasing"):
         M.forget_steps(np.zeros((2, 2)), [5, 1], np.zeros((2, 2), dtype=bool))
+
+
+def test_forgetting_balance_by_hand():
+    out = M.forgetting_balance([1.0, 2.0, 3.0, 6.0])
+    assert out["forgetting_mean"] == pytest.approx(3.0)
+    assert out["forgetting_std"] == pytest.approx(math.sqrt(3.5))  # population std: (4 + 1 + 0 + 9) / 4
+    assert out["forgetting_cv"] == pytest.approx(math.sqrt(3.5) / 3.0)
+    assert out["forgetting_bottom_share"] == pytest.approx(1.0 / 3.0)  # 10% of 4 rows rounds down to 0: one row
+    assert M.forgetting_balance([1.0, 2.0, 3.0, 6.0], bottom=0.5)["forgetting_bottom_share"] == pytest.approx(0.5)
+    even = M.forgetting_balance([0.5, 0.5, 0.5])
+    assert (even["forgetting_std"], even["forgetting_cv"], even["forgetting_bottom_share"]) == (0.0, 0.0, 1.0)
+    before = M.forgetting_balance([0.0, 0.0])  # the step-0 evaluation: nothing forgotten yet
+    assert before["forgetting_mean"] == 0.0 and math.isnan(before["forgetting_cv"])
+
+
+def test_forgetting_balance_rejects_bad_input():
+    with pytest.raises(M.MetricInputError, match="finite"):
+        M.forgetting_balance([0.1, float("nan")])
+    with pytest.raises(M.MetricInputError, match="bottom"):
+        M.forgetting_balance([0.1, 0.2], bottom=0.0)
+
+
+def test_spread_at_mean_interpolates_at_the_first_crossing():
+    means, stds = [0.0, 0.5, 1.5, 1.0], [0.0, 0.2, 0.6, 0.1]
+    assert M.spread_at_mean(means, stds, 1.0) == pytest.approx(0.4)  # halfway from (0.5, 0.2) to (1.5, 0.6)
+    assert M.spread_at_mean(means, stds, 0.5) == pytest.approx(0.2)
+    assert M.spread_at_mean(means, stds, 0.0) == 0.0
+    assert math.isnan(M.spread_at_mean(means, stds, 2.0))
+    with pytest.raises(M.MetricInputError, match="same length"):
+        M.spread_at_mean([0.0, 1.0], [0.0], 0.5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -290,3 +291,32 @@ def test_command_line(sweep_root, tmp_path, capsys):
     runs = list(csv.DictReader(open(tmp_path / "o" / "runs.csv")))
     assert [r["run"] for r in runs] == ["npo__lr-a", "npo_dv"]
     assert runs[1]["beta"] == "2.0" and runs[1]["variant"] == "BalDRO-DV"
+
+
+def test_forgetting_balance_table_and_figure(tmp_path):
+    """NPO forgets its four rows unevenly (0.3, 0.6, 0.9, 1.2 at step 3), NPO + DV evenly (0.5 each)."""
+    root = tmp_path / "grid"
+    original = tofu_metrics(0.001, 0.6)
+    make_run(root, "npo", {0: original, 3: tofu_metrics(0.2, 0.58)}, per_sample=True)
+    dv = make_run(root, "npo_dv", {0: original, 3: tofu_metrics(0.2, 0.58)}, objective="DV", tau=2.0, per_sample=True)
+    lines = ["step,index,log_likelihood_ratio,truth_ratio,rougeL_recall,dro_weight,forget_step"]
+    lines += [f"{step},{i},{-0.5 * step / 3},0.1,0.5,0.25," for step in (0, 3) for i in range(4)]
+    (dv / "tensorboard" / "eval" / "per_sample.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "report"
+
+    md = report.write_report(report.load_runs([root]), out, report.SelectionRule()).read_text()
+
+    assert "### Forgetting balance (forget01)" in md
+    rows = read_csv(out / "balance_forget01.csv")
+    npo, npo_dv = rows["NPO"], rows["NPO + BalDRO-DV"]
+    std = math.sqrt(((0.45**2) + (0.15**2)) * 2 / 4)  # deviations from the mean 0.75: ±0.45, ±0.15
+    assert float(npo["mean"]) == pytest.approx(0.75) and float(npo["std"]) == pytest.approx(std, abs=1e-4)
+    assert float(npo["CV"]) == pytest.approx(std / 0.75, abs=1e-4)
+    assert float(npo["bottom-10% share"]) == pytest.approx(0.3 / 0.75, abs=1e-4)
+    assert (float(npo_dv["std"]), float(npo_dv["bottom-10% share"])) == (0.0, 1.0)
+    # Matched at the smaller final mean, 0.5: NPO's mean passes it two thirds of the way from step 0 to step 3.
+    assert float(npo["matched mean"]) == float(npo_dv["matched mean"]) == 0.5
+    assert float(npo["std at matched mean"]) == pytest.approx(std * 2 / 3, abs=1e-4)
+    assert float(npo_dv["std at matched mean"]) == 0.0
+    assert (out / "fig1c_balance_forget01.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "(fig1c_balance_forget01.png)" in md
