@@ -748,24 +748,25 @@ def forgetting_balance(log_ppl_ratio: ArrayOrTensor, bottom: float = 0.1) -> dic
     }
 
 
-def spread_at_mean(means: ArrayOrTensor, spreads: ArrayOrTensor, level: float) -> float:
-    """The spread of per-sample forgetting when a run's mean forgetting first reaches ``level``.
+def at_first_crossing(progress: ArrayOrTensor, values: ArrayOrTensor, level: float) -> float:
+    """``values`` at the point where ``progress`` first reaches ``level``, interpolated between evaluations.
 
-    Runs that forget at different speeds are compared at equal average progress: along one run's evaluations
-    (E,), the spread (e.g. ``forgetting_std``) is interpolated linearly between the two evaluations whose means
-    bracket the first crossing of ``level``.
+    Compares runs that forget at different speeds at equal progress: along one run's evaluations (E,), e.g. the
+    std of per-sample forgetting where the mean forgetting first reaches a level, or the model utility where the
+    drop in forget-set memorisation does. The value is interpolated linearly between the two evaluations that
+    bracket the first crossing.
 
     Returns:
-        The interpolated spread; NaN when the run's mean never reaches ``level``.
+        The interpolated value; NaN when ``progress`` never reaches ``level``.
     """
-    mean_arr, spread_arr = _vector(means, "means"), _vector(spreads, "spreads")
-    _same_length(means=mean_arr, spreads=spread_arr)
-    reached = np.flatnonzero(mean_arr >= level)
+    progress_arr, value_arr = _vector(progress, "progress"), _vector(values, "values")
+    _same_length(progress=progress_arr, values=value_arr)
+    reached = np.flatnonzero(progress_arr >= level)
     if reached.size == 0:
         return math.nan
     e = int(reached[0])
     if e == 0:
-        return float(spread_arr[0])
-    m0, m1 = mean_arr[e - 1], mean_arr[e]
-    t = (level - m0) / (m1 - m0)
-    return float(spread_arr[e - 1] + t * (spread_arr[e] - spread_arr[e - 1]))
+        return float(value_arr[0])
+    p0, p1 = progress_arr[e - 1], progress_arr[e]
+    t = (level - p0) / (p1 - p0)
+    return float(value_arr[e - 1] + t * (value_arr[e] - value_arr[e - 1]))

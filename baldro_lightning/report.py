@@ -100,6 +100,8 @@ class RunResult:
     """The last ``eval.json``."""
     first: dict[str, Any] | None = None
     """The evaluation at step 0 (the model before unlearning), when the run has one."""
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """Every evaluation, in step order (``final`` is the last)."""
     per_sample: Path | None = None
     extra: dict[str, float] = field(default_factory=dict)
     """Metrics computed by the report (Fluency)."""
@@ -230,7 +232,7 @@ class BalanceTrajectory:
         return np.array([entry[key] for entry in self.stats])
 
     def std_at_mean(self, level: float) -> float:
-        return metrics.spread_at_mean(self.series("forgetting_mean"), self.series("forgetting_std"), level)
+        return metrics.at_first_crossing(self.series("forgetting_mean"), self.series("forgetting_std"), level)
 
 
 def balance_trajectory(per_sample: Path) -> BalanceTrajectory | None:
@@ -271,6 +273,7 @@ def load_run(path: Path) -> RunResult | None:
         hparams=hparams,
         final=final,
         first=first,
+        history=results,
         per_sample=per_sample if per_sample.is_file() else None,
     )
 
@@ -615,6 +618,7 @@ def _tofu_section(summary: SplitSummary, table1: Sequence[tuple[str, str]], out:
         ]
         _write_csv(out / f"synchrony_{split}.csv", ["Method", *(k for _, k in SYNCHRONY)], sync_rows)
     md += _balance_section(summary, out)
+    md += _tradeoff_section(summary, out)
     config_rows = [
         [run.label, f"`{run.name}`", *(_hparam_text(run.hparams.get(k)) for k in HPARAMS)]
         for run, _ in summary.selected
@@ -659,6 +663,47 @@ def _balance_section(summary: SplitSummary, out: Path) -> list[str]:
         "least-forgotten samples over the overall mean, at the last evaluation; then the std where the run's mean "
         "forgetting first reached the smallest final mean among the variants of its base method (interpolated "
         "between evaluations). Lower CV, a bottom share nearer 1 and a lower matched std mean more even forgetting.",
+        "",
+        _markdown(header, rows),
+        "",
+    ]
+
+
+def tradeoff_history(run: RunResult, forget_key: str = "exact_memorization") -> tuple[np.ndarray, np.ndarray] | None:
+    """``(forget_key, model_utility)`` at each of the run's evaluations; None when any evaluation lacks one."""
+    pairs = [(metric_value(r, forget_key), metric_value(r, "model_utility")) for r in run.history]
+    if len(pairs) < 2 or any(v is None for pair in pairs for v in pair):
+        return None
+    forget, utility = zip(*pairs, strict=True)
+    return np.array(forget), np.array(utility)
+
+
+def _tradeoff_section(summary: SplitSummary, out: Path) -> list[str]:
+    """Model utility at equal forgetting: where each variant's forget EM first drops to a common level."""
+    groups: dict[str, list[tuple[RunResult, np.ndarray, np.ndarray]]] = defaultdict(list)
+    for run, _ in summary.selected:
+        if (history := tradeoff_history(run)) is not None:
+            groups[run.method].append((run, *history))
+    header = ["Method", "EM", "MU", "matched EM", "MU at matched EM", "step at matched EM"]
+    rows = []
+    for entries in groups.values():
+        # The least-forgotten variant's final EM: every variant of the base method gets at least that far.
+        level = max(em[-1] for _, em, _ in entries)
+        for run, em, mu in entries:
+            steps = np.array([r.get("meta", {}).get("global_step", math.nan) for r in run.history], dtype=float)
+            # EM falls as forgetting proceeds, so the crossing is searched on its negation.
+            at = [metrics.at_first_crossing(-em, values, -level) for values in (mu, steps)]
+            rows.append([run.label, fmt(em[-1]), fmt(mu[-1]), fmt(level), fmt(at[0]), fmt(at[1])])
+    if not rows:
+        return []
+    _write_csv(out / f"tradeoff_{summary.split}.csv", header, rows)
+    return [
+        f"### Utility at matched forgetting ({summary.split})",
+        "",
+        "Variants of one base method forget at different speeds, so their last evaluations compare different "
+        "amounts of forgetting. Here each run's model utility is read where its forget-set exact memorisation "
+        "first fell to the level every variant of the base method reached (the largest final EM among them), "
+        "interpolated between evaluations. Higher MU at the same EM is the better trade-off.",
         "",
         _markdown(header, rows),
         "",

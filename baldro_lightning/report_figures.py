@@ -191,6 +191,37 @@ def forgetting_balance(summaries: Sequence[SplitSummary], out: Path) -> list[Pat
     return paths
 
 
+def tradeoff_curves(summaries: Sequence[SplitSummary], out: Path) -> list[Path]:
+    """Model utility against forget-set exact memorisation at every evaluation: one panel per base method.
+
+    The x axis runs from no forgetting (EM 1) to more; a curve above another reached the same EM with more utility.
+    """
+    from baldro_lightning.report import tradeoff_history
+
+    paths = []
+    for summary in summaries:
+        by_method: dict[str, list[tuple[RunResult, tuple[np.ndarray, np.ndarray]]]] = defaultdict(list)
+        for run, _ in summary.selected:
+            if (history := tradeoff_history(run)) is not None:
+                by_method[run.method].append((run, history))
+        if not by_method:
+            continue
+        fig, axes = plt.subplots(1, len(by_method), figsize=(4.2 * len(by_method), 4), squeeze=False)
+        for ax, (method, entries) in zip(axes[0], by_method.items(), strict=True):
+            for run, (em, mu) in entries:
+                ax.plot(em, mu, marker=MARKERS.get(run.variant, "x"), markersize=4, label=run.variant or "Mean")
+            if summary.threshold is not None:
+                ax.axhline(summary.threshold, color="grey", linestyle="--", linewidth=1, label="MU threshold")
+            ax.invert_xaxis()
+            ax.set_xlabel("forget exact memorisation (EM)")
+            ax.set_ylabel("model utility (MU)")
+            ax.set_title(method, fontsize=9)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"Utility against forgetting over training, TOFU {summary.split} (higher = better trade-off)")
+        paths.append(_save(fig, out / f"fig_tradeoff_{summary.split}.png"))
+    return paths
+
+
 def forget_step_spread(summaries: Sequence[SplitSummary], out: Path) -> list[Path]:
     """Fig. 1b: the distribution of per-sample forget steps of each selected run (never-forgotten counted apart)."""
     paths = []
@@ -254,5 +285,6 @@ def draw_all(
         *per_sample_curves(summaries, out),
         *forget_step_spread(summaries, out),
         *forgetting_balance(summaries, out),
+        *tradeoff_curves(summaries, out),
         *forget_ratio_sweep(summaries, fig3_methods, out),
     ]

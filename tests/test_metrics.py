@@ -394,11 +394,11 @@ def test_forgetting_balance_rejects_bad_input():
         M.forgetting_balance([0.1, 0.2], bottom=0.0)
 
 
-def test_spread_at_mean_interpolates_at_the_first_crossing():
+def test_at_first_crossing_interpolates_between_evaluations():
     means, stds = [0.0, 0.5, 1.5, 1.0], [0.0, 0.2, 0.6, 0.1]
-    assert M.spread_at_mean(means, stds, 1.0) == pytest.approx(0.4)  # halfway from (0.5, 0.2) to (1.5, 0.6)
-    assert M.spread_at_mean(means, stds, 0.5) == pytest.approx(0.2)
-    assert M.spread_at_mean(means, stds, 0.0) == 0.0
-    assert math.isnan(M.spread_at_mean(means, stds, 2.0))
+    assert M.at_first_crossing(means, stds, 1.0) == pytest.approx(0.4)  # halfway from (0.5, 0.2) to (1.5, 0.6)
+    assert M.at_first_crossing(means, stds, 0.5) == pytest.approx(0.2)
+    assert M.at_first_crossing(means, stds, 0.0) == 0.0
+    assert math.isnan(M.at_first_crossing(means, stds, 2.0))
     with pytest.raises(M.MetricInputError, match="same length"):
-        M.spread_at_mean([0.0, 1.0], [0.0], 0.5)
+        M.at_first_crossing([0.0, 1.0], [0.0], 0.5)

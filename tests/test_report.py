@@ -320,3 +320,30 @@ def test_forgetting_balance_table_and_figure(tmp_path):
     assert float(npo_dv["std at matched mean"]) == 0.0
     assert (out / "fig1c_balance_forget01.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "(fig1c_balance_forget01.png)" in md
+
+
+def test_utility_at_matched_forgetting(tmp_path):
+    """NPO reaches EM 0.8 at MU 0.5, NPO + DV stops at EM 0.9 with MU 0.66; both are read at EM 0.9."""
+    root = tmp_path / "grid"
+    start = {**tofu_metrics(0.001, 0.7), "exact_memorization": 1.0}
+    make_run(root, "npo", {0: start, 3: {**tofu_metrics(0.2, 0.5), "exact_memorization": 0.8}}, per_sample=True)
+    dv_end = {**tofu_metrics(0.2, 0.66), "exact_memorization": 0.9}
+    make_run(root, "npo_dv", {0: start, 3: dv_end}, objective="DV", tau=2.0, per_sample=True)
+    out = tmp_path / "report"
+
+    md = report.write_report(report.load_runs([root]), out, report.SelectionRule()).read_text()
+
+    assert "### Utility at matched forgetting (forget01)" in md
+    rows = read_csv(out / "tradeoff_forget01.csv")
+    assert float(rows["NPO"]["matched EM"]) == float(rows["NPO + BalDRO-DV"]["matched EM"]) == 0.9
+    # NPO's EM passes 0.9 halfway between its evaluations at steps 0 and 3.
+    assert float(rows["NPO"]["MU at matched EM"]) == pytest.approx(0.6)
+    assert float(rows["NPO"]["step at matched EM"]) == pytest.approx(1.5)
+    assert (
+        float(rows["NPO + BalDRO-DV"]["MU at matched EM"]),
+        float(rows["NPO + BalDRO-DV"]["step at matched EM"]),
+    ) == (
+        0.66,
+        3.0,
+    )
+    assert (out / "fig_tradeoff_forget01.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
