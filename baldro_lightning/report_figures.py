@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -157,37 +157,58 @@ def _per_sample_runs(summary: SplitSummary) -> dict[str, list[RunResult]]:
     return by_method
 
 
+def _trajectory_figure(
+    summary: SplitSummary,
+    curve: Callable[[RunResult], tuple[np.ndarray, np.ndarray] | None],
+    labels: tuple[str, str, str],
+    path: Path,
+    invert_x: bool = False,
+    threshold: float | None = None,
+) -> list[Path]:
+    """One panel per base method, one line per selected run through its ``curve`` (x, y at each evaluation)."""
+    by_method: dict[str, list[tuple[RunResult, tuple[np.ndarray, np.ndarray]]]] = defaultdict(list)
+    for run, _ in summary.selected:
+        if (points := curve(run)) is not None:
+            by_method[run.method].append((run, points))
+    if not by_method:
+        return []
+    xlabel, ylabel, title = labels
+    fig, axes = plt.subplots(1, len(by_method), figsize=(4.2 * len(by_method), 4), squeeze=False)
+    for ax, (method, entries) in zip(axes[0], by_method.items(), strict=True):
+        for run, (x, y) in entries:
+            ax.plot(x, y, marker=MARKERS.get(run.variant, "x"), markersize=4, label=run.variant or "Mean")
+        if threshold is not None:
+            ax.axhline(threshold, color="grey", linestyle="--", linewidth=1, label="MU threshold")
+        if invert_x:
+            ax.invert_xaxis()
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(method, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    return [_save(fig, path)]
+
+
+def _balance_curve(run: RunResult) -> tuple[np.ndarray, np.ndarray] | None:
+    from baldro_lightning.report import balance_trajectory
+
+    trajectory = balance_trajectory(run.per_sample) if run.per_sample is not None else None
+    if trajectory is None:
+        return None
+    return trajectory.series("forgetting_mean"), trajectory.series("forgetting_std")
+
+
 def forgetting_balance(summaries: Sequence[SplitSummary], out: Path) -> list[Path]:
     """Spread (std) against mean of per-sample forgetting at every evaluation: one panel per base method.
 
     At equal mean forgetting, a lower curve means the samples were forgotten more evenly.
     """
-    from baldro_lightning.report import balance_trajectory
-
     paths = []
     for summary in summaries:
-        by_method = _per_sample_runs(summary)
-        if not by_method:
-            continue
-        fig, axes = plt.subplots(1, len(by_method), figsize=(4.2 * len(by_method), 4), squeeze=False)
-        for ax, (method, runs) in zip(axes[0], by_method.items(), strict=True):
-            for run in runs:
-                trajectory = balance_trajectory(run.per_sample)
-                if trajectory is None:
-                    continue
-                ax.plot(
-                    trajectory.series("forgetting_mean"),
-                    trajectory.series("forgetting_std"),
-                    marker=MARKERS.get(run.variant, "x"),
-                    markersize=4,
-                    label=run.variant or "Mean",
-                )
-            ax.set_xlabel("mean log(PPL / PPL before)")
-            ax.set_ylabel("std over forget samples")
-            ax.set_title(method, fontsize=9)
-            ax.legend(fontsize=7)
-        fig.suptitle(f"Forgetting balance over training, TOFU {summary.split} (lower = more even)")
-        paths.append(_save(fig, out / f"fig1c_balance_{summary.split}.png"))
+        title = f"Forgetting balance over training, TOFU {summary.split} (lower = more even)"
+        labels = ("mean log(PPL / PPL before)", "std over forget samples", title)
+        path = out / f"fig1c_balance_{summary.split}.png"
+        paths += _trajectory_figure(summary, _balance_curve, labels, path)
     return paths
 
 
@@ -200,25 +221,10 @@ def tradeoff_curves(summaries: Sequence[SplitSummary], out: Path) -> list[Path]:
 
     paths = []
     for summary in summaries:
-        by_method: dict[str, list[tuple[RunResult, tuple[np.ndarray, np.ndarray]]]] = defaultdict(list)
-        for run, _ in summary.selected:
-            if (history := tradeoff_history(run)) is not None:
-                by_method[run.method].append((run, history))
-        if not by_method:
-            continue
-        fig, axes = plt.subplots(1, len(by_method), figsize=(4.2 * len(by_method), 4), squeeze=False)
-        for ax, (method, entries) in zip(axes[0], by_method.items(), strict=True):
-            for run, (em, mu) in entries:
-                ax.plot(em, mu, marker=MARKERS.get(run.variant, "x"), markersize=4, label=run.variant or "Mean")
-            if summary.threshold is not None:
-                ax.axhline(summary.threshold, color="grey", linestyle="--", linewidth=1, label="MU threshold")
-            ax.invert_xaxis()
-            ax.set_xlabel("forget exact memorisation (EM)")
-            ax.set_ylabel("model utility (MU)")
-            ax.set_title(method, fontsize=9)
-            ax.legend(fontsize=7)
-        fig.suptitle(f"Utility against forgetting over training, TOFU {summary.split} (higher = better trade-off)")
-        paths.append(_save(fig, out / f"fig_tradeoff_{summary.split}.png"))
+        title = f"Utility against forgetting over training, TOFU {summary.split} (higher = better trade-off)"
+        labels = ("forget exact memorisation (EM)", "model utility (MU)", title)
+        path = out / f"fig_tradeoff_{summary.split}.png"
+        paths += _trajectory_figure(summary, tradeoff_history, labels, path, invert_x=True, threshold=summary.threshold)
     return paths
 
 
