@@ -768,26 +768,33 @@ def _muse_section(
     ]
 
 
+def _final_balance(run: RunResult) -> dict[str, float]:
+    trajectory = balance_trajectory(run.per_sample) if run.per_sample is not None else None
+    return trajectory.stats[-1] if trajectory is not None else {}
+
+
 def _write_runs_csv(runs: Sequence[RunResult], path: Path) -> None:
     keys = [key for _, key in TABLE1 + TABLE3 + TABLE2 + SYNCHRONY]
-    header = ["run", "benchmark", "split", "method", "variant", *HPARAMS, "global_step", *keys, "directory"]
-    rows = [
-        [
-            run.name,
-            run.benchmark,
-            run.split,
-            run.method,
-            run.variant,
-            *(run.hparams.get(k) for k in HPARAMS),
-            run.final.get("meta", {}).get("global_step"),
-            *(run.metric(k) for k in keys),
-            str(run.directory),
-        ]
-        for run in sorted(
-            runs, key=lambda r: (r.benchmark, _split_order(r.split), _order((r.method, r.variant)), r.name)
+    balance_keys = [key for _, key in BALANCE]
+    header = ["run", "benchmark", "split", "method", "variant", *HPARAMS, "global_step", *keys, *balance_keys]
+    rows = []
+    for run in sorted(runs, key=lambda r: (r.benchmark, _split_order(r.split), _order((r.method, r.variant)), r.name)):
+        balance = _final_balance(run)
+        rows.append(
+            [
+                run.name,
+                run.benchmark,
+                run.split,
+                run.method,
+                run.variant,
+                *(run.hparams.get(k) for k in HPARAMS),
+                run.final.get("meta", {}).get("global_step"),
+                *(run.metric(k) for k in keys),
+                *(balance.get(k) for k in balance_keys),
+                str(run.directory),
+            ]
         )
-    ]
-    _write_csv(path, header, rows)
+    _write_csv(path, [*header, "directory"], rows)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -320,6 +320,9 @@ def test_forgetting_balance_table_and_figure(tmp_path):
     assert float(npo_dv["std at matched mean"]) == 0.0
     assert (out / "fig1c_balance_forget01.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "(fig1c_balance_forget01.png)" in md
+    every_run = {row["run"]: row for row in csv.DictReader(open(out / "runs.csv"))}
+    assert float(every_run["npo"]["forgetting_cv"]) == pytest.approx(std / 0.75, abs=1e-4)
+    assert float(every_run["npo_dv"]["forgetting_std"]) == 0.0
 
 
 def test_utility_at_matched_forgetting(tmp_path):
