@@ -5,12 +5,12 @@ Reads each run's evaluations (``<run>/tensorboard/eval/step_N/eval.json`` and ``
 ``baldro_lightning.muse_evaluation``) and the config Lightning saved with the run (``config.yaml``), and writes:
 
 - ``report.md``: Table 1 (FQ, MU, [Fluency], EM, ES, F-TR, Ra-TR, R-TR, Rw-TR) and Table 3 (MIA AUCs) per forget
-  split, forgetting synchrony (forget-step spread) and balance (spread of per-sample forgetting), Table 2 (MUSE),
-  the selected configurations and the selection rule;
+  split, forgetting synchrony (forget-step spread), balance (spread of per-sample forgetting) and model utility at
+  matched forgetting, Table 2 (MUSE), the selected configurations and the selection rule;
 - one CSV per table and ``runs.csv`` with every run's final evaluation and hyperparameters;
 - figures: FQ vs MU of every run, the beta x lambda heatmap (Fig. 4), per-sample curves (Fig. 1a), forget-step
-  spread (Fig. 1b), forgetting balance over training and the forget-ratio sweep (Fig. 3), each drawn when the runs
-  hold what it needs.
+  spread (Fig. 1b), forgetting balance and utility against forget EM over training, and the forget-ratio sweep
+  (Fig. 3), each drawn when the runs hold what it needs.
 
 Every number is the run's **last** evaluation: choosing the epoch with the best forget quality would select on
 the test metric itself (spec P-24). A directory argument without evaluations of its own is read as a sweep root
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import os
@@ -105,6 +106,11 @@ class RunResult:
     per_sample: Path | None = None
     extra: dict[str, float] = field(default_factory=dict)
     """Metrics computed by the report (Fluency)."""
+
+    @functools.cached_property
+    def balance(self) -> BalanceTrajectory | None:
+        """Forgetting balance at each evaluation, from ``per_sample.csv``; read once, for tables and figures."""
+        return balance_trajectory(self.per_sample) if self.per_sample is not None else None
 
     @property
     def trained(self) -> bool:
@@ -636,10 +642,7 @@ def _tofu_section(summary: SplitSummary, table1: Sequence[tuple[str, str]], out:
 
 def _balance_section(summary: SplitSummary, out: Path) -> list[str]:
     """Spread of per-sample forgetting at the last evaluation, and at equal mean forgetting within each method."""
-    trajectories = {
-        run.label: (run, balance_trajectory(run.per_sample)) for run, _ in summary.selected if run.per_sample
-    }
-    trajectories = {label: pair for label, pair in trajectories.items() if pair[1] is not None}
+    trajectories = {run.label: (run, run.balance) for run, _ in summary.selected if run.balance is not None}
     if not trajectories:
         return []
     # Variants of one base method forget at different speeds; their spreads are compared where each run's mean
@@ -768,18 +771,13 @@ def _muse_section(
     ]
 
 
-def _final_balance(run: RunResult) -> dict[str, float]:
-    trajectory = balance_trajectory(run.per_sample) if run.per_sample is not None else None
-    return trajectory.stats[-1] if trajectory is not None else {}
-
-
 def _write_runs_csv(runs: Sequence[RunResult], path: Path) -> None:
     keys = [key for _, key in TABLE1 + TABLE3 + TABLE2 + SYNCHRONY]
     balance_keys = [key for _, key in BALANCE]
     header = ["run", "benchmark", "split", "method", "variant", *HPARAMS, "global_step", *keys, *balance_keys]
     rows = []
     for run in sorted(runs, key=lambda r: (r.benchmark, _split_order(r.split), _order((r.method, r.variant)), r.name)):
-        balance = _final_balance(run)
+        balance = run.balance.stats[-1] if run.balance is not None else {}
         rows.append(
             [
                 run.name,

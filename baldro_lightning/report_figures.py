@@ -190,12 +190,9 @@ def _trajectory_figure(
 
 
 def _balance_curve(run: RunResult) -> tuple[np.ndarray, np.ndarray] | None:
-    from baldro_lightning.report import balance_trajectory
-
-    trajectory = balance_trajectory(run.per_sample) if run.per_sample is not None else None
-    if trajectory is None:
+    if run.balance is None:
         return None
-    return trajectory.series("forgetting_mean"), trajectory.series("forgetting_std")
+    return run.balance.series("forgetting_mean"), run.balance.series("forgetting_std")
 
 
 def forgetting_balance(summaries: Sequence[SplitSummary], out: Path) -> list[Path]:
