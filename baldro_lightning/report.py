@@ -27,10 +27,10 @@ import math
 import os
 import sys
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import yaml
@@ -405,6 +405,20 @@ class SplitSummary:
     """Runs left out: their only evaluation is at step 0."""
 
 
+T = TypeVar("T")
+
+
+def selected_by_method(
+    summary: SplitSummary, value: Callable[[RunResult], T | None]
+) -> dict[str, list[tuple[RunResult, T]]]:
+    """The split's selected runs by base method, each with ``value(run)``; runs where it is None are left out."""
+    groups: dict[str, list[tuple[RunResult, T]]] = defaultdict(list)
+    for run, _ in summary.selected:
+        if (item := value(run)) is not None:
+            groups[run.method].append((run, item))
+    return groups
+
+
 def summarise_tofu(
     runs: Sequence[RunResult],
     rule: SelectionRule,
@@ -642,21 +656,18 @@ def _tofu_section(summary: SplitSummary, table1: Sequence[tuple[str, str]], out:
 
 def _balance_section(summary: SplitSummary, out: Path) -> list[str]:
     """Spread of per-sample forgetting at the last evaluation, and at equal mean forgetting within each method."""
-    trajectories = {run.label: (run, run.balance) for run, _ in summary.selected if run.balance is not None}
-    if not trajectories:
-        return []
-    # Variants of one base method forget at different speeds; their spreads are compared where each run's mean
-    # forgetting first reaches the level that every one of them reaches (the smallest final mean).
-    levels: dict[str, float] = {}
-    for run, trajectory in trajectories.values():
-        final_mean = trajectory.stats[-1]["forgetting_mean"]
-        levels[run.method] = min(levels.get(run.method, math.inf), final_mean)
     header = ["Method", *(name for name, _ in BALANCE), "matched mean", "std at matched mean"]
     rows = []
-    for label, (run, trajectory) in trajectories.items():
-        level = levels[run.method]
-        at_level = trajectory.std_at_mean(level) if level > 0 else math.nan
-        rows.append([label, *(fmt(trajectory.stats[-1][key]) for _, key in BALANCE), fmt(level), fmt(at_level)])
+    for entries in selected_by_method(summary, lambda run: run.balance).values():
+        # Variants of one base method forget at different speeds; their spreads are compared where each run's mean
+        # forgetting first reaches the level that every one of them reaches (the smallest final mean).
+        level = min(trajectory.stats[-1]["forgetting_mean"] for _, trajectory in entries)
+        for run, trajectory in entries:
+            at_level = trajectory.std_at_mean(level) if level > 0 else math.nan
+            final = trajectory.stats[-1]
+            rows.append([run.label, *(fmt(final[key]) for _, key in BALANCE), fmt(level), fmt(at_level)])
+    if not rows:
+        return []
     _write_csv(out / f"balance_{summary.split}.csv", header, rows)
     return [
         f"### Forgetting balance ({summary.split})",
@@ -683,16 +694,12 @@ def tradeoff_history(run: RunResult, forget_key: str = "exact_memorization") -> 
 
 def _tradeoff_section(summary: SplitSummary, out: Path) -> list[str]:
     """Model utility at equal forgetting: where each variant's forget EM first drops to a common level."""
-    groups: dict[str, list[tuple[RunResult, np.ndarray, np.ndarray]]] = defaultdict(list)
-    for run, _ in summary.selected:
-        if (history := tradeoff_history(run)) is not None:
-            groups[run.method].append((run, *history))
     header = ["Method", "EM", "MU", "matched EM", "MU at matched EM", "step at matched EM"]
     rows = []
-    for entries in groups.values():
+    for entries in selected_by_method(summary, tradeoff_history).values():
         # The least-forgotten variant's final EM: every variant of the base method gets at least that far.
-        level = max(em[-1] for _, em, _ in entries)
-        for run, em, mu in entries:
+        level = max(em[-1] for _, (em, _) in entries)
+        for run, (em, mu) in entries:
             steps = np.array([r.get("meta", {}).get("global_step", math.nan) for r in run.history], dtype=float)
             # EM falls as forgetting proceeds, so the crossing is searched on its negation.
             at = [metrics.at_first_crossing(-em, values, -level) for values in (mu, steps)]

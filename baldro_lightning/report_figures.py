@@ -125,11 +125,12 @@ def per_sample_curves(summaries: Sequence[SplitSummary], out: Path) -> list[Path
 
     One figure per (forget split, base method), one column per DRO variant of that method's selected runs.
     """
-    from baldro_lightning.report import read_per_sample
+    from baldro_lightning.report import read_per_sample, selected_by_method
 
     paths = []
     for summary in summaries:
-        for method, runs in _per_sample_runs(summary).items():
+        for method, entries in selected_by_method(summary, lambda run: run.per_sample).items():
+            runs = [run for run, _ in entries]
             fig, axes = plt.subplots(2, len(runs), figsize=(4 * len(runs), 6), squeeze=False, sharey="row")
             for k, run in enumerate(runs):
                 table = read_per_sample(run.per_sample)
@@ -148,15 +149,6 @@ def per_sample_curves(summaries: Sequence[SplitSummary], out: Path) -> list[Path
     return paths
 
 
-def _per_sample_runs(summary: SplitSummary) -> dict[str, list[RunResult]]:
-    """The selected runs with per-sample curves, by base method."""
-    by_method: dict[str, list[RunResult]] = defaultdict(list)
-    for run, _ in summary.selected:
-        if run.per_sample is not None:
-            by_method[run.method].append(run)
-    return by_method
-
-
 def _trajectory_figure(
     summary: SplitSummary,
     curve: Callable[[RunResult], tuple[np.ndarray, np.ndarray] | None],
@@ -166,10 +158,9 @@ def _trajectory_figure(
     threshold: float | None = None,
 ) -> list[Path]:
     """One panel per base method, one line per selected run through its ``curve`` (x, y at each evaluation)."""
-    by_method: dict[str, list[tuple[RunResult, tuple[np.ndarray, np.ndarray]]]] = defaultdict(list)
-    for run, _ in summary.selected:
-        if (points := curve(run)) is not None:
-            by_method[run.method].append((run, points))
+    from baldro_lightning.report import selected_by_method
+
+    by_method = selected_by_method(summary, curve)
     if not by_method:
         return []
     xlabel, ylabel, title = labels
