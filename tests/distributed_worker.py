@@ -19,11 +19,11 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from worker_setup import cpu_trainer, is_sharded, seeded_sgd_module, worker_parser, world_size
 
-from baldro_lightning.datamodule import ForgetRetainDataModule
-from baldro_lightning.distributed import release_process_group
-from baldro_lightning.losses import KL, NLL, NPO, SatImp, SimNPO
-from baldro_lightning.module import UnlearningModule
-from baldro_lightning.objectives import DV, Group
+from baldro_lightning.data.datamodule import ForgetRetainDataModule
+from baldro_lightning.train.distributed import release_process_group
+from baldro_lightning.train.losses import KL, NLL, NPO, SatImp, SimNPO
+from baldro_lightning.train.module import UnlearningModule
+from baldro_lightning.train.objectives import DV, Group
 
 StrategyName = Literal["single", "ddp", "fsdp2"]
 

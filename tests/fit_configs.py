@@ -46,18 +46,18 @@ def write_npo_fit_config(
             **(trainer or {}),
         },
         "model": {
-            "class_path": "baldro_lightning.module.UnlearningModule",
+            "class_path": "baldro_lightning.train.module.UnlearningModule",
             "init_args": {
                 "model": str(model),
-                "forget_loss": "baldro_lightning.losses.NPO",
-                "retain_loss": "baldro_lightning.losses.NLL",
+                "forget_loss": "baldro_lightning.train.losses.NPO",
+                "retain_loss": "baldro_lightning.train.losses.NLL",
                 # Constant: a schedule over max_steps would differ between a stopped run and a full one.
                 "lr_schedule": "constant",
                 **(model_args or {}),
             },
         },
         "data": {
-            "class_path": "baldro_lightning.datamodule.ForgetRetainDataModule",
+            "class_path": "baldro_lightning.data.datamodule.ForgetRetainDataModule",
             "init_args": {"benchmark": str(benchmark), "batch_size": 1, **(data_args or {})},
         },
     }

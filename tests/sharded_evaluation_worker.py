@@ -29,14 +29,14 @@ import torch.distributed as dist
 from lightning.pytorch.loggers import TensorBoardLogger
 from worker_setup import cpu_trainer, is_sharded, seeded_sgd_module, worker_parser
 
-from baldro_lightning.callbacks import TofuEvaluation
-from baldro_lightning.datamodule import ForgetRetainDataModule
-from baldro_lightning.distributed import release_process_group
-from baldro_lightning.evaluation import RowScores, TofuEvaluator, shard_rows, write_eval_json
-from baldro_lightning.losses import NLL, NPO
-from baldro_lightning.module import load_causal_lm
-from baldro_lightning.objectives import DV
-from baldro_lightning.tokenization import load_tokenizer
+from baldro_lightning.data.datamodule import ForgetRetainDataModule
+from baldro_lightning.data.tokenization import load_tokenizer
+from baldro_lightning.evaluation.callbacks import TofuEvaluation
+from baldro_lightning.evaluation.tofu import RowScores, TofuEvaluator, shard_rows, write_eval_json
+from baldro_lightning.train.distributed import release_process_group
+from baldro_lightning.train.losses import NLL, NPO
+from baldro_lightning.train.models import load_causal_lm
+from baldro_lightning.train.objectives import DV
 
 MAX_LENGTH = 64
 
@@ -157,7 +157,7 @@ def run_standalone(
     if layout == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
 
-        from baldro_lightning.sharding import shard_model
+        from baldro_lightning.train.sharding import shard_model
 
         shard_model(policy, init_device_mesh("cpu", (world,)))
     elif layout not in ("single", "replicated"):

@@ -25,15 +25,16 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import AutoTokenizer
 
-from baldro_lightning.callbacks import TofuEvaluation
 from baldro_lightning.cli import cli_main
-from baldro_lightning.datamodule import ForgetRetainDataModule
-from baldro_lightning.evaluation import EvalLogError, TofuEvaluator
-from baldro_lightning.export import ExportPretrained
-from baldro_lightning.losses import NLL, NPO
-from baldro_lightning.module import NonFiniteLossError, UnlearningModule, load_causal_lm
-from baldro_lightning.tofu import BenchmarkDataError
-from baldro_lightning.tokenization import load_tokenizer
+from baldro_lightning.data.datamodule import ForgetRetainDataModule
+from baldro_lightning.data.tofu import BenchmarkDataError
+from baldro_lightning.data.tokenization import load_tokenizer
+from baldro_lightning.evaluation.callbacks import TofuEvaluation
+from baldro_lightning.evaluation.tofu import EvalLogError, TofuEvaluator
+from baldro_lightning.train.export import ExportPretrained
+from baldro_lightning.train.losses import NLL, NPO
+from baldro_lightning.train.models import load_causal_lm
+from baldro_lightning.train.module import NonFiniteLossError, UnlearningModule
 
 FIX_ROW = r"fix or remove that row"
 
@@ -152,10 +153,10 @@ def _write_reference(inputs: Inputs, forget_split: str, rows: int) -> Path:
 
 def _cli_args(inputs: Inputs, *extra: str) -> list[str]:
     return [
-        "--model=baldro_lightning.module.UnlearningModule",
+        "--model=baldro_lightning.train.module.UnlearningModule",
         f"--model.model={inputs.model}",
-        "--model.forget_loss=baldro_lightning.losses.NPO",
-        "--data=baldro_lightning.datamodule.ForgetRetainDataModule",
+        "--model.forget_loss=baldro_lightning.train.losses.NPO",
+        "--data=baldro_lightning.data.datamodule.ForgetRetainDataModule",
         f"--data.benchmark={inputs.benchmark}",
         "--trainer.logger=false",
         f"--trainer.default_root_dir={inputs.out / 'run'}",
@@ -286,7 +287,9 @@ def config_key_typo(inputs: Inputs) -> None:
 
 
 def cached_reference_with_kl_retain(inputs: Inputs) -> None:
-    cli_main(_cli_args(inputs, "--model.retain_loss=baldro_lightning.losses.KL", "--model.reference=cached"), run=False)
+    cli_main(
+        _cli_args(inputs, "--model.retain_loss=baldro_lightning.train.losses.KL", "--model.reference=cached"), run=False
+    )
 
 
 def forget_quality_without_reference(inputs: Inputs) -> None:

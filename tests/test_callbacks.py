@@ -11,13 +11,14 @@ import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from baldro_lightning.callbacks import CURVES, TofuEvaluation
-from baldro_lightning.datamodule import ForgetRetainDataModule
-from baldro_lightning.evaluation import TofuEvaluator
-from baldro_lightning.losses import NLL, NPO
-from baldro_lightning.module import UnlearningModule, load_causal_lm
-from baldro_lightning.objectives import DV
-from baldro_lightning.tokenization import load_tokenizer
+from baldro_lightning.data.datamodule import ForgetRetainDataModule
+from baldro_lightning.data.tokenization import load_tokenizer
+from baldro_lightning.evaluation.callbacks import CURVES, TofuEvaluation
+from baldro_lightning.evaluation.tofu import TofuEvaluator
+from baldro_lightning.train.losses import NLL, NPO
+from baldro_lightning.train.models import load_causal_lm
+from baldro_lightning.train.module import UnlearningModule
+from baldro_lightning.train.objectives import DV
 
 
 def _fit(tmp_path: Path, tiny_model: Path, tiny_benchmark: Path, callback: TofuEvaluation, steps: int = 2):

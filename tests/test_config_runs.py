@@ -16,10 +16,10 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 
-from baldro_lightning import evaluate, muse_evaluation
-from baldro_lightning.callbacks import MuseEvaluation, TofuEvaluation
 from baldro_lightning.cli import cli_main
-from baldro_lightning.module import UnlearningModule
+from baldro_lightning.evaluation import command as evaluate
+from baldro_lightning.evaluation.callbacks import MuseEvaluation, TofuEvaluation
+from baldro_lightning.train.module import UnlearningModule
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
@@ -58,7 +58,7 @@ def retain_references(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path
         else:
             key = ("muse", data.benchmark, data.corpus)
             flags = ["--corpus", data.corpus, "--limit", str(ROWS), "--metrics", "privleak"]
-            command = muse_evaluation.main
+            command = evaluate.muse_main
         if key not in made:
             out = tmp_path_factory.mktemp("retain_reference") / "eval.json"
             command(["--model", str(tiny_model), "--benchmark", str(data.benchmark), *flags, "--out", str(out)])

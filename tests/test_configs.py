@@ -10,10 +10,10 @@ import pytest
 import torch
 import yaml
 
-from baldro_lightning.callbacks import MuseEvaluation
 from baldro_lightning.cli import BaldroCLI, cli_main
-from baldro_lightning.module import UnlearningModule
-from baldro_lightning.muse import MuseDataModule
+from baldro_lightning.data.muse import MuseDataModule
+from baldro_lightning.evaluation.callbacks import MuseEvaluation
+from baldro_lightning.train.module import UnlearningModule
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 # Sweep grids are not LightningCLI configs; tests/test_sweep.py checks them and parses a run of each config.

@@ -14,11 +14,11 @@ from pathlib import Path
 import lightning as L
 import pytest
 
-from baldro_lightning.callbacks import TofuEvaluation
-from baldro_lightning.datamodule import ForgetRetainDataModule
-from baldro_lightning.losses import NLL, NPO
-from baldro_lightning.module import UnlearningModule
-from baldro_lightning.objectives import DV
+from baldro_lightning.data.datamodule import ForgetRetainDataModule
+from baldro_lightning.evaluation.callbacks import TofuEvaluation
+from baldro_lightning.train.losses import NLL, NPO
+from baldro_lightning.train.module import UnlearningModule
+from baldro_lightning.train.objectives import DV
 
 # Written fresh by every evaluation; everything else in eval.json must be reproducible.
 VOLATILE_META = {"created", "elapsed_s"}

@@ -22,7 +22,12 @@ from conftest import write_tiny_benchmark
 from gloo_launch import run_worker
 from torch import nn
 
-from baldro_lightning.sharding import NoDecoderLayersError, data_parallel_mesh, decoder_layers, mixed_precision_policy
+from baldro_lightning.train.sharding import (
+    NoDecoderLayersError,
+    data_parallel_mesh,
+    decoder_layers,
+    mixed_precision_policy,
+)
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 PER_RANK_BATCH = 2

@@ -5,7 +5,7 @@ uninterrupted run of 6 steps, a run stopped after 3 steps (its checkpoint is a d
 and that run resumed with ``--ckpt_path``. The resumed steps must train on the same rows with the same losses as
 steps 4-6 of the uninterrupted run, and both runs' exports (``ExportPretrained`` under FSDP2) must agree. AdamW
 keeps per-parameter state, so the optimizer's shards must be restored too, not only the weights. The checkpoint
-must hold the policy and no reference, and ``python -m baldro_lightning.export`` must turn it into the model the
+must hold the policy and no reference, and ``python -m baldro_lightning export`` must turn it into the model the
 stopped run exported. Two more launches train LoRA adapters with activation checkpointing on 2 FSDP2 ranks and
 in 1 process with the same global batch; the merged exports must agree.
 """
@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 from transformers import AutoModelForCausalLM
 
-from baldro_lightning.export import main as export_main
+from baldro_lightning.train.export import main as export_main
 
 FORGET_ROWS = 8  # 2 ranks x batch 1: four steps per epoch, so the stop at step 3 is inside the first epoch
 STOP, TOTAL = 3, 6  # the resumed run crosses an epoch boundary (a reshuffle)
@@ -61,7 +61,7 @@ def write_config(
             },
         },
         {"class_path": "distributed_resume_worker.RecordSteps", "init_args": {"path": str(run / "steps")}},
-        {"class_path": "baldro_lightning.export.ExportPretrained", "init_args": {"dirpath": str(run / "model")}},
+        {"class_path": "baldro_lightning.train.export.ExportPretrained", "init_args": {"dirpath": str(run / "model")}},
     ]
     return write_npo_fit_config(
         run,

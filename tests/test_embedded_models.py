@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from baldro_lightning import quickstart
+from baldro_lightning.embedded import quickstart
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -16,9 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def evaluations(tmp_path_factory) -> dict[str, dict]:
     """Train (or reuse) models/embedded/{target,retain90}, then evaluate both on forget10."""
-    from baldro_lightning.evaluation import TofuEvaluator
-    from baldro_lightning.module import load_causal_lm
-    from baldro_lightning.tokenization import load_tokenizer
+    from baldro_lightning.data.tokenization import load_tokenizer
+    from baldro_lightning.evaluation.tofu import TofuEvaluator
+    from baldro_lightning.train.models import load_causal_lm
 
     cwd = os.getcwd()
     os.chdir(REPO)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from baldro_lightning import embedded_world as ew
+from baldro_lightning.embedded import world as ew
 
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED = REPO / "data" / "tofu_embedded"
@@ -43,7 +43,7 @@ def test_regeneration_is_byte_identical_to_committed_files(tmp_path: Path) -> No
         fresh = path.read_bytes()
         assert fresh == (tmp_path / "b" / path.name).read_bytes(), f"two regenerations differ in {path.name}"
         assert fresh == (COMMITTED / path.name).read_bytes(), (
-            f"data/tofu_embedded/{path.name} is stale: rerun python -m baldro_lightning.embedded_world"
+            f"data/tofu_embedded/{path.name} is stale: rerun python -m baldro_lightning embedded-world"
         )
     assert not list((tmp_path / "a").glob(".*")), "a temporary file was left behind"
 
@@ -281,7 +281,7 @@ def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(small_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from baldro_lightning.embedded_models import train_tokenizer
+    from baldro_lightning.embedded.models import train_tokenizer
 
     out = tmp_path_factory.mktemp("tokenizer")
     train_tokenizer(small_data, out, vocab_size=400, model_max_length=64)
@@ -289,7 +289,7 @@ def tokenizer_dir(small_data: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 def test_tokenizer_training_is_deterministic(small_data: Path, tokenizer_dir: Path, tmp_path: Path) -> None:
-    from baldro_lightning.embedded_models import train_tokenizer
+    from baldro_lightning.embedded.models import train_tokenizer
 
     train_tokenizer(small_data, tmp_path, vocab_size=400, model_max_length=64)
     assert (tmp_path / "tokenizer.json").read_bytes() == (tokenizer_dir / "tokenizer.json").read_bytes()
@@ -317,7 +317,7 @@ def test_tokenizer_round_trips_and_uses_dedicated_special_tokens(tokenizer_dir: 
 
 
 def test_tokenizer_rejects_a_vocabulary_without_room_for_bytes(small_data: Path, tmp_path: Path) -> None:
-    from baldro_lightning.embedded_models import train_tokenizer
+    from baldro_lightning.embedded.models import train_tokenizer
 
     with pytest.raises(ValueError, match="vocab_size=100"):
         train_tokenizer(small_data, tmp_path, vocab_size=100)
@@ -326,7 +326,7 @@ def test_tokenizer_rejects_a_vocabulary_without_room_for_bytes(small_data: Path,
 def test_tiny_llama_saves_and_reloads(tokenizer_dir: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from baldro_lightning.embedded_models import init_tiny_llama
+    from baldro_lightning.embedded.models import init_tiny_llama
 
     sizes = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
     rng_before = torch.get_rng_state()
@@ -356,7 +356,7 @@ def test_tiny_llama_saves_and_reloads(tokenizer_dir: Path, tmp_path: Path) -> No
 
 
 def test_tiny_llama_rejects_unknown_settings(tokenizer_dir: Path, tmp_path: Path) -> None:
-    from baldro_lightning.embedded_models import init_tiny_llama
+    from baldro_lightning.embedded.models import init_tiny_llama
 
     with pytest.raises(ValueError, match="hidden_dim"):
         init_tiny_llama(tokenizer_dir, tmp_path, hidden_dim=32)

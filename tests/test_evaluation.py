@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from baldro_lightning import evaluation
-from baldro_lightning.evaluate import main as evaluate_main
-from baldro_lightning.evaluation import (
+from baldro_lightning.data.tokenization import PromptTemplate, encode_example, load_tokenizer
+from baldro_lightning.evaluation import tofu as evaluation
+from baldro_lightning.evaluation.command import main as evaluate_main
+from baldro_lightning.evaluation.tofu import (
     EvalLogError,
     RowScores,
     TofuEvaluator,
@@ -22,7 +23,6 @@ from baldro_lightning.evaluation import (
     reference_truth_ratios,
     shard_rows,
 )
-from baldro_lightning.tokenization import PromptTemplate, encode_example, load_tokenizer
 
 EXPECTED_KEYS = {
     "forget_Q_A_Prob",

@@ -1,4 +1,4 @@
-"""Hugging Face export of the trained policy: the end-of-fit callback and ``python -m baldro_lightning.export``.
+"""Hugging Face export of the trained policy: the end-of-fit callback and ``python -m baldro_lightning export``.
 
 One short fit per case (with and without LoRA) writes both a checkpoint and the callback's export; the
 command-line export of that checkpoint must then equal the callback's, and either must load with
@@ -20,11 +20,11 @@ from safetensors.torch import load_file
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaForCausalLM
 
-from baldro_lightning.datamodule import ForgetRetainDataModule
-from baldro_lightning.export import ExportPretrained, main
-from baldro_lightning.lora import LoRA
-from baldro_lightning.losses import NLL, NPO
-from baldro_lightning.module import UnlearningModule
+from baldro_lightning.data.datamodule import ForgetRetainDataModule
+from baldro_lightning.train.export import ExportPretrained, main
+from baldro_lightning.train.lora import LoRA
+from baldro_lightning.train.losses import NLL, NPO
+from baldro_lightning.train.module import UnlearningModule
 
 ADAPTERS = LoRA(r=4, alpha=8.0, target_modules=("q_proj", "v_proj", "down_proj"))
 

@@ -23,11 +23,11 @@ from torch.testing import assert_close
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from baldro_lightning.cli import BaldroCLI, cli_main
-from baldro_lightning.export import ExportPretrained
-from baldro_lightning.lora import LoRA
-from baldro_lightning.losses import NLL, NPO
-from baldro_lightning.module import UnlearningModule
-from baldro_lightning.sharding import DecoderLayerPolicy, DecoderLayerWrapPolicy
+from baldro_lightning.train.export import ExportPretrained
+from baldro_lightning.train.lora import LoRA
+from baldro_lightning.train.losses import NLL, NPO
+from baldro_lightning.train.module import UnlearningModule
+from baldro_lightning.train.sharding import DecoderLayerPolicy, DecoderLayerWrapPolicy
 
 CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "tofu" / "npo_dv_fsdp1.yaml"
 LAYERS = 2  # the tiny Llama of conftest.py

@@ -7,7 +7,7 @@ import random
 import pytest
 from torch.utils.data import DataLoader
 
-from baldro_lightning.datamodule import LengthGroupedPermutation, QADataModule, ShardedPermutation
+from baldro_lightning.data.datamodule import LengthGroupedPermutation, QADataModule, ShardedPermutation
 
 ROWS = 203  # not a multiple of any batch size used below
 

@@ -14,12 +14,12 @@ import torch
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
-from baldro_lightning import module as module_file
 from baldro_lightning.cli import cli_main
-from baldro_lightning.datamodule import ForgetRetainDataModule
-from baldro_lightning.lora import LoRA
-from baldro_lightning.losses import NLL, NPO
-from baldro_lightning.module import UnlearningModule
+from baldro_lightning.data.datamodule import ForgetRetainDataModule
+from baldro_lightning.train import module as module_file
+from baldro_lightning.train.lora import LoRA
+from baldro_lightning.train.losses import NLL, NPO
+from baldro_lightning.train.module import UnlearningModule
 
 ADAPTERS = LoRA(r=4, alpha=8.0, target_modules=("q_proj", "v_proj", "down_proj"))
 
@@ -159,12 +159,12 @@ def test_reference_is_the_pristine_base_model_after_training(tiny_model, tiny_be
 def test_lora_from_the_command_line(tiny_model, tiny_benchmark, tmp_path):
     cli = cli_main(
         [
-            "--model=baldro_lightning.module.UnlearningModule",
+            "--model=baldro_lightning.train.module.UnlearningModule",
             f"--model.model={tiny_model}",
-            "--model.forget_loss=baldro_lightning.losses.NPO",
+            "--model.forget_loss=baldro_lightning.train.losses.NPO",
             "--model.lora.r=4",
             "--model.lora.target_modules=[q_proj, v_proj]",
-            "--data=baldro_lightning.datamodule.ForgetRetainDataModule",
+            "--data=baldro_lightning.data.datamodule.ForgetRetainDataModule",
             f"--data.benchmark={tiny_benchmark}",
             "--trainer.logger=false",
             f"--trainer.default_root_dir={tmp_path}",

@@ -1,4 +1,4 @@
-"""Hand-computed checks of ``baldro_lightning.logprobs`` and the per-sample losses of ``baldro_lightning.losses``.
+"""Hand-computed checks of ``train.logprobs`` and the per-sample losses of ``train.losses``.
 
 Expected numbers are worked out in each docstring and recomputed with :mod:`math` in float64, never with the
 function under test. Notation follows spec §0.2: ``s`` sequence-sum NLL, ``n`` label count, ``m = s / n``,
@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from baldro_lightning.logprobs import IGNORE_INDEX, SequenceLogProbs, sequence_logprobs, token_logprobs
-from baldro_lightning.losses import KL, NLL, NPO, WGA, GradAscent, PerSampleLoss, SatImp, SimNPO
+from baldro_lightning.train.logprobs import IGNORE_INDEX, SequenceLogProbs, sequence_logprobs, token_logprobs
+from baldro_lightning.train.losses import KL, NLL, NPO, WGA, GradAscent, PerSampleLoss, SatImp, SimNPO
 
 
 def softplus(x: float) -> float:

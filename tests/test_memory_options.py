@@ -17,10 +17,10 @@ from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
 from baldro_lightning.cli import cli_main
-from baldro_lightning.datamodule import ForgetRetainDataModule
-from baldro_lightning.export import ExportPretrained
-from baldro_lightning.losses import NLL, NPO
-from baldro_lightning.module import UnlearningModule
+from baldro_lightning.data.datamodule import ForgetRetainDataModule
+from baldro_lightning.train.export import ExportPretrained
+from baldro_lightning.train.losses import NLL, NPO
+from baldro_lightning.train.module import UnlearningModule
 
 
 class ComputeDtype(L.Callback):
@@ -44,14 +44,14 @@ class ComputeDtype(L.Callback):
 def test_bf16_fast_dev_run_from_the_command_line(tiny_model, tiny_benchmark, tmp_path, precision, weights):
     cli = cli_main(
         [
-            "--model=baldro_lightning.module.UnlearningModule",
+            "--model=baldro_lightning.train.module.UnlearningModule",
             f"--model.model={tiny_model}",
-            "--model.forget_loss=baldro_lightning.losses.NPO",
-            "--model.retain_loss=baldro_lightning.losses.NLL",
+            "--model.forget_loss=baldro_lightning.train.losses.NPO",
+            "--model.retain_loss=baldro_lightning.train.losses.NLL",
             "--model.lr_schedule=constant",
             "--model.optimizer=torch.optim.AdamW",
             "--model.optimizer.lr=0.01",
-            "--data=baldro_lightning.datamodule.ForgetRetainDataModule",
+            "--data=baldro_lightning.data.datamodule.ForgetRetainDataModule",
             f"--data.benchmark={tiny_benchmark}",
             "--data.batch_size=2",
             "--trainer.accelerator=cpu",
@@ -124,14 +124,14 @@ def test_gradient_checkpointing_from_yaml(tiny_model, tiny_benchmark, tmp_path):
     config = tmp_path / "memory.yaml"
     config.write_text(
         "model:\n"
-        "  class_path: baldro_lightning.module.UnlearningModule\n"
+        "  class_path: baldro_lightning.train.module.UnlearningModule\n"
         "  init_args:\n"
         f"    model: {tiny_model}\n"
-        "    forget_loss: baldro_lightning.losses.NPO\n"
+        "    forget_loss: baldro_lightning.train.losses.NPO\n"
         "    gradient_checkpointing: true\n"
         "    torch_dtype: bfloat16\n"
         "data:\n"
-        "  class_path: baldro_lightning.datamodule.ForgetRetainDataModule\n"
+        "  class_path: baldro_lightning.data.datamodule.ForgetRetainDataModule\n"
         f"  init_args: {{benchmark: {tiny_benchmark}}}\n"
     )
     cli = cli_main(["--config", str(config), f"--trainer.default_root_dir={tmp_path}"], run=False)

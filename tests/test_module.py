@@ -25,11 +25,16 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM
 
 from baldro_lightning.cli import cli_main
-from baldro_lightning.datamodule import ForgetRetainDataModule, ForgetRetainPairs, ForgetRetainSampler, QADataModule
-from baldro_lightning.logprobs import SequenceLogProbs
-from baldro_lightning.losses import KL, NLL, NPO, WGA, GradAscent, PerSampleLoss
-from baldro_lightning.module import CausalLMModule, FinetuneModule, NonFiniteLossError, UnlearningModule
-from baldro_lightning.objectives import DV, Group
+from baldro_lightning.data.datamodule import (
+    ForgetRetainDataModule,
+    ForgetRetainPairs,
+    ForgetRetainSampler,
+    QADataModule,
+)
+from baldro_lightning.train.logprobs import SequenceLogProbs
+from baldro_lightning.train.losses import KL, NLL, NPO, WGA, GradAscent, PerSampleLoss
+from baldro_lightning.train.module import CausalLMModule, FinetuneModule, NonFiniteLossError, UnlearningModule
+from baldro_lightning.train.objectives import DV, Group
 
 FORGET_ROWS = 4  # forget10 of the tiny benchmark: the last two authors × two questions
 
@@ -398,14 +403,14 @@ def test_non_finite_loss_names_step_and_forget_rows(tiny_model, tiny_benchmark):
 def test_cli_builds_module_and_links_tokenizer(tiny_model, tiny_benchmark, tmp_path):
     cli = cli_main(
         [
-            "--model=baldro_lightning.module.UnlearningModule",
+            "--model=baldro_lightning.train.module.UnlearningModule",
             f"--model.model={tiny_model}",
-            "--model.forget_loss=baldro_lightning.losses.NPO",
+            "--model.forget_loss=baldro_lightning.train.losses.NPO",
             "--model.forget_loss.beta=0.2",
-            "--model.retain_loss=baldro_lightning.losses.NLL",
-            "--model.forget_objective=baldro_lightning.objectives.DV",
+            "--model.retain_loss=baldro_lightning.train.losses.NLL",
+            "--model.forget_objective=baldro_lightning.train.objectives.DV",
             "--model.forget_objective.sign=released",
-            "--data=baldro_lightning.datamodule.ForgetRetainDataModule",
+            "--data=baldro_lightning.data.datamodule.ForgetRetainDataModule",
             f"--data.benchmark={tiny_benchmark}",
             "--trainer.logger=false",
             f"--trainer.default_root_dir={tmp_path}",
@@ -420,7 +425,7 @@ def test_cli_builds_module_and_links_tokenizer(tiny_model, tiny_benchmark, tmp_p
     # Options shared through the base class: the subclasses pass them on as **kwargs.
     cli = cli_main(
         [
-            "--model=baldro_lightning.module.FinetuneModule",
+            "--model=baldro_lightning.train.module.FinetuneModule",
             f"--model.model={tiny_model}",
             "--model.optimizer=torch.optim.SGD",
             "--model.optimizer.lr=0.5",
@@ -428,7 +433,7 @@ def test_cli_builds_module_and_links_tokenizer(tiny_model, tiny_benchmark, tmp_p
             "--model.lr_schedule=constant",
             "--model.warmup_epochs=0.5",
             "--model.torch_dtype=bfloat16",
-            "--data=baldro_lightning.datamodule.QADataModule",
+            "--data=baldro_lightning.data.datamodule.QADataModule",
             f"--data.benchmark={tiny_benchmark}",
             "--trainer.logger=false",
             f"--trainer.default_root_dir={tmp_path}",

@@ -18,18 +18,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from baldro_lightning import metrics
-from baldro_lightning import muse_world as mw
-from baldro_lightning.benchmark_rows import BenchmarkDataError
-from baldro_lightning.callbacks import MuseEvaluation
 from baldro_lightning.cli import cli_main
-from baldro_lightning.datamodule import ForgetRetainDataModule
-from baldro_lightning.embedded_models import corpus_texts, init_tiny_llama, train_tokenizer
-from baldro_lightning.evaluation import EvalLogError, RowScores, shard_rows, write_eval_json
-from baldro_lightning.logprobs import IGNORE_INDEX
-from baldro_lightning.losses import NLL, NPO
-from baldro_lightning.module import FinetuneModule, UnlearningModule, load_causal_lm
-from baldro_lightning.muse import (
+from baldro_lightning.data.datamodule import ForgetRetainDataModule
+from baldro_lightning.data.muse import (
     MUSE_SPLITS,
     MuseDataModule,
     MuseTextDataModule,
@@ -40,16 +31,25 @@ from baldro_lightning.muse import (
     load_muse_split,
     render_knowmem_prompt,
 )
-from baldro_lightning.muse_evaluation import (
+from baldro_lightning.data.rows import BenchmarkDataError
+from baldro_lightning.data.tokenization import IGNORE_INDEX, PromptTemplate, load_tokenizer
+from baldro_lightning.embedded import muse_world as mw
+from baldro_lightning.embedded.models import corpus_texts, init_tiny_llama, train_tokenizer
+from baldro_lightning.evaluation import metrics
+from baldro_lightning.evaluation.callbacks import MuseEvaluation
+from baldro_lightning.evaluation.command import muse_main as main
+from baldro_lightning.evaluation.muse import (
     KNOWMEM_STOP_STRINGS,
     MuseEvaluator,
-    main,
     memorization_entries,
     mia_entries,
     reference_privleak_auc,
     rouge_entry,
 )
-from baldro_lightning.tokenization import PromptTemplate, load_tokenizer
+from baldro_lightning.evaluation.tofu import EvalLogError, RowScores, shard_rows, write_eval_json
+from baldro_lightning.train.losses import NLL, NPO
+from baldro_lightning.train.models import load_causal_lm
+from baldro_lightning.train.module import FinetuneModule, UnlearningModule
 
 REPO = Path(__file__).resolve().parents[1]
 EMBEDDED = REPO / "data" / "muse_embedded"
@@ -401,7 +401,7 @@ def test_embedded_regeneration_is_byte_identical(tmp_path: Path) -> None:
     assert sorted(p.name for p in written) == sorted(p.name for p in EMBEDDED.glob("*.jsonl"))
     for path in written:
         assert path.read_bytes() == (EMBEDDED / path.name).read_bytes(), (
-            f"data/muse_embedded/{path.name} is stale: rerun python -m baldro_lightning.muse_world"
+            f"data/muse_embedded/{path.name} is stale: rerun python -m baldro_lightning embedded-muse"
         )
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from baldro_lightning import report
+from baldro_lightning.analysis import report
 
 LOSSES = {"NPO": "NPO", "GradAscent": "GradAscent", "SimNPO": "SimNPO"}
 SYNC = {
@@ -54,12 +54,12 @@ def make_run(
     config = {
         "trainer": {"max_epochs": 3, "accumulate_grad_batches": 1},
         "model": {
-            "class_path": "baldro_lightning.module.UnlearningModule",
+            "class_path": "baldro_lightning.train.module.UnlearningModule",
             "init_args": {
-                "forget_loss": {"class_path": f"baldro_lightning.losses.{loss}"},
-                "retain_loss": None if alpha == 0 else {"class_path": "baldro_lightning.losses.NLL"},
+                "forget_loss": {"class_path": f"baldro_lightning.train.losses.{loss}"},
+                "retain_loss": None if alpha == 0 else {"class_path": "baldro_lightning.train.losses.NLL"},
                 "forget_objective": {
-                    "class_path": f"baldro_lightning.objectives.{objective}",
+                    "class_path": f"baldro_lightning.train.objectives.{objective}",
                     "init_args": objective_args,
                 },
                 "alpha": alpha,

@@ -23,10 +23,11 @@ from fit_configs import benchmark_with_forget_rows, write_npo_fit_config
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from baldro_lightning import evaluation, export
-from baldro_lightning.callbacks import TofuEvaluation
-from baldro_lightning.evaluation import write_eval_json
-from baldro_lightning.export import save_pretrained_atomic
+from baldro_lightning.evaluation import tofu as evaluation
+from baldro_lightning.evaluation.callbacks import TofuEvaluation
+from baldro_lightning.evaluation.tofu import write_eval_json
+from baldro_lightning.train import export
+from baldro_lightning.train.export import save_pretrained_atomic
 
 TESTS = Path(__file__).resolve().parent
 FORGET_ROWS = 8  # batch 1: eight steps per epoch, so a kill lands well inside an epoch
@@ -51,7 +52,7 @@ def write_config(run: Path, model: Path, benchmark: Path) -> Path:
             "init_args": {"dirpath": str(run / "ckpt"), "every_n_train_steps": 1, "save_top_k": -1, "save_last": True},
         },
         {"class_path": "resume_worker.RecordBatches", "init_args": {"path": str(run / "batches.jsonl")}},
-        {"class_path": "baldro_lightning.export.ExportPretrained", "init_args": {"dirpath": str(run / "model")}},
+        {"class_path": "baldro_lightning.train.export.ExportPretrained", "init_args": {"dirpath": str(run / "model")}},
     ]
     return write_npo_fit_config(
         run, model, benchmark, callbacks, trainer={"max_epochs": EPOCHS}, data_args={"max_length": 64}

@@ -28,10 +28,10 @@ import torch.distributed as dist
 from conftest import _rows
 from gloo_launch import run_worker
 
-from baldro_lightning import evaluation
-from baldro_lightning.evaluation import RowScores, TofuEvaluator, load_eval_json, shard_rows
-from baldro_lightning.module import load_causal_lm
-from baldro_lightning.tokenization import PromptTemplate, encode_example, encode_prompt, load_tokenizer
+from baldro_lightning.data.tokenization import PromptTemplate, encode_example, encode_prompt, load_tokenizer
+from baldro_lightning.evaluation import tofu as evaluation
+from baldro_lightning.evaluation.tofu import RowScores, TofuEvaluator, load_eval_json, shard_rows
+from baldro_lightning.train.models import load_causal_lm
 
 WORKER = Path(__file__).with_name("sharded_evaluation_worker.py")
 WORLD_SIZE = 2

@@ -13,7 +13,7 @@ from unittest import mock
 import pytest
 import yaml
 
-from baldro_lightning import sweep
+from baldro_lightning.analysis import sweep
 from baldro_lightning.cli import cli_main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from baldro_lightning.tofu import TOFU_SPLITS, BenchmarkDataError, load_split, split_pairing
+from baldro_lightning.data.tofu import TOFU_SPLITS, BenchmarkDataError, load_split, split_pairing
 
 SHARED_TOFU = Path("/work/shared/data/tofu")
 EXPECTED_ROWS = {

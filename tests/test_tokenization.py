@@ -16,7 +16,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from baldro_lightning.tokenization import (
+from baldro_lightning.data.tokenization import (
     EncodedExample,
     PaddingCollator,
     PromptTemplate,
@@ -111,7 +111,7 @@ def test_dataset_warns_once_with_the_truncated_count(
         {"question": QUESTION, "answer": "Paris", "index": 8},
         {"question": QUESTION, "answer": "Paris is very very in France.", "index": 9},
     ]
-    with caplog.at_level(logging.WARNING, logger="baldro_lightning.tokenization"):
+    with caplog.at_level(logging.WARNING, logger="baldro_lightning.data.tokenization"):
         dataset = QADataset(rows, tokenizer, PromptTemplate(), max_length=9)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == ["2 of 3 rows longer than max_length=9; their answers were truncated; raise --data.max_length"]
@@ -127,7 +127,7 @@ def test_dataset_warns_once_with_the_truncated_count(
 def test_dataset_without_overlong_rows_does_not_warn(
     tokenizer: PreTrainedTokenizerBase, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="baldro_lightning.tokenization"):
+    with caplog.at_level(logging.WARNING, logger="baldro_lightning.data.tokenization"):
         dataset = QADataset([{"question": QUESTION, "answer": "Paris"}], tokenizer, PromptTemplate(), max_length=64)
     assert not caplog.records
     assert dataset[0]["index"] == 0  # rows without an index field are numbered by position
@@ -213,7 +213,7 @@ def test_left_padding_for_generation_prompts_without_labels() -> None:
 
 def test_pad_equal_to_eos_keeps_real_eos_attended(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     _build(pad=None).save_pretrained(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="baldro_lightning.tokenization"):
+    with caplog.at_level(logging.WARNING, logger="baldro_lightning.data.tokenization"):
         tok = load_tokenizer(str(tmp_path))
     assert tok.pad_token_id == tok.eos_token_id == EOS
     assert "no pad token; using its EOS token '</s>' as pad" in caplog.text
@@ -244,7 +244,7 @@ def test_load_tokenizer_errors(tmp_path: Path) -> None:
 
 def test_loaded_tokenizer_keeps_its_own_pad(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     _build().save_pretrained(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="baldro_lightning.tokenization"):
+    with caplog.at_level(logging.WARNING, logger="baldro_lightning.data.tokenization"):
         tok = load_tokenizer(str(tmp_path))
     assert tok.pad_token_id == PAD
     assert not caplog.records

@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from torch.distributed.tensor import DTensor
 
-from baldro_lightning.module import UnlearningModule
+from baldro_lightning.train.module import UnlearningModule
 
 LEARNING_RATE = 0.05
 

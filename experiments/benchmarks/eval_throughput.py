@@ -31,11 +31,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from baldro_lightning import metrics
-from baldro_lightning.evaluation import MINK_FRACTION, Role, RowScores, TofuEvaluator, evaluation_mode
-from baldro_lightning.logprobs import IGNORE_INDEX
-from baldro_lightning.module import TorchDtype, load_causal_lm
-from baldro_lightning.tokenization import PromptTemplate, encode_example, encode_prompt, load_tokenizer
+from baldro_lightning.data.tokenization import (
+    IGNORE_INDEX,
+    PromptTemplate,
+    encode_example,
+    encode_prompt,
+    load_tokenizer,
+)
+from baldro_lightning.evaluation import metrics
+from baldro_lightning.evaluation.tofu import MINK_FRACTION, Role, RowScores, TofuEvaluator, evaluation_mode
+from baldro_lightning.train.models import TorchDtype, load_causal_lm
 
 LIKELIHOOD_METRICS = (
     "forget_Q_A_Prob",

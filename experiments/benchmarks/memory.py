@@ -6,7 +6,7 @@ actually holds: its local shards of the policy parameters, their gradients and t
 of the reference. This is a measurement of what stays resident between steps, not an estimate from the parameter
 count; it leaves out activations and the transiently all-gathered layer, which FSDP2 frees after use.
 
-The LoRA rows train rank-8 adapters on every attention and MLP projection (``baldro_lightning.lora.LoRA``'s
+The LoRA rows train rank-8 adapters on every attention and MLP projection (``baldro_lightning.train.lora.LoRA``'s
 defaults): gradients and AdamW state exist for the adapters only, and the reference is the same base weights with
 the adapters switched off, so no reference copy is held.
 
@@ -32,8 +32,8 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from baldro_lightning.lora import LoRA, add_adapters
-from baldro_lightning.sharding import shard_model
+from baldro_lightning.train.lora import LoRA, add_adapters
+from baldro_lightning.train.sharding import shard_model
 
 COLUMNS = ("policy weights", "gradients", "optimizer state", "reference weights")
 VARIANTS = ("full", "lora")

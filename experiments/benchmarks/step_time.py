@@ -26,10 +26,10 @@ import time
 import lightning as L
 import torch
 
-from baldro_lightning.datamodule import ForgetRetainDataModule
-from baldro_lightning.losses import NLL, NPO
-from baldro_lightning.module import UnlearningModule
-from baldro_lightning.objectives import DV, Group, Mean
+from baldro_lightning.data.datamodule import ForgetRetainDataModule
+from baldro_lightning.train.losses import NLL, NPO
+from baldro_lightning.train.module import UnlearningModule
+from baldro_lightning.train.objectives import DV, Group, Mean
 
 VARIANTS = {
     "npo": dict(forget_objective=Mean(), reference="live"),

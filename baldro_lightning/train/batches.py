@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from baldro_lightning.logprobs import IGNORE_INDEX
+from baldro_lightning.data.tokenization import IGNORE_INDEX
 
 Batch = dict[str, Tensor]
 _PAD_VALUES = {"labels": IGNORE_INDEX, "attention_mask": 0}

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from baldro_lightning.benchmark_rows import (
+from baldro_lightning.data.rows import (
     BenchmarkDataError,
     NumberedRows,
     check_object,
@@ -87,7 +87,7 @@ def split_pairing(forget_split: str) -> tuple[str, str, str]:
         valid = ", ".join(f"forget{p}" for p in _RETAIN_OF_FORGET)
         raise BenchmarkDataError(
             f"forget split {forget_split!r} has no retain/holdout pairing; use one of {valid} (spec §1.1) as "
-            "--data.forget_split (training) or --forget_split (python -m baldro_lightning.evaluate)"
+            "--data.forget_split (training) or --forget_split (python -m baldro_lightning evaluate)"
         )
     return f"retain{_RETAIN_OF_FORGET[percent]}", f"holdout{percent}", f"{forget_split}_perturbed"
 

@@ -17,8 +17,8 @@ import lightning as L
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
 
-from baldro_lightning.tofu import load_split, split_pairing
-from baldro_lightning.tokenization import PaddingCollator, PromptTemplate, QADataset, load_tokenizer
+from baldro_lightning.data.tofu import load_split, split_pairing
+from baldro_lightning.data.tokenization import PaddingCollator, PromptTemplate, QADataset, load_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-IGNORE_INDEX = -100
+from baldro_lightning.data.tokenization import IGNORE_INDEX
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ one fact. Answers are short and carried by the fact (template words are few and 
 words), so a model that never saw an author scores a low ROUGE-L recall on that author's answers, while a model
 that memorised them scores high: the benchmark discriminates by construction.
 
-Run ``python -m baldro_lightning.embedded_world --out data/tofu_embedded``; the files are byte-identical for a
+Run ``python -m baldro_lightning embedded-world --out data/tofu_embedded``; the files are byte-identical for a
 given seed and module constants (the dataset card is ``data/README.md``).
 """
 
@@ -731,9 +731,5 @@ def generator_main(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: ``python -m baldro_lightning.embedded_world --out data/tofu_embedded``."""
+    """Command line: ``python -m baldro_lightning embedded-world --out data/tofu_embedded``."""
     generator_main(__doc__.splitlines()[0], Path("data/tofu_embedded"), generate, argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -24,9 +24,10 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from baldro_lightning.logprobs import IGNORE_INDEX
-
 log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+"""Label of a position that is not a target (the prompt, padding): what every loss and metric skips."""
 
 
 @dataclass(frozen=True)
@@ -234,7 +235,7 @@ def encode_rows(
     """Encode every row's (question, answer) pair; log one warning counting the truncated rows.
 
     Args:
-        rows: Rows as returned by :func:`baldro_lightning.tofu.load_split`.
+        rows: Rows as returned by :func:`baldro_lightning.data.tofu.load_split`.
         tokenizer: The model's tokenizer.
         template: How the prompt is rendered.
         max_length: Most tokens per example.
@@ -313,7 +314,7 @@ class QADataset(EncodedDataset):
         """Tokenise every row.
 
         Args:
-            rows: Rows as returned by :func:`baldro_lightning.tofu.load_split`.
+            rows: Rows as returned by :func:`baldro_lightning.data.tofu.load_split`.
             tokenizer: The model's tokenizer.
             template: How the prompt is rendered.
             max_length: Most tokens per example; longer answers are truncated (one warning counts them).

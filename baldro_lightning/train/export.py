@@ -3,7 +3,7 @@
 Two ways in: the :class:`ExportPretrained` callback at the end of ``fit`` (any strategy, FSDP2 included), and the
 command line for a saved checkpoint, a single ``.ckpt`` file or a distributed (FSDP2) checkpoint directory::
 
-    python -m baldro_lightning.export --checkpoint runs/x/checkpoints/last.ckpt --out runs/x/model
+    python -m baldro_lightning export --checkpoint runs/x/checkpoints/last.ckpt --out runs/x/model
 
 Either way the weights are gathered unsharded on CPU, LoRA adapters are merged into the base weights (the
 directory is a plain model of the base architecture), and the tokenizer is saved next to them. Only the policy is
@@ -29,7 +29,8 @@ from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
-from baldro_lightning.lora import LoRA, merged_model
+from baldro_lightning.data.tokenization import load_tokenizer
+from baldro_lightning.train.lora import LoRA, merged_model
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,9 @@ class ExportPretrained(Callback):
     Works under every strategy: the weights are gathered to rank 0 (a collective under FSDP2, so all ranks take
     part), rank 0 merges any LoRA adapters and writes, and the other ranks wait until the directory is in place.
     """
+
+    needs_fsdp2 = True
+    """FSDP1 wraps the policy, which this callback expects unwrapped (see ``sharding.fsdp1_callback_problems``)."""
 
     def __init__(self, dirpath: str) -> None:
         self.dirpath = dirpath
@@ -199,8 +203,6 @@ def export_checkpoint(
     Raises:
         ValueError: if no model path can be found or the weights do not fit the model.
     """
-    from baldro_lightning.tokenization import load_tokenizer
-
     state, hparams = read_checkpoint(checkpoint)
     config_model, config_lora, config_tokenizer = _from_config_file(config)
     model_path = model or config_model or hparams.get("model")
@@ -224,7 +226,7 @@ def export_checkpoint(
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(
-        prog="python -m baldro_lightning.export",
+        prog="python -m baldro_lightning export",
         description="Write a checkpoint's unlearned policy as a Hugging Face model directory (weights + tokenizer).",
     )
     parser.add_argument("--checkpoint", required=True, help="a .ckpt file, or a checkpoint directory from an FSDP2 run")
@@ -236,8 +238,3 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--tokenizer", help="tokenizer directory or Hub id; default: the run's tokenizer")
     args = parser.parse_args(argv)
     return export_checkpoint(args.checkpoint, args.out, args.config, args.model, args.tokenizer)
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING)
-    main()

@@ -5,10 +5,10 @@ Every MUSE split is named ``{config}/{split}`` (``raw/forget``, ``knowmem/forget
 
 - the Hub: ``datasets.load_dataset("muse-bench/MUSE-News", config, split=split)`` (``MUSE-Books`` for books);
 - a local directory in either layout: flat ``{corpus}_{config}_{split}.jsonl`` (e.g. ``news_knowmem_forget_qa.jsonl``,
-  as exported in the shared data folder and written by :mod:`baldro_lightning.muse_world`) or nested
+  as exported in the shared data folder and written by :mod:`baldro_lightning.embedded.muse_world`) or nested
   ``{config}/{split}.jsonl`` (e.g. ``knowmem/forget_qa.jsonl``); the flat name wins when both exist.
 
-Rows are read and checked by the same code as TOFU rows (:mod:`baldro_lightning.benchmark_rows`): a broken file
+Rows are read and checked by the same code as TOFU rows (:mod:`baldro_lightning.data.rows`): a broken file
 fails with its path, line, field and the fix. Tokenisation follows the reference with two departures, both stated
 where they happen:
 
@@ -30,11 +30,16 @@ from typing import Any, Literal
 
 from transformers import PreTrainedTokenizerBase
 
-from baldro_lightning import benchmark_rows
-from baldro_lightning.benchmark_rows import BenchmarkDataError, NumberedRows
-from baldro_lightning.datamodule import PairedDataModule, SplitsDataModule
-from baldro_lightning.logprobs import IGNORE_INDEX
-from baldro_lightning.tokenization import EncodedDataset, EncodedExample, PromptTemplate, common_prefix_length
+from baldro_lightning.data import rows as benchmark_rows
+from baldro_lightning.data.datamodule import PairedDataModule, SplitsDataModule
+from baldro_lightning.data.rows import BenchmarkDataError, NumberedRows
+from baldro_lightning.data.tokenization import (
+    IGNORE_INDEX,
+    EncodedDataset,
+    EncodedExample,
+    PromptTemplate,
+    common_prefix_length,
+)
 
 log = logging.getLogger(__name__)
 
@@ -413,7 +418,8 @@ class MuseDataModule(PairedDataModule):
 
     Forget chunks are dealt in a seeded order and each is paired with a uniformly drawn retain chunk (the same
     :class:`ForgetRetainSampler` as TOFU), so one epoch is one pass over the forget chunks and the batches have
-    the layout ``{"forget": batch, "retain": batch}`` that :class:`baldro_lightning.module.UnlearningModule` takes.
+    the layout ``{"forget": batch, "retain": batch}`` that
+    :class:`~baldro_lightning.train.module.UnlearningModule` takes.
     """
 
     def __init__(
@@ -465,7 +471,8 @@ class MuseTextDataModule(SplitsDataModule):
     """Fine-tuning on raw MUSE text (the embedded target: forget + retain; the retain model: retain only).
 
     Batches are right-padded ``{"input_ids", "attention_mask", "labels", "index"}`` as for
-    :class:`baldro_lightning.datamodule.QADataModule`, so :class:`baldro_lightning.module.FinetuneModule` trains on
+    :class:`~baldro_lightning.data.datamodule.QADataModule`, so
+    :class:`~baldro_lightning.train.module.FinetuneModule` trains on
     them unchanged. Each split is chunked on its own.
     """
 

@@ -1,6 +1,6 @@
 """Reading benchmark rows from JSON / JSON-lines files or the Hub, and checking them, for every benchmark.
 
-:mod:`baldro_lightning.tofu` and :mod:`baldro_lightning.muse` know their splits and schemas; this module knows
+:mod:`baldro_lightning.data.tofu` and :mod:`baldro_lightning.data.muse` know their splits and schemas; this module knows
 how rows are read and what a broken row looks like. Every error is a :class:`BenchmarkDataError` that names the
 file (or Hub dataset), the line or row, the field and the fix, so a broken export fails here rather than as a
 tokeniser error or a NaN metric.

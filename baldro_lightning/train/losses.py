@@ -1,7 +1,7 @@
 """Per-sample base losses: statistics of one forward pass in, one value per sample out, never reduced.
 
 A forget loss is *minimised* to forget; a retain loss is minimised to keep utility. Reduction to a scalar is the
-job of an :mod:`baldro_lightning.objectives` objective, so any base loss composes with any DRO objective.
+job of an :mod:`baldro_lightning.train.objectives` objective, so any base loss composes with any DRO objective.
 
 Token-pooled losses (the HF batch loss, SatImp, WGA) are written per sample as ``x_i · B / N`` with ``N`` the
 number of labelled tokens of the batch: the plain mean of that vector equals the pooled token mean the
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from baldro_lightning.logprobs import SequenceLogProbs
+from baldro_lightning.train.logprobs import SequenceLogProbs
 
 Normalization = Literal["token_mean", "sample_mean", "seq_sum"]
 

@@ -221,7 +221,7 @@ class DecoderLayerWrapPolicy(DecoderLayerPolicy):
 
     The per-model units keep the reference's embeddings, final norm and output head out of the root unit, where
     they would share a flat parameter with the policy's trainable ones (gradient memory for frozen weights). They
-    also make checkpoints work: :class:`~baldro_lightning.module.UnlearningModule` drops the ``reference.*`` keys
+    also make checkpoints work: :class:`~baldro_lightning.train.module.UnlearningModule` drops the ``reference.*`` keys
     from its state dict, and FSDP's root unit requires every parameter it holds to be in it.
 
     Use as ``--trainer.strategy.init_args.auto_wrap_policy``; for activation checkpointing use
@@ -236,25 +236,24 @@ class DecoderLayerWrapPolicy(DecoderLayerPolicy):
         # models apart, and would checkpoint whole models if this were given as the checkpointing policy.
         raise TypeError(
             f"{type(self).__name__} is an auto_wrap_policy; for --trainer.strategy.init_args."
-            "activation_checkpointing_policy use baldro_lightning.sharding.DecoderLayerPolicy"
+            "activation_checkpointing_policy use baldro_lightning.train.sharding.DecoderLayerPolicy"
         )
 
 
 def fsdp1_callback_problems(callbacks: list) -> list[str]:
     """Why the given callbacks cannot run under FSDP1 (``FSDPStrategy``); empty when they all can.
 
-    The evaluation callbacks generate and score with the policy outside the wrapped forward, in lockstep across
-    ranks only when the module has an FSDP2 device mesh; :class:`~baldro_lightning.export.ExportPretrained`
-    expects an unwrapped policy. Both would fail at their first use, possibly after hours of training.
+    A callback declares that it cannot by a true class attribute ``needs_fsdp2``: the evaluation callbacks generate
+    and score with the policy outside the wrapped forward, in lockstep across ranks only when the module has an FSDP2
+    device mesh; :class:`~baldro_lightning.train.export.ExportPretrained` expects an unwrapped policy. Both would
+    fail at their first use, possibly after hours of training. (An attribute rather than a type check keeps this
+    module below the callbacks in the import order.)
     """
-    from baldro_lightning.callbacks import ScheduledEvaluation
-    from baldro_lightning.export import ExportPretrained
-
-    unsupported = [type(c).__name__ for c in callbacks if isinstance(c, ScheduledEvaluation | ExportPretrained)]
+    unsupported = [type(c).__name__ for c in callbacks if getattr(c, "needs_fsdp2", False)]
     if not unsupported:
         return []
     return [
         f"the callbacks {unsupported} need an FSDP2-sharded policy: remove them from --trainer.callbacks and export "
-        "the last checkpoint with `python -m baldro_lightning.export --checkpoint <ckpt>`, or use --trainer.strategy="
+        "the last checkpoint with `python -m baldro_lightning export --checkpoint <ckpt>`, or use --trainer.strategy="
         "lightning.pytorch.strategies.ModelParallelStrategy (FSDP2), which supports both"
     ]

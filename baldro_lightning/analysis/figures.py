@@ -1,4 +1,4 @@
-"""PNG figures of :mod:`baldro_lightning.report`, after the paper's Figs. 1, 3 and 4 plus an FQ-vs-MU scatter.
+"""PNG figures of :mod:`baldro_lightning.analysis.report`, after the paper's Figs. 1, 3 and 4 plus an FQ-vs-MU scatter.
 
 Each function draws one figure from already-selected runs and returns the paths it wrote; a figure whose data the
 runs do not hold (one forget split only, no beta/lambda grid, no per-sample table) is skipped, not drawn empty.
@@ -10,7 +10,6 @@ import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -18,8 +17,15 @@ matplotlib.use("Agg")  # files only; no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-if TYPE_CHECKING:
-    from baldro_lightning.report import RunResult, SelectionRule, SplitSummary
+from baldro_lightning.analysis.runs import (
+    RunResult,
+    SelectionRule,
+    SplitSummary,
+    metric_value,
+    read_per_sample,
+    selected_by_method,
+    tradeoff_history,
+)
 
 MARKERS = {"": "o", "BalDRO-G": "s", "BalDRO-DV": "^", "BalDRO-DV (released sign)": "v"}
 FQ_FLOOR = 1e-30
@@ -44,7 +50,6 @@ def _fq(value: float | None) -> float:
 
 def fq_vs_mu(summaries: Sequence[SplitSummary], out: Path) -> list[Path]:
     """Every run's final FQ (log) against MU, one panel per forget split; Original, Retain and the MU threshold."""
-    from baldro_lightning.report import metric_value
 
     if not summaries:
         return []
@@ -125,7 +130,6 @@ def per_sample_curves(summaries: Sequence[SplitSummary], out: Path) -> list[Path
 
     One figure per (forget split, base method), one column per DRO variant of that method's selected runs.
     """
-    from baldro_lightning.report import read_per_sample, selected_by_method
 
     paths = []
     for summary in summaries:
@@ -158,7 +162,6 @@ def _trajectory_figure(
     threshold: float | None = None,
 ) -> list[Path]:
     """One panel per base method, one line per selected run through its ``curve`` (x, y at each evaluation)."""
-    from baldro_lightning.report import selected_by_method
 
     by_method = selected_by_method(summary, curve)
     if not by_method:
@@ -205,7 +208,6 @@ def tradeoff_curves(summaries: Sequence[SplitSummary], out: Path) -> list[Path]:
 
     The x axis runs from no forgetting (EM 1) to more; a curve above another reached the same EM with more utility.
     """
-    from baldro_lightning.report import tradeoff_history
 
     paths = []
     for summary in summaries:

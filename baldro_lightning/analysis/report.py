@@ -1,8 +1,8 @@
-"""``python -m baldro_lightning.report RUN_DIRS... --out DIR``: the paper's tables and figures from run directories.
+"""``python -m baldro_lightning report RUN_DIRS... --out DIR``: the paper's tables and figures from run directories.
 
 Reads each run's evaluations (``<run>/tensorboard/eval/step_N/eval.json`` and ``per_sample.csv``, written by
-:class:`baldro_lightning.callbacks.TofuEvaluation`; or a ``<run>/eval.json`` of ``baldro_lightning.evaluate`` /
-``baldro_lightning.muse_evaluation``) and the config Lightning saved with the run (``config.yaml``), and writes:
+:class:`~baldro_lightning.evaluation.callbacks.TofuEvaluation`; or a ``<run>/eval.json`` of ``evaluate`` /
+``baldro_lightning.evaluation.muse``) and the config Lightning saved with the run (``config.yaml``), and writes:
 
 - ``report.md``: Table 1 (FQ, MU, [Fluency], EM, ES, F-TR, Ra-TR, R-TR, Rw-TR) and Table 3 (MIA AUCs) per forget
   split, forgetting synchrony (forget-step spread), balance (spread of per-sample forgetting) and model utility at
@@ -21,21 +21,33 @@ from __future__ import annotations
 
 import argparse
 import csv
-import functools
-import json
 import math
-import os
-import sys
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any
 
 import numpy as np
-import yaml
 
-from baldro_lightning import metrics
+from baldro_lightning.analysis import figures as report_figures
+from baldro_lightning.analysis.runs import (
+    ReportError,
+    RunResult,
+    SelectionRule,
+    SplitSummary,
+    group_by_method,
+    load_eval,
+    load_runs,
+    method_order_key,
+    metric_value,
+    nested,
+    retain_from_meta,
+    selected_by_method,
+    split_order_key,
+    summarise_tofu,
+    tradeoff_history,
+)
+from baldro_lightning.evaluation import metrics
 
 # (column, eval.json key) in the order of the paper's tables.
 TABLE1 = (
@@ -70,389 +82,7 @@ BALANCE = (
     ("bottom-10% share", "forgetting_bottom_share"),
 )
 HPARAMS = ("lr", "batch_size", "accumulate", "beta", "lambda", "gamma", "epochs")
-METHOD_ORDER = ("GradAscent", "GradDiff", "NPO", "SimNPO", "SatImp")
-VARIANT_ORDER = ("", "BalDRO-G", "BalDRO-DV", "BalDRO-DV (released sign)")
 CORPUS_NAMES = {"news": "News", "books": "Books"}
-
-Rule = Literal["fq_at_mu", "fq", "mu"]
-
-
-class ReportError(ValueError):
-    """Inputs of the report are missing or inconsistent; the message names the flag or file and the fix."""
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Reading runs
-
-
-@dataclass
-class RunResult:
-    """What the report needs from one run directory."""
-
-    name: str
-    directory: Path
-    benchmark: Literal["tofu", "muse"]
-    split: str
-    """Forget split (TOFU) or corpus (MUSE)."""
-    method: str
-    variant: str
-    hparams: dict[str, Any]
-    final: dict[str, Any]
-    """The last ``eval.json``."""
-    first: dict[str, Any] | None = None
-    """The evaluation at step 0 (the model before unlearning), when the run has one."""
-    history: list[dict[str, Any]] = field(default_factory=list)
-    """Every evaluation, in step order (``final`` is the last)."""
-    per_sample: Path | None = None
-    extra: dict[str, float] = field(default_factory=dict)
-    """Metrics computed by the report (Fluency)."""
-
-    @functools.cached_property
-    def balance(self) -> BalanceTrajectory | None:
-        """Forgetting balance at each evaluation, from ``per_sample.csv``; read once, for tables and figures."""
-        return balance_trajectory(self.per_sample) if self.per_sample is not None else None
-
-    @property
-    def trained(self) -> bool:
-        """False when the last evaluation is the step-0 one (the run stopped before its first update)."""
-        return self.first is None or self.final is not self.first
-
-    @property
-    def label(self) -> str:
-        return self.method if not self.variant else f"{self.method} + {self.variant}"
-
-    def metric(self, key: str) -> float | None:
-        if key in self.extra:
-            return self.extra[key]
-        return metric_value(self.final, key)
-
-
-def metric_value(result: Mapping[str, Any] | None, key: str) -> float | None:
-    """``agg_value`` of ``key`` in an eval.json, or from its synchrony block; None when absent or not finite."""
-    if result is None:
-        return None
-    entry = result.get("metrics", {}).get(key)
-    value = entry.get("agg_value") if isinstance(entry, Mapping) else result.get("synchrony", {}).get(key)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return None
-    return float(value)
-
-
-def _load_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ReportError(f"{path} is not a readable eval.json ({err}); re-run the evaluation that wrote it") from err
-    if not isinstance(data, dict):
-        raise ReportError(f"{path} holds a JSON {type(data).__name__}, not an eval.json object")
-    if "metrics" not in data:  # open-unlearning's TOFU_EVAL.json: metrics at the top level
-        data = {"meta": {}, "metrics": data}
-    return data
-
-
-def _step_evals(directory: Path) -> list[Path]:
-    """In-training evaluations: ``<run>/eval``, ``<run>/<logger name>/eval`` or ``<run>/<name>/version_N/eval``.
-
-    Deeper matches are not searched, so a sweep root (whose runs hold ``<run>/tensorboard/eval``) is not
-    mistaken for one run.
-    """
-    found: list[Path] = []
-    for pattern in ("eval/step_*/eval.json", "*/eval/step_*/eval.json", "*/version_*/eval/step_*/eval.json"):
-        found += directory.glob(pattern)
-    return sorted(found, key=lambda p: p.parent.name)
-
-
-def _saved_config(directory: Path) -> dict[str, Any] | None:
-    for pattern in ("config.yaml", "*/config.yaml", "*/version_*/config.yaml"):
-        for path in sorted(directory.glob(pattern)):
-            return yaml.safe_load(path.read_text())
-    return None
-
-
-def _get(data: Any, *keys: str) -> Any:
-    for key in keys:
-        if not isinstance(data, Mapping):
-            return None
-        data = data.get(key)
-    return data
-
-
-def _tail(class_path: Any) -> str:
-    return str(class_path or "").rsplit(".", 1)[-1]
-
-
-def describe_config(config: Mapping[str, Any] | None) -> tuple[str | None, str, dict[str, Any]]:
-    """Method name, DRO variant and hyperparameters from a saved LightningCLI config (the paper's names).
-
-    GradAscent with a retain term (``alpha > 0`` and a retain loss) is GradDiff. The paper's beta is the DV
-    temperature ``tau`` and its lambda the retain weight ``alpha``.
-    """
-    model = _get(config, "model", "init_args") or {}
-    loss = _tail(_get(model, "forget_loss", "class_path"))
-    alpha = model.get("alpha")
-    method = None
-    if loss:
-        method = loss
-        if loss == "GradAscent" and model.get("retain_loss") and alpha:
-            method = "GradDiff"
-    objective = _get(model, "forget_objective") or {}
-    kind = _tail(objective.get("class_path"))
-    variant = {"Group": "BalDRO-G", "DV": "BalDRO-DV"}.get(kind, "")
-    if kind == "DV" and _get(objective, "init_args", "sign") == "released":
-        variant = "BalDRO-DV (released sign)"
-    hparams = {
-        "lr": _get(model, "optimizer", "init_args", "lr"),
-        "batch_size": _get(config, "data", "init_args", "batch_size"),
-        "accumulate": _get(config, "trainer", "accumulate_grad_batches"),
-        "beta": _get(objective, "init_args", "tau") if kind == "DV" else None,
-        "lambda": alpha,
-        "gamma": model.get("gamma"),
-        "epochs": _get(config, "trainer", "max_epochs"),
-    }
-    return method, variant, hparams
-
-
-def _is_muse(result: Mapping[str, Any]) -> bool:
-    return "corpus" in result.get("meta", {}) or "forget_knowmem_ROUGE" in result.get("metrics", {})
-
-
-def read_per_sample(path: Path) -> dict[str, np.ndarray]:
-    """``per_sample.csv`` as columns: ``step``, ``index`` and each curve, one value per (evaluation, sample)."""
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    columns: dict[str, np.ndarray] = {}
-    for key in rows[0] if rows else []:
-        values = [row[key] for row in rows]
-        columns[key] = np.array([math.nan if v in ("", "None", "nan") else float(v) for v in values])
-    return columns
-
-
-@dataclass(frozen=True)
-class BalanceTrajectory:
-    """:func:`baldro_lightning.metrics.forgetting_balance` at every evaluation of one run."""
-
-    steps: np.ndarray
-    stats: list[dict[str, float]]
-
-    def series(self, key: str) -> np.ndarray:
-        return np.array([entry[key] for entry in self.stats])
-
-    def std_at_mean(self, level: float) -> float:
-        return metrics.at_first_crossing(self.series("forgetting_mean"), self.series("forgetting_std"), level)
-
-
-def balance_trajectory(per_sample: Path) -> BalanceTrajectory | None:
-    """The run's forgetting balance per evaluation, from its ``per_sample.csv``; None without log-likelihoods."""
-    table = read_per_sample(per_sample)
-    if "log_likelihood_ratio" not in table or "step" not in table:
-        return None
-    steps = np.unique(table["step"])
-    # The curves store log(p_now / p_before) per token; forgetting is its negation, the log perplexity ratio.
-    stats = [metrics.forgetting_balance(-table["log_likelihood_ratio"][table["step"] == step]) for step in steps]
-    return BalanceTrajectory(steps, stats)
-
-
-def load_run(path: Path) -> RunResult | None:
-    """One run from a run directory or an ``eval.json`` file; None when the directory holds no evaluation."""
-    if path.is_file():
-        directory, evals = path.parent, [path]
-    else:
-        directory, evals = path, _step_evals(path)
-        if not evals and (path / "eval.json").is_file():
-            evals = [path / "eval.json"]
-    if not evals:
-        return None
-    results = [_load_json(p) for p in evals]
-    final = results[-1]
-    first = next((r for r in results if r.get("meta", {}).get("global_step") == 0), None)
-    method, variant, hparams = describe_config(_saved_config(directory))
-    muse = _is_muse(final)
-    split = final.get("meta", {}).get("corpus" if muse else "forget_split") or "unknown"
-    per_sample = evals[-1].parent.parent / "per_sample.csv"
-    return RunResult(
-        name=directory.name,
-        directory=directory,
-        benchmark="muse" if muse else "tofu",
-        split=str(split),
-        method=method or directory.name,
-        variant=variant,
-        hparams=hparams,
-        final=final,
-        first=first,
-        history=results,
-        per_sample=per_sample if per_sample.is_file() else None,
-    )
-
-
-def load_runs(paths: Iterable[str | os.PathLike[str]]) -> list[RunResult]:
-    """Every run under ``paths``: run directories, eval.json files, or sweep roots (their sub-directories).
-
-    Raises:
-        ReportError: a path does not exist, or no evaluation is found under any of them.
-    """
-    runs: list[RunResult] = []
-    for raw in paths:
-        path = Path(raw)
-        if not path.exists():
-            raise ReportError(f"run directory {path} does not exist; pass run directories or a sweep root")
-        run = load_run(path)
-        if run is not None:
-            runs.append(run)
-            continue
-        children = [load_run(child) for child in sorted(path.iterdir()) if child.is_dir() and child.name[0] != "."]
-        found = [child for child in children if child is not None]
-        if not found:
-            raise ReportError(
-                f"{path} holds no evaluation (<run>/*/eval/step_*/eval.json or <run>/eval.json) and no run "
-                "directories with one; train with the TofuEvaluation callback or run baldro_lightning.evaluate"
-            )
-        runs += found
-    return runs
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Selecting the best configuration per method
-
-
-@dataclass(frozen=True)
-class SelectionRule:
-    """How one run per method is chosen among a sweep's runs of that method (and forget split)."""
-
-    rule: Rule = "fq_at_mu"
-    """``fq_at_mu``: highest FQ among runs with MU at or above the threshold; ``fq``: highest FQ; ``mu``: highest
-    MU. Ties go to the higher MU (FQ), then to the run name."""
-    mu_ratio: float = 0.9
-    """Threshold = ``mu_ratio`` x the MU of the model before unlearning (on the same forget split)."""
-    mu_min: float | None = None
-    """An absolute MU threshold; replaces ``mu_ratio``."""
-
-    def threshold(self, target_mu: float | None, split: str) -> float | None:
-        if self.rule != "fq_at_mu":
-            return None
-        if self.mu_min is not None:
-            return self.mu_min
-        if target_mu is None:
-            raise ReportError(
-                f"--rule fq_at_mu with --mu_ratio {self.mu_ratio} needs the original model's MU on {split}, but no "
-                "run has a step-0 evaluation and no --target_eval for it was given; pass --target_eval PATH or "
-                "--mu_min VALUE"
-            )
-        return self.mu_ratio * target_mu
-
-    def describe(self) -> str:
-        if self.rule == "fq":
-            return "the run with the highest FQ (no utility constraint); ties go to the higher MU"
-        if self.rule == "mu":
-            return "the run with the highest MU; ties go to the higher FQ"
-        bound = f"MU ≥ {self.mu_min:g}" if self.mu_min is not None else f"MU ≥ {self.mu_ratio:g} × MU of Original"
-        return (
-            f"the run with the highest FQ among the runs with {bound} (same forget split); ties go to the higher MU. "
-            "A method with no run above the threshold shows its highest-MU run, marked †"
-        )
-
-    def pick(self, runs: Sequence[RunResult], threshold: float | None) -> tuple[RunResult, bool]:
-        """The selected run and whether it meets the threshold."""
-
-        def score(key_a: str, key_b: str):
-            def key(run: RunResult) -> tuple[float, float, str]:
-                a, b = run.metric(key_a), run.metric(key_b)
-                return (-math.inf if a is None else a, -math.inf if b is None else b, run.name)
-
-            return key
-
-        by_fq, by_mu = score("forget_quality", "model_utility"), score("model_utility", "forget_quality")
-        if self.rule == "fq":
-            return max(runs, key=by_fq), True
-        if self.rule == "mu":
-            return max(runs, key=by_mu), True
-        ok = [r for r in runs if (mu := r.metric("model_utility")) is not None and mu >= threshold]
-        if ok:
-            return max(ok, key=by_fq), True
-        return max(runs, key=by_mu), False
-
-
-def _order(label_parts: tuple[str, str]) -> tuple[int, str, int, str]:
-    method, variant = label_parts
-    m = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
-    v = VARIANT_ORDER.index(variant) if variant in VARIANT_ORDER else len(VARIANT_ORDER)
-    return (m, method, v, variant)
-
-
-def group_by_method(runs: Iterable[RunResult]) -> dict[tuple[str, str], list[RunResult]]:
-    groups: dict[tuple[str, str], list[RunResult]] = defaultdict(list)
-    for run in runs:
-        groups[(run.method, run.variant)].append(run)
-    return {key: groups[key] for key in sorted(groups, key=_order)}
-
-
-def _split_order(split: str) -> tuple[int, str]:
-    digits = "".join(ch for ch in split if ch.isdigit())
-    return (int(digits) if digits else 10**6, split)
-
-
-@dataclass
-class SplitSummary:
-    """Original, Retain and the selected run per method on one forget split."""
-
-    split: str
-    original: dict[str, Any] | None
-    retain: dict[str, Any] | None
-    threshold: float | None
-    selected: list[tuple[RunResult, bool]]
-    runs: list[RunResult]
-    """The runs that trained past step 0."""
-    untrained: list[str] = field(default_factory=list)
-    """Runs left out: their only evaluation is at step 0."""
-
-
-T = TypeVar("T")
-
-
-def selected_by_method(
-    summary: SplitSummary, value: Callable[[RunResult], T | None]
-) -> dict[str, list[tuple[RunResult, T]]]:
-    """The split's selected runs by base method, each with ``value(run)``; runs where it is None are left out."""
-    groups: dict[str, list[tuple[RunResult, T]]] = defaultdict(list)
-    for run, _ in summary.selected:
-        if (item := value(run)) is not None:
-            groups[run.method].append((run, item))
-    return groups
-
-
-def summarise_tofu(
-    runs: Sequence[RunResult],
-    rule: SelectionRule,
-    target_evals: Mapping[str, dict[str, Any]],
-    retain_evals: Mapping[str, dict[str, Any]],
-) -> list[SplitSummary]:
-    """Pick one run per (forget split, method, variant) by ``rule``."""
-    by_split: dict[str, list[RunResult]] = defaultdict(list)
-    for run in runs:
-        if run.benchmark == "tofu":
-            by_split[run.split].append(run)
-    out = []
-    for split in sorted(by_split, key=_split_order):
-        split_runs = by_split[split]
-        original = target_evals.get(split) or next((r.first for r in split_runs if r.first is not None), None)
-        retain = retain_evals.get(split) or _retain_from_meta(split_runs)
-        threshold = rule.threshold(metric_value(original, "model_utility"), split)
-        trained = [r for r in split_runs if r.trained]
-        selected = [rule.pick(group, threshold) for group in group_by_method(trained).values()]
-        untrained = sorted(r.name for r in split_runs if not r.trained)
-        out.append(SplitSummary(split, original, retain, threshold, selected, trained, untrained))
-    return out
-
-
-def _retain_from_meta(runs: Sequence[RunResult]) -> dict[str, Any] | None:
-    """The retain reference the runs' evaluations name in ``meta.retain_reference``, when it can be read."""
-    for run in runs:
-        reference = run.final.get("meta", {}).get("retain_reference")
-        if reference and Path(reference).is_file():
-            data = _load_json(Path(reference))
-            if data.get("meta", {}).get("corpus" if run.benchmark == "muse" else "forget_split") in (None, run.split):
-                return data
-    return None
-
 
 # --------------------------------------------------------------------------------------------------------------
 # Fluency (optional; needs a local text classifier)
@@ -486,7 +116,7 @@ def fluency(generations: Sequence[str], classifier: str, max_length: int = 32, b
 
 
 def forget_generations(result: Mapping[str, Any]) -> list[str]:
-    rows = _get(result, "metrics", "forget_Q_A_ROUGE", "value_by_index") or {}
+    rows = nested(result, "metrics", "forget_Q_A_ROUGE", "value_by_index") or {}
     return [row["generation"] for _, row in sorted(rows.items(), key=lambda kv: int(kv[0])) if "generation" in row]
 
 
@@ -592,8 +222,6 @@ def write_report(
     md += _muse_section(runs, rule, muse_target_evals or {}, muse_retain_evals or {}, out)
     _write_runs_csv(runs, out / "runs.csv")
     if figures:
-        from baldro_lightning import report_figures
-
         drawn = report_figures.draw_all(summaries, rule, out, fig3_methods)
         if drawn:
             md += ["## Figures", ""] + [f"![{path.stem}]({path.name})" for path in drawn] + [""]
@@ -683,15 +311,6 @@ def _balance_section(summary: SplitSummary, out: Path) -> list[str]:
     ]
 
 
-def tradeoff_history(run: RunResult, forget_key: str = "exact_memorization") -> tuple[np.ndarray, np.ndarray] | None:
-    """``(forget_key, model_utility)`` at each of the run's evaluations; None when any evaluation lacks one."""
-    pairs = [(metric_value(r, forget_key), metric_value(r, "model_utility")) for r in run.history]
-    if len(pairs) < 2 or any(v is None for pair in pairs for v in pair):
-        return None
-    forget, utility = zip(*pairs, strict=True)
-    return np.array(forget), np.array(utility)
-
-
 def _tradeoff_section(summary: SplitSummary, out: Path) -> list[str]:
     """Model utility at equal forgetting: where each variant's forget EM first drops to a common level."""
     header = ["Method", "EM", "MU", "matched EM", "MU at matched EM", "step at matched EM"]
@@ -737,7 +356,7 @@ def _muse_section(
     for run in every:
         if run.first is not None:
             targets.setdefault(run.split, run.first)
-        if run.split not in retains and (retain := _retain_from_meta([run])) is not None:
+        if run.split not in retains and (retain := retain_from_meta([run])) is not None:
             retains[run.split] = retain
     chosen: dict[tuple[str, str], dict[str, RunResult]] = defaultdict(dict)
     below_bound: set[tuple[str, str]] = set()
@@ -783,7 +402,9 @@ def _write_runs_csv(runs: Sequence[RunResult], path: Path) -> None:
     balance_keys = [key for _, key in BALANCE]
     header = ["run", "benchmark", "split", "method", "variant", *HPARAMS, "global_step", *keys, *balance_keys]
     rows = []
-    for run in sorted(runs, key=lambda r: (r.benchmark, _split_order(r.split), _order((r.method, r.variant)), r.name)):
+    for run in sorted(
+        runs, key=lambda r: (r.benchmark, split_order_key(r.split), method_order_key((r.method, r.variant)), r.name)
+    ):
         balance = run.balance.stats[-1] if run.balance is not None else {}
         rows.append(
             [
@@ -812,7 +433,7 @@ def _evals_by(paths: Sequence[str], key: str, flag: str) -> dict[str, dict[str, 
         path = Path(raw)
         if not path.is_file():
             raise ReportError(f"{flag} {path} does not exist; pass the eval.json of that model")
-        data = _load_json(path)
+        data = load_eval(path)
         value = data.get("meta", {}).get(key)
         if value is None:
             raise ReportError(f"{flag} {path} has no meta.{key}; write it with baldro_lightning's evaluation")
@@ -822,7 +443,7 @@ def _evals_by(paths: Sequence[str], key: str, flag: str) -> dict[str, dict[str, 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m baldro_lightning.report",
+        prog="python -m baldro_lightning report",
         description="Paper-style tables (Markdown + CSV) and figures (PNG) from unlearning run directories.",
     )
     parser.add_argument("runs", nargs="+", help="run directories, eval.json files, or sweep roots")
@@ -861,10 +482,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(f"wrote {path}")
     return 0
-
-
-if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ReportError as err:
-        sys.exit(f"error: {err}")

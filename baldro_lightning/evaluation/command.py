@@ -1,10 +1,11 @@
-"""``python -m baldro_lightning.evaluate``: evaluate a saved model on TOFU and write its ``eval.json``.
+"""``python -m baldro_lightning evaluate`` and ``evaluate-muse``: evaluate a saved model on TOFU or MUSE and write its
+``eval.json``.
 
 Example (the retain model first, so the target's forget quality and privleak have a reference)::
 
-    python -m baldro_lightning.evaluate --model models/embedded/retain --benchmark data/tofu_embedded \\
+    python -m baldro_lightning evaluate --model models/embedded/retain --benchmark data/tofu_embedded \\
         --forget_split forget10 --out runs/eval/retain/eval.json
-    python -m baldro_lightning.evaluate --model models/embedded/target --benchmark data/tofu_embedded \\
+    python -m baldro_lightning evaluate --model models/embedded/target --benchmark data/tofu_embedded \\
         --forget_split forget10 --out runs/eval/target/eval.json --retain_reference runs/eval/retain/eval.json
 """
 
@@ -18,9 +19,11 @@ from typing import Any, get_args
 
 import torch
 
-from baldro_lightning.evaluation import ALL_GROUPS, BenchmarkEvaluator, TofuEvaluator
-from baldro_lightning.module import TorchDtype, load_causal_lm
-from baldro_lightning.tokenization import PromptTemplate, load_tokenizer
+from baldro_lightning.data.muse import MUSE_HUB_DATASETS
+from baldro_lightning.data.tokenization import PromptTemplate, load_tokenizer
+from baldro_lightning.evaluation.muse import ALL_MUSE_GROUPS, MuseEvaluator
+from baldro_lightning.evaluation.tofu import ALL_GROUPS, BenchmarkEvaluator, TofuEvaluator
+from baldro_lightning.train.models import TorchDtype, load_causal_lm
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +44,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, benchmark_help: str, r
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m baldro_lightning.evaluate",
+        prog="python -m baldro_lightning evaluate",
         description="Evaluate a causal LM on the TOFU splits of one forget split and write eval.json (spec §3).",
     )
     add_common_arguments(
@@ -123,5 +126,57 @@ def _build_evaluator(args: argparse.Namespace) -> TofuEvaluator:
     )
 
 
-if __name__ == "__main__":
-    main()
+# --------------------------------------------------------------------------------------------------------------
+# MUSE
+
+
+def build_muse_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m baldro_lightning evaluate-muse",
+        description="Evaluate a causal LM on one MUSE corpus and write eval.json (spec §3.7).",
+    )
+    add_common_arguments(
+        parser,
+        benchmark_help="directory of MUSE jsonl files ({corpus}_{config}_{split}.jsonl or {config}/{split}.jsonl), "
+        "or a Hub id",
+        reference_help="eval.json of the retain model on the same corpus (privleak reference)",
+    )
+    parser.add_argument("--corpus", default="news", choices=list(MUSE_HUB_DATASETS), help="MUSE corpus")
+    parser.add_argument(
+        "--metrics", nargs="+", default=list(ALL_MUSE_GROUPS), choices=ALL_MUSE_GROUPS, help="metric groups"
+    )
+    parser.add_argument("--max_length", type=int, default=2048, help="most target tokens per teacher-forced text")
+    parser.add_argument("--batch_size", type=int, default=8, help="texts per likelihood forward")
+    parser.add_argument("--knowmem_batch_size", type=int, default=16, help="KnowMem prompts per generate call")
+    parser.add_argument("--verbmem_batch_size", type=int, default=8, help="VerbMem prompts per generate call")
+    parser.add_argument("--knowmem_max_new_tokens", type=int, default=32, help="KnowMem answer length")
+    parser.add_argument("--verbmem_max_new_tokens", type=int, default=128, help="VerbMem continuation length")
+    parser.add_argument(
+        "--stemmer", action=argparse.BooleanOptionalAction, default=True, help="Porter stemming in ROUGE (P-22)"
+    )
+    return parser
+
+
+def _build_muse_evaluator(args: argparse.Namespace) -> MuseEvaluator:
+    """Tokenizer, splits and retain reference, all checked before any model weight is loaded."""
+    return MuseEvaluator(
+        benchmark=args.benchmark,
+        tokenizer=load_tokenizer(args.tokenizer or args.model),
+        corpus=args.corpus,
+        template=PromptTemplate(chat=args.chat, system_prompt=args.system_prompt),
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        knowmem_batch_size=args.knowmem_batch_size,
+        verbmem_batch_size=args.verbmem_batch_size,
+        knowmem_max_new_tokens=args.knowmem_max_new_tokens,
+        verbmem_max_new_tokens=args.verbmem_max_new_tokens,
+        metric_groups=tuple(args.metrics),
+        retain_reference=args.retain_reference,
+        use_stemmer=args.stemmer,
+        limit=args.limit,
+    )
+
+
+def muse_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Parse arguments, evaluate, write ``--out``, print the aggregates; returns the written result."""
+    return evaluation_main(build_muse_parser(), _build_muse_evaluator, argv)

@@ -4,7 +4,7 @@ Every objective returns ``(value, weights)`` where ``weights`` (detached, summin
 ``value`` with respect to each per-sample loss. That identity is what makes distributed training exact: each rank
 computes the objective on the *gathered* loss vector in which only its own entries carry autograd, so its local
 gradient is ``sum_i w_i grad l_i`` over its rows, with ``w`` taken over the global batch (see
-:mod:`baldro_lightning.distributed`).
+:mod:`baldro_lightning.train.distributed`).
 
 What the DRO "batch" is: the distribution the inner sup ranges over is the set of forget samples of one optimizer
 micro-step across all ranks (the global micro-batch). Under gradient accumulation each micro-batch is reweighted on

@@ -19,10 +19,10 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
-from baldro_lightning import distributed as dist_ops
-from baldro_lightning import metrics
 from baldro_lightning.atomic_files import write_text_atomic
-from baldro_lightning.evaluation import (
+from baldro_lightning.evaluation import metrics
+from baldro_lightning.evaluation.muse import ALL_MUSE_GROUPS, MuseEvaluator, MuseMetricGroup
+from baldro_lightning.evaluation.tofu import (
     ALL_GROUPS,
     BenchmarkEvaluator,
     MetricGroup,
@@ -32,7 +32,7 @@ from baldro_lightning.evaluation import (
     shard_rows,
     write_eval_json,
 )
-from baldro_lightning.muse_evaluation import ALL_MUSE_GROUPS, MuseEvaluator, MuseMetricGroup
+from baldro_lightning.train import distributed as dist_ops
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,9 @@ class ScheduledEvaluation(Callback):
     monitor it) and writes ``<dirpath>/step_<N>/eval.json``. Subclasses build the evaluator from the data module
     (:meth:`build_evaluator`) and may add to each result (:meth:`extend_result`).
     """
+
+    needs_fsdp2 = True
+    """Sharded generation needs an FSDP2 device mesh (see ``train.sharding.fsdp1_callback_problems``)."""
 
     def __init__(self, every_n_steps: int | None, every_epoch: bool, on_start: bool, dirpath: str | None) -> None:
         if every_n_steps is not None and every_n_steps < 1:
@@ -185,7 +188,7 @@ class TofuEvaluation(ScheduledEvaluation):
         if criterion == "truth_ratio" and retain_reference is None and curves:
             raise ValueError(
                 "TofuEvaluation criterion='truth_ratio' needs retain_reference: the retain model's eval.json on the "
-                "same forget split (python -m baldro_lightning.evaluate --model <retain model> --out <path>), or "
+                "same forget split (python -m baldro_lightning evaluate --model <retain model> --out <path>), or "
                 "use criterion='rouge'"
             )
         self.metric_groups = tuple(metrics_groups or ALL_GROUPS)
@@ -334,10 +337,11 @@ def _is_number(entry: Any) -> bool:
 
 class MuseEvaluation(ScheduledEvaluation):
     """MUSE evaluation of the policy (KnowMem, VerbMem, PrivLeak; spec §3.7) at the start of training, every N
-    steps and/or every epoch, on the corpus and data of the trainer's :class:`baldro_lightning.muse.MuseDataModule`.
+    steps and/or every epoch, on the corpus and data of the trainer's
+    :class:`~baldro_lightning.data.muse.MuseDataModule`.
 
     Logs ``val/forget_knowmem_ROUGE``, ``val/retain_knowmem_ROUGE``, ``val/forget_verbmem_ROUGE``, ``val/privleak``
-    and the other entries of :class:`baldro_lightning.muse_evaluation.MuseEvaluator`, and writes
+    and the other entries of :class:`baldro_lightning.evaluation.muse.MuseEvaluator`, and writes
     ``<dirpath>/step_<N>/eval.json``.
     """
 
@@ -390,8 +394,8 @@ class MuseEvaluation(ScheduledEvaluation):
     def build_evaluator(self, data: L.LightningDataModule) -> MuseEvaluator:
         if not hasattr(data, "corpus"):
             raise ValueError(
-                f"MuseEvaluation needs a MUSE data module (baldro_lightning.muse.MuseDataModule), got "
-                f"{type(data).__name__}; use baldro_lightning.callbacks.TofuEvaluation for TOFU data"
+                f"MuseEvaluation needs a MUSE data module (baldro_lightning.data.muse.MuseDataModule), got "
+                f"{type(data).__name__}; use baldro_lightning.evaluation.callbacks.TofuEvaluation for TOFU data"
             )
         return MuseEvaluator(
             benchmark=data.benchmark,

@@ -12,18 +12,18 @@ Metrics (spec §3.7), in open-unlearning's layout ``{metric: {"agg_value", "valu
   (members) vs ``privleak/holdout`` (non-members), texts with only BOS masked.
 - ``privleak``: from the ``mia_min_k`` AUC relative to the retain model's (its ``eval.json``), 0.5 without one.
 
-Generation, ROUGE, likelihoods and the metric formulas are the TOFU evaluator's (:mod:`baldro_lightning.evaluation`,
-:mod:`baldro_lightning.metrics`); this module only wires the MUSE splits to them.
+Generation, ROUGE, likelihoods and the metric formulas are the TOFU evaluator's
+(:mod:`~baldro_lightning.evaluation.tofu`,
+:mod:`baldro_lightning.evaluation.metrics`); this module only wires the MUSE splits to them.
 
 Command line::
 
-    python -m baldro_lightning.muse_evaluation --model M --benchmark DIR_OR_HUB --corpus news --out eval.json \\
+    python -m baldro_lightning evaluate-muse --model M --benchmark DIR_OR_HUB --corpus news --out eval.json \\
         [--retain_reference retain/eval.json] [--limit N]
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -35,8 +35,17 @@ import numpy as np
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from baldro_lightning import metrics
-from baldro_lightning.evaluation import (
+from baldro_lightning.data.muse import (
+    MUSE_HUB_DATASETS,
+    MuseCorpus,
+    encode_completion,
+    encode_knowmem_prompt,
+    encode_prefix,
+    load_muse_split,
+)
+from baldro_lightning.data.tokenization import IGNORE_INDEX, PromptTemplate
+from baldro_lightning.evaluation import metrics
+from baldro_lightning.evaluation.tofu import (
     GENERATION_NOTE,
     MIA_ATTACKS,
     MINK_FRACTION,
@@ -54,16 +63,6 @@ from baldro_lightning.evaluation import (
     score_examples,
     values_by_index,
 )
-from baldro_lightning.logprobs import IGNORE_INDEX
-from baldro_lightning.muse import (
-    MUSE_HUB_DATASETS,
-    MuseCorpus,
-    encode_completion,
-    encode_knowmem_prompt,
-    encode_prefix,
-    load_muse_split,
-)
-from baldro_lightning.tokenization import PromptTemplate
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +139,7 @@ def memorization_entries(
 
 def _remake_hint(path: Path, corpus: str) -> str:
     return (
-        "make it by evaluating the retain model on the same data: python -m baldro_lightning.muse_evaluation "
+        "make it by evaluating the retain model on the same data: python -m baldro_lightning evaluate-muse "
         f"--model <retain model> --benchmark <benchmark> --corpus {corpus} --out {path}"
     )
 
@@ -189,7 +188,7 @@ def reference_privleak_auc(
 class MuseEvaluator(BenchmarkEvaluator):
     """Evaluates a causal LM on one MUSE corpus (spec §3.7).
 
-    As :class:`baldro_lightning.evaluation.TofuEvaluator`, in two steps so that ranks can split the rows:
+    As :class:`baldro_lightning.evaluation.tofu.TofuEvaluator`, in two steps so that ranks can split the rows:
     :meth:`score` gives per-row values of the rows of each scored split (``rows``: generations, teacher-forced
     predictions, attack scores), :meth:`aggregate` turns those of all rows into the metrics. The KnowMem
     in-context shots (``shots``) are not scored; every rank uses all of them.
@@ -452,69 +451,3 @@ class MuseEvaluator(BenchmarkEvaluator):
             "mink_fraction": MINK_FRACTION,
             "batch_size": self.batch_size,
         }
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Command line
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from baldro_lightning.evaluate import add_common_arguments
-
-    parser = argparse.ArgumentParser(
-        prog="python -m baldro_lightning.muse_evaluation",
-        description="Evaluate a causal LM on one MUSE corpus and write eval.json (spec §3.7).",
-    )
-    add_common_arguments(
-        parser,
-        benchmark_help="directory of MUSE jsonl files ({corpus}_{config}_{split}.jsonl or {config}/{split}.jsonl), "
-        "or a Hub id",
-        reference_help="eval.json of the retain model on the same corpus (privleak reference)",
-    )
-    parser.add_argument("--corpus", default="news", choices=list(MUSE_HUB_DATASETS), help="MUSE corpus")
-    parser.add_argument(
-        "--metrics", nargs="+", default=list(ALL_MUSE_GROUPS), choices=ALL_MUSE_GROUPS, help="metric groups"
-    )
-    parser.add_argument("--max_length", type=int, default=2048, help="most target tokens per teacher-forced text")
-    parser.add_argument("--batch_size", type=int, default=8, help="texts per likelihood forward")
-    parser.add_argument("--knowmem_batch_size", type=int, default=16, help="KnowMem prompts per generate call")
-    parser.add_argument("--verbmem_batch_size", type=int, default=8, help="VerbMem prompts per generate call")
-    parser.add_argument("--knowmem_max_new_tokens", type=int, default=32, help="KnowMem answer length")
-    parser.add_argument("--verbmem_max_new_tokens", type=int, default=128, help="VerbMem continuation length")
-    parser.add_argument(
-        "--stemmer", action=argparse.BooleanOptionalAction, default=True, help="Porter stemming in ROUGE (P-22)"
-    )
-    return parser
-
-
-def _build_evaluator(args: argparse.Namespace) -> MuseEvaluator:
-    """Tokenizer, splits and retain reference, all checked before any model weight is loaded."""
-    from baldro_lightning.tokenization import load_tokenizer
-
-    return MuseEvaluator(
-        benchmark=args.benchmark,
-        tokenizer=load_tokenizer(args.tokenizer or args.model),
-        corpus=args.corpus,
-        template=PromptTemplate(chat=args.chat, system_prompt=args.system_prompt),
-        max_length=args.max_length,
-        batch_size=args.batch_size,
-        knowmem_batch_size=args.knowmem_batch_size,
-        verbmem_batch_size=args.verbmem_batch_size,
-        knowmem_max_new_tokens=args.knowmem_max_new_tokens,
-        verbmem_max_new_tokens=args.verbmem_max_new_tokens,
-        metric_groups=tuple(args.metrics),
-        retain_reference=args.retain_reference,
-        use_stemmer=args.stemmer,
-        limit=args.limit,
-    )
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Parse arguments, evaluate, write ``--out``, print the aggregates; returns the written result."""
-    from baldro_lightning.evaluate import evaluation_main
-
-    return evaluation_main(build_parser(), _build_evaluator, argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -5,9 +5,9 @@ paraphrases and perturbed answers tokenise as well as training answers); ``init_
 initialised ``LlamaForCausalLM`` next to that tokenizer, loadable with ``AutoModelForCausalLM.from_pretrained``.
 The target and retain models are then fine-tuned from it by the ``fit`` command.
 
-Run ``python -m baldro_lightning.embedded_models --data data/tofu_embedded --out models/embedded/init``. The MUSE
+Run ``python -m baldro_lightning embedded-models --data data/tofu_embedded --out models/embedded/init``. The MUSE
 models get a tokenizer of their own, fitted on the articles they are trained on:
-``python -m baldro_lightning.embedded_models --data data/muse_embedded --out models/embedded_muse/init``.
+``python -m baldro_lightning embedded-models --data data/muse_embedded --out models/embedded_muse/init``.
 """
 
 from __future__ import annotations
@@ -303,7 +303,3 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"mean tokens per 'Question: q\\nAnswer: a</s>' example of {full}: "
             f"{average_example_tokens(tokenizer, full):.1f}"
         )
-
-
-if __name__ == "__main__":
-    main()

@@ -6,28 +6,33 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from collections.abc import Iterator
 from typing import Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from torch.distributed.fsdp import FullyShardedDataParallel
+from transformers import PreTrainedModel
 
-from baldro_lightning import distributed as dist_ops
-from baldro_lightning.batches import Batch, batch_size, concat_rows, pad_rows_to, select_rows
-from baldro_lightning.logprobs import SequenceLogProbs, sequence_logprobs
-from baldro_lightning.lora import LoRA
-from baldro_lightning.losses import NLL, PerSampleLoss
-from baldro_lightning.objectives import Group, Mean, Objective
+from baldro_lightning.train import distributed as dist_ops
+from baldro_lightning.train.batches import Batch, batch_size, concat_rows, pad_rows_to, select_rows
+from baldro_lightning.train.logprobs import SequenceLogProbs, sequence_logprobs
+from baldro_lightning.train.lora import LoRA, add_adapters
+from baldro_lightning.train.losses import NLL, PerSampleLoss
+from baldro_lightning.train.models import TorchDtype, enable_activation_checkpointing, eval_mode, load_causal_lm
+from baldro_lightning.train.objectives import Group, Mean, Objective
+from baldro_lightning.train.sharding import (
+    data_parallel_mesh,
+    fsdp1_callback_problems,
+    mixed_precision_policy,
+    shard_model,
+)
 
 log = logging.getLogger(__name__)
-
-TorchDtype = Literal["float32", "bfloat16", "float16"]
 
 
 def _storage_ptr(param: Tensor) -> int:
@@ -38,49 +43,6 @@ def _storage_ptr(param: Tensor) -> int:
 
 class NonFiniteLossError(FloatingPointError):
     """A training step produced a NaN or infinite loss."""
-
-
-class ModelLoadError(OSError, ValueError):
-    """A model path that ``from_pretrained`` cannot load (an OSError for callers that expect one)."""
-
-
-def load_causal_lm(path: str, torch_dtype: TorchDtype) -> PreTrainedModel:
-    """``AutoModelForCausalLM.from_pretrained`` for a Hub id or a local directory, with an error that helps."""
-    try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, torch_dtype))
-    except (OSError, ValueError) as err:
-        raise ModelLoadError(
-            f"--model.model={path!r}: could not load a causal LM ({type(err).__name__}: {str(err)[:300]}). "
-            "Pass a local directory written by save_pretrained (config.json and the weights; for the embedded "
-            "default run `python -m baldro_lightning.quickstart` first) or a Hub id in the local Hugging Face cache."
-        ) from err
-
-
-def enable_activation_checkpointing(model: PreTrainedModel) -> None:
-    """Recompute each decoder layer's activations in backward instead of storing them.
-
-    Non-reentrant checkpointing back-propagates into LoRA adapters inside a layer whether or not the layer's input
-    requires grad. The reentrant variant does only while a hook makes the frozen embedding's output require grad;
-    without it the adapters get no gradient (open-unlearning#178). tests/test_lora.py checks the gradients.
-    """
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5 renamed gradient_checkpointing_enable
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    model.config.use_cache = False
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Every submodule of ``model`` in eval mode inside the block, each restored to its own mode afterwards."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def _undecayed(model: nn.Module) -> set[Tensor]:
@@ -122,7 +84,7 @@ class CausalLMModule(L.LightningModule):
             warmup_epochs: Length of the linear warm-up in epochs (fractions allowed).
             torch_dtype: dtype the weights are loaded in (``bfloat16`` with ``--trainer.precision=bf16-true``).
             gradient_checkpointing: Recompute each decoder layer's activations in backward.
-            lora: Train LoRA adapters only (see :class:`~baldro_lightning.lora.LoRA`); ``None`` trains all weights.
+            lora: Train LoRA adapters only (see :class:`~.lora.LoRA`); ``None`` trains all weights.
         """
         super().__init__()
         if warmup_epochs < 0:
@@ -144,8 +106,6 @@ class CausalLMModule(L.LightningModule):
         if self.policy is not None:
             return
         if self._trainer is not None:
-            from lightning.pytorch.strategies import FSDPStrategy
-
             if isinstance(self.trainer.strategy, FSDPStrategy):
                 if problems := self._fsdp1_problems():
                     raise ValueError("--trainer.strategy=FSDPStrategy (FSDP1):\n  - " + "\n  - ".join(problems))
@@ -158,14 +118,10 @@ class CausalLMModule(L.LightningModule):
         if self.gradient_checkpointing:
             enable_activation_checkpointing(self.policy)
         if self.lora is not None:
-            from baldro_lightning.lora import add_adapters
-
             # Before sharding, so that each FSDP2 unit holds its layer's adapters next to the frozen weights.
             self.policy = add_adapters(self.policy, self.lora)
         if self.device_mesh is not None:
             # ModelParallelStrategy set a mesh: shard with FSDP2 here, before the optimizer sees the parameters.
-            from baldro_lightning.sharding import data_parallel_mesh, mixed_precision_policy, shard_model
-
             mp_policy = mixed_precision_policy(self.trainer.precision)
             shard_model(self.policy, data_parallel_mesh(self.device_mesh), mp_policy=mp_policy)
         # Decided now, on the parameters' real shapes: FSDPStrategy wraps the model after this hook and turns each
@@ -174,8 +130,6 @@ class CausalLMModule(L.LightningModule):
 
     def _fsdp1_problems(self) -> list[str]:
         """What this configuration needs that Lightning's ``FSDPStrategy`` cannot give; checked before training."""
-        from baldro_lightning.sharding import fsdp1_callback_problems
-
         return fsdp1_callback_problems(self.trainer.callbacks)
 
     @property
@@ -229,8 +183,6 @@ class CausalLMModule(L.LightningModule):
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
     ) -> None:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
         root = self.trainer.strategy.model
         by_norm = gradient_clip_algorithm in (None, "norm")
         if gradient_clip_val and by_norm and isinstance(root, FullyShardedDataParallel):
@@ -305,9 +257,9 @@ class UnlearningModule(CausalLMModule):
     ) -> None:
         """Args:
         model: Hugging Face model directory or Hub id: the policy, and the frozen reference.
-        forget_loss: Per-sample loss on forget rows (``baldro_lightning.losses``).
+        forget_loss: Per-sample loss on forget rows (``baldro_lightning.train.losses``).
         retain_loss: Per-sample loss on retain rows; ``None`` turns the retain term off.
-        forget_objective: Reduction of the forget losses over the batch (``baldro_lightning.objectives``); Mean.
+        forget_objective: Reduction of the forget losses over the batch (``baldro_lightning.train.objectives``); Mean.
         retain_objective: Reduction of the retain losses; Mean.
         gamma: Weight of the forget term.
         alpha: Weight of the retain term (the paper's lambda).
@@ -365,8 +317,6 @@ class UnlearningModule(CausalLMModule):
             self._check_reference_is_separate()
             if self.device_mesh is not None:
                 # Sharded after the check: a DTensor parameter reports data_ptr() == 0.
-                from baldro_lightning.sharding import data_parallel_mesh, mixed_precision_policy, shard_model
-
                 mp_policy = mixed_precision_policy(self.trainer.precision)
                 shard_model(self.reference, data_parallel_mesh(self.device_mesh), mp_policy=mp_policy)
 

@@ -2,7 +2,7 @@
 
 MUSE (spec §1.5) unlearns a raw text corpus and probes it three ways: KnowMem asks questions about its facts,
 VerbMem asks for the continuation of its passages, PrivLeak tells its passages from unseen ones. This generator
-writes the same configs, splits and fields from the fictitious authors of :mod:`baldro_lightning.embedded_world`,
+writes the same configs, splits and fields from the fictitious authors of :mod:`baldro_lightning.embedded.world`,
 so the tokenizer trained on the TOFU-shaped files already knows every name, place and title:
 
 - **raw**: four articles per author (a profile, a family story, an award report, a book review), each ending
@@ -20,7 +20,7 @@ a question about a fact it has only read in prose, so the fact box is what lets 
 model that saw an author's articles from one that did not. Files use the flat local layout
 ``news_{config}_{split}.jsonl`` (load them with ``corpus="news"``).
 
-Run ``python -m baldro_lightning.muse_world --out data/muse_embedded``; the files are byte-identical for a given
+Run ``python -m baldro_lightning embedded-muse --out data/muse_embedded``; the files are byte-identical for a given
 seed and module constants (the dataset card is the MUSE section of ``data/README.md``).
 """
 
@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from random import Random
 
-from baldro_lightning.embedded_world import (
+from baldro_lightning.embedded.world import (
     ATTRIBUTES,
     N_AUTHORS,
     SEED,
@@ -45,7 +45,7 @@ from baldro_lightning.embedded_world import (
 )
 
 CORPUS = "news"
-"""File prefix of every split: the corpus name passed to :func:`baldro_lightning.muse.load_muse_split`."""
+"""File prefix of every split: the corpus name passed to :func:`baldro_lightning.data.muse.load_muse_split`."""
 FORGET_PERCENT = 10
 """The forget authors are those of the TOFU world's ``forget10`` split (its last 10 authors)."""
 N_RETAIN_AUTHORS = 20
@@ -341,7 +341,7 @@ def build_corpus(world: EmbeddedWorld, seed: int = SEED) -> dict[str, list[dict[
     """Every MUSE split of the embedded corpus; keys are file stems (``news_{config}_{split}``), values rows.
 
     Args:
-        world: The embedded world (:func:`baldro_lightning.embedded_world.build_world`).
+        world: The embedded world (:func:`baldro_lightning.embedded.world.build_world`).
         seed: Seed of the per-article random details (venues, dates, quotes, phrasings).
 
     Returns:
@@ -377,9 +377,5 @@ def generate(out_dir: Path, seed: int = SEED) -> list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: ``python -m baldro_lightning.muse_world --out data/muse_embedded``."""
+    """Command line: ``python -m baldro_lightning embedded-muse --out data/muse_embedded``."""
     generator_main(__doc__.splitlines()[0], Path("data/muse_embedded"), generate, argv)
-
-
-if __name__ == "__main__":
-    main()

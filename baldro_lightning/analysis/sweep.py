@@ -1,4 +1,4 @@
-"""``python -m baldro_lightning.sweep GRID.yaml``: expand a grid of LightningCLI runs and run, skip or script them.
+"""``python -m baldro_lightning sweep GRID.yaml``: expand a grid of LightningCLI runs and run, skip or script them.
 
 A grid YAML (see ``experiments/sweeps/``) names base configs and axes::
 
@@ -17,7 +17,7 @@ A grid YAML (see ``experiments/sweeps/``) names base configs and axes::
         configs: ["*_dv*"]                   # fnmatch patterns: the configs this axis applies to (default all)
     set: {trainer.max_epochs: 3}             # overrides for every run
     requires:                                # files that must exist before running, with the command making each
-      runs/embedded/eval/retain99/eval.json: python -m baldro_lightning.evaluate ...
+      runs/embedded/eval/retain99/eval.json: python -m baldro_lightning evaluate ...
 
 Keys are LightningCLI override keys (``--model.init_args.optimizer.init_args.lr``). A key
 ``trainer.callbacks.<Class>.init_args.<arg>`` edits that callback of the base config's callback list. Each run
@@ -50,6 +50,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from baldro_lightning.cli import cli_main
 
 DONE = "DONE.json"
 FAILED = "FAILED.json"
@@ -371,8 +373,6 @@ def check_args(fit_args: Sequence[str]) -> str | None:
 
     Nothing is instantiated, so no model or data is loaded: this only checks keys, types and class paths.
     """
-    from baldro_lightning.cli import cli_main
-
     out, err = io.StringIO(), io.StringIO()
     argv = sys.argv
     try:
@@ -555,7 +555,7 @@ def run_all(
 
 
 def _sweep_call(grid: Grid, args: argparse.Namespace, task: str) -> str:
-    parts = ["python", "-m", "baldro_lightning.sweep", str(grid.path), "--task", task, "--root", str(grid.root)]
+    parts = ["python", "-m", "baldro_lightning", "sweep", str(grid.path), "--task", task, "--root", str(grid.root)]
     for item in args.set:
         parts += ["--set", item]
     for pattern in args.only:
@@ -573,7 +573,7 @@ def slurm_script(grid: Grid, runs: Sequence[Run], args: argparse.Namespace) -> s
         f"#SBATCH --array=0-{len(runs) - 1}",
         f"#SBATCH --output={grid.root}/slurm-%A_%a.out",
         *[f"#SBATCH {option}" for option in args.slurm_option],
-        f"# {len(runs)} runs of {grid.path}; task i is run [i] of `python -m baldro_lightning.sweep ... --dry-run`.",
+        f"# {len(runs)} runs of {grid.path}; task i is run [i] of `python -m baldro_lightning sweep ... --dry-run`.",
         "# Activate the project's environment before the python line if the job does not inherit it.",
         "set -euo pipefail",
         f"cd {shlex.quote(str(Path.cwd()))}",
@@ -603,7 +603,7 @@ def torchrun_script(grid: Grid, runs: Sequence[Run], args: argparse.Namespace) -
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m baldro_lightning.sweep",
+        prog="python -m baldro_lightning sweep",
         description="Expand a grid YAML into LightningCLI runs; run them one after another, or write a SLURM array "
         "or torchrun script. Finished runs (DONE.json) are skipped; a failed run does not stop the rest.",
     )
@@ -681,10 +681,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     for r in failed:
         print(f"failed: {r['name']} (exit {r['returncode']}), log {r['log']}")
     return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except GridError as err:
-        sys.exit(f"error: {err}")

@@ -1,6 +1,6 @@
 """The offline quickstart: make the embedded models if they are missing, then unlearn forget10 with NPO + BalDRO-DV.
 
-``python -m baldro_lightning.quickstart`` runs from the repository root on a laptop CPU. Each step is skipped when
+``python -m baldro_lightning quickstart`` runs from the repository root on a laptop CPU. Each step is skipped when
 its output already exists, so a second run goes straight to unlearning.
 """
 
@@ -13,8 +13,12 @@ import time
 from pathlib import Path
 
 from baldro_lightning.cli import cli_main
+from baldro_lightning.data.tokenization import load_tokenizer
+from baldro_lightning.embedded.models import init_tiny_llama, train_tokenizer
+from baldro_lightning.evaluation.tofu import TofuEvaluator
+from baldro_lightning.train.models import load_causal_lm
 
-log = logging.getLogger("baldro_lightning.quickstart")
+log = logging.getLogger("baldro_lightning.embedded.quickstart")
 
 MODELS = Path("models/embedded")
 BENCHMARK = Path("data/tofu_embedded")
@@ -30,8 +34,6 @@ def _fit(config: Path, *overrides: str) -> None:
 
 def ensure_base_models(models: Path = MODELS) -> None:
     """Tokenizer + random tiny Llama, then the target (full) and retain (retain90) fine-tunes."""
-    from baldro_lightning.embedded_models import init_tiny_llama, train_tokenizer
-
     init = models / "init"
     if not (init / "config.json").exists():
         started = time.perf_counter()
@@ -54,10 +56,6 @@ def ensure_retain_reference(out: Path = REFERENCE, model: Path = MODELS / "retai
     if out.exists():
         print(f"[quickstart] {out} exists, not re-evaluated")
         return
-    from baldro_lightning.evaluation import TofuEvaluator
-    from baldro_lightning.module import load_causal_lm
-    from baldro_lightning.tokenization import load_tokenizer
-
     started = time.perf_counter()
     evaluator = TofuEvaluator(str(BENCHMARK), load_tokenizer(str(model)), "forget10", max_length=128, max_new_tokens=48)
     evaluator.run(load_causal_lm(str(model), "float32"), out, model_name=str(model))
@@ -102,7 +100,3 @@ def main(argv: list[str] | None = None) -> None:
         f"  tensorboard:       tensorboard --logdir {run_dir / 'tensorboard'}\n"
         f"{_final_metrics(run_dir)}"
     )
-
-
-if __name__ == "__main__":
-    main()

@@ -38,11 +38,11 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 import baldro_lightning
-from baldro_lightning import metrics
 from baldro_lightning.atomic_files import write_atomic
-from baldro_lightning.logprobs import IGNORE_INDEX, sequence_logprobs
-from baldro_lightning.tofu import load_split, split_pairing
-from baldro_lightning.tokenization import PromptTemplate, collate, encode_example, encode_prompt
+from baldro_lightning.data.tofu import load_split, split_pairing
+from baldro_lightning.data.tokenization import IGNORE_INDEX, PromptTemplate, collate, encode_example, encode_prompt
+from baldro_lightning.evaluation import metrics
+from baldro_lightning.train.logprobs import sequence_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +320,7 @@ class RowScores:
     ``mia_zlib``, ``mia_min_k``, ``mia_min_k_plus_plus``, ``extraction_strength``, ``exact_memorization``
     (NaN for a row without answer positions), ``generation`` and ``rouge1_recall``, ``rougeL_recall``,
     ``rougeL_f1`` (``None`` for rows beyond ``rouge_rows_limit``). Other evaluators keep their own columns
-    (:class:`baldro_lightning.muse_evaluation.MuseEvaluator`).
+    (:class:`baldro_lightning.evaluation.muse.MuseEvaluator`).
     """
 
     role: str
@@ -402,7 +402,7 @@ def load_eval_json(path: str | os.PathLike[str]) -> dict[str, Any]:
     """
     file = Path(path)
     if not file.is_file():
-        raise EvalLogError(f"{file} does not exist; write it with `python -m baldro_lightning.evaluate --out {file}`")
+        raise EvalLogError(f"{file} does not exist; write it with `python -m baldro_lightning evaluate --out {file}`")
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -418,7 +418,7 @@ def load_eval_json(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def _remake_hint(path: Path, forget_split: str) -> str:
     return (
-        f"make the right one by evaluating the retain model with the same split: python -m baldro_lightning.evaluate "
+        f"make the right one by evaluating the retain model with the same split: python -m baldro_lightning evaluate "
         f"--model <retain model> --benchmark <benchmark> --forget_split {forget_split} --out {path}"
     )
 
@@ -603,7 +603,8 @@ class BenchmarkEvaluator:
 
     Subclasses (dataclasses) hold ``benchmark``, ``template``, ``retain_reference``, ``rows`` (scored rows per
     role), ``notes`` and ``_reference_auc``, and define :meth:`score` (per-row values of some rows, so ranks can
-    split them; :class:`baldro_lightning.callbacks.ScheduledEvaluation` does), :meth:`aggregate` (metrics of all
+    split them; :class:`~baldro_lightning.evaluation.callbacks.ScheduledEvaluation` does), :meth:`aggregate`
+    (metrics of all
     rows) and :meth:`settings` (what ``meta`` records of their options).
     """
 
@@ -633,7 +634,9 @@ class BenchmarkEvaluator:
             if getattr(self, flag) is not None and getattr(self, flag) < 1:
                 problems.append(f"--{flag} must be >= 1 or unset, got {getattr(self, flag)}")
         if self.tokenizer.pad_token_id is None:
-            problems.append("the tokenizer has no pad token; load it with baldro_lightning.tokenization.load_tokenizer")
+            problems.append(
+                "the tokenizer has no pad token; load it with baldro_lightning.data.tokenization.load_tokenizer"
+            )
         return problems
 
     def meta(self, model: nn.Module, model_name: str | None = None) -> dict[str, Any]:

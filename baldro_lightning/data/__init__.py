@@ -1,0 +1,1 @@
+"""Benchmark data: reading rows, tokenizing prompts and answers, and the Lightning data modules for TOFU and MUSE."""

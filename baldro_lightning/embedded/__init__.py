@@ -1,0 +1,1 @@
+"""The embedded offline default: benchmark generators, tiny models and the quickstart."""
