@@ -61,7 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             status = COMMANDS[name][0](rest)
             return status if isinstance(status, int) else 0
         if name in LIGHTNING_COMMANDS or name.startswith("-"):
-            cli_main(args)
+            # LightningCLI reads sys.argv itself when given no args (and warns when given both).
+            cli_main(None if argv is None else args)
             return 0
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)

@@ -1,9 +1,19 @@
-"""``python -m baldro_lightning {fit,validate,test} --config X.yaml``: LightningCLI over our modules."""
+"""``python -m baldro_lightning {fit,validate,test} --config X.yaml``: LightningCLI over the project's modules.
+
+The project's LightningModules, data modules, losses, objectives and callbacks are imported here so that
+jsonargparse knows them as subclasses of the types the CLI asks for: short class names then work on the command
+line and in YAML (``--model UnlearningModule``, ``--model.forget_objective DV``), besides full ``class_path``\\ s.
+"""
 
 from __future__ import annotations
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
+
+# Imported for their classes (see the module docstring), not called here.
+from baldro_lightning.data import datamodule, muse  # noqa: F401
+from baldro_lightning.evaluation import callbacks  # noqa: F401
+from baldro_lightning.train import export, losses, module, objectives, sharding  # noqa: F401
 
 
 class BaldroCLI(LightningCLI):
@@ -14,6 +24,7 @@ class BaldroCLI(LightningCLI):
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> BaldroCLI:
+    """Build (and with ``run``, run) the CLI on ``args``, or on the process's command line when None."""
     return BaldroCLI(
         L.LightningModule,
         L.LightningDataModule,

@@ -310,16 +310,19 @@ class ForgetRetainDataModule(PairedDataModule):
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
-        """Args:
-        tokenizer: Tokenizer path or Hub id (linked to ``--model.model`` by the CLI).
-        benchmark: A local directory of ``{split}.jsonl`` files, or a Hub dataset id such as ``locuslab/TOFU``.
-        forget_split: ``forget01``, ``forget05`` or ``forget10``.
-        retain_split: Defaults to the complement of the forget split (``retain90`` for ``forget10``).
-        batch_size: Forget rows (and retain rows) per device per step.
-        max_length: Tokens per example; longer answers are truncated with one warning.
-        template: Prompt rendering; the plain ``Question: …\\nAnswer:`` form by default.
-        seed: Seeds the forget order and the retain draws (the epoch is added each epoch).
-        num_workers: DataLoader worker processes.
+        """Pairs forget and retain batches for unlearning; rows are read and tokenised in ``setup``.
+
+        Args:
+            tokenizer: Tokenizer path or Hub id (linked to ``--model.model`` by the CLI).
+            benchmark: A local directory of ``{split}.jsonl`` files, or a Hub dataset id such as ``locuslab/TOFU``.
+            forget_split: ``forget01``, ``forget05`` or ``forget10``.
+            retain_split: Defaults to the complement of the forget split (``retain90`` for ``forget10``).
+            batch_size: Forget rows (and retain rows) per device per step.
+            max_length: Tokens per example; longer answers are truncated with one warning.
+            template: Prompt rendering; the plain ``Question: …\\nAnswer:`` form by default.
+            seed: Seeds the forget order and the retain draws (the epoch is added each epoch); ``--seed_everything``
+                does not change the data order, this does.
+            num_workers: DataLoader worker processes.
         """
         super().__init__(tokenizer, benchmark, template, max_length, batch_size, seed, num_workers)
         retain_default, _, _ = split_pairing(forget_split)
@@ -366,17 +369,19 @@ class QADataModule(SplitsDataModule):
         num_workers: int = 0,
         group_by_length: bool = False,
     ) -> None:
-        """Args:
-        tokenizer: Tokenizer path or Hub id.
-        benchmark: A local directory of ``{split}.jsonl`` files, or a Hub dataset id.
-        splits: Training splits, concatenated.
-        val_splits: Splits whose mean NLL is reported as ``val/loss``.
-        batch_size: Rows per device per step.
-        max_length: Tokens per example.
-        template: Prompt rendering.
-        seed: Seeds the shuffle order.
-        num_workers: DataLoader worker processes.
-        group_by_length: Batch rows of similar length (less padding, faster steps; batches stay shuffled).
+        """Batches of QA rows from one or more splits, for fine-tuning target and retain models.
+
+        Args:
+            tokenizer: Tokenizer path or Hub id.
+            benchmark: A local directory of ``{split}.jsonl`` files, or a Hub dataset id.
+            splits: Training splits, concatenated.
+            val_splits: Splits whose mean NLL is reported as ``val/loss``.
+            batch_size: Rows per device per step.
+            max_length: Tokens per example.
+            template: Prompt rendering.
+            seed: Seeds the shuffle order.
+            num_workers: DataLoader worker processes.
+            group_by_length: Batch rows of similar length (less padding, faster steps; batches stay shuffled).
         """
         super().__init__(tokenizer, benchmark, template, max_length, batch_size, seed, num_workers)
         self._use_splits(splits, val_splits)

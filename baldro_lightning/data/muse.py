@@ -434,16 +434,18 @@ class MuseDataModule(PairedDataModule):
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
-        """Args:
-        tokenizer: Tokenizer path or Hub id (linked to ``--model.model`` by the CLI).
-        benchmark: A local directory of MUSE jsonl files, or a Hub id (``muse-bench/MUSE-News``).
-        corpus: ``news`` or ``books``.
-        forget_split: Raw split to unlearn.
-        retain_split: Raw split to keep (the reference uses ``raw/retain1``).
-        batch_size: Forget chunks (and retain chunks) per device per step.
-        max_length: Tokens per chunk after BOS (reference: 2048).
-        seed: Seeds the forget order and the retain draws (the epoch is added each epoch).
-        num_workers: DataLoader worker processes.
+        """Pairs forget and retain chunks of one MUSE corpus for unlearning; read and chunked in ``setup``.
+
+        Args:
+            tokenizer: Tokenizer path or Hub id (linked to ``--model.model`` by the CLI).
+            benchmark: A local directory of MUSE jsonl files, or a Hub id (``muse-bench/MUSE-News``).
+            corpus: ``news`` or ``books``.
+            forget_split: Raw split to unlearn.
+            retain_split: Raw split to keep (the reference uses ``raw/retain1``).
+            batch_size: Forget chunks (and retain chunks) per device per step.
+            max_length: Tokens per chunk after BOS (reference: 2048).
+            seed: Seeds the forget order and the retain draws (the epoch is added each epoch).
+            num_workers: DataLoader worker processes.
         """
         _check_corpus(corpus, "--data.corpus")
         # No prompt template: MUSE training text is raw chunks (the template only renders KnowMem prompts).
@@ -490,16 +492,18 @@ class MuseTextDataModule(SplitsDataModule):
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
-        """Args:
-        tokenizer: Tokenizer path or Hub id.
-        benchmark: A local directory of MUSE jsonl files, or a Hub id.
-        corpus: ``news`` or ``books``.
-        splits: Raw splits to train on, concatenated.
-        val_splits: Raw splits whose mean NLL is reported as ``val/loss`` (e.g. ``raw/holdout``).
-        batch_size: Chunks per device per step.
-        max_length: Tokens per chunk after BOS.
-        seed: Seeds the shuffle order.
-        num_workers: DataLoader worker processes.
+        """Fixed-length chunks of MUSE raw text, for fine-tuning the embedded MUSE target and retain models.
+
+        Args:
+            tokenizer: Tokenizer path or Hub id.
+            benchmark: A local directory of MUSE jsonl files, or a Hub id.
+            corpus: ``news`` or ``books``.
+            splits: Raw splits to train on, concatenated.
+            val_splits: Raw splits whose mean NLL is reported as ``val/loss`` (e.g. ``raw/holdout``).
+            batch_size: Chunks per device per step.
+            max_length: Tokens per chunk after BOS.
+            seed: Seeds the shuffle order.
+            num_workers: DataLoader worker processes.
         """
         _check_corpus(corpus, "--data.corpus")
         super().__init__(tokenizer, benchmark, None, max_length, batch_size, seed, num_workers)

@@ -274,9 +274,11 @@ class EncodedDataset(Dataset):
     """Encoded examples as training/scoring items ``{"input_ids": (T,), "labels": (T,), "index": int}``."""
 
     def __init__(self, examples: Sequence[EncodedExample], indices: Sequence[int] | None = None) -> None:
-        """Args:
-        examples: The encoded examples.
-        indices: Each example's row index (the key of per-sample records); ``0..N-1`` by default.
+        """A dataset of already-encoded examples, each returned with its dataset row index.
+
+        Args:
+            examples: The encoded examples.
+            indices: Each example's row index (the key of per-sample records); ``0..N-1`` by default.
         """
         self.examples = list(examples)
         self.indices = list(range(len(self.examples))) if indices is None else [int(i) for i in indices]
