@@ -8,12 +8,18 @@ line and in YAML (``--model UnlearningModule``, ``--model.forget_objective DV``)
 from __future__ import annotations
 
 import lightning as L
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
 # Imported for their classes (see the module docstring), not called here.
 from baldro_lightning.data import datamodule, muse  # noqa: F401
 from baldro_lightning.evaluation import callbacks  # noqa: F401
 from baldro_lightning.train import export, losses, module, objectives, sharding  # noqa: F401
+
+
+# Losses, objectives and LoRA options are dataclasses documented field by field; without this, --help shows no
+# description for their arguments.
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 
 class BaldroCLI(LightningCLI):

@@ -154,6 +154,17 @@ class BenchmarkDataModule(L.LightningDataModule):
         seed: int,
         workers: int,
     ) -> None:
+        """Check and store the options every data module has; subclasses pass their own arguments on.
+
+        Args:
+            tokenizer: Tokenizer path or Hub id (linked to ``--model.model`` by the CLI).
+            benchmark: A local directory of benchmark files, or a Hub dataset id.
+            template: Prompt rendering; the plain ``Question: …\\nAnswer:`` form when None.
+            max_length: Tokens per example.
+            batch_size: Rows per device per step.
+            seed: Seeds the data order.
+            workers: DataLoader worker processes.
+        """
         super().__init__()
         problems = []
         if max_length < 8:
