@@ -1,8 +1,9 @@
-"""A ``fast_dev_run`` of every shipped experiment config, through LightningCLI, as a user would start it.
+"""A ``fast_dev_run`` of every shipped run (experiments/combinations.yaml), through LightningCLI, as a user would
+start it: its config files composed in order, its run directory on the command line.
 
-Each config keeps its module, objective, data module, precision, reference mode and callbacks; only what cannot
+Each run keeps its module, objective, data module, precision, reference mode and callbacks; only what cannot
 exist offline is swapped: the model becomes a random tiny Llama and a Hub benchmark becomes a local copy of the
-same shape. ``tests/test_configs.py`` checks that every file parses; this checks that every one trains a step,
+same shape. ``tests/test_configs.py`` checks that every run parses; this checks that every one trains a step,
 evaluates, and exports.
 """
 
@@ -13,23 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from lightning.pytorch.callbacks import Callback
+from shipped_configs import COMBINATIONS, REPO, fit_args, resolved
 
 from baldro_lightning.cli import cli_main
 from baldro_lightning.evaluation import command as evaluate
 from baldro_lightning.evaluation.callbacks import MuseEvaluation, TofuEvaluation
+from baldro_lightning.train.export import ExportPretrained
 from baldro_lightning.train.module import UnlearningModule
 
-REPO = Path(__file__).resolve().parents[1]
-EXPERIMENTS = REPO / "experiments"
-CONFIGS = sorted(p for p in EXPERIMENTS.glob("**/*.yaml") if p.relative_to(EXPERIMENTS).parts[0] != "sweeps")
 EMBEDDED_MUSE = REPO / "data" / "muse_embedded"
 ROWS = 3  # rows per split that the smoke-sized evaluations score
-
-
-def _needs_gpu(config: Path) -> bool:
-    return yaml.safe_load(config.read_text())["trainer"].get("accelerator") == "gpu"
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +87,9 @@ def _data_override(config: dict, tiny_benchmark: Path, muse_books: Path) -> list
     return []  # the committed embedded benchmarks are read as shipped
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(EXPERIMENTS)))
+@pytest.mark.parametrize("name", COMBINATIONS)
 def test_config_fast_dev_run(
-    config: Path,
+    name: str,
     tiny_model: Path,
     tiny_benchmark: Path,
     muse_books_benchmark: Path,
@@ -102,15 +97,15 @@ def test_config_fast_dev_run(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ):
-    if _needs_gpu(config) and not torch.cuda.is_available():
+    config = resolved(fit_args(name))
+    if config["trainer"]["accelerator"] == "gpu" and not torch.cuda.is_available():
         pytest.skip("FSDPStrategy needs GPUs; tests/test_fsdp_strategy.py checks this config's strategy and policies")
     # The configs name paths relative to the repository root: the committed data is read from there, and the run,
     # model and reference paths land in tmp_path.
     (tmp_path / "data").symlink_to(REPO / "data")
     monkeypatch.chdir(tmp_path)
-    raw = yaml.safe_load(config.read_text())
-    overrides = [f"--model.init_args.model={tiny_model}", *_data_override(raw, tiny_benchmark, muse_books_benchmark)]
-    cli = cli_main(["--config", str(config), *overrides, "--trainer.fast_dev_run=true"], run=False)
+    overrides = [f"--model.init_args.model={tiny_model}", *_data_override(config, tiny_benchmark, muse_books_benchmark)]
+    cli = cli_main([*fit_args(name), *overrides, "--trainer.fast_dev_run=true"], run=False)
     for callback in cli.trainer.callbacks:
         if getattr(callback, "retain_reference", None):
             Path(callback.retain_reference).parent.mkdir(parents=True, exist_ok=True)
@@ -134,5 +129,7 @@ def test_config_fast_dev_run(
         assert any(key.startswith("val/") for key in cli.trainer.callback_metrics)
     if isinstance(cli.model, UnlearningModule):
         assert cli.model.forget_weights is not None and torch.isfinite(cli.model.forget_weights).any()
-    exported = [Path(c.dirpath) for c in cli.trainer.callbacks if type(c).__name__ == "ExportPretrained"]
+    exported = [c.directory(cli.trainer) for c in cli.trainer.callbacks if isinstance(c, ExportPretrained)]
     assert exported and all((path / "config.json").is_file() for path in exported)
+    if not any(c.dirpath for c in cli.trainer.callbacks if isinstance(c, ExportPretrained)):
+        assert exported == [Path(f"runs/{name}/model")]  # the run directory's, from --trainer.default_root_dir

@@ -1,48 +1,84 @@
-"""Every shipped experiment YAML parses and instantiates through LightningCLI, and matches its generator."""
+"""Every shipped run of experiments/combinations.yaml parses and instantiates through LightningCLI, is documented in
+experiments/README.md, and uses only config files that exist (and every config file is used)."""
 
 from __future__ import annotations
 
-import importlib.util
+import re
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 import yaml
+from lightning.pytorch.cli import SaveConfigCallback
+from shipped_configs import COMBINATIONS, EXPERIMENTS, REPO, command, fit_args, resolved
 
 from baldro_lightning.cli import BaldroCLI, cli_main
 from baldro_lightning.data.muse import MuseDataModule
+from baldro_lightning.embedded import quickstart
 from baldro_lightning.evaluation.callbacks import MuseEvaluation
 from baldro_lightning.train.module import UnlearningModule
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-# Sweep grids are not LightningCLI configs; tests/test_sweep.py checks them and parses a run of each config.
-CONFIGS = sorted(p for p in EXPERIMENTS.glob("**/*.yaml") if p.relative_to(EXPERIMENTS).parts[0] != "sweeps")
+METHODS = ("ga", "gd", "npo", "simnpo", "satimp")
+TOFU_OBJECTIVES = ("", "_g", "_dv", "_dv_released")
+MUSE_OBJECTIVES = ("", "_g", "_dv")
+MUSE = ("muse_embedded", "muse_news", "muse_books")
 
 
-def _generator():
-    spec = importlib.util.spec_from_file_location("generate_configs", EXPERIMENTS / "generate_configs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def test_combinations_are_the_shipped_grid():
+    names = set(COMBINATIONS)
+    tofu = {f"{b}/{m}{o}" for b in ("embedded", "tofu") for m in METHODS for o in TOFU_OBJECTIVES}
+    # Paper Table 2: News and Books x (NPO, SimNPO, SatImp) x (Mean, G, DV), the same on the embedded MUSE corpus.
+    muse = {f"{b}/{m}{o}" for b in MUSE for m in METHODS[2:] for o in MUSE_OBJECTIVES}
+    finetune = {f"embedded/finetune_{n}" for n in ("target", "retain90", "retain95", "retain99")}
+    finetune |= {"muse_embedded/finetune_target", "muse_embedded/finetune_retain"}
+    assert names == tofu | muse | finetune | {"tofu/npo_dv_fsdp1"}
+    assert len(names) == 40 + 27 + 6 + 1
 
 
-def test_configs_exist():
-    assert len(CONFIGS) >= 40, "expected the base x objective grid for both benchmarks"
-    # Paper Table 2: News and Books x (NPO, SimNPO, SatImp) x (Mean, G, DV), the same on the embedded MUSE corpus,
-    # plus the embedded MUSE target and retain fine-tunes.
-    muse = [p.relative_to(EXPERIMENTS).as_posix() for p in CONFIGS if p.parent.name.startswith("muse_")]
-    assert len(muse) == 3 * 3 * 3 + 2
-    assert {"muse_news/satimp_g.yaml", "muse_books/simnpo_dv.yaml", "muse_embedded/finetune_retain.yaml"} <= set(muse)
+def test_every_config_file_exists_and_is_used():
+    used = {path for files in COMBINATIONS.values() for path in files}
+    assert all((REPO / path).is_file() for path in used), sorted(p for p in used if not (REPO / p).is_file())
+    # Sweep grids are not LightningCLI configs; tests/test_sweep.py checks them.
+    shipped = {
+        p.relative_to(REPO).as_posix()
+        for p in EXPERIMENTS.glob("**/*.yaml")
+        if p.relative_to(EXPERIMENTS).parts[0] != "sweeps" and p.name != "combinations.yaml"
+    }
+    assert shipped == used, f"config files no run uses: {sorted(shipped - used)}"
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(EXPERIMENTS)))
-def test_config_instantiates(config: Path, monkeypatch):
-    if yaml.safe_load(config.read_text())["trainer"].get("accelerator") == "gpu" and not torch.cuda.is_available():
+def test_readme_gives_the_command_of_every_run():
+    readme = (EXPERIMENTS / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| `")]
+    documented = {}
+    for row in rows:
+        name, cmd = re.fullmatch(r"\| `([^`]+)`: [^|]+ \| `([^`]+)` \|", row).groups()
+        documented[name] = cmd
+    assert list(documented) == list(COMBINATIONS)
+    assert documented == {name: command(name) for name in COMBINATIONS}
+
+
+def test_quickstart_runs_shipped_combinations():
+    runs = {**quickstart.FINETUNE, "embedded/npo_dv": quickstart.EXPERIMENT}
+    for name, files in runs.items():
+        assert tuple(str(f) for f in files) == COMBINATIONS[name], name
+
+
+# What each method and objective file sets, as the run names spell them.
+FORGET_LOSS = {"ga": "GradAscent", "gd": "GradAscent", "npo": "NPO", "simnpo": "SimNPO", "satimp": "SatImp"}
+OBJECTIVE = {"": ("Mean", {}), "_g": ("Group", {"ratio": 0.5}), "_dv": ("DV", {"sign": "paper"})}
+OBJECTIVE["_dv_released"] = ("DV", {"sign": "released"})
+
+
+@pytest.mark.parametrize("name", COMBINATIONS)
+def test_combination_instantiates(name: str, monkeypatch, tmp_path):
+    config = resolved(fit_args(name))
+    if config["trainer"]["accelerator"] == "gpu" and not torch.cuda.is_available():
         # Lightning builds no Trainer for a GPU-only config (FSDPStrategy) without CUDA: check the rest;
         # tests/test_fsdp_strategy.py checks its strategy.
         monkeypatch.setattr(BaldroCLI, "instantiate_trainer", lambda self, **kwargs: None)
-    cli = cli_main(["--config", str(config)], run=False)
+    cli = cli_main(fit_args(name), run=False)
     assert isinstance(cli.model, L.LightningModule)
     assert isinstance(cli.datamodule, L.LightningDataModule)
     if isinstance(cli.model, UnlearningModule):
@@ -51,20 +87,47 @@ def test_config_instantiates(config: Path, monkeypatch):
         # Spec §5.1: MUSE unlearning runs use a constant learning rate, no warm-up and no weight decay.
         assert (cli.model.lr_schedule, cli.model.warmup_epochs, cli.model.weight_decay) == ("constant", 0.0, 0.0)
         assert any(isinstance(c, MuseEvaluation) for c in cli.trainer.callbacks)
+    if cli.trainer is None:
+        return
+    # Every output of the run goes to its directory, named once on the command line.
+    assert cli.trainer.default_root_dir == f"runs/{name}"
+    assert Path(cli.trainer.log_dir) == Path(f"runs/{name}/tensorboard")
+    # The config.yaml that LightningCLI saves as fit starts is the full record: the resolved config of the composed
+    # files, with the method's forget loss and the objective the run's name says.
+    monkeypatch.chdir(tmp_path)
+    save = next(c for c in cli.trainer.callbacks if isinstance(c, SaveConfigCallback))
+    save.setup(cli.trainer, cli.model, "fit")
+    saved = yaml.safe_load(Path(f"runs/{name}/tensorboard/config.yaml").read_text())
+    # run=False parses no subcommand, so only `fit`'s own arguments (ckpt_path, weights_only) are missing.
+    assert saved == {k: v for k, v in config.items() if k not in ("ckpt_path", "weights_only")}
+    run = name.split("/")[1]
+    if isinstance(cli.model, UnlearningModule):
+        method, _, objective = run.partition("_")
+        objective_class, objective_args = OBJECTIVE["_" + objective if objective else ""]
+        model = saved["model"]["init_args"]
+        assert model["forget_loss"]["class_path"].endswith("." + FORGET_LOSS[method])
+        assert model["forget_objective"]["class_path"].endswith("." + objective_class)
+        assert objective_args.items() <= (model["forget_objective"].get("init_args") or {}).items()
 
 
-def test_generated_files_are_current():
-    generator = _generator()
-    for path, config in generator.all_configs().items():
-        assert path.read_text() == generator.render(config), f"{path} is stale: run experiments/generate_configs.py"
+def test_method_and_objective_files_change_only_their_keys():
+    """A composed run differs from its benchmark's plain-mean run only in the keys its method and objective name."""
+    base = resolved(fit_args("embedded/gd"))
+    composed = resolved([*fit_args("embedded/npo_dv_released")[:-1], "--trainer.default_root_dir=runs/embedded/gd"])
+    before, after = base["model"]["init_args"], composed["model"]["init_args"]
+    changed = {key for key in before if before[key] != after[key]}
+    assert changed == {"forget_loss", "forget_objective"}
+    assert composed["model"]["init_args"]["forget_objective"] == {
+        "class_path": "baldro_lightning.train.objectives.DV",
+        "init_args": {"tau": 2.0, "sign": "released"},
+    }
+    assert {k: v for k, v in base.items() if k != "model"} == {k: v for k, v in composed.items() if k != "model"}
 
 
 def test_override_and_print_config_round_trip(tmp_path, capsys):
-    config = EXPERIMENTS / "embedded" / "npo_dv.yaml"
     with pytest.raises(SystemExit):
-        cli_main(
-            ["fit", "--config", str(config), "--model.init_args.forget_objective.init_args.tau=5", "--print_config"]
-        )
+        tau = "--model.init_args.forget_objective.init_args.tau=5"
+        cli_main(["fit", *fit_args("embedded/npo_dv"), tau, "--print_config"])
     printed = capsys.readouterr().out
     assert "tau: 5.0" in printed
     saved = tmp_path / "printed.yaml"
@@ -75,7 +138,6 @@ def test_override_and_print_config_round_trip(tmp_path, capsys):
 
 
 def test_config_key_typo_is_rejected(capsys):
-    config = EXPERIMENTS / "embedded" / "npo_dv.yaml"
     with pytest.raises(SystemExit):
-        cli_main(["--config", str(config), "--model.init_args.gama=0.5"], run=False)
+        cli_main([*fit_args("embedded/npo_dv"), "--model.init_args.gama=0.5"], run=False)
     assert "gama" in capsys.readouterr().err

@@ -17,6 +17,7 @@ import pytest
 import torch
 from lightning.fabric.strategies.fsdp import _setup_activation_checkpointing
 from lightning.pytorch.strategies import FSDPStrategy
+from shipped_configs import fit_args
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.testing import assert_close
@@ -29,7 +30,6 @@ from baldro_lightning.train.losses import NLL, NPO
 from baldro_lightning.train.module import UnlearningModule
 from baldro_lightning.train.sharding import DecoderLayerPolicy, DecoderLayerWrapPolicy
 
-CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "tofu" / "npo_dv_fsdp1.yaml"
 LAYERS = 2  # the tiny Llama of conftest.py
 
 
@@ -43,7 +43,7 @@ def loaded(model: Path, **kwargs) -> UnlearningModule:
 def test_shipped_config_builds_fsdp_strategy_with_our_policies(monkeypatch):
     # Without CUDA, Lightning builds no Trainer for FSDPStrategy; the parsed and instantiated arguments are checked.
     monkeypatch.setattr(BaldroCLI, "instantiate_trainer", lambda self, **kwargs: None)
-    cli = cli_main(["--config", str(CONFIG)], run=False)
+    cli = cli_main(fit_args("tofu/npo_dv_fsdp1"), run=False)
     strategy = cli.config_init["trainer"]["strategy"]
     assert isinstance(strategy, FSDPStrategy)
     assert isinstance(strategy.kwargs["auto_wrap_policy"], DecoderLayerWrapPolicy)

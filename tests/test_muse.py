@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from shipped_configs import fit_args
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from baldro_lightning.cli import cli_main
@@ -53,7 +54,6 @@ from baldro_lightning.train.module import FinetuneModule, UnlearningModule
 
 REPO = Path(__file__).resolve().parents[1]
 EMBEDDED = REPO / "data" / "muse_embedded"
-EMBEDDED_CONFIG = REPO / "experiments" / "muse_embedded" / "npo_dv.yaml"
 SHARED_MUSE = REPO.parent / "shared" / "data" / "muse"
 
 EVERY_METRIC = {
@@ -569,7 +569,7 @@ class _PolicyModes(Callback):
 
 
 def test_embedded_muse_config_fast_dev_run(muse_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """experiments/muse_embedded/npo_dv.yaml as shipped (NPO + BalDRO-DV on MuseDataModule, MuseEvaluation with the
+    """The shipped run muse_embedded/npo_dv (NPO + BalDRO-DV on MuseDataModule, MuseEvaluation with the
     retain reference it names), on a tiny model: one step, evaluations before and after it.
 
     The retain reference is the same model, evaluated by the CLI on the same rows, so at step 0 the policy's MinK
@@ -580,7 +580,7 @@ def test_embedded_muse_config_fast_dev_run(muse_model: Path, tmp_path: Path, mon
     flags = ["--limit", "4", "--max_length", "255", "--batch_size", "1", "--metrics", "privleak"]
     retain = main(["--model", str(muse_model), "--benchmark", str(EMBEDDED), *flags, "--out", str(reference)])
     overrides = [f"--model.init_args.model={muse_model}", f"--data.init_args.benchmark={EMBEDDED}"]
-    cli = cli_main(["--config", str(EMBEDDED_CONFIG), *overrides, "--trainer.fast_dev_run=true"], run=False)
+    cli = cli_main([*fit_args("muse_embedded/npo_dv"), *overrides, "--trainer.fast_dev_run=true"], run=False)
     evaluation = next(c for c in cli.trainer.callbacks if isinstance(c, MuseEvaluation))
     assert evaluation.retain_reference == str(reference) and evaluation.every_epoch and evaluation.on_start
     # Smoke-sized evaluation: 4 rows per split, short continuations, unpadded likelihood batches.

@@ -12,11 +12,14 @@ from unittest import mock
 
 import pytest
 import yaml
+from shipped_configs import COMBINATIONS
 
 from baldro_lightning.analysis import sweep
 from baldro_lightning.cli import cli_main
 
 REPO = Path(__file__).resolve().parents[1]
+NPO = ["experiments/embedded/defaults.yaml", "experiments/methods/npo.yaml"]
+NPO_DV = [*NPO, "experiments/objectives/dv.yaml"]
 GRIDS = sorted((REPO / "experiments" / "sweeps").glob("*.yaml"))
 RETAIN_OF = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
 
@@ -44,9 +47,9 @@ def _printed_config(fit_args) -> dict:
 
 
 def _paths(config: dict) -> list[str]:
-    """Every output path of a resolved config: trainer root, logger dir and each callback's dirpath."""
+    """Every output path a resolved config names: the trainer root (which the logger follows) and callback dirpaths."""
     trainer = config["trainer"]
-    paths = [trainer["default_root_dir"], trainer["logger"]["init_args"]["save_dir"]]
+    paths = [trainer["default_root_dir"]]
     paths += [cb["init_args"]["dirpath"] for cb in trainer["callbacks"] if cb["init_args"].get("dirpath")]
     return paths
 
@@ -56,16 +59,28 @@ def test_shipped_grids_exist():
 
 
 @pytest.mark.parametrize("grid_path", GRIDS, ids=lambda p: p.name)
-def test_shipped_grid_expands_to_distinct_redirected_runs(grid_path):
+def test_shipped_grids_run_shipped_combinations(grid_path):
+    """Each grid's base configs are a run of experiments/combinations.yaml, under the same name."""
+    for name, paths in sweep.load_grid(grid_path).configs.items():
+        matches = [run for run, files in COMBINATIONS.items() if files == tuple(str(p) for p in paths)]
+        assert [run.split("/")[1] for run in matches] == [name], (name, paths)
+
+
+@pytest.mark.parametrize("grid_path", GRIDS, ids=lambda p: p.name)
+def test_shipped_grid_expands_to_distinct_run_directories(grid_path):
     grid = sweep.load_grid(grid_path)
     runs = _expanded(grid_path)
     assert len({run.directory for run in runs}) == len(runs)
+    base = {
+        name: sweep._base_section([yaml.safe_load(p.read_text()) for p in paths], "callbacks")
+        for name, paths in grid.configs.items()
+    }
     for run in runs:
         assert run.directory.parent == grid.root
-        callbacks = run.overrides["trainer.callbacks"]
-        dirs = [cb["init_args"]["dirpath"] for cb in callbacks if cb["init_args"].get("dirpath")]
-        assert len(dirs) == 2 and all(d.startswith(str(run.directory) + "/") for d in dirs)
-        assert run.overrides["trainer.logger"]["init_args"]["save_dir"] == str(run.directory)
+        # The one output path of a run: everything else follows it.
+        assert run.overrides["trainer.default_root_dir"] == str(run.directory)
+        callbacks = run.overrides.get("trainer.callbacks", base[run.config])
+        assert not any((cb.get("init_args") or {}).get("dirpath") for cb in callbacks)
         evaluation = next(cb for cb in callbacks if cb["class_path"].endswith(("TofuEvaluation", "MuseEvaluation")))
         if evaluation["class_path"].endswith("TofuEvaluation"):
             # Every TOFU grid names its split, so the retain reference cannot silently stay forget10's.
@@ -114,7 +129,7 @@ def test_shipped_grid_runs_parse_through_lightningcli(grid_path):
         config = _printed_config(run.fit_args)
         assert all(p.startswith(str(run.directory)) for p in _paths(config)), run.name
         for key, value in run.overrides.items():
-            if key.startswith("trainer.callbacks") or key == "trainer.logger":
+            if key == "trainer.callbacks":
                 continue
             node = config
             for part in key.split("."):
@@ -132,7 +147,7 @@ def test_bad_override_key_is_reported_with_its_run(tmp_path):
     grid = _write_grid(
         tmp_path,
         {
-            "configs": {"npo": "experiments/embedded/npo.yaml"},
+            "configs": {"npo": NPO},
             "axes": {"g": {"key": "model.init_args.gama", "values": [0.5]}},
         },
     )
@@ -145,7 +160,7 @@ def test_grid_problems_are_reported_together(tmp_path):
     grid = _write_grid(
         tmp_path,
         {
-            "configs": {"npo": "experiments/embedded/nope.yaml"},
+            "configs": {"npo": [*NPO, "experiments/objectives/nope.yaml"]},
             "axes": {"lr": {"values": [1, 2]}, "b": {"key": "x", "values": [1], "configs": ["simnpo*"]}},
             "sets": {},
         },
@@ -160,14 +175,14 @@ def test_grid_problems_are_reported_together(tmp_path):
 def test_colliding_labels_and_unknown_callback_are_rejected(tmp_path):
     grid = _write_grid(
         tmp_path,
-        {"configs": {"npo": "experiments/embedded/npo.yaml"}, "axes": {"lr": {"key": "k", "values": [1, 1.0]}}},
+        {"configs": {"npo": NPO}, "axes": {"lr": {"key": "k", "values": [1, 1.0]}}},
     )
     with pytest.raises(sweep.GridError, match="label '1' twice"):
         sweep.load_grid(grid)
     grid = _write_grid(
         tmp_path,
         {
-            "configs": {"npo": "experiments/embedded/npo.yaml"},
+            "configs": {"npo": NPO},
             "set": {"trainer.callbacks.EarlyStopping.init_args.patience": 3},
         },
     )
@@ -202,7 +217,7 @@ def small_grid(tmp_path):
     return _write_grid(
         tmp_path,
         {
-            "configs": {"npo": "experiments/embedded/npo.yaml", "npo_dv": "experiments/embedded/npo_dv.yaml"},
+            "configs": {"npo": NPO, "npo_dv": NPO_DV},
             "axes": {"lr": {"key": "model.init_args.optimizer.init_args.lr", "values": [0.001, 0.5]}},
         },
     )
@@ -276,22 +291,28 @@ def test_task_out_of_range_names_the_count(small_grid):
 
 @pytest.mark.slow
 def test_real_sweep_on_the_tiny_model(tiny_model, tiny_benchmark, tmp_path):
-    """Two real fits; every file they write lands in their own run directory."""
-    base = yaml.safe_load((REPO / "experiments/embedded/npo_dv.yaml").read_text())
-    base["model"]["init_args"]["model"] = str(tiny_model)
-    base["data"]["init_args"].update(benchmark=str(tiny_benchmark), batch_size=2, max_length=64)
-    evaluation = base["trainer"]["callbacks"][0]["init_args"]
-    evaluation.update(criterion="rouge", retain_reference=None, max_new_tokens=4)
-    config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(base))
+    """Two real fits of a composed run; every file they write lands in their own run directory."""
+    tiny = tmp_path / "tiny.yaml"  # one more diff file: the tiny model and benchmark
+    tiny.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"init_args": {"model": str(tiny_model)}},
+                "data": {"init_args": {"benchmark": str(tiny_benchmark), "batch_size": 2, "max_length": 64}},
+            }
+        )
+    )
+    evaluation = "trainer.callbacks.TofuEvaluation.init_args."
     grid = _write_grid(
         tmp_path,
         {
-            "configs": {"tiny": str(config)},
+            "configs": {"tiny": [*NPO_DV, str(tiny)]},
             "axes": {"tau": {"key": "model.init_args.forget_objective.init_args.tau", "values": [1.0, 5.0]}},
             "set": {
                 "trainer.max_epochs": 1,
                 "trainer.accelerator": "cpu",
+                f"{evaluation}criterion": "rouge",
+                f"{evaluation}retain_reference": None,
+                f"{evaluation}max_new_tokens": 4,
                 # Without a retain reference there is no forget quality to monitor.
                 "trainer.callbacks.ModelCheckpoint.init_args.monitor": None,
             },
@@ -299,11 +320,36 @@ def test_real_sweep_on_the_tiny_model(tiny_model, tiny_benchmark, tmp_path):
     )
     assert sweep.main([str(grid)]) == 0
     root = tmp_path / "runs"
-    for name in ("tiny__tau-1", "tiny__tau-5"):
+    for name, tau in (("tiny__tau-1", 1.0), ("tiny__tau-5", 5.0)):
         run = root / name
         assert json.loads((run / sweep.DONE).read_text())["final_eval"]["global_step"] == 2
-        assert (run / "model" / "config.json").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
-        assert (run / "tensorboard" / "eval" / "per_sample.csv").is_file()
+        assert (run / "model" / "config.json").is_file()
+        logs = run / "tensorboard"
+        assert (logs / "checkpoints" / "last.ckpt").is_file() and (logs / "eval" / "per_sample.csv").is_file()
+        # The saved config records the composed run: its method, its objective with this run's tau, its directory.
+        saved = yaml.safe_load((logs / "config.yaml").read_text())
+        assert saved["model"]["init_args"]["forget_loss"]["class_path"].endswith(".NPO")
+        assert saved["model"]["init_args"]["forget_objective"]["init_args"] == {"tau": tau, "sign": "paper"}
+        assert saved["trainer"]["default_root_dir"] == str(run)
+    assert {p.name for p in root.iterdir()} == {"tiny__tau-1", "tiny__tau-5", "sweep_summary.json"}
+
+
+def test_output_path_shared_by_every_run_is_rejected(tmp_path):
+    pinned = tmp_path / "export.yaml"
+    pinned.write_text(
+        yaml.safe_dump(
+            {
+                "trainer": {
+                    "callbacks": [
+                        {"class_path": "baldro_lightning.train.export.ExportPretrained", "init_args": {"dirpath": "m"}}
+                    ]
+                }
+            }
+        )
+    )
+    grid = _write_grid(tmp_path, {"configs": {"npo": [*NPO, str(pinned)]}})
+    with pytest.raises(sweep.GridError, match=r"run npo would write where every run .* ExportPretrained"):
+        sweep.expand(sweep.load_grid(grid))
 
 
 def test_missing_required_files_stop_only_the_runs_that_use_them(tmp_path):
@@ -311,7 +357,7 @@ def test_missing_required_files_stop_only_the_runs_that_use_them(tmp_path):
     grid = _write_grid(
         tmp_path,
         {
-            "configs": {"npo": "experiments/embedded/npo.yaml"},
+            "configs": {"npo": NPO},
             "set": {"trainer.callbacks.TofuEvaluation.init_args.retain_reference": str(reference)},
             "requires": {str(reference): "make the reference", str(other): "make the other"},
         },

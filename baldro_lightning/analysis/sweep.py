@@ -3,9 +3,9 @@
 A grid YAML (see ``experiments/sweeps/``) names base configs and axes::
 
     root: runs/sweeps/embedded_grid          # every run gets its own directory under here
-    configs:                                 # the method x DRO-variant axis: name -> config path(s)
-      npo: experiments/embedded/npo.yaml
-      npo_dv: experiments/embedded/npo_dv.yaml
+    configs:                                 # the method x DRO-variant axis: name -> config files, composed in order
+      npo: [experiments/embedded/defaults.yaml, experiments/methods/npo.yaml]
+      npo_dv: [experiments/embedded/defaults.yaml, experiments/methods/npo.yaml, experiments/objectives/dv.yaml]
     axes:                                    # one run per combination of one value of each axis
       split:                                 # linked values: one label sets several keys together
         values:
@@ -20,9 +20,10 @@ A grid YAML (see ``experiments/sweeps/``) names base configs and axes::
       runs/embedded/eval/retain99/eval.json: python -m baldro_lightning evaluate ...
 
 Keys are LightningCLI override keys (``--model.init_args.optimizer.init_args.lr``). A key
-``trainer.callbacks.<Class>.init_args.<arg>`` edits that callback of the base config's callback list. Each run
-directory is ``<root>/<config>__<axis>-<label>__...``; its trainer root, logger, checkpoints, exported model and
-evaluation files are all redirected there, so no two runs share a path.
+``trainer.callbacks.<Class>.init_args.<arg>`` edits that callback of the base configs' callback list. Each run
+directory is ``<root>/<config>__<axis>-<label>__...``, given as ``--trainer.default_root_dir``: the logger follows
+it (``baldro_lightning.cli``), and with it the saved config, checkpoints and evaluations, and so does the exported
+model; a base config whose callbacks name a ``dirpath`` of their own is rejected, so no two runs share a path.
 
 A finished run has ``DONE.json`` (command, wall time, final evaluation) and is skipped; a failed run keeps its
 log (``sweep.log``) and ``FAILED.json`` and does not stop the others; a summary is printed at the end.
@@ -60,15 +61,6 @@ LOG = "sweep.log"
 CALLBACK_KEY = "trainer.callbacks."
 GRID_KEYS = {"root", "configs", "axes", "set", "requires"}
 AXIS_KEYS = {"key", "values", "configs"}
-
-# Where each callback's output goes inside a run directory; any other callback with a ``dirpath`` gets its
-# lower-cased class name. TofuEvaluation without a dirpath writes under the logger's directory, already redirected.
-CALLBACK_DIRS = {
-    "ExportPretrained": "model",
-    "ModelCheckpoint": "checkpoints",
-    "TofuEvaluation": "eval",
-    "MuseEvaluation": "eval",
-}
 
 
 class GridError(ValueError):
@@ -259,18 +251,13 @@ def _class_name(entry: dict[str, Any]) -> str:
     return str(entry.get("class_path", "")).rsplit(".", 1)[-1]
 
 
-def _redirect_callbacks(callbacks: list[Any], directory: Path, edits: dict[str, Any], where: str) -> list[Any]:
-    """The base callback list with every output path moved into ``directory`` and ``edits`` applied."""
+def _edited_callbacks(callbacks: list[Any], edits: dict[str, Any], where: str) -> list[Any]:
+    """The base callback list with ``edits`` (``trainer.callbacks.<Class>.init_args.<arg>: value``) applied."""
     out = []
     for entry in callbacks:
         if not isinstance(entry, dict) or "class_path" not in entry:
             raise GridError(f"{where}: callback {entry!r} is not a `class_path:` entry; write it out in the config")
-        entry = json.loads(json.dumps(entry))
-        init = entry.setdefault("init_args", {})
-        name = _class_name(entry)
-        if name in ("ExportPretrained", "ModelCheckpoint") or init.get("dirpath") is not None:
-            init["dirpath"] = str(directory / CALLBACK_DIRS.get(name, name.lower()))
-        out.append(entry)
+        out.append(json.loads(json.dumps(entry)))
     for key, value in edits.items():
         parts = key[len(CALLBACK_KEY) :].split(".")
         if len(parts) != 3 or parts[1] != "init_args":
@@ -280,18 +267,21 @@ def _redirect_callbacks(callbacks: list[Any], directory: Path, edits: dict[str, 
             have = sorted({_class_name(e) for e in out})
             raise GridError(f"{where}: {key!r} names callback {parts[0]!r}, but the base config has only {have}")
         for entry in targets:
-            entry["init_args"][parts[2]] = value
+            entry.setdefault("init_args", {})[parts[2]] = value
     return out
 
 
-def _redirected_logger(logger: Any, directory: Path) -> Any:
-    if isinstance(logger, dict) and "class_path" in logger:
-        logger = json.loads(json.dumps(logger))
-        logger.setdefault("init_args", {})["save_dir"] = str(directory)
-        return logger
+def _pinned_outputs(callbacks: list[Any], logger: Any) -> list[str]:
+    """Outputs that would not follow ``--trainer.default_root_dir``, so that every run of a grid would share them."""
+    pinned = [
+        f"{_class_name(entry)}.init_args.dirpath={entry['init_args']['dirpath']}"
+        for entry in callbacks
+        if isinstance(entry, dict) and (entry.get("init_args") or {}).get("dirpath") is not None
+    ]
     if isinstance(logger, list):
-        return [_redirected_logger(item, directory) for item in logger]
-    return logger  # True/False/None: Lightning's default logger goes under default_root_dir
+        # The CLI links default_root_dir to one logger's save_dir only.
+        pinned.append("trainer.logger (a list of loggers)")
+    return pinned
 
 
 def expand(grid: Grid, extra: dict[str, Any] | None = None) -> list[Run]:
@@ -319,19 +309,25 @@ def expand(grid: Grid, extra: dict[str, Any] | None = None) -> list[Run]:
                 keys.update(values)
             keys.update(grid.fixed)
             keys.update(extra or {})
-            if any(k in ("trainer.callbacks", "trainer.logger", "trainer.default_root_dir") for k in keys):
+            if any(k in ("trainer.callbacks", "trainer.default_root_dir") for k in keys):
                 raise GridError(
-                    f"{grid.path}: run {name} overrides trainer.callbacks/logger/default_root_dir, which the sweep "
-                    "sets per run; edit a callback with trainer.callbacks.<Class>.init_args.<arg> instead"
+                    f"{grid.path}: run {name} overrides trainer.callbacks or trainer.default_root_dir, which the "
+                    "sweep sets per run; edit a callback with trainer.callbacks.<Class>.init_args.<arg> instead"
                 )
             edits = {k: v for k, v in keys.items() if k.startswith(CALLBACK_KEY)}
             plain = {k: v for k, v in keys.items() if not k.startswith(CALLBACK_KEY)}
-            redirected: dict[str, Any] = {"trainer.default_root_dir": str(directory)}
-            if logger is not None:
-                redirected["trainer.logger"] = _redirected_logger(logger, directory)
-            if callbacks or edits:
-                redirected["trainer.callbacks"] = _redirect_callbacks(callbacks, directory, edits, str(grid.path))
-            overrides = {**plain, **redirected}
+            edited = _edited_callbacks(callbacks, edits, str(grid.path))
+            pinned = _pinned_outputs(edited, plain.get("trainer.logger", logger))
+            if pinned:
+                raise GridError(
+                    f"{grid.path}: run {name} would write where every run of the grid writes: {', '.join(pinned)}; "
+                    "leave callback dirpaths null (they follow trainer.default_root_dir, the run directory)"
+                )
+            # The run directory: the logger (linked in baldro_lightning.cli), and with it config.yaml, checkpoints
+            # and evaluations, and the exported model all follow it.
+            overrides = {**plain, "trainer.default_root_dir": str(directory)}
+            if edits:
+                overrides["trainer.callbacks"] = edited
             args = [arg for path in paths for arg in ("--config", str(path))]
             args += [f"--{key}={cli_value(value)}" for key, value in overrides.items()]
             runs.append(Run(name, directory, config_name, labels, overrides, tuple(args)))

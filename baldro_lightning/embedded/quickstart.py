@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from baldro_lightning.cli import cli_main
@@ -22,14 +23,27 @@ log = logging.getLogger("baldro_lightning.embedded.quickstart")
 
 MODELS = Path("models/embedded")
 BENCHMARK = Path("data/tofu_embedded")
-EXPERIMENTS = Path("experiments/embedded")
+# Runs of experiments/combinations.yaml: name -> config files composed in order; each runs in runs/<name>.
+FINETUNE = {
+    f"embedded/finetune_{name}": (
+        Path("experiments/embedded/finetune.yaml"),
+        Path(f"experiments/embedded/finetune_{name}.yaml"),
+    )
+    for name in ("target", "retain90")
+}
+EXPERIMENT = (
+    Path("experiments/embedded/defaults.yaml"),
+    Path("experiments/methods/npo.yaml"),
+    Path("experiments/objectives/dv.yaml"),
+)
 REFERENCE = Path("runs/embedded/eval/retain90/eval.json")
 # 2.2M parameters: memorises the 1,096 training QA pairs in 18 epochs at lr 3e-3 (data/README.md has the numbers).
 TINY_LLAMA = {"hidden_size": 192, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 512}
 
 
-def _fit(config: Path, *overrides: str) -> None:
-    cli_main(["fit", "--config", str(config), "--trainer.enable_progress_bar=false", *overrides])
+def _fit(configs: Sequence[Path], run_dir: Path) -> None:
+    args = [arg for config in configs for arg in ("--config", str(config))]
+    cli_main(["fit", *args, f"--trainer.default_root_dir={run_dir}", "--trainer.enable_progress_bar=false"])
 
 
 def ensure_base_models(models: Path = MODELS) -> None:
@@ -47,7 +61,8 @@ def ensure_base_models(models: Path = MODELS) -> None:
             print(f"[quickstart] {out} exists, not retrained")
             continue
         started = time.perf_counter()
-        _fit(EXPERIMENTS / f"finetune_{name}.yaml")
+        run = f"embedded/finetune_{name}"
+        _fit(FINETUNE[run], Path("runs") / run)
         print(f"[quickstart] trained {out} in {time.perf_counter() - started:.0f} s")
 
 
@@ -81,7 +96,14 @@ def _final_metrics(run_dir: Path) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--experiment", default=str(EXPERIMENTS / "npo_dv.yaml"), help="unlearning config to run")
+    parser.add_argument(
+        "--experiment",
+        nargs="+",
+        type=Path,
+        default=list(EXPERIMENT),
+        help="unlearning config files to compose (experiments/README.md lists the shipped combinations)",
+    )
+    parser.add_argument("--run_dir", type=Path, default=Path("runs/embedded/npo_dv"), help="the run directory")
     args = parser.parse_args(argv)
     if not BENCHMARK.is_dir():
         raise SystemExit(f"{BENCHMARK} not found: run the quickstart from the repository root")
@@ -89,9 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     ensure_base_models()
     ensure_retain_reference()
-    experiment = Path(args.experiment)
-    _fit(experiment)
-    run_dir = Path("runs/embedded") / experiment.stem
+    run_dir = args.run_dir
+    _fit(args.experiment, run_dir)
     print(
         f"\n[quickstart] done in {time.perf_counter() - started:.0f} s\n"
         f"  unlearned model:   {run_dir / 'model'}\n"

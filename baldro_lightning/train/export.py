@@ -95,6 +95,9 @@ def consolidated_policy(policy: nn.Module, state: Mapping[str, Tensor]) -> PreTr
 class ExportPretrained(Callback):
     """At the end of ``fit``, save the policy (and the data module's tokenizer) to ``dirpath``.
 
+    ``dirpath=None`` (the default) writes ``model/`` in the run directory, ``--trainer.default_root_dir``, so that a
+    run named on the command line exports next to its logs (``<root>/tensorboard``) without naming it twice.
+
     Works under every strategy: the weights are gathered to rank 0 (a collective under FSDP2, so all ranks take
     part), rank 0 merges any LoRA adapters and writes, and the other ranks wait until the directory is in place.
     """
@@ -102,14 +105,19 @@ class ExportPretrained(Callback):
     needs_fsdp2 = True
     """FSDP1 wraps the policy, which this callback expects unwrapped (see ``sharding.fsdp1_callback_problems``)."""
 
-    def __init__(self, dirpath: str) -> None:
+    def __init__(self, dirpath: str | None = None) -> None:
         self.dirpath = dirpath
+
+    def directory(self, trainer: L.Trainer) -> Path:
+        """Where the model is written: ``dirpath``, else ``<trainer.default_root_dir>/model``."""
+        return Path(self.dirpath) if self.dirpath is not None else Path(trainer.default_root_dir) / "model"
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         state = full_state_dict(pl_module.policy)
         if trainer.is_global_zero:
             tokenizer = getattr(trainer.datamodule, "tokenizer", None)
-            out = save_pretrained_atomic(consolidated_policy(pl_module.policy, state), tokenizer, self.dirpath)
+            policy = consolidated_policy(pl_module.policy, state)
+            out = save_pretrained_atomic(policy, tokenizer, self.directory(trainer))
             log.warning("exported the trained model to %s", out)
         del state
         trainer.strategy.barrier("ExportPretrained")

@@ -7,7 +7,7 @@ and the reference costs ``1 / world_size`` of its weights per rank instead of a 
 
 Lightning's ``FSDPStrategy`` (FSDP1, GPUs only) wraps the module itself after ``configure_model``; it takes
 :class:`DecoderLayerWrapPolicy` as its ``auto_wrap_policy`` and :class:`DecoderLayerPolicy` as its
-``activation_checkpointing_policy`` (``experiments/tofu/npo_dv_fsdp1.yaml``).
+``activation_checkpointing_policy`` (``experiments/tofu/fsdp1.yaml``).
 """
 
 from __future__ import annotations
