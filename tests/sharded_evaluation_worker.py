@@ -32,7 +32,9 @@ from worker_setup import cpu_trainer, is_sharded, seeded_sgd_module, worker_pars
 from baldro_lightning.data.datamodule import ForgetRetainDataModule
 from baldro_lightning.data.tokenization import load_tokenizer
 from baldro_lightning.evaluation.callbacks import TofuEvaluation
-from baldro_lightning.evaluation.tofu import RowScores, TofuEvaluator, shard_rows, write_eval_json
+from baldro_lightning.evaluation.engine import RowScores, shard_rows
+from baldro_lightning.evaluation.run_record import write_eval_json
+from baldro_lightning.evaluation.tofu import TofuEvaluator, TofuSettings
 from baldro_lightning.train.distributed import release_process_group
 from baldro_lightning.train.losses import NLL, NPO
 from baldro_lightning.train.models import load_causal_lm
@@ -120,12 +122,11 @@ def run_fit(
     rank = int(os.environ.get("RANK", "0"))
     run_dir = out / f"fit-{strategy}" / f"rank{rank}"
     callback = RecordedEvaluation(
+        TofuSettings(batch_size=eval_batch_size, max_new_tokens=max_new_tokens),
         every_n_steps=1,
         every_epoch=False,
         on_start=True,
         criterion="rouge",
-        batch_size=eval_batch_size,
-        max_new_tokens=max_new_tokens,
         dirpath=str(run_dir / "eval"),
     )
     trainer = cpu_trainer(
@@ -167,8 +168,7 @@ def run_standalone(
         load_tokenizer(model),
         "forget10",
         max_length=MAX_LENGTH,
-        batch_size=eval_batch_size,
-        max_new_tokens=max_new_tokens,
+        settings=TofuSettings(batch_size=eval_batch_size, max_new_tokens=max_new_tokens),
     )
     recorder = _Recorder(evaluator)
     local = evaluator.score(

@@ -30,7 +30,8 @@ from baldro_lightning.data.datamodule import ForgetRetainDataModule
 from baldro_lightning.data.tofu import BenchmarkDataError
 from baldro_lightning.data.tokenization import load_tokenizer
 from baldro_lightning.evaluation.callbacks import TofuEvaluation
-from baldro_lightning.evaluation.tofu import EvalLogError, TofuEvaluator
+from baldro_lightning.evaluation.run_record import EvalLogError
+from baldro_lightning.evaluation.tofu import TofuEvaluator, TofuSettings
 from baldro_lightning.train.export import ExportPretrained
 from baldro_lightning.train.losses import NLL, NPO
 from baldro_lightning.train.models import load_causal_lm
@@ -101,9 +102,11 @@ def _evaluate(inputs: Inputs, retain_reference: Path | None = None) -> dict:
         load_tokenizer(str(inputs.model)),
         "forget10",
         max_length=64,
-        max_new_tokens=2,
-        metric_groups=("forget",),
-        retain_reference=None if retain_reference is None else str(retain_reference),
+        settings=TofuSettings(
+            max_new_tokens=2,
+            metric_groups=("forget",),
+            retain_reference=None if retain_reference is None else str(retain_reference),
+        ),
     )
     return evaluator.run(load_causal_lm(str(inputs.model), "float32"), inputs.out / "eval.json")
 

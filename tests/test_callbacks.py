@@ -13,8 +13,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from baldro_lightning.data.datamodule import ForgetRetainDataModule
 from baldro_lightning.data.tokenization import load_tokenizer
-from baldro_lightning.evaluation.callbacks import CURVES, TofuEvaluation
-from baldro_lightning.evaluation.tofu import TofuEvaluator
+from baldro_lightning.evaluation.callbacks import TofuEvaluation
+from baldro_lightning.evaluation.run_record import CURVES
+from baldro_lightning.evaluation.tofu import TofuEvaluator, TofuSettings
 from baldro_lightning.train.losses import NLL, NPO
 from baldro_lightning.train.models import load_causal_lm
 from baldro_lightning.train.module import UnlearningModule
@@ -39,7 +40,11 @@ def _fit(tmp_path: Path, tiny_model: Path, tiny_benchmark: Path, callback: TofuE
 
 def test_evaluates_at_start_and_every_step_with_curves(tmp_path, tiny_model, tiny_benchmark):
     callback = TofuEvaluation(
-        every_n_steps=1, every_epoch=False, criterion="rouge", max_new_tokens=6, dirpath=str(tmp_path / "eval")
+        TofuSettings(max_new_tokens=6),
+        every_n_steps=1,
+        every_epoch=False,
+        criterion="rouge",
+        dirpath=str(tmp_path / "eval"),
     )
     trainer, module, checkpoint = _fit(tmp_path, tiny_model, tiny_benchmark, callback)
 
@@ -83,12 +88,13 @@ def test_evaluates_at_start_and_every_step_with_curves(tmp_path, tiny_model, tin
 def test_truth_ratio_criterion_reads_the_retain_reference(tmp_path, tiny_model, tiny_benchmark):
     tokenizer = load_tokenizer(str(tiny_model))
     reference = tmp_path / "retain" / "eval.json"
-    evaluator = TofuEvaluator(str(tiny_benchmark), tokenizer, "forget10", max_length=64, max_new_tokens=4)
+    evaluator = TofuEvaluator(
+        str(tiny_benchmark), tokenizer, "forget10", max_length=64, settings=TofuSettings(max_new_tokens=4)
+    )
     evaluator.run(load_causal_lm(str(tiny_model), "float32"), reference)
 
-    callback = TofuEvaluation(
-        every_epoch=True, retain_reference=str(reference), max_new_tokens=4, dirpath=str(tmp_path / "eval")
-    )
+    settings = TofuSettings(retain_reference=str(reference), max_new_tokens=4)
+    callback = TofuEvaluation(settings, every_epoch=True, dirpath=str(tmp_path / "eval"))
     trainer, _, _ = _fit(tmp_path, tiny_model, tiny_benchmark, callback, steps=2)
     first = json.loads((tmp_path / "eval" / "step_000000" / "eval.json").read_text())
     # The policy before any update is the model the reference was made from: identical truth ratios.

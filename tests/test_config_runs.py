@@ -9,6 +9,7 @@ evaluates, and exports.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def retain_references(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path
             command = evaluate.main
         else:
             key = ("muse", data.benchmark, data.corpus)
-            flags = ["--corpus", data.corpus, "--limit", str(ROWS), "--metrics", "privleak"]
+            flags = ["--corpus", data.corpus, "--limit", str(ROWS), "--metric_groups", "[privleak]"]
             command = evaluate.muse_main
         if key not in made:
             out = tmp_path_factory.mktemp("retain_reference") / "eval.json"
@@ -107,15 +108,18 @@ def test_config_fast_dev_run(
     overrides = [f"--model.init_args.model={tiny_model}", *_data_override(config, tiny_benchmark, muse_books_benchmark)]
     cli = cli_main([*fit_args(name), *overrides, "--trainer.fast_dev_run=true"], run=False)
     for callback in cli.trainer.callbacks:
-        if getattr(callback, "retain_reference", None):
-            Path(callback.retain_reference).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(retain_references(callback, cli.datamodule), callback.retain_reference)
+        reference = getattr(getattr(callback, "settings", None), "retain_reference", None)
+        if reference:
+            Path(reference).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(retain_references(callback, cli.datamodule), reference)
         # Smoke-sized evaluation on a random model: short generations, few rows; the schedule is the config's.
         if isinstance(callback, TofuEvaluation):
-            callback.limit, callback.max_new_tokens, callback.dirpath = ROWS, 4, str(tmp_path / "eval")
+            callback.settings = dataclasses.replace(callback.settings, limit=ROWS, max_new_tokens=4)
+            callback.dirpath = str(tmp_path / "eval")
         if isinstance(callback, MuseEvaluation):
-            callback.limit, callback.dirpath = ROWS, str(tmp_path / "eval")
-            callback.knowmem_max_new_tokens = callback.verbmem_max_new_tokens = 4
+            short = {"knowmem_max_new_tokens": 4, "verbmem_max_new_tokens": 4}
+            callback.settings = dataclasses.replace(callback.settings, limit=ROWS, **short)
+            callback.dirpath = str(tmp_path / "eval")
     steps = _Steps()
     cli.trainer.callbacks.append(steps)
 

@@ -16,6 +16,7 @@ import pytest
 
 from baldro_lightning.data.datamodule import ForgetRetainDataModule
 from baldro_lightning.evaluation.callbacks import TofuEvaluation
+from baldro_lightning.evaluation.tofu import TofuSettings
 from baldro_lightning.train.losses import NLL, NPO
 from baldro_lightning.train.module import UnlearningModule
 from baldro_lightning.train.objectives import DV
@@ -42,10 +43,9 @@ def fit(out: Path, model: Path, benchmark: Path, seed: int = 0, evaluate: bool =
     if evaluate:
         callbacks.append(
             TofuEvaluation(
+                TofuSettings(max_new_tokens=4, metric_groups=("forget", "retain")),
                 criterion="rouge",
-                max_new_tokens=4,
                 every_epoch=True,
-                metrics_groups=["forget", "retain"],
                 dirpath=str(out / "eval"),
             )
         )

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 def evaluations(tmp_path_factory) -> dict[str, dict]:
     """Train (or reuse) models/embedded/{target,retain90}, then evaluate both on forget10."""
     from baldro_lightning.data.tokenization import load_tokenizer
-    from baldro_lightning.evaluation.tofu import TofuEvaluator
+    from baldro_lightning.evaluation.tofu import TofuEvaluator, TofuSettings
     from baldro_lightning.train.models import load_causal_lm
 
     cwd = os.getcwd()
@@ -32,8 +32,7 @@ def evaluations(tmp_path_factory) -> dict[str, dict]:
             load_tokenizer(str(target)),
             "forget10",
             max_length=128,
-            max_new_tokens=48,
-            retain_reference=str(reference),
+            settings=TofuSettings(max_new_tokens=48, retain_reference=str(reference)),
         )
         out = tmp_path_factory.mktemp("eval") / "target.json"
         evaluator.run(load_causal_lm(str(target), "float32"), out, model_name=str(target))

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import inspect
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,17 +16,14 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from baldro_lightning.data.tokenization import PromptTemplate, encode_example, load_tokenizer
-from baldro_lightning.evaluation import tofu as evaluation
+from baldro_lightning.data.tokenization import PromptTemplate, encode_example, encode_prompt, load_tokenizer
+from baldro_lightning.evaluation import tofu
 from baldro_lightning.evaluation.command import main as evaluate_main
-from baldro_lightning.evaluation.tofu import (
-    EvalLogError,
-    RowScores,
-    TofuEvaluator,
-    load_eval_json,
-    reference_truth_ratios,
-    shard_rows,
-)
+from baldro_lightning.evaluation.command import muse_main as evaluate_muse_main
+from baldro_lightning.evaluation.engine import RowScores, shard_rows
+from baldro_lightning.evaluation.muse import MuseSettings
+from baldro_lightning.evaluation.run_record import EvalLogError, load_eval_json
+from baldro_lightning.evaluation.tofu import TofuEvaluator, TofuSettings
 
 EXPECTED_KEYS = {
     "forget_Q_A_Prob",
@@ -65,7 +66,7 @@ def model(tiny_model):
 def make_evaluator(benchmark, tokenizer, **overrides) -> TofuEvaluator:
     # batch_size 5 mixes rows of different splits and answer kinds in one padded forward.
     settings = {"batch_size": 5, "generation_batch_size": 3, "max_new_tokens": NEW_TOKENS} | overrides
-    return TofuEvaluator(str(benchmark), tokenizer, forget_split="forget10", **settings)
+    return TofuEvaluator(str(benchmark), tokenizer, forget_split="forget10", settings=TofuSettings(**settings))
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +194,7 @@ def test_generation_matches_one_prompt_at_a_time(evaluated, tiny_benchmark, mode
     out = evaluated
     by_index = load_eval_json(out)["metrics"]["forget_Q_A_ROUGE"]["value_by_index"]
     row = rows_of(tiny_benchmark, "forget10_perturbed")[3]
-    prompt = evaluation.encode_prompt(tokenizer, PromptTemplate(), row["question"])
+    prompt = encode_prompt(tokenizer, PromptTemplate(), row["question"])
     with torch.no_grad():
         ids = model.generate(
             input_ids=torch.tensor([prompt]), do_sample=False, max_new_tokens=NEW_TOKENS, pad_token_id=0
@@ -240,13 +241,6 @@ def test_privleak_reference_with_other_rows_is_rejected(evaluated, tiny_benchmar
         make_evaluator(tiny_benchmark, tokenizer, retain_reference=str(out), limit=3, metric_groups=("mia",))
 
 
-def test_reference_reads_open_unlearning_layout(tmp_path):
-    log_file = tmp_path / "TOFU_EVAL.json"
-    rows = {"0": {"score": 0.5}, "1": {"score": 2.0}}
-    log_file.write_text(json.dumps({"forget_truth_ratio": {"agg_value": 0.5, "value_by_index": rows}}))
-    np.testing.assert_array_equal(reference_truth_ratios(log_file, "forget01", 2), [0.5, 2.0])
-
-
 def test_modes_restored_and_eval_mode_inside(tiny_benchmark, tokenizer, model):
     model.train()
     model.model.layers[0].eval()  # a submodule in its own mode must come back in that mode
@@ -269,26 +263,11 @@ def test_failure_midway_leaves_no_file(tiny_benchmark, tokenizer, model, tmp_pat
     def broken(*args, **kwargs):
         raise RuntimeError("generation failed")
 
-    monkeypatch.setattr(evaluation, "generate_answers", broken)
+    monkeypatch.setattr(tofu, "generate_answers", broken)
     out = tmp_path / "eval.json"
     with pytest.raises(RuntimeError, match="generation failed"):
         make_evaluator(tiny_benchmark, tokenizer, metric_groups=("wf",)).run(model, out)
     assert list(tmp_path.iterdir()) == []
-
-
-def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):
-    out = tmp_path / "eval.json"
-    out.write_text('{"old": true}')
-
-    def dump_then_fail(obj, file, **kwargs):
-        file.write('{"metrics": {')
-        raise OSError("disk full")
-
-    monkeypatch.setattr(evaluation.json, "dump", dump_then_fail)
-    with pytest.raises(OSError, match="disk full"):
-        evaluation.write_eval_json({"meta": {}, "metrics": {}}, out)
-    assert out.read_text() == '{"old": true}'
-    assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]
 
 
 def test_sharded_scores_aggregate_to_the_same_metrics(evaluated, tiny_benchmark, tokenizer, model):
@@ -312,7 +291,9 @@ def test_sharded_scores_aggregate_to_the_same_metrics(evaluated, tiny_benchmark,
 def test_cli_writes_eval_json(tiny_benchmark, tiny_model, tmp_path, capsys):
     out = tmp_path / "cli" / "eval.json"
     args = ["--model", str(tiny_model), "--benchmark", str(tiny_benchmark), "--out", str(out), "--limit", "2"]
-    evaluate_main([*args, "--max_new_tokens", "2", "--batch_size", "8", "--device", "cpu", "--metrics", "ra", "mia"])
+    evaluate_main(
+        [*args, "--max_new_tokens", "2", "--batch_size", "8", "--device", "cpu", "--metric_groups", "[ra,mia]"]
+    )
     printed = capsys.readouterr().out
     data = json.loads(out.read_text())
     assert data["meta"]["limit"] == 2 and data["meta"]["model"] == str(tiny_model)
@@ -330,7 +311,8 @@ def test_cli_writes_eval_json(tiny_benchmark, tiny_model, tmp_path, capsys):
 
 
 def test_real_tofu_rows_run_and_are_finite(shared_tofu, tokenizer, model):
-    evaluator = TofuEvaluator(str(shared_tofu), tokenizer, "forget10", limit=8, batch_size=16, max_new_tokens=4)
+    settings = TofuSettings(limit=8, batch_size=16, max_new_tokens=4)
+    evaluator = TofuEvaluator(str(shared_tofu), tokenizer, "forget10", settings=settings)
     result = evaluator.evaluate(model)
     assert result["meta"]["rows"]["forget10_perturbed"] == 8 and result["meta"]["rows"]["holdout10"] == 8
     assert set(result["metrics"]) == EXPECTED_KEYS
@@ -347,3 +329,57 @@ def test_cli_reports_a_bad_reference_without_traceback(tiny_benchmark, tiny_mode
     assert exit_info.value.code == 2
     assert "missing.json does not exist" in capsys.readouterr().err
     assert not (tmp_path / "eval.json").exists()
+
+
+def _attribute_docstrings(cls: type) -> dict[str, str]:
+    """``{field: docstring}`` of a dataclass, read from its source: the string literal under each annotated field."""
+    tree = ast.parse(Path(inspect.getsourcefile(cls)).read_text())
+    node = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == cls.__name__)
+    docs = {}
+    for field, doc in zip(node.body, node.body[1:], strict=False):
+        if isinstance(field, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant):
+            docs[field.target.id] = doc.value.value
+    return docs
+
+
+@pytest.mark.parametrize(
+    ("command", "settings"), [(evaluate_main, TofuSettings), (evaluate_muse_main, MuseSettings)], ids=["tofu", "muse"]
+)
+def test_help_shows_every_setting_with_its_docstring(command, settings, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        command(["--help"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    docs = _attribute_docstrings(settings)
+    assert set(docs) == {field.name for field in dataclasses.fields(settings)}, "every field needs a docstring"
+    flat = re.sub(r"\s+", "", printed)  # help text is re-wrapped (and may break at hyphens)
+    for name, doc in docs.items():
+        assert f"--{name} " in printed, name
+        assert re.sub(r"\s+", "", doc) in flat, f"--help does not show the docstring of {name}"
+    # What is evaluated and where: the command's own flags.
+    for flag in ("--model", "--tokenizer", "--benchmark", "--out", "--max_length", "--chat", "--dtype", "--device"):
+        assert f"{flag} " in printed, flag
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--batch_size", "0"], r"TofuSettings are invalid: --batch_size must be >= 1, got 0"),
+        (["--max_new_tokens", "0", "--limit", "0"], r"--max_new_tokens must be >= 1, got 0; --limit must be >= 1 or"),
+        (["--metric_groups", "[]"], r"--metric_groups \[\]: choose from forget, retain, ra, wf, mia"),
+    ],
+)
+def test_cli_rejects_bad_settings_before_loading_weights(tiny_benchmark, tmp_path, capsys, flags, message):
+    args = [
+        "--model",
+        str(tmp_path / "no_model"),
+        "--benchmark",
+        str(tiny_benchmark),
+        "--out",
+        str(tmp_path / "e.json"),
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main([*args, *flags])
+    assert exit_info.value.code == 2
+    assert re.search(r"python -m baldro_lightning evaluate: error: .*" + message, capsys.readouterr().err)
+    assert not (tmp_path / "e.json").exists()

@@ -4,6 +4,7 @@ values, the embedded corpus generator and its tokenizer, unlearning/fine-tuning 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import sys
@@ -39,15 +40,15 @@ from baldro_lightning.embedded.models import corpus_texts, init_tiny_llama, trai
 from baldro_lightning.evaluation import metrics
 from baldro_lightning.evaluation.callbacks import MuseEvaluation
 from baldro_lightning.evaluation.command import muse_main as main
+from baldro_lightning.evaluation.engine import RowScores, mia_entries, shard_rows
 from baldro_lightning.evaluation.muse import (
     KNOWMEM_STOP_STRINGS,
     MuseEvaluator,
+    MuseSettings,
     memorization_entries,
-    mia_entries,
-    reference_privleak_auc,
     rouge_entry,
 )
-from baldro_lightning.evaluation.tofu import EvalLogError, RowScores, shard_rows, write_eval_json
+from baldro_lightning.evaluation.run_record import EvalLogError
 from baldro_lightning.train.losses import NLL, NPO
 from baldro_lightning.train.models import load_causal_lm
 from baldro_lightning.train.module import FinetuneModule, UnlearningModule
@@ -374,24 +375,6 @@ def test_memorization_entries() -> None:
     assert out["extraction_strength"]["agg_value"] == pytest.approx(1 / 3)
 
 
-def test_reference_auc_checks_corpus_rows_and_benchmark_kind(tmp_path: Path) -> None:
-    good = {"meta": {"corpus": "news", "rows": {"privleak/forget": 4}}, "metrics": {"mia_min_k": {"agg_value": 0.3}}}
-    path = write_eval_json(good, tmp_path / "retain.json")
-    assert reference_privleak_auc(path, "news", {"privleak/forget": 4}) == pytest.approx(0.3)
-    with pytest.raises(EvalLogError, match=r"made on MUSE corpus 'news', but this evaluation uses 'books'"):
-        reference_privleak_auc(path, "books")
-    with pytest.raises(EvalLogError, match=r"scored 4 rows of privleak/forget but this evaluation scores 100"):
-        reference_privleak_auc(path, "news", {"privleak/forget": 100})
-    tofu = write_eval_json({"meta": {"forget_split": "forget10"}, "metrics": {}}, tmp_path / "tofu.json")
-    with pytest.raises(EvalLogError, match=r"is a TOFU evaluation \(forget split 'forget10'\), not a MUSE one"):
-        reference_privleak_auc(tofu, "news")
-    # open-unlearning's MUSE_EVAL.json keeps its metrics at the top level.
-    legacy = write_eval_json({"mia_min_k": {"agg_value": 0.5236}}, tmp_path / "MUSE_EVAL.json")
-    assert reference_privleak_auc(legacy, "news") == pytest.approx(0.5236)
-    with pytest.raises(EvalLogError, match=r"does not exist; make it by evaluating the retain model"):
-        reference_privleak_auc(tmp_path / "none.json", "news")
-
-
 # --------------------------------------------------------------------------------------------------------------
 # The embedded corpus
 
@@ -509,7 +492,9 @@ def test_evaluator_cli_writes_every_metric(tiny_model: Path, tmp_path: Path) -> 
     assert result["meta"]["corpus"] == "news" and result["meta"]["rows"]["knowmem/forget_qa_icl"] == mw.N_ICL
     assert result["meta"]["privleak_reference_auc"] == 0.5
     # The same model as its own retain reference: equal AUCs, so PrivLeak is exactly 0.
-    again = main([*args, "--out", str(tmp_path / "self.json"), "--metrics", "privleak", "--retain_reference", str(out)])
+    again = main(
+        [*args, "--out", str(tmp_path / "self.json"), "--metric_groups", "[privleak]", "--retain_reference", str(out)]
+    )
     assert set(again["metrics"]) == {"mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_plus_plus", "privleak"}
     assert again["metrics"]["privleak"]["agg_value"] == pytest.approx(0.0, abs=1e-9)
 
@@ -539,9 +524,8 @@ def test_sharded_muse_scores_aggregate_to_the_single_process_metrics(muse_model:
     process. Batches of one example keep every row's forward identical in both runs (no padding differs)."""
     unpadded = {"batch_size": 1, "knowmem_batch_size": 1, "verbmem_batch_size": 1}
     short = {"knowmem_max_new_tokens": 6, "verbmem_max_new_tokens": 6}
-    evaluator = MuseEvaluator(
-        str(EMBEDDED), load_tokenizer(str(muse_model)), limit=5, max_length=255, **unpadded, **short
-    )
+    settings = MuseSettings(limit=5, **unpadded, **short)
+    evaluator = MuseEvaluator(str(EMBEDDED), load_tokenizer(str(muse_model)), max_length=255, settings=settings)
     model = load_causal_lm(str(muse_model), "float32")
     whole = evaluator.evaluate(model)["metrics"]
     parts = [evaluator.score(model, {n: shard_rows(r, rank, 2) for n, r in evaluator.rows.items()}) for rank in (0, 1)]
@@ -577,14 +561,14 @@ def test_embedded_muse_config_fast_dev_run(muse_model: Path, tmp_path: Path, mon
     """
     monkeypatch.chdir(tmp_path)  # the config's relative run and reference paths land here
     reference = Path("runs/muse_embedded/eval/retain/eval.json")
-    flags = ["--limit", "4", "--max_length", "255", "--batch_size", "1", "--metrics", "privleak"]
+    flags = ["--limit", "4", "--max_length", "255", "--batch_size", "1", "--metric_groups", "[privleak]"]
     retain = main(["--model", str(muse_model), "--benchmark", str(EMBEDDED), *flags, "--out", str(reference)])
     overrides = [f"--model.init_args.model={muse_model}", f"--data.init_args.benchmark={EMBEDDED}"]
     cli = cli_main([*fit_args("muse_embedded/npo_dv"), *overrides, "--trainer.fast_dev_run=true"], run=False)
     evaluation = next(c for c in cli.trainer.callbacks if isinstance(c, MuseEvaluation))
-    assert evaluation.retain_reference == str(reference) and evaluation.every_epoch and evaluation.on_start
+    assert evaluation.settings.retain_reference == str(reference) and evaluation.every_epoch and evaluation.on_start
     # Smoke-sized evaluation: 4 rows per split, short continuations, unpadded likelihood batches.
-    evaluation.limit, evaluation.verbmem_max_new_tokens, evaluation.batch_size = 4, 8, 1
+    evaluation.settings = dataclasses.replace(evaluation.settings, limit=4, verbmem_max_new_tokens=8, batch_size=1)
     evaluation.dirpath = str(tmp_path / "eval")
     modes = _PolicyModes()
     cli.trainer.callbacks.append(modes)

@@ -23,9 +23,7 @@ from fit_configs import benchmark_with_forget_rows, write_npo_fit_config
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from baldro_lightning.evaluation import tofu as evaluation
-from baldro_lightning.evaluation.callbacks import TofuEvaluation
-from baldro_lightning.evaluation.tofu import write_eval_json
+from baldro_lightning.evaluation.run_record import per_sample_path, write_eval_json, write_per_sample
 from baldro_lightning.train import export
 from baldro_lightning.train.export import save_pretrained_atomic
 
@@ -142,7 +140,7 @@ def _entries(directory: Path) -> list[str]:
 
 def test_eval_json_interrupted_at_rename_keeps_previous_file(tmp_path, monkeypatch):
     """The JSON is fully written to a staging file; the interruption hits ``os.replace``: the old file stays, and
-    the staging file is removed (the failure of ``json.dump`` itself is covered in test_evaluation.py)."""
+    the staging file is removed (the failure of ``json.dump`` itself is covered in test_run_record.py)."""
     out = tmp_path / "step_000002" / "eval.json"
     write_eval_json({"meta": {"global_step": 1}, "metrics": {"x": {"agg_value": 1.0}}}, out)
     previous = out.read_text()
@@ -150,7 +148,7 @@ def test_eval_json_interrupted_at_rename_keeps_previous_file(tmp_path, monkeypat
     def interrupted(src, dst):
         raise Interrupted
 
-    monkeypatch.setattr(evaluation.os, "replace", interrupted)
+    monkeypatch.setattr(os, "replace", interrupted)
     with pytest.raises(Interrupted):
         write_eval_json({"meta": {"global_step": 2}, "metrics": {"x": {"agg_value": float("nan")}}}, out)
     assert out.read_text() == previous
@@ -237,11 +235,11 @@ def test_export_interrupted_at_second_rename_keeps_previous_model(exported, monk
     _assert_previous_version(out, before)
 
 
-def _per_sample_writer(tmp_path: Path) -> TofuEvaluation:
-    """The callback with two evaluations of two forget rows in its history, as ``_record_curves`` leaves it."""
-    callback = TofuEvaluation(criterion="rouge", dirpath=str(tmp_path / "eval"))
+def _curves_history() -> list[dict]:
+    """Two evaluations of two forget rows, as ``TofuEvaluation._record_curves`` keeps them."""
+    history = []
     for step, rouge in ((0, [1.0, 0.8]), (5, [0.2, 0.9])):
-        callback.history.append(
+        history.append(
             {
                 "step": step,
                 "index": [0, 1],
@@ -251,18 +249,15 @@ def _per_sample_writer(tmp_path: Path) -> TofuEvaluation:
                 "dro_weight": np.array([0.5, 0.5]),
             }
         )
-    return callback
+    return history
 
 
 def test_per_sample_csv_interrupted_midway_keeps_previous_table(tmp_path, monkeypatch):
-    callback = _per_sample_writer(tmp_path)
-    table = tmp_path / "eval" / "per_sample.csv"
-    callback.history = callback.history[:1]
-    callback._write_table(None, {"forget_step_by_index": {"0": None, "1": None}})
+    table = per_sample_path(tmp_path / "eval")
+    write_per_sample(table, _curves_history()[:1], {"0": None, "1": None})
     previous = table.read_text()
     assert previous.count("\n") == 3  # header + one evaluation of two rows
 
-    callback = _per_sample_writer(tmp_path)
     real_fdopen = os.fdopen
 
     class HalfFile:
@@ -284,7 +279,7 @@ def test_per_sample_csv_interrupted_midway_keeps_previous_table(tmp_path, monkey
 
     monkeypatch.setattr(os, "fdopen", HalfFile)
     with pytest.raises(Interrupted):
-        callback._write_table(None, {"forget_step_by_index": {"0": 5.0, "1": None}})
+        write_per_sample(table, _curves_history(), {"0": 5.0, "1": None})
     monkeypatch.setattr(os, "fdopen", real_fdopen)
     assert table.read_text() == previous
     assert _entries(table.parent) == ["per_sample.csv"]
@@ -294,6 +289,6 @@ def test_per_sample_csv_interrupted_midway_keeps_previous_table(tmp_path, monkey
 
     monkeypatch.setattr(os, "replace", interrupted)
     with pytest.raises(Interrupted):
-        callback._write_table(None, {"forget_step_by_index": {"0": 5.0, "1": None}})
+        write_per_sample(table, _curves_history(), {"0": 5.0, "1": None})
     assert table.read_text() == previous
     assert _entries(table.parent) == ["per_sample.csv"]

@@ -29,8 +29,10 @@ from conftest import _rows
 from gloo_launch import run_worker
 
 from baldro_lightning.data.tokenization import PromptTemplate, encode_example, encode_prompt, load_tokenizer
-from baldro_lightning.evaluation import tofu as evaluation
-from baldro_lightning.evaluation.tofu import RowScores, TofuEvaluator, load_eval_json, shard_rows
+from baldro_lightning.evaluation import engine
+from baldro_lightning.evaluation.engine import RowScores, shard_rows
+from baldro_lightning.evaluation.run_record import load_eval_json
+from baldro_lightning.evaluation.tofu import TofuEvaluator, TofuSettings
 from baldro_lightning.train.models import load_causal_lm
 
 WORKER = Path(__file__).with_name("sharded_evaluation_worker.py")
@@ -292,10 +294,9 @@ def test_rouge_rows_limit_picks_the_same_rows_on_every_shard(varied_model, uneve
         tokenizer,
         "forget10",
         max_length=64,
-        batch_size=EVAL_BATCH,
-        max_new_tokens=2,
-        metric_groups=("forget", "ra"),
-        rouge_rows_limit=3,
+        settings=TofuSettings(
+            batch_size=EVAL_BATCH, max_new_tokens=2, metric_groups=("forget", "ra"), rouge_rows_limit=3
+        ),
     )
     model = load_causal_lm(str(varied_model), "float32")
     parts = [
@@ -321,7 +322,7 @@ def test_ranks_agree_on_the_number_of_forwards_before_the_first(tiny_model, monk
         events.append("agree")
         return count + extra
 
-    monkeypatch.setattr(evaluation, "_synced_count", synced_count)
+    monkeypatch.setattr(engine, "_synced_count", synced_count)
     tokenizer = load_tokenizer(str(tiny_model))
     model = load_causal_lm(str(tiny_model), "float32").eval()
     model.register_forward_pre_hook(lambda module, args: events.append("forward"))
@@ -331,10 +332,10 @@ def test_ranks_agree_on_the_number_of_forwards_before_the_first(tiny_model, monk
         examples = []
         for question in questions:
             encoded = encode_example(tokenizer, template, question, "In Lumeria.", 64)
-            examples.append(evaluation.AnswerExample(encoded.input_ids, encoded.labels))
-        evaluation.score_examples(model, examples, batch_size=2, pad_token_id=tokenizer.pad_token_id)
+            examples.append(engine.AnswerExample(encoded.input_ids, encoded.labels))
+        engine.score_examples(model, examples, batch_size=2, pad_token_id=tokenizer.pad_token_id)
         assert events == ["agree", "forward", "forward", "forward"]  # 2 batches, then the dummy
     else:
         prompts = [encode_prompt(tokenizer, template, question) for question in questions]
-        evaluation.generate_answers(model, tokenizer, prompts, batch_size=2, max_new_tokens=2)
+        engine.generate_answers(model, tokenizer, prompts, batch_size=2, max_new_tokens=2)
         assert events[0] == "agree" and events.count("agree") == 1 and "forward" in events

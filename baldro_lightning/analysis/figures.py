@@ -22,10 +22,10 @@ from baldro_lightning.analysis.runs import (
     SelectionRule,
     SplitSummary,
     metric_value,
-    read_per_sample,
     selected_by_method,
     tradeoff_history,
 )
+from baldro_lightning.evaluation.run_record import read_per_sample
 
 MARKERS = {"": "o", "BalDRO-G": "s", "BalDRO-DV": "^", "BalDRO-DV (released sign)": "v"}
 FQ_FLOOR = 1e-30

@@ -7,9 +7,7 @@ the best forget quality would select on the test metric itself (spec P-24).
 
 from __future__ import annotations
 
-import csv
 import functools
-import json
 import math
 import os
 from collections import defaultdict
@@ -22,6 +20,13 @@ import numpy as np
 import yaml
 
 from baldro_lightning.evaluation import metrics
+from baldro_lightning.evaluation.run_record import (
+    EvalLogError,
+    load_eval_json,
+    per_sample_of,
+    read_per_sample,
+    run_step_evals,
+)
 
 METHOD_ORDER = ("GradAscent", "GradDiff", "NPO", "SimNPO", "SatImp")
 VARIANT_ORDER = ("", "BalDRO-G", "BalDRO-DV", "BalDRO-DV (released sign)")
@@ -91,27 +96,12 @@ def metric_value(result: Mapping[str, Any] | None, key: str) -> float | None:
 
 
 def load_eval(path: Path) -> dict[str, Any]:
+    """An ``eval.json`` (or open-unlearning log) as :func:`~baldro_lightning.evaluation.run_record.load_eval_json`
+    reads it; a file that cannot be read is a :class:`ReportError`."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ReportError(f"{path} is not a readable eval.json ({err}); re-run the evaluation that wrote it") from err
-    if not isinstance(data, dict):
-        raise ReportError(f"{path} holds a JSON {type(data).__name__}, not an eval.json object")
-    if "metrics" not in data:  # open-unlearning's TOFU_EVAL.json: metrics at the top level
-        data = {"meta": {}, "metrics": data}
-    return data
-
-
-def _step_evals(directory: Path) -> list[Path]:
-    """In-training evaluations: ``<run>/eval``, ``<run>/<logger name>/eval`` or ``<run>/<name>/version_N/eval``.
-
-    Deeper matches are not searched, so a sweep root (whose runs hold ``<run>/tensorboard/eval``) is not
-    mistaken for one run.
-    """
-    found: list[Path] = []
-    for pattern in ("eval/step_*/eval.json", "*/eval/step_*/eval.json", "*/version_*/eval/step_*/eval.json"):
-        found += directory.glob(pattern)
-    return sorted(found, key=lambda p: p.parent.name)
+        return load_eval_json(path)
+    except EvalLogError as err:
+        raise ReportError(str(err)) from err
 
 
 def _saved_config(directory: Path) -> dict[str, Any] | None:
@@ -168,17 +158,6 @@ def _is_muse(result: Mapping[str, Any]) -> bool:
     return "corpus" in result.get("meta", {}) or "forget_knowmem_ROUGE" in result.get("metrics", {})
 
 
-def read_per_sample(path: Path) -> dict[str, np.ndarray]:
-    """``per_sample.csv`` as columns: ``step``, ``index`` and each curve, one value per (evaluation, sample)."""
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    columns: dict[str, np.ndarray] = {}
-    for key in rows[0] if rows else []:
-        values = [row[key] for row in rows]
-        columns[key] = np.array([math.nan if v in ("", "None", "nan") else float(v) for v in values])
-    return columns
-
-
 @dataclass(frozen=True)
 class BalanceTrajectory:
     """:func:`baldro_lightning.evaluation.metrics.forgetting_balance` at every evaluation of one run."""
@@ -209,7 +188,7 @@ def load_run(path: Path) -> RunResult | None:
     if path.is_file():
         directory, evals = path.parent, [path]
     else:
-        directory, evals = path, _step_evals(path)
+        directory, evals = path, run_step_evals(path)
         if not evals and (path / "eval.json").is_file():
             evals = [path / "eval.json"]
     if not evals:
@@ -220,7 +199,7 @@ def load_run(path: Path) -> RunResult | None:
     method, variant, hparams = describe_config(_saved_config(directory))
     muse = _is_muse(final)
     split = final.get("meta", {}).get("corpus" if muse else "forget_split") or "unknown"
-    per_sample = evals[-1].parent.parent / "per_sample.csv"
+    per_sample = per_sample_of(evals[-1])
     return RunResult(
         name=directory.name,
         directory=directory,

@@ -7,7 +7,6 @@ its output already exists, so a second run goes straight to unlearning.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -16,7 +15,8 @@ from pathlib import Path
 from baldro_lightning.cli import cli_main
 from baldro_lightning.data.tokenization import load_tokenizer
 from baldro_lightning.embedded.models import init_tiny_llama, train_tokenizer
-from baldro_lightning.evaluation.tofu import TofuEvaluator
+from baldro_lightning.evaluation.run_record import load_eval_json, run_step_evals
+from baldro_lightning.evaluation.tofu import TofuEvaluator, TofuSettings
 from baldro_lightning.train.models import load_causal_lm
 
 log = logging.getLogger("baldro_lightning.embedded.quickstart")
@@ -72,16 +72,18 @@ def ensure_retain_reference(out: Path = REFERENCE, model: Path = MODELS / "retai
         print(f"[quickstart] {out} exists, not re-evaluated")
         return
     started = time.perf_counter()
-    evaluator = TofuEvaluator(str(BENCHMARK), load_tokenizer(str(model)), "forget10", max_length=128, max_new_tokens=48)
+    evaluator = TofuEvaluator(
+        str(BENCHMARK), load_tokenizer(str(model)), "forget10", max_length=128, settings=TofuSettings(max_new_tokens=48)
+    )
     evaluator.run(load_causal_lm(str(model), "float32"), out, model_name=str(model))
     print(f"[quickstart] evaluated the retain model into {out} ({time.perf_counter() - started:.0f} s)")
 
 
 def _final_metrics(run_dir: Path) -> str:
-    evals = sorted((run_dir / "tensorboard" / "eval").glob("step_*/eval.json"))
+    evals = run_step_evals(run_dir)
     if not evals:
         return "  (no evaluation found)"
-    result = json.loads(evals[-1].read_text())
+    result = load_eval_json(evals[-1])
     keys = ("forget_quality", "model_utility", "forget_Q_A_ROUGE", "retain_Q_A_ROUGE", "forget_truth_ratio", "privleak")
     lines = [f"  final evaluation ({evals[-1].parent.name}):"]
     for key in keys:

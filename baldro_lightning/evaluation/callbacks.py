@@ -7,8 +7,6 @@ and every rank aggregates the same numbers, so results equal a single-process ev
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from pathlib import Path
 from typing import Any, Literal
@@ -19,27 +17,31 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
-from baldro_lightning.atomic_files import write_text_atomic
 from baldro_lightning.evaluation import metrics
-from baldro_lightning.evaluation.muse import ALL_MUSE_GROUPS, MuseEvaluator, MuseMetricGroup
-from baldro_lightning.evaluation.tofu import (
-    ALL_GROUPS,
-    BenchmarkEvaluator,
-    MetricGroup,
-    RowScores,
-    TofuEvaluator,
+from baldro_lightning.evaluation.engine import BenchmarkEvaluator, RowScores, shard_rows
+from baldro_lightning.evaluation.muse import MuseEvaluator, MuseSettings
+from baldro_lightning.evaluation.run_record import (
+    CURVES,
+    default_eval_dir,
+    per_sample_path,
     reference_truth_ratios,
-    shard_rows,
+    step_eval_path,
     write_eval_json,
+    write_per_sample,
 )
+from baldro_lightning.evaluation.tofu import TofuEvaluator, TofuSettings
 from baldro_lightning.train import distributed as dist_ops
 
 log = logging.getLogger(__name__)
 
-CURVES = ("log_likelihood_ratio", "truth_ratio", "rougeL_recall", "dro_weight")
-
 
 def _gather_scores(local: dict[str, RowScores]) -> dict[str, RowScores]:
+    """Every rank's per-row values joined, on every rank (:meth:`RowScores.concat`, sorted by row index).
+
+    Gathered as Python objects with ``all_gather_object``, not as torchmetrics states: the per-row values include
+    generated strings (and, for MUSE, ragged token-id arrays), and a torchmetrics state is a tensor or a list of
+    tensors, synced with tensor all-gathers only.
+    """
     if not dist_ops.is_distributed():
         return local
     parts: list[dict[str, RowScores]] = [{} for _ in range(dist.get_world_size())]
@@ -89,7 +91,7 @@ class ScheduledEvaluation(Callback):
     def _out_dir(self, trainer: L.Trainer) -> Path:
         if self.dirpath is not None:
             return Path(self.dirpath)
-        return Path(trainer.log_dir or trainer.default_root_dir) / "eval"
+        return default_eval_dir(trainer.log_dir or trainer.default_root_dir)
 
     # -- schedule -----------------------------------------------------------------------------------------------
     def _evaluates_at_start(self) -> bool:
@@ -124,7 +126,7 @@ class ScheduledEvaluation(Callback):
         extra = self.extend_result(trainer, pl_module, scores, result)
         self._log(trainer, result, extra, step)
         if trainer.is_global_zero:
-            write_eval_json(result, self._out_dir(trainer) / f"step_{step:06d}" / "eval.json")
+            write_eval_json(result, step_eval_path(self._out_dir(trainer), step))
 
     def _log(self, trainer: L.Trainer, result: dict[str, Any], extra: dict[str, float], step: int) -> None:
         values = {f"val/{k}": float(v["agg_value"]) for k, v in result["metrics"].items() if _is_number(v)}
@@ -152,15 +154,10 @@ class TofuEvaluation(ScheduledEvaluation):
 
     def __init__(
         self,
+        settings: TofuSettings | None = None,
         every_n_steps: int | None = None,
         every_epoch: bool = True,
         on_start: bool = True,
-        metrics_groups: list[MetricGroup] | None = None,
-        retain_reference: str | None = None,
-        batch_size: int = 32,
-        max_new_tokens: int = 200,
-        rouge_rows_limit: int | None = None,
-        limit: int | None = None,
         criterion: Literal["truth_ratio", "rouge"] = "truth_ratio",
         retain_quantiles: tuple[float, float] = (0.05, 0.95),
         rouge_threshold: float = 0.3,
@@ -168,16 +165,12 @@ class TofuEvaluation(ScheduledEvaluation):
         curves: bool = True,
     ) -> None:
         """Args:
+        settings: How each evaluation runs (metric groups, retain reference, batch sizes, generation length, row
+            limits); the defaults of :class:`~baldro_lightning.evaluation.tofu.TofuSettings` when null. The data
+            (benchmark, forget split, prompt template, max_length) is the trainer's data module's.
         every_n_steps: Also evaluate after every N optimizer steps (null: only at epoch ends).
         every_epoch: Evaluate at the end of every epoch.
         on_start: Evaluate before the first update (the curves evaluate then anyway: it is their reference).
-        metrics_groups: Any of the TOFU metric groups (default: all).
-        retain_reference: The retain model's ``eval.json`` on the same forget split and rows (forget quality,
-            privleak, the truth-ratio criterion).
-        batch_size: Answers per likelihood forward.
-        max_new_tokens: Greedy generation length for ROUGE (TOFU: 200).
-        rouge_rows_limit: Generate for only the first N rows of each split.
-        limit: Score only the first N rows of each split (smoke runs; the retain reference needs the same limit).
         criterion: When a forget sample counts as forgotten: ``truth_ratio`` or ``rouge`` (see the class).
         retain_quantiles: The retain model's truth-ratio quantiles that bound forgotten and over-forgotten.
         rouge_threshold: ROUGE-L recall at or below which a sample counts as forgotten (``criterion="rouge"``).
@@ -185,18 +178,13 @@ class TofuEvaluation(ScheduledEvaluation):
         curves: Record per-sample forgetting curves and synchrony.
         """
         super().__init__(every_n_steps, every_epoch, on_start, dirpath)
-        if criterion == "truth_ratio" and retain_reference is None and curves:
+        self.settings = settings or TofuSettings()
+        if criterion == "truth_ratio" and self.settings.retain_reference is None and curves:
             raise ValueError(
-                "TofuEvaluation criterion='truth_ratio' needs retain_reference: the retain model's eval.json on the "
-                "same forget split (python -m baldro_lightning evaluate --model <retain model> --out <path>), or "
-                "use criterion='rouge'"
+                "TofuEvaluation criterion='truth_ratio' needs retain_reference (init_args.settings.retain_reference): "
+                "the retain model's eval.json on the same forget split (python -m baldro_lightning evaluate --model "
+                "<retain model> --out <path>), or use criterion='rouge'"
             )
-        self.metric_groups = tuple(metrics_groups or ALL_GROUPS)
-        self.retain_reference = retain_reference
-        self.batch_size = batch_size
-        self.max_new_tokens = max_new_tokens
-        self.rouge_rows_limit = rouge_rows_limit
-        self.limit = limit
         self.criterion = criterion
         self.retain_quantiles = retain_quantiles
         self.rouge_threshold = rouge_threshold
@@ -212,17 +200,12 @@ class TofuEvaluation(ScheduledEvaluation):
             forget_split=data.forget_split,
             template=data.template,
             max_length=data.max_length,
-            batch_size=self.batch_size,
-            max_new_tokens=self.max_new_tokens,
-            metric_groups=self.metric_groups,
-            retain_reference=self.retain_reference,
-            rouge_rows_limit=self.rouge_rows_limit,
-            limit=self.limit,
+            settings=self.settings,
         )
         if self.criterion == "truth_ratio" and self.curves:
             forget_rows = evaluator.rows["forget"]
             self._retain_tr = reference_truth_ratios(
-                self.retain_reference, data.forget_split, len(forget_rows), [r["index"] for r in forget_rows]
+                self.settings.retain_reference, data.forget_split, len(forget_rows), [r["index"] for r in forget_rows]
             )
         return evaluator
 
@@ -262,7 +245,7 @@ class TofuEvaluation(ScheduledEvaluation):
         self.history.append(entry)
         synchrony = self._synchrony()
         if trainer.is_global_zero:
-            self._write_table(trainer, synchrony)
+            write_per_sample(per_sample_path(self._out_dir(trainer)), self.history, synchrony["forget_step_by_index"])
             self._tensorboard_curves(trainer, entry)
         return synchrony
 
@@ -286,16 +269,6 @@ class TofuEvaluation(ScheduledEvaluation):
         return summary
 
     # -- per-sample outputs -------------------------------------------------------------------------------------
-    def _write_table(self, trainer: L.Trainer, synchrony: dict[str, Any]) -> None:
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["step", "index", *CURVES, "forget_step"])
-        for entry in self.history:
-            for k, index in enumerate(entry["index"]):
-                values = [f"{float(entry[c][k]):.6g}" for c in CURVES]
-                writer.writerow([entry["step"], index, *values, synchrony["forget_step_by_index"][str(index)]])
-        write_text_atomic(self._out_dir(trainer) / "per_sample.csv", buffer.getvalue())
-
     def _tensorboard_curves(self, trainer: L.Trainer, entry: dict[str, Any]) -> None:
         experiment = getattr(trainer.logger, "experiment", None)
         if not hasattr(experiment, "add_scalar"):
@@ -347,49 +320,26 @@ class MuseEvaluation(ScheduledEvaluation):
 
     def __init__(
         self,
+        settings: MuseSettings | None = None,
         every_n_steps: int | None = None,
         every_epoch: bool = True,
         on_start: bool = True,
-        metric_groups: list[MuseMetricGroup] | None = None,
-        retain_reference: str | None = None,
         max_length: int | None = None,
-        batch_size: int = 8,
-        knowmem_batch_size: int = 16,
-        verbmem_batch_size: int = 8,
-        knowmem_max_new_tokens: int = 32,
-        verbmem_max_new_tokens: int = 128,
-        use_stemmer: bool = True,
-        limit: int | None = None,
         dirpath: str | None = None,
     ) -> None:
         """Args:
+        settings: How each evaluation runs (metric groups, retain reference, batch sizes, generation lengths,
+            stemming, row limit); the defaults of :class:`~baldro_lightning.evaluation.muse.MuseSettings` when
+            null. The data (benchmark, corpus, prompt template) is the trainer's data module's.
         every_n_steps: Also evaluate after every N optimizer steps (null: only at epoch ends).
         every_epoch: Evaluate at the end of every epoch.
         on_start: Evaluate before the first update.
-        metric_groups: Any of ``knowmem``, ``verbmem``, ``privleak`` (default: all).
-        retain_reference: The retain model's MUSE ``eval.json`` on the same corpus (privleak reference AUC; 0.5
-            without one).
         max_length: Most target tokens of a teacher-forced text; the data module's chunk length when null.
-        batch_size: Texts per likelihood forward.
-        knowmem_batch_size: KnowMem prompts per ``generate`` call.
-        verbmem_batch_size: VerbMem prompts per ``generate`` call.
-        knowmem_max_new_tokens: KnowMem answer length (spec: 32).
-        verbmem_max_new_tokens: VerbMem continuation length (spec: 128).
-        use_stemmer: Porter stemming in ROUGE (open-unlearning); false as in the original MUSE code (P-22).
-        limit: Score only the first N rows of each split (smoke runs).
         dirpath: Where ``step_<N>/eval.json`` go; ``<log_dir>/eval`` when null.
         """
         super().__init__(every_n_steps, every_epoch, on_start, dirpath)
-        self.metric_groups = tuple(metric_groups or ALL_MUSE_GROUPS)
-        self.retain_reference = retain_reference
+        self.settings = settings or MuseSettings()
         self.max_length = max_length
-        self.batch_size = batch_size
-        self.knowmem_batch_size = knowmem_batch_size
-        self.verbmem_batch_size = verbmem_batch_size
-        self.knowmem_max_new_tokens = knowmem_max_new_tokens
-        self.verbmem_max_new_tokens = verbmem_max_new_tokens
-        self.use_stemmer = use_stemmer
-        self.limit = limit
 
     def build_evaluator(self, data: L.LightningDataModule) -> MuseEvaluator:
         if not hasattr(data, "corpus"):
@@ -403,13 +353,5 @@ class MuseEvaluation(ScheduledEvaluation):
             corpus=data.corpus,
             template=data.template,
             max_length=self.max_length or data.max_length,
-            batch_size=self.batch_size,
-            knowmem_batch_size=self.knowmem_batch_size,
-            verbmem_batch_size=self.verbmem_batch_size,
-            knowmem_max_new_tokens=self.knowmem_max_new_tokens,
-            verbmem_max_new_tokens=self.verbmem_max_new_tokens,
-            metric_groups=self.metric_groups,
-            retain_reference=self.retain_reference,
-            use_stemmer=self.use_stemmer,
-            limit=self.limit,
+            settings=self.settings,
         )

@@ -7,62 +7,76 @@ Example (the retain model first, so the target's forget quality and privleak hav
         --forget_split forget10 --out runs/eval/retain/eval.json
     python -m baldro_lightning evaluate --model models/embedded/target --benchmark data/tofu_embedded \\
         --forget_split forget10 --out runs/eval/target/eval.json --retain_reference runs/eval/retain/eval.json
+
+The flags of how an evaluation runs (``--metric_groups``, ``--retain_reference``, ``--batch_size``,
+``--max_new_tokens``, ``--limit``, ...) are the fields of :class:`~baldro_lightning.evaluation.tofu.TofuSettings` and
+:class:`~baldro_lightning.evaluation.muse.MuseSettings`, read by jsonargparse with their attribute docstrings as help
+text, so each is defined once for the evaluator, the in-training callback and this command. The flags defined here
+say what is evaluated and where: model, data, output, prompt form, dtype, device.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, get_args
+from typing import Any, TypeVar, get_args
 
 import torch
+from jsonargparse import ArgumentParser, Namespace, set_parsing_settings
 
 from baldro_lightning.data.muse import MUSE_HUB_DATASETS
 from baldro_lightning.data.tokenization import PromptTemplate, load_tokenizer
-from baldro_lightning.evaluation.muse import ALL_MUSE_GROUPS, MuseEvaluator
-from baldro_lightning.evaluation.tofu import ALL_GROUPS, BenchmarkEvaluator, TofuEvaluator
+from baldro_lightning.evaluation.engine import BenchmarkEvaluator
+from baldro_lightning.evaluation.muse import MuseEvaluator, MuseSettings
+from baldro_lightning.evaluation.tofu import TofuEvaluator, TofuSettings
 from baldro_lightning.train.models import TorchDtype, load_causal_lm
 
 log = logging.getLogger(__name__)
 
+# The settings dataclasses document their fields in attribute docstrings; without this, --help shows no
+# description for those flags.
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
-def add_common_arguments(parser: argparse.ArgumentParser, benchmark_help: str, reference_help: str) -> None:
-    """Flags every evaluation command has: model, data, output, retain reference, prompt form, dtype, device."""
+Settings = TypeVar("Settings", TofuSettings, MuseSettings)
+
+
+def _parser(
+    prog: str, description: str, benchmark_help: str, max_length: int, max_length_help: str, settings: type
+) -> ArgumentParser:
+    """The flags every evaluation command has (model, data, output, prompt form, dtype, device), then the fields
+    of the benchmark's ``settings`` dataclass as top-level flags (``--batch_size``, not ``--settings.batch_size``)."""
+    parser = ArgumentParser(prog=prog, description=description)
     parser.add_argument("--model", required=True, help="model directory (save_pretrained) or Hub id in the cache")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory or id; defaults to --model")
     parser.add_argument("--benchmark", required=True, help=benchmark_help)
     parser.add_argument("--out", required=True, help="path of the eval.json to write")
-    parser.add_argument("--retain_reference", default=None, help=reference_help)
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows of each split")
+    parser.add_argument("--max_length", type=int, default=max_length, help=max_length_help)
     parser.add_argument("--chat", action="store_true", help="render prompts with the tokenizer's chat template")
     parser.add_argument("--system_prompt", default=None, help="system message (with --chat)")
     parser.add_argument("--dtype", default="float32", choices=get_args(TorchDtype), help="weights dtype")
     parser.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
+    parser.add_class_arguments(settings, nested_key=None, as_group=True)
+    return parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def settings_from(args: Namespace, settings: type[Settings]) -> Settings:
+    """The settings dataclass from its flags; raises ValueError (naming the flag) for a bad value."""
+    return settings(**{option.name: getattr(args, option.name) for option in dataclasses.fields(settings)})
+
+
+def build_parser() -> ArgumentParser:
+    parser = _parser(
         prog="python -m baldro_lightning evaluate",
         description="Evaluate a causal LM on the TOFU splits of one forget split and write eval.json (spec §3).",
-    )
-    add_common_arguments(
-        parser,
         benchmark_help="directory of TOFU {split}.jsonl files, or a Hub id",
-        reference_help="eval.json of the retain model on the same forget split (enables forget_quality, privleak "
-        "reference)",
+        max_length=512,
+        max_length_help="most tokens per likelihood example",
+        settings=TofuSettings,
     )
     parser.add_argument("--forget_split", default="forget10", choices=["forget01", "forget05", "forget10"])
-    parser.add_argument("--batch_size", type=int, default=32, help="examples per likelihood forward")
-    parser.add_argument("--generation_batch_size", type=int, default=None, help="prompts per generate call")
-    parser.add_argument("--max_new_tokens", type=int, default=200, help="greedy generation length for ROUGE")
-    parser.add_argument("--max_length", type=int, default=512, help="most tokens per likelihood example")
-    parser.add_argument(
-        "--metrics", nargs="+", default=list(ALL_GROUPS), choices=ALL_GROUPS, help="metric groups to compute"
-    )
     parser.add_argument("--date_string", default=None, help="date_string passed to the chat template (with --chat)")
-    parser.add_argument("--rouge_rows_limit", type=int, default=None, help="generate for only the first N rows")
     return parser
 
 
@@ -80,8 +94,8 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def evaluation_main(
-    parser: argparse.ArgumentParser,
-    build_evaluator: Callable[[argparse.Namespace], BenchmarkEvaluator],
+    parser: ArgumentParser,
+    build_evaluator: Callable[[Namespace], BenchmarkEvaluator],
     argv: Sequence[str] | None,
 ) -> dict[str, Any]:
     """Parse arguments, build the evaluator (data and reference checked before any weight loads), evaluate,
@@ -92,7 +106,7 @@ def evaluation_main(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
         evaluator = build_evaluator(args)
-    except ValueError as err:  # bad flags, data or reference: a message, not a traceback
+    except ValueError as err:  # bad settings, data or reference: a message, not a traceback
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     model = load_causal_lm(args.model, args.dtype).to(device)
     result = evaluator.run(model, args.out, model_name=args.model)
@@ -106,8 +120,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return evaluation_main(build_parser(), _build_evaluator, argv)
 
 
-def _build_evaluator(args: argparse.Namespace) -> TofuEvaluator:
-    """Tokenizer, splits and retain reference, all checked before any model weight is loaded."""
+def _build_evaluator(args: Namespace) -> TofuEvaluator:
+    """Settings, tokenizer, splits and retain reference, all checked before any model weight is loaded."""
+    settings = settings_from(args, TofuSettings)
     template = PromptTemplate(chat=args.chat, system_prompt=args.system_prompt, date_string=args.date_string)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     return TofuEvaluator(
@@ -116,13 +131,7 @@ def _build_evaluator(args: argparse.Namespace) -> TofuEvaluator:
         forget_split=args.forget_split,
         template=template,
         max_length=args.max_length,
-        batch_size=args.batch_size,
-        generation_batch_size=args.generation_batch_size,
-        max_new_tokens=args.max_new_tokens,
-        metric_groups=tuple(args.metrics),
-        retain_reference=args.retain_reference,
-        rouge_rows_limit=args.rouge_rows_limit,
-        limit=args.limit,
+        settings=settings,
     )
 
 
@@ -130,50 +139,30 @@ def _build_evaluator(args: argparse.Namespace) -> TofuEvaluator:
 # MUSE
 
 
-def build_muse_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_muse_parser() -> ArgumentParser:
+    parser = _parser(
         prog="python -m baldro_lightning evaluate-muse",
         description="Evaluate a causal LM on one MUSE corpus and write eval.json (spec §3.7).",
-    )
-    add_common_arguments(
-        parser,
         benchmark_help="directory of MUSE jsonl files ({corpus}_{config}_{split}.jsonl or {config}/{split}.jsonl), "
         "or a Hub id",
-        reference_help="eval.json of the retain model on the same corpus (privleak reference)",
+        max_length=2048,
+        max_length_help="most target tokens per teacher-forced text",
+        settings=MuseSettings,
     )
     parser.add_argument("--corpus", default="news", choices=list(MUSE_HUB_DATASETS), help="MUSE corpus")
-    parser.add_argument(
-        "--metrics", nargs="+", default=list(ALL_MUSE_GROUPS), choices=ALL_MUSE_GROUPS, help="metric groups"
-    )
-    parser.add_argument("--max_length", type=int, default=2048, help="most target tokens per teacher-forced text")
-    parser.add_argument("--batch_size", type=int, default=8, help="texts per likelihood forward")
-    parser.add_argument("--knowmem_batch_size", type=int, default=16, help="KnowMem prompts per generate call")
-    parser.add_argument("--verbmem_batch_size", type=int, default=8, help="VerbMem prompts per generate call")
-    parser.add_argument("--knowmem_max_new_tokens", type=int, default=32, help="KnowMem answer length")
-    parser.add_argument("--verbmem_max_new_tokens", type=int, default=128, help="VerbMem continuation length")
-    parser.add_argument(
-        "--stemmer", action=argparse.BooleanOptionalAction, default=True, help="Porter stemming in ROUGE (P-22)"
-    )
     return parser
 
 
-def _build_muse_evaluator(args: argparse.Namespace) -> MuseEvaluator:
-    """Tokenizer, splits and retain reference, all checked before any model weight is loaded."""
+def _build_muse_evaluator(args: Namespace) -> MuseEvaluator:
+    """Settings, tokenizer, splits and retain reference, all checked before any model weight is loaded."""
+    settings = settings_from(args, MuseSettings)
     return MuseEvaluator(
         benchmark=args.benchmark,
         tokenizer=load_tokenizer(args.tokenizer or args.model),
         corpus=args.corpus,
         template=PromptTemplate(chat=args.chat, system_prompt=args.system_prompt),
         max_length=args.max_length,
-        batch_size=args.batch_size,
-        knowmem_batch_size=args.knowmem_batch_size,
-        verbmem_batch_size=args.verbmem_batch_size,
-        knowmem_max_new_tokens=args.knowmem_max_new_tokens,
-        verbmem_max_new_tokens=args.verbmem_max_new_tokens,
-        metric_groups=tuple(args.metrics),
-        retain_reference=args.retain_reference,
-        use_stemmer=args.stemmer,
-        limit=args.limit,
+        settings=settings,
     )
 
 

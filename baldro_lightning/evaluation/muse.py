@@ -12,9 +12,10 @@ Metrics (spec §3.7), in open-unlearning's layout ``{metric: {"agg_value", "valu
   (members) vs ``privleak/holdout`` (non-members), texts with only BOS masked.
 - ``privleak``: from the ``mia_min_k`` AUC relative to the retain model's (its ``eval.json``), 0.5 without one.
 
-Generation, ROUGE, likelihoods and the metric formulas are the TOFU evaluator's
-(:mod:`~baldro_lightning.evaluation.tofu`,
-:mod:`baldro_lightning.evaluation.metrics`); this module only wires the MUSE splits to them.
+Generation, likelihoods and per-row values are the shared engine's (:mod:`~baldro_lightning.evaluation.engine`),
+ROUGE and the metric formulas are :mod:`baldro_lightning.evaluation.metrics`, and the retain reference is read by
+:mod:`~baldro_lightning.evaluation.run_record`; this module only wires the MUSE splits to them. How an evaluation runs
+is one :class:`MuseSettings`, shared by the evaluator, the in-training callback and ``evaluate-muse``.
 
 Command line::
 
@@ -25,13 +26,12 @@ Command line::
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, get_args
 
 import numpy as np
+import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -45,24 +45,24 @@ from baldro_lightning.data.muse import (
 )
 from baldro_lightning.data.tokenization import IGNORE_INDEX, PromptTemplate
 from baldro_lightning.evaluation import metrics
-from baldro_lightning.evaluation.tofu import (
+from baldro_lightning.evaluation.engine import (
     GENERATION_NOTE,
     MIA_ATTACKS,
     MINK_FRACTION,
     AnswerExample,
     BenchmarkEvaluator,
-    EvalLogError,
     ExampleScore,
     RowScores,
-    checked_min_k_auc,
-    evaluation_mode,
     generate_answers,
-    load_eval_json,
     mia_entries,
     nan_mean,
     score_examples,
+    settings_problems,
+    tokenizer_problems,
     values_by_index,
 )
+from baldro_lightning.evaluation.run_record import EvalLogError, reference_privleak_auc
+from baldro_lightning.train.models import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,46 @@ PRIVLEAK_SPLITS: tuple[str, str] = ("privleak/forget", "privleak/holdout")
 
 VERBMEM_SPLIT = "verbmem/forget"
 """Prefixes whose continuation VerbMem, ES and EM score."""
+
+
+@dataclass(frozen=True)
+class MuseSettings:
+    """How a MUSE evaluation runs: every option but the data (benchmark, corpus, prompt template, max_length)."""
+
+    metric_groups: tuple[MuseMetricGroup, ...] = ALL_MUSE_GROUPS
+    """Which groups of metrics to compute: knowmem, verbmem (with ES and EM), privleak (with the MIA AUCs)."""
+    retain_reference: str | None = None
+    """eval.json of the retain model on the same corpus and rows: its mia_min_k AUC is the privleak reference (0.5
+    without one)."""
+    batch_size: int = 8
+    """Texts per likelihood forward."""
+    knowmem_batch_size: int = 16
+    """KnowMem prompts per generate call."""
+    verbmem_batch_size: int = 8
+    """VerbMem prompts per generate call."""
+    knowmem_max_new_tokens: int = 32
+    """Greedy KnowMem answer length (spec: 32)."""
+    verbmem_max_new_tokens: int = 128
+    """Greedy VerbMem continuation length (spec: 128)."""
+    use_stemmer: bool = True
+    """Porter stemming in ROUGE (open-unlearning); false as in the original MUSE code (P-22)."""
+    limit: int | None = None
+    """Evaluate only the first N rows of each split (smoke runs; the KnowMem in-context shots are always all
+    used); a retain reference must use the same limit."""
+
+    def __post_init__(self) -> None:
+        # One order-preserving copy of each group: a tuple whatever sequence was given (YAML gives lists).
+        object.__setattr__(self, "metric_groups", tuple(dict.fromkeys(self.metric_groups)))
+        counts = (
+            "batch_size",
+            "knowmem_batch_size",
+            "verbmem_batch_size",
+            "knowmem_max_new_tokens",
+            "verbmem_max_new_tokens",
+        )
+        problems = settings_problems(self, ALL_MUSE_GROUPS, counts, ("limit",))
+        if problems:
+            raise ValueError("MuseSettings are invalid: " + "; ".join(problems))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -137,49 +177,6 @@ def memorization_entries(
     }
 
 
-def _remake_hint(path: Path, corpus: str) -> str:
-    return (
-        "make it by evaluating the retain model on the same data: python -m baldro_lightning evaluate-muse "
-        f"--model <retain model> --benchmark <benchmark> --corpus {corpus} --out {path}"
-    )
-
-
-def reference_privleak_auc(
-    path: str | os.PathLike[str], corpus: MuseCorpus, rows: Mapping[str, int] | None = None
-) -> float | None:
-    """The retain model's ``mia_min_k`` AUC from its MUSE ``eval.json`` (or open-unlearning ``MUSE_EVAL.json``).
-
-    Args:
-        path: The retain model's evaluation file.
-        corpus: This evaluation's corpus; must equal the reference's when it records one.
-        rows: Row counts of this evaluation's privleak splits, checked against the reference's ``meta.rows``.
-
-    Returns:
-        The AUC, or None when the file holds no ``mia_min_k``.
-
-    Raises:
-        EvalLogError: the file is missing or unreadable, is a TOFU evaluation, was made on the other corpus, or
-            scored other row counts.
-    """
-    file = Path(path)
-    if not file.is_file():
-        raise EvalLogError(f"retain reference {file} does not exist; {_remake_hint(file, corpus)}")
-    data = load_eval_json(file)
-    meta = data["meta"]
-    found = meta.get("corpus")
-    if found is None and meta.get("forget_split") is not None:
-        raise EvalLogError(
-            f"retain reference {file} is a TOFU evaluation (forget split {meta['forget_split']!r}), not a MUSE one; "
-            f"{_remake_hint(file, corpus)}"
-        )
-    if found is not None and found != corpus:
-        raise EvalLogError(
-            f"retain reference {file} was made on MUSE corpus {found!r}, but this evaluation uses {corpus!r}; "
-            f"{_remake_hint(file, corpus)}"
-        )
-    return checked_min_k_auc(file, data, rows, _remake_hint(file, corpus))
-
-
 # --------------------------------------------------------------------------------------------------------------
 # The evaluator
 
@@ -205,48 +202,26 @@ class MuseEvaluator(BenchmarkEvaluator):
     """KnowMem prompt rendering (MUSE's Llama-2 models: the plain ``Question: …\\nAnswer:`` form)."""
     max_length: int = 2048
     """Most target tokens of a teacher-forced example (VerbMem ``gt``, a privleak text); spec §1.5."""
-    batch_size: int = 8
-    """Examples per likelihood forward."""
-    knowmem_batch_size: int = 16
-    """Prompts per ``generate`` call for KnowMem."""
-    verbmem_batch_size: int = 8
-    """Prompts per ``generate`` call for VerbMem."""
-    knowmem_max_new_tokens: int = 32
-    """Greedy answer length for KnowMem."""
-    verbmem_max_new_tokens: int = 128
-    """Greedy continuation length for VerbMem."""
-    metric_groups: tuple[MuseMetricGroup, ...] = ALL_MUSE_GROUPS
-    """Which metrics to compute."""
-    retain_reference: str | None = None
-    """``eval.json`` of the retain model on the same corpus: its ``mia_min_k`` AUC is the privleak reference."""
-    use_stemmer: bool = True
-    """Porter stemming in ROUGE (open-unlearning); False as in the original MUSE code (P-22)."""
-    limit: int | None = None
-    """Evaluate only the first N rows of each split (the in-context shots are always all used)."""
+    settings: MuseSettings = field(default_factory=MuseSettings)
+    """How the evaluation runs: metric groups, retain reference, batch sizes, generation lengths, stemming, row
+    limit."""
 
     def __post_init__(self) -> None:
-        counts = (
-            "max_length",
-            "batch_size",
-            "knowmem_batch_size",
-            "verbmem_batch_size",
-            "knowmem_max_new_tokens",
-            "verbmem_max_new_tokens",
-        )
-        problems = self._option_problems(ALL_MUSE_GROUPS, counts, ("limit",))
+        problems = tokenizer_problems(self.tokenizer)
+        if self.max_length < 1:
+            problems.append(f"--max_length must be >= 1, got {self.max_length}")
         if self.corpus not in MUSE_HUB_DATASETS:
             problems.append(f"--corpus {self.corpus!r}: choose from {', '.join(MUSE_HUB_DATASETS)}")
         if problems:
-            raise ValueError("MuseEvaluator settings are invalid: " + "; ".join(problems))
-        self.metric_groups = tuple(dict.fromkeys(self.metric_groups))
-        self.rows = {name: self._load(name)[: self.limit] for name in self.splits()}
+            raise ValueError("MuseEvaluator inputs are invalid: " + "; ".join(problems))
+        self.rows = {name: self._load(name)[: self.settings.limit] for name in self.splits()}
         self.shots = {side: self._load(f"knowmem/{side}_qa_icl") for side in KNOWMEM_SIDES if self._has("knowmem")}
         self.notes: list[str] = []
         self._reference_auc: float | None = None
         self._check_reference()
 
     def _has(self, group: MuseMetricGroup) -> bool:
-        return group in self.metric_groups
+        return group in self.settings.metric_groups
 
     def splits(self) -> list[str]:
         """The MUSE splits whose rows this evaluation scores (the KnowMem shots are read besides)."""
@@ -264,16 +239,17 @@ class MuseEvaluator(BenchmarkEvaluator):
 
     def _check_reference(self) -> None:
         """Read the retain reference now, before any model time is spent."""
+        reference = self.settings.retain_reference
         if not self._has("privleak"):
             return
-        if self.retain_reference is None:
+        if reference is None:
             self.notes.append("privleak uses the default reference AUC 0.5 (no retain reference, spec P-23)")
             return
         counts = {name: len(self.rows[name]) for name in PRIVLEAK_SPLITS}
-        self._reference_auc = reference_privleak_auc(self.retain_reference, self.corpus, counts)
+        self._reference_auc = reference_privleak_auc(reference, self.corpus, counts)
         if self._reference_auc is None:
-            self.notes.append(f"privleak uses the default reference AUC 0.5: {self.retain_reference} has no mia_min_k")
-            log.warning("%s has no mia_min_k AUC; privleak falls back to the reference AUC 0.5", self.retain_reference)
+            self.notes.append(f"privleak uses the default reference AUC 0.5: {reference} has no mia_min_k")
+            log.warning("%s has no mia_min_k AUC; privleak falls back to the reference AUC 0.5", reference)
 
     # -- step 1: per-row values ---------------------------------------------------------------------------------
 
@@ -293,7 +269,7 @@ class MuseEvaluator(BenchmarkEvaluator):
             (VerbMem), the :data:`MIA_ATTACKS` scores (privleak).
         """
         rows = self.rows if rows is None else rows
-        with evaluation_mode(model):
+        with torch.no_grad(), eval_mode(model):
             return self._score(model, {name: list(rows[name]) for name in self.splits()}, synced_gpus)
 
     def _score(
@@ -304,7 +280,7 @@ class MuseEvaluator(BenchmarkEvaluator):
         if examples:
             log.info("scoring %d texts (max_length=%d)", len(examples), self.max_length)
         scored = score_examples(
-            model, [e for _, e in examples], self.batch_size, self.tokenizer.pad_token_id, synced_gpus
+            model, [e for _, e in examples], self.settings.batch_size, self.tokenizer.pad_token_id, synced_gpus
         )
         by_split: dict[str, list[tuple[AnswerExample, ExampleScore]]] = {name: [] for name in teacher_forced}
         for (name, example), score in zip(examples, scored, strict=True):
@@ -353,17 +329,24 @@ class MuseEvaluator(BenchmarkEvaluator):
             model,
             self.tokenizer,
             prompts,
-            self.knowmem_batch_size,
-            self.knowmem_max_new_tokens,
+            self.settings.knowmem_batch_size,
+            self.settings.knowmem_max_new_tokens,
             synced_gpus,
             stop_strings=KNOWMEM_STOP_STRINGS,
         )
 
     def _verbmem_generations(self, model: nn.Module, rows: Sequence[Mapping[str, Any]], synced_gpus: bool) -> list[str]:
         prompts = [encode_prefix(self.tokenizer, row["prompt"]) for row in rows]
-        log.info("VerbMem: generating %d continuations of %d tokens", len(prompts), self.verbmem_max_new_tokens)
+        log.info(
+            "VerbMem: generating %d continuations of %d tokens", len(prompts), self.settings.verbmem_max_new_tokens
+        )
         return generate_answers(
-            model, self.tokenizer, prompts, self.verbmem_batch_size, self.verbmem_max_new_tokens, synced_gpus
+            model,
+            self.tokenizer,
+            prompts,
+            self.settings.verbmem_batch_size,
+            self.settings.verbmem_max_new_tokens,
+            synced_gpus,
         )
 
     def _attack_scores(self, items: Sequence[tuple[AnswerExample, ExampleScore]]) -> dict[str, list[float]]:
@@ -408,12 +391,14 @@ class MuseEvaluator(BenchmarkEvaluator):
                 part = scores[f"knowmem/{side}_qa"]
                 answers = self._field(f"knowmem/{side}_qa", "answer", part.indices)
                 out[f"{side}_knowmem_ROUGE"] = rouge_entry(
-                    part.indices, part.columns["generation"], answers, self.use_stemmer
+                    part.indices, part.columns["generation"], answers, self.settings.use_stemmer
                 )
         if self._has("verbmem"):
             part = scores[VERBMEM_SPLIT]
             gts = self._field(VERBMEM_SPLIT, "gt", part.indices)
-            out["forget_verbmem_ROUGE"] = rouge_entry(part.indices, part.columns["generation"], gts, self.use_stemmer)
+            out["forget_verbmem_ROUGE"] = rouge_entry(
+                part.indices, part.columns["generation"], gts, self.settings.use_stemmer
+            )
             out.update(memorization_entries(part.indices, part.columns["pred_ids"], part.columns["target_ids"]))
         if self._has("privleak"):
             members, nonmembers = (scores[name] for name in PRIVLEAK_SPLITS)
@@ -434,20 +419,20 @@ class MuseEvaluator(BenchmarkEvaluator):
 
     # -- whole runs ---------------------------------------------------------------------------------------------
 
-    def settings(self) -> dict[str, Any]:
+    def recorded_settings(self) -> dict[str, Any]:
         """The options ``meta`` records."""
         shots = {f"knowmem/{side}_qa_icl": len(rows) for side, rows in self.shots.items()}
         return {
             "corpus": self.corpus,
             "rows": {**{name: len(rows) for name, rows in self.rows.items()}, **shots},
-            "limit": self.limit,
-            "metric_groups": list(self.metric_groups),
+            "limit": self.settings.limit,
+            "metric_groups": list(self.settings.metric_groups),
             "max_length": self.max_length,
-            "knowmem_max_new_tokens": self.knowmem_max_new_tokens,
-            "verbmem_max_new_tokens": self.verbmem_max_new_tokens,
+            "knowmem_max_new_tokens": self.settings.knowmem_max_new_tokens,
+            "verbmem_max_new_tokens": self.settings.verbmem_max_new_tokens,
             "knowmem_stop_strings": list(KNOWMEM_STOP_STRINGS),
             "generation": GENERATION_NOTE,
-            "rouge": f"rougeL_f1 ({'with' if self.use_stemmer else 'without'} Porter stemming, rouge_score)",
+            "rouge": f"rougeL_f1 ({'with' if self.settings.use_stemmer else 'without'} Porter stemming, rouge_score)",
             "mink_fraction": MINK_FRACTION,
-            "batch_size": self.batch_size,
+            "batch_size": self.settings.batch_size,
         }

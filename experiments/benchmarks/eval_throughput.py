@@ -39,8 +39,9 @@ from baldro_lightning.data.tokenization import (
     load_tokenizer,
 )
 from baldro_lightning.evaluation import metrics
-from baldro_lightning.evaluation.tofu import MINK_FRACTION, Role, RowScores, TofuEvaluator, evaluation_mode
-from baldro_lightning.train.models import TorchDtype, load_causal_lm
+from baldro_lightning.evaluation.engine import MINK_FRACTION, RowScores
+from baldro_lightning.evaluation.tofu import Role, TofuEvaluator, TofuSettings
+from baldro_lightning.train.models import TorchDtype, eval_mode, load_causal_lm
 
 LIKELIHOOD_METRICS = (
     "forget_Q_A_Prob",
@@ -93,7 +94,7 @@ def naive_scores(evaluator: TofuEvaluator, model) -> dict[Role, RowScores]:
     """The evaluator's per-row columns, computed one answer and one prompt at a time."""
     tokenizer = evaluator.tokenizer
     out: dict[Role, RowScores] = {}
-    with evaluation_mode(model):
+    with torch.no_grad(), eval_mode(model):
         for plan in evaluator.plans():
             rows = evaluator.rows[plan.role]
             columns: dict[str, list[Any]] = defaultdict(list)
@@ -127,7 +128,7 @@ def naive_scores(evaluator: TofuEvaluator, model) -> dict[Role, RowScores]:
                 columns["extraction_strength"] = metrics.extraction_strength(preds, targets).tolist()
                 columns["exact_memorization"] = metrics.exact_memorization(preds, targets).tolist()
             if plan.generate:
-                generated = rows[: evaluator.rouge_rows_limit]
+                generated = rows[: evaluator.settings.rouge_rows_limit]
                 texts = []
                 for row in generated:
                     prompt = encode_prompt(tokenizer, evaluator.template, row["question"])
@@ -136,7 +137,7 @@ def naive_scores(evaluator: TofuEvaluator, model) -> dict[Role, RowScores]:
                         input_ids=ids,
                         attention_mask=torch.ones_like(ids),
                         do_sample=False,
-                        max_new_tokens=evaluator.max_new_tokens,
+                        max_new_tokens=evaluator.settings.max_new_tokens,
                         pad_token_id=tokenizer.pad_token_id,
                     )
                     texts.append(tokenizer.decode(output[0, len(prompt) :], skip_special_tokens=True).strip())
@@ -221,14 +222,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             tokenizer,
             args.forget_split,
             template=PromptTemplate(chat=args.chat),
-            batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens,
-            limit=limit,
+            settings=TofuSettings(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=limit),
         )
 
     bench = evaluator(args.limit)
     items = sum(len(rows) for rows in bench.rows.values())
-    prompts = sum(len(bench.rows[p.role][: bench.rouge_rows_limit]) for p in bench.plans() if p.generate)
+    prompts = sum(len(bench.rows[p.role][: bench.settings.rouge_rows_limit]) for p in bench.plans() if p.generate)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     rows = bench.meta(model)["rows"]
     _say(f"{items} items (rows: {', '.join(f'{k} {v}' for k, v in rows.items())}) on {device_name}, {args.dtype}")

@@ -1,0 +1,352 @@
+"""A run's evaluation record on disk: the one module that knows where its files are and what they hold.
+
+An evaluation directory (``<log_dir>/eval`` unless a callback's ``dirpath`` says otherwise) holds::
+
+    step_000000/eval.json      one evaluation per step it ran at (in-training evaluation)
+    step_000040/eval.json
+    per_sample.csv             TOFU forgetting curves: one row per (evaluation, forget sample)
+
+and the evaluate commands write one ``eval.json`` wherever ``--out`` says. Everything that writes or reads these
+files goes through this module: ``eval.json`` (:func:`write_eval_json`, :func:`load_eval_json`), the step layout
+(:func:`step_eval_path`, :func:`run_step_evals`), ``per_sample.csv`` (:data:`CURVES`, :func:`write_per_sample`,
+:func:`read_per_sample`) and the retain model's ``eval.json`` that forget quality and privleak compare to
+(:func:`reference_truth_ratios`, :func:`reference_min_k_auc`, :func:`reference_privleak_auc`), with the checks that
+it fits the evaluation at hand.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from baldro_lightning.atomic_files import write_atomic, write_text_atomic
+
+EVAL_JSON = "eval.json"
+"""File name of one evaluation."""
+PER_SAMPLE_CSV = "per_sample.csv"
+"""File name of the per-sample forgetting curves, in the evaluation directory."""
+EVAL_DIR = "eval"
+"""The evaluation directory under a trainer's log directory when no ``dirpath`` is given."""
+
+CURVES: tuple[str, ...] = ("log_likelihood_ratio", "truth_ratio", "rougeL_recall", "dro_weight")
+"""The per-sample quantities of ``per_sample.csv``, between its ``step, index`` and ``forget_step`` columns."""
+
+
+class EvalLogError(ValueError):
+    """An ``eval.json`` file is missing, unreadable, or does not fit the evaluation it is used with."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Where the files are
+
+
+def default_eval_dir(log_dir: str | os.PathLike[str]) -> Path:
+    """``<log_dir>/eval``: where in-training evaluations go when their callback sets no ``dirpath``."""
+    return Path(log_dir) / EVAL_DIR
+
+
+def step_eval_path(eval_dir: str | os.PathLike[str], step: int) -> Path:
+    """``<eval_dir>/step_<step, 6 digits>/eval.json``: zero-padded, so name order is step order."""
+    return Path(eval_dir) / f"step_{step:06d}" / EVAL_JSON
+
+
+def per_sample_path(eval_dir: str | os.PathLike[str]) -> Path:
+    """``<eval_dir>/per_sample.csv``."""
+    return Path(eval_dir) / PER_SAMPLE_CSV
+
+
+def per_sample_of(step_eval: Path) -> Path:
+    """The ``per_sample.csv`` of the evaluation directory that holds the step evaluation ``step_eval``."""
+    return per_sample_path(step_eval.parent.parent)
+
+
+def run_step_evals(run: str | os.PathLike[str]) -> list[Path]:
+    """A run directory's in-training evaluations, in step order.
+
+    Searched in ``<run>/eval``, ``<run>/<logger name>/eval`` and ``<run>/<name>/version_N/eval``. Deeper matches are
+    not searched, so a sweep root (whose runs hold ``<run>/tensorboard/eval``) is not mistaken for one run.
+    """
+    directory = Path(run)
+    found: list[Path] = []
+    for prefix in ("", "*/", "*/version_*/"):
+        found += directory.glob(f"{prefix}{EVAL_DIR}/step_*/{EVAL_JSON}")
+    return sorted(found, key=lambda p: p.parent.name)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# eval.json
+
+
+def _jsonable(value: Any) -> Any:
+    """Python scalars, lists and dicts only; NaN and inf become ``None`` so the file stays strict JSON."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | np.ndarray):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_eval_json(result: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write ``result`` as strict JSON, atomically (:func:`atomic_files.write_atomic`).
+
+    Returns:
+        The path written.
+    """
+    return write_atomic(path, lambda file: json.dump(_jsonable(result), file, indent=1, allow_nan=False))
+
+
+def load_eval_json(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read an ``eval.json`` of this package (``{"meta", "metrics", ...}``) or an open-unlearning ``TOFU_EVAL.json``.
+
+    Returns:
+        The file's object with ``meta`` (a dict) and ``metrics``, plus any other top-level entry it holds (an
+        in-training evaluation's ``synchrony``). ``meta`` is empty for open-unlearning logs, whose metrics sit at
+        the top level.
+
+    Raises:
+        EvalLogError: the file is missing, is not JSON, or is not a JSON object.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise EvalLogError(f"{file} does not exist; write it with `python -m baldro_lightning evaluate --out {file}`")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise EvalLogError(f"{file} is not a JSON file ({err}); re-run the evaluation that wrote it") from err
+    if not isinstance(data, dict):
+        raise EvalLogError(
+            f"{file} holds a JSON {type(data).__name__}, not an object of metrics; re-run the evaluation"
+        )
+    if "metrics" in data and isinstance(data["metrics"], dict):
+        return {**data, "meta": dict(data.get("meta") or {}), "metrics": data["metrics"]}
+    return {"meta": {}, "metrics": data}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# per_sample.csv
+
+
+def write_per_sample(
+    path: str | os.PathLike[str], history: Sequence[Mapping[str, Any]], forget_step_by_index: Mapping[str, Any]
+) -> Path:
+    """Write every evaluation's per-sample curves as ``per_sample.csv``, atomically.
+
+    Args:
+        path: The file to write (:func:`per_sample_path`).
+        history: One entry per evaluation: ``step``, ``index`` (row indices) and each of :data:`CURVES` as a
+            sequence aligned with ``index``.
+        forget_step_by_index: ``{str(row index): step or None}``, the ``forget_step`` column (the same on every
+            evaluation of a row: the latest synchrony).
+
+    Returns:
+        The path written.
+    """
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["step", "index", *CURVES, "forget_step"])
+    for entry in history:
+        for k, index in enumerate(entry["index"]):
+            values = [f"{float(entry[c][k]):.6g}" for c in CURVES]
+            writer.writerow([entry["step"], index, *values, forget_step_by_index[str(index)]])
+    return write_text_atomic(path, buffer.getvalue())
+
+
+def read_per_sample(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """``per_sample.csv`` as columns: ``step``, ``index`` and each curve, one value per (evaluation, sample).
+
+    Empty cells and ``None`` (a sample never forgotten) read as NaN.
+    """
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    columns: dict[str, np.ndarray] = {}
+    for key in rows[0] if rows else []:
+        values = [row[key] for row in rows]
+        columns[key] = np.array([math.nan if v in ("", "None", "nan") else float(v) for v in values])
+    return columns
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The retain reference
+
+
+def tofu_remake_hint(path: Path, forget_split: str) -> str:
+    """How to make the right TOFU retain reference at ``path`` (ends the messages of a reference that does not fit)."""
+    return (
+        f"make the right one by evaluating the retain model with the same split: python -m baldro_lightning evaluate "
+        f"--model <retain model> --benchmark <benchmark> --forget_split {forget_split} --out {path}"
+    )
+
+
+def muse_remake_hint(path: Path, corpus: str) -> str:
+    """How to make the MUSE retain reference at ``path``."""
+    return (
+        "make it by evaluating the retain model on the same data: python -m baldro_lightning evaluate-muse "
+        f"--model <retain model> --benchmark <benchmark> --corpus {corpus} --out {path}"
+    )
+
+
+def describe_indices(keys: Sequence[int]) -> str:
+    """``"N rows (indices a..b)"`` for a contiguous range, else the first few indices: for error messages."""
+    if not keys:
+        return "0 rows"
+    ordered = sorted(keys)
+    contiguous = ordered == list(range(ordered[0], ordered[0] + len(ordered)))
+    shown = f"{ordered[0]}..{ordered[-1]}" if contiguous else ", ".join(map(str, ordered[:6])) + ", ..."
+    return f"{len(ordered)} rows (indices {shown})"
+
+
+def _load_tofu_reference(path: str | os.PathLike[str], forget_split: str) -> tuple[Path, dict[str, Any]]:
+    file = Path(path)
+    if not file.is_file():
+        raise EvalLogError(
+            f"retain reference {file} does not exist (expected the eval.json of the retain model on "
+            f"{forget_split}); {tofu_remake_hint(file, forget_split)}"
+        )
+    data = load_eval_json(file)
+    found = data["meta"].get("forget_split")
+    if found is not None and found != forget_split:
+        raise EvalLogError(
+            f"retain reference {file} was made on forget split {found!r}, but this evaluation uses {forget_split!r}; "
+            f"{tofu_remake_hint(file, forget_split)}"
+        )
+    return file, data
+
+
+def _row_value(value: Any) -> float:
+    """A per-row number of our layout (a float) or open-unlearning's (``{"score": x}``); ``None`` is NaN."""
+    if isinstance(value, Mapping):
+        value = value.get("score")
+    return math.nan if value is None else float(value)
+
+
+def reference_truth_ratios(
+    path: str | os.PathLike[str], forget_split: str, n_rows: int, indices: Sequence[int] | None = None
+) -> np.ndarray:
+    """The retain model's raw per-row forget truth ratios, checked against this evaluation's rows (spec §3.4).
+
+    Args:
+        path: The retain model's ``eval.json`` (or an open-unlearning ``TOFU_EVAL.json``).
+        forget_split: The forget split of this evaluation; must equal the reference's.
+        n_rows: Number of forget rows of this evaluation.
+        indices: Their row indices; ``range(n_rows)`` when omitted.
+
+    Returns:
+        (n_rows,) truth ratios ordered as ``sorted(indices)``.
+
+    Raises:
+        EvalLogError: the file is missing, was made on another forget split, has no ``forget_truth_ratio``, or
+            holds different rows; the message names the file, what was expected and found, and how to remake it.
+    """
+    file, data = _load_tofu_reference(path, forget_split)
+    expected = sorted(range(n_rows) if indices is None else (int(i) for i in indices))
+    entry = data["metrics"].get("forget_truth_ratio", data["metrics"].get("forget_Truth_Ratio"))
+    if not isinstance(entry, Mapping) or not isinstance(entry.get("value_by_index"), Mapping):
+        raise EvalLogError(
+            f"retain reference {file} has no per-row forget_truth_ratio (value_by_index); it was evaluated without "
+            f"the forget metrics; {tofu_remake_hint(file, forget_split)}"
+        )
+    by_index = entry["value_by_index"]
+    try:
+        found = sorted(int(k) for k in by_index)
+    except ValueError as err:
+        raise EvalLogError(f"retain reference {file}: forget_truth_ratio has a non-integer row key ({err})") from err
+    if found != expected:
+        raise EvalLogError(
+            f"retain reference {file} holds forget truth ratios for {describe_indices(found)} but this evaluation "
+            f"of {forget_split} has {describe_indices(expected)} (a different --limit or split); "
+            f"{tofu_remake_hint(file, forget_split)}"
+        )
+    return np.array([_row_value(by_index[str(i)]) for i in expected], dtype=np.float64)
+
+
+def reference_min_k_auc(
+    path: str | os.PathLike[str], forget_split: str, rows: Mapping[str, int] | None = None
+) -> float | None:
+    """The retain model's ``mia_min_k`` AUC (PrivLeak reference, spec §3.6), or ``None`` if the file has none.
+
+    Args:
+        path: The retain model's ``eval.json``.
+        forget_split: The forget split of this evaluation; must equal the reference's.
+        rows: Row counts of this evaluation's member and non-member splits (e.g. ``{"forget10_perturbed": 400,
+            "holdout10": 400}``); checked against the reference's ``meta.rows`` when it records them.
+
+    Raises:
+        EvalLogError: the file is missing, was made on another forget split, or scored other row counts.
+    """
+    file, data = _load_tofu_reference(path, forget_split)
+    return _checked_min_k_auc(file, data, rows, tofu_remake_hint(file, forget_split))
+
+
+def reference_privleak_auc(
+    path: str | os.PathLike[str], corpus: str, rows: Mapping[str, int] | None = None
+) -> float | None:
+    """The retain model's ``mia_min_k`` AUC from its MUSE ``eval.json`` (or open-unlearning ``MUSE_EVAL.json``).
+
+    Args:
+        path: The retain model's evaluation file.
+        corpus: This evaluation's MUSE corpus; must equal the reference's when it records one.
+        rows: Row counts of this evaluation's privleak splits, checked against the reference's ``meta.rows``.
+
+    Returns:
+        The AUC, or None when the file holds no ``mia_min_k``.
+
+    Raises:
+        EvalLogError: the file is missing or unreadable, is a TOFU evaluation, was made on the other corpus, or
+            scored other row counts.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise EvalLogError(f"retain reference {file} does not exist; {muse_remake_hint(file, corpus)}")
+    data = load_eval_json(file)
+    meta = data["meta"]
+    found = meta.get("corpus")
+    if found is None and meta.get("forget_split") is not None:
+        raise EvalLogError(
+            f"retain reference {file} is a TOFU evaluation (forget split {meta['forget_split']!r}), not a MUSE one; "
+            f"{muse_remake_hint(file, corpus)}"
+        )
+    if found is not None and found != corpus:
+        raise EvalLogError(
+            f"retain reference {file} was made on MUSE corpus {found!r}, but this evaluation uses {corpus!r}; "
+            f"{muse_remake_hint(file, corpus)}"
+        )
+    return _checked_min_k_auc(file, data, rows, muse_remake_hint(file, corpus))
+
+
+def _checked_min_k_auc(
+    file: Path, data: Mapping[str, Any], rows: Mapping[str, int] | None, remake_hint: str
+) -> float | None:
+    """The ``mia_min_k`` AUC of a loaded retain reference (``None`` if it has none), once its row counts match.
+
+    Args:
+        file: Where the reference was read from (for messages).
+        data: The reference as :func:`load_eval_json` returns it.
+        rows: Row counts of this evaluation's member and non-member splits; checked against ``meta.rows``.
+        remake_hint: How to make the right reference; ends the error message.
+
+    Raises:
+        EvalLogError: the reference scored another number of rows of one of those splits.
+    """
+    found_rows = data["meta"].get("rows") or {}
+    for split, count in (rows or {}).items():
+        if split in found_rows and found_rows[split] != count:
+            raise EvalLogError(
+                f"retain reference {file} scored {found_rows[split]} rows of {split} but this evaluation scores "
+                f"{count} (a different --limit), so their MinK AUCs are not comparable; {remake_hint}"
+            )
+    entry = data["metrics"].get("mia_min_k")
+    if not isinstance(entry, Mapping) or entry.get("agg_value") is None:
+        return None
+    return float(entry["agg_value"])
