@@ -18,7 +18,6 @@ from baldro_lightning.data import datamodule, muse  # noqa: F401
 from baldro_lightning.evaluation import callbacks  # noqa: F401
 from baldro_lightning.train import export, losses, module, objectives, sharding  # noqa: F401
 
-
 # Losses, objectives and LoRA options are dataclasses documented field by field; without this, --help shows no
 # description for their arguments.
 set_parsing_settings(docstring_parse_attribute_docstrings=True)

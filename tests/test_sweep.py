@@ -84,9 +84,9 @@ def test_shipped_grid_expands_to_distinct_run_directories(grid_path):
         evaluation = next(cb for cb in callbacks if cb["class_path"].endswith(("TofuEvaluation", "MuseEvaluation")))
         if evaluation["class_path"].endswith("TofuEvaluation"):
             # Every TOFU grid names its split, so the retain reference cannot silently stay forget10's.
-            assert f"/{RETAIN_OF[run.labels['split']]}/" in evaluation["init_args"]["retain_reference"]
+            assert f"/{RETAIN_OF[run.labels['split']]}/" in evaluation["init_args"]["settings"]["retain_reference"]
         else:
-            assert evaluation["init_args"]["retain_reference"].endswith("/retain/eval.json")
+            assert evaluation["init_args"]["settings"]["retain_reference"].endswith("/retain/eval.json")
 
 
 def test_embedded_grid_is_the_issue_grid():
@@ -311,8 +311,8 @@ def test_real_sweep_on_the_tiny_model(tiny_model, tiny_benchmark, tmp_path):
                 "trainer.max_epochs": 1,
                 "trainer.accelerator": "cpu",
                 f"{evaluation}criterion": "rouge",
-                f"{evaluation}retain_reference": None,
-                f"{evaluation}max_new_tokens": 4,
+                f"{evaluation}settings.retain_reference": None,
+                f"{evaluation}settings.max_new_tokens": 4,
                 # Without a retain reference there is no forget quality to monitor.
                 "trainer.callbacks.ModelCheckpoint.init_args.monitor": None,
             },
@@ -358,7 +358,7 @@ def test_missing_required_files_stop_only_the_runs_that_use_them(tmp_path):
         tmp_path,
         {
             "configs": {"npo": NPO},
-            "set": {"trainer.callbacks.TofuEvaluation.init_args.retain_reference": str(reference)},
+            "set": {"trainer.callbacks.TofuEvaluation.init_args.settings.retain_reference": str(reference)},
             "requires": {str(reference): "make the reference", str(other): "make the other"},
         },
     )

@@ -9,8 +9,9 @@ A grid YAML (see ``experiments/sweeps/``) names base configs and axes::
     axes:                                    # one run per combination of one value of each axis
       split:                                 # linked values: one label sets several keys together
         values:
-          forget01: {data.init_args.forget_split: forget01,
-                     trainer.callbacks.TofuEvaluation.init_args.retain_reference: runs/embedded/eval/retain99/eval.json}
+          forget01:
+            data.init_args.forget_split: forget01
+            trainer.callbacks.TofuEvaluation.init_args.settings.retain_reference: runs/embedded/eval/retain99/eval.json
       beta:                                  # a plain axis: one key, a list of values
         key: model.init_args.forget_objective.init_args.tau
         values: [1.0, 2.0]
@@ -53,6 +54,7 @@ from typing import Any
 import yaml
 
 from baldro_lightning.cli import cli_main
+from baldro_lightning.evaluation.run_record import load_eval_json, run_step_evals
 
 DONE = "DONE.json"
 FAILED = "FAILED.json"
@@ -260,14 +262,21 @@ def _edited_callbacks(callbacks: list[Any], edits: dict[str, Any], where: str) -
         out.append(json.loads(json.dumps(entry)))
     for key, value in edits.items():
         parts = key[len(CALLBACK_KEY) :].split(".")
-        if len(parts) != 3 or parts[1] != "init_args":
-            raise GridError(f"{where}: override key {key!r} must look like trainer.callbacks.<Class>.init_args.<arg>")
+        if len(parts) < 3 or parts[1] != "init_args":
+            raise GridError(
+                f"{where}: override key {key!r} must look like trainer.callbacks.<Class>.init_args.<arg>[.<field>...]"
+            )
         targets = [e for e in out if _class_name(e) == parts[0]]
         if not targets:
             have = sorted({_class_name(e) for e in out})
             raise GridError(f"{where}: {key!r} names callback {parts[0]!r}, but the base config has only {have}")
         for entry in targets:
-            entry.setdefault("init_args", {})[parts[2]] = value
+            target = entry.setdefault("init_args", {})
+            for name in parts[2:-1]:  # a nested argument, e.g. init_args.settings.retain_reference
+                if not isinstance(target.get(name), dict):
+                    target[name] = {}
+                target = target[name]
+            target[parts[-1]] = value
     return out
 
 
@@ -419,12 +428,12 @@ def check_requires(grid: Grid, runs: Sequence[Run]) -> list[str]:
 
 def final_eval(directory: Path) -> dict[str, Any] | None:
     """The last in-training evaluation of a run: its path, step, forget quality and model utility."""
-    found = sorted(directory.glob("*/eval/step_*/eval.json")) + sorted(directory.glob("eval/step_*/eval.json"))
+    found = run_step_evals(directory)
     if not found:
         return None
-    last = max(found, key=lambda p: p.parent.name)
-    data = json.loads(last.read_text())
-    metrics = data.get("metrics", {})
+    last = found[-1]
+    data = load_eval_json(last)
+    metrics = data["metrics"]
 
     def value(key: str) -> float | None:
         entry = metrics.get(key)
@@ -432,7 +441,7 @@ def final_eval(directory: Path) -> dict[str, Any] | None:
 
     return {
         "path": str(last),
-        "global_step": data.get("meta", {}).get("global_step"),
+        "global_step": data["meta"].get("global_step"),
         "forget_quality": value("forget_quality"),
         "model_utility": value("model_utility"),
     }

@@ -8,6 +8,7 @@ and every rank aggregates the same numbers, so results equal a single-process ev
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,7 +50,7 @@ def _gather_scores(local: dict[str, RowScores]) -> dict[str, RowScores]:
     return {role: RowScores.concat([p[role] for p in parts if p[role].indices]) for role in local}
 
 
-class ScheduledEvaluation(Callback):
+class ScheduledEvaluation(Callback, ABC):
     """Evaluates the policy with a benchmark evaluator at the start of training, every N steps and/or every epoch.
 
     Each evaluation logs ``val/<metric>`` (also into ``trainer.callback_metrics``, so ``ModelCheckpoint`` can
@@ -61,6 +62,14 @@ class ScheduledEvaluation(Callback):
     """Sharded generation needs an FSDP2 device mesh (see ``train.sharding.fsdp1_callback_problems``)."""
 
     def __init__(self, every_n_steps: int | None, every_epoch: bool, on_start: bool, dirpath: str | None) -> None:
+        """Check and store the schedule every evaluation callback has.
+
+        Args:
+            every_n_steps: Also evaluate after every N optimizer steps (null: only at epoch ends).
+            every_epoch: Evaluate at the end of every epoch.
+            on_start: Evaluate before the first update.
+            dirpath: Where ``step_<N>/eval.json`` goes; ``<log_dir>/eval`` when null.
+        """
         if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(f"{type(self).__name__} every_n_steps must be >= 1 or null, got {every_n_steps}")
         self.every_n_steps = every_n_steps
@@ -70,9 +79,9 @@ class ScheduledEvaluation(Callback):
         self.evaluator: BenchmarkEvaluator | None = None
         self._last_step: int | None = None
 
+    @abstractmethod
     def build_evaluator(self, data: L.LightningDataModule) -> BenchmarkEvaluator:
         """The evaluator for the trainer's data module (called once, after its ``setup``)."""
-        raise NotImplementedError
 
     def extend_result(
         self, trainer: L.Trainer, pl_module: L.LightningModule, scores: dict[str, RowScores], result: dict[str, Any]
@@ -164,18 +173,20 @@ class TofuEvaluation(ScheduledEvaluation):
         dirpath: str | None = None,
         curves: bool = True,
     ) -> None:
-        """Args:
-        settings: How each evaluation runs (metric groups, retain reference, batch sizes, generation length, row
-            limits); the defaults of :class:`~baldro_lightning.evaluation.tofu.TofuSettings` when null. The data
-            (benchmark, forget split, prompt template, max_length) is the trainer's data module's.
-        every_n_steps: Also evaluate after every N optimizer steps (null: only at epoch ends).
-        every_epoch: Evaluate at the end of every epoch.
-        on_start: Evaluate before the first update (the curves evaluate then anyway: it is their reference).
-        criterion: When a forget sample counts as forgotten: ``truth_ratio`` or ``rouge`` (see the class).
-        retain_quantiles: The retain model's truth-ratio quantiles that bound forgotten and over-forgotten.
-        rouge_threshold: ROUGE-L recall at or below which a sample counts as forgotten (``criterion="rouge"``).
-        dirpath: Where ``step_<N>/eval.json`` and ``per_sample.csv`` go; ``<log_dir>/eval`` when null.
-        curves: Record per-sample forgetting curves and synchrony.
+        """Evaluate the policy on TOFU on a schedule; record per-sample forgetting curves and synchrony.
+
+        Args:
+            settings: How each evaluation runs (metric groups, retain reference, batch sizes, generation length, row
+                limits); the defaults of :class:`~baldro_lightning.evaluation.tofu.TofuSettings` when null. The data
+                (benchmark, forget split, prompt template, max_length) is the trainer's data module's.
+            every_n_steps: Also evaluate after every N optimizer steps (null: only at epoch ends).
+            every_epoch: Evaluate at the end of every epoch.
+            on_start: Evaluate before the first update (the curves evaluate then anyway: it is their reference).
+            criterion: When a forget sample counts as forgotten: ``truth_ratio`` or ``rouge`` (see the class).
+            retain_quantiles: The retain model's truth-ratio quantiles that bound forgotten and over-forgotten.
+            rouge_threshold: ROUGE-L recall at or below which a sample counts as forgotten (``criterion="rouge"``).
+            dirpath: Where ``step_<N>/eval.json`` and ``per_sample.csv`` go; ``<log_dir>/eval`` when null.
+            curves: Record per-sample forgetting curves and synchrony.
         """
         super().__init__(every_n_steps, every_epoch, on_start, dirpath)
         self.settings = settings or TofuSettings()
@@ -327,15 +338,17 @@ class MuseEvaluation(ScheduledEvaluation):
         max_length: int | None = None,
         dirpath: str | None = None,
     ) -> None:
-        """Args:
-        settings: How each evaluation runs (metric groups, retain reference, batch sizes, generation lengths,
-            stemming, row limit); the defaults of :class:`~baldro_lightning.evaluation.muse.MuseSettings` when
-            null. The data (benchmark, corpus, prompt template) is the trainer's data module's.
-        every_n_steps: Also evaluate after every N optimizer steps (null: only at epoch ends).
-        every_epoch: Evaluate at the end of every epoch.
-        on_start: Evaluate before the first update.
-        max_length: Most target tokens of a teacher-forced text; the data module's chunk length when null.
-        dirpath: Where ``step_<N>/eval.json`` go; ``<log_dir>/eval`` when null.
+        """Evaluate the policy on MUSE on a schedule.
+
+        Args:
+            settings: How each evaluation runs (metric groups, retain reference, batch sizes, generation lengths,
+                stemming, row limit); the defaults of :class:`~baldro_lightning.evaluation.muse.MuseSettings` when
+                null. The data (benchmark, corpus, prompt template) is the trainer's data module's.
+            every_n_steps: Also evaluate after every N optimizer steps (null: only at epoch ends).
+            every_epoch: Evaluate at the end of every epoch.
+            on_start: Evaluate before the first update.
+            max_length: Most target tokens of a teacher-forced text; the data module's chunk length when null.
+            dirpath: Where ``step_<N>/eval.json`` go; ``<log_dir>/eval`` when null.
         """
         super().__init__(every_n_steps, every_epoch, on_start, dirpath)
         self.settings = settings or MuseSettings()

@@ -106,6 +106,11 @@ class ExportPretrained(Callback):
     """FSDP1 wraps the policy, which this callback expects unwrapped (see ``sharding.fsdp1_callback_problems``)."""
 
     def __init__(self, dirpath: str | None = None) -> None:
+        """Remember where to export.
+
+        Args:
+            dirpath: The model directory to write; ``<trainer.default_root_dir>/model`` when null.
+        """
         self.dirpath = dirpath
 
     def directory(self, trainer: L.Trainer) -> Path:
