@@ -57,7 +57,9 @@ CASES: dict[str, Case] = {
     "npo_group": Case(
         lambda: {
             "forget_loss": NPO(beta=0.1),
-            "forget_objective": Group(ratio=0.5, score="mean_nll", passes="two"),
+            "forget_objective": Group(ratio=0.5),
+            "selection_score": "mean_nll",
+            "selection_passes": "two",
             "retain_loss": NLL(),
             "reference": "cached",
         }
@@ -65,7 +67,9 @@ CASES: dict[str, Case] = {
     "npo_group_released": Case(
         lambda: {
             "forget_loss": NPO(beta=0.1),
-            "forget_objective": Group(ratio=0.5, score="mean_nll", passes="released"),
+            "forget_objective": Group(ratio=0.5),
+            "selection_score": "mean_nll",
+            "selection_passes": "released",
             "retain_loss": NLL(),
             "reference": "live",
         }
@@ -73,7 +77,9 @@ CASES: dict[str, Case] = {
     "simnpo_group": Case(
         lambda: {
             "forget_loss": _simnpo(),
-            "forget_objective": Group(ratio=0.5, score="loss", passes="two"),
+            "forget_objective": Group(ratio=0.5),
+            "selection_score": "loss",
+            "selection_passes": "two",
             "retain_loss": NLL(),
         }
     ),
@@ -102,7 +108,9 @@ CASES: dict[str, Case] = {
     "npo_group_loss": Case(
         lambda: {
             "forget_loss": NPO(beta=0.1),
-            "forget_objective": Group(ratio=0.5, score="loss", passes="two"),
+            "forget_objective": Group(ratio=0.5),
+            "selection_score": "loss",
+            "selection_passes": "two",
             "retain_loss": NLL(),
             "reference": "live",
         }
@@ -118,7 +126,10 @@ CASES: dict[str, Case] = {
     "simnpo_group_subsample": Case(
         lambda: {
             "forget_loss": _simnpo(),
-            "forget_objective": Group(ratio=0.5, score="loss", passes="two", subsample_retain=True),
+            "forget_objective": Group(ratio=0.5),
+            "selection_score": "loss",
+            "selection_passes": "two",
+            "subsample_retain": True,
             "retain_loss": NLL(),
         }
     ),

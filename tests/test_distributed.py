@@ -50,7 +50,7 @@ SLOW_RUNS = [
 # Configurations that do not yet give the same run on 2 ranks as on 1; strict, so a fix shows up as XPASS.
 KNOWN_DIVERGENT = {
     "simnpo_group_subsample": (
-        "Group(subsample_retain=True) draws the k retain rows per rank from the local batch with the same seed, "
+        "subsample_retain=True draws the k retain rows per rank from the local batch with the same seed, "
         "not k rows of the global batch"
     ),
 }
@@ -65,7 +65,7 @@ def invariance_benchmark(tmp_path_factory) -> Path:
     """The tiny benchmark with 8 forget rows (forget10 plus the holdout authors), so one epoch is 2 global steps.
 
     With 3 steps the run crosses an epoch boundary (a reshuffle) and the top-half of a 4-row global batch often
-    lies on one rank only, which exercises the zero-weight placeholder row of the two-pass Group objective.
+    lies on one rank only, which exercises the zero-weight placeholder row of the two-pass selection (Group).
     """
     root = write_tiny_benchmark(tmp_path_factory.mktemp("invariance_benchmark"))
     forget = root / "forget10.jsonl"

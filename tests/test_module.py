@@ -2,7 +2,8 @@
 
 Every run here is short (two optimizer steps of a 2-layer, 32-wide model on 4 forget rows); what is checked is
 behaviour: the policy moves, the reference does not and never trains, checkpoints omit the reference, the cached
-and live references agree, the two-pass BalDRO-G optimises the same objective as the one-pass form, the sampler
+and live references agree, the two-pass BalDRO-G optimises the same objective as the one-pass form, every
+objective goes through the same selection hook and call (a new selecting objective needs no module change), the sampler
 deals the same pairs to one process and to two ranks, and a non-finite loss stops training with a useful message.
 """
 
@@ -15,6 +16,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+from typing import ClassVar
 
 import lightning as L
 import pytest
@@ -31,10 +33,11 @@ from baldro_lightning.data.datamodule import (
     ForgetRetainSampler,
     QADataModule,
 )
+from baldro_lightning.train.batches import select_rows
 from baldro_lightning.train.logprobs import SequenceLogProbs
 from baldro_lightning.train.losses import KL, NLL, NPO, WGA, GradAscent, PerSampleLoss
 from baldro_lightning.train.module import CausalLMModule, FinetuneModule, NonFiniteLossError, UnlearningModule
-from baldro_lightning.train.objectives import DV, Group
+from baldro_lightning.train.objectives import DV, Group, Mean, Objective
 
 FORGET_ROWS = 4  # forget10 of the tiny benchmark: the last two authors × two questions
 
@@ -261,7 +264,7 @@ def group_loss_and_grads(
     model: Path, batch: dict, forget_loss: PerSampleLoss, passes: str
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """gamma · forget + alpha · retain on ``batch`` (as training_step sums them), its weights and its gradients."""
-    module = unlearning_module(model, forget_loss, forget_objective=Group(ratio=0.5, passes=passes))
+    module = unlearning_module(model, forget_loss, forget_objective=Group(ratio=0.5), selection_passes=passes)
     module.configure_model()
     perturb(module)
     module.eval()
@@ -301,6 +304,114 @@ def test_group_pooled_loss_two_pass_matches_one_pass(tiny_model, group_batch, fo
     one_loss, _, _ = group_loss_and_grads(tiny_model, group_batch, forget_loss, "one")
     two_loss, _, _ = group_loss_and_grads(tiny_model, group_batch, forget_loss, "two")
     assert_close(two_loss, one_loss, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One call path for every objective: the selection hook
+
+
+def recording(objective_class: type[Objective]) -> type[Objective]:
+    """``objective_class`` that keeps the arguments and the result of each call."""
+
+    @dataclass(frozen=True)
+    class Recording(objective_class):
+        calls: list = field(default_factory=list, compare=False)
+
+        def __call__(self, losses, scores=None, row_ids=None):
+            out = super().__call__(losses, scores=scores, row_ids=row_ids)
+            self.calls.append({"losses": losses, "scores": scores, "row_ids": row_ids, "out": out})
+            return out
+
+    return Recording
+
+
+@pytest.mark.parametrize("objective_class", [Mean, DV, Group])
+def test_every_objective_is_called_the_same_way(tiny_model, group_batch, objective_class):
+    """One call per step, ``objective(global_losses, scores=..., row_ids=global_index)``, whose value and weights
+    the module uses as they are; scores only when the objective selects (Group), so Mean and DV take one pass."""
+    objective = recording(objective_class)()
+    module = unlearning_module(tiny_model, forget_objective=objective)
+    module.configure_model()
+    value, weights, _, index, _ = module._forget_term(group_batch["forget"], group_batch["retain"])
+    (call,) = objective.calls
+    assert call["out"][0] is value and call["out"][1] is weights
+    assert torch.equal(call["row_ids"], index) and index.tolist() == group_batch["forget"]["index"].tolist()
+    assert call["losses"].shape == (FORGET_ROWS,) and call["losses"].requires_grad
+    assert (call["scores"] is not None) == objective.selects_rows
+
+
+@dataclass(frozen=True)
+class LargestRowIds(Objective):
+    """A selecting objective the module has never heard of: the mean over the two rows with the largest dataset ids,
+    whatever their scores."""
+
+    selects_rows: ClassVar[bool] = True
+
+    def kept_count(self, batch_size: int) -> int:
+        return min(2, batch_size)
+
+    def select(self, scores: torch.Tensor, row_ids: torch.Tensor | None = None) -> torch.Tensor:
+        ids = torch.arange(scores.numel()) if row_ids is None else row_ids
+        return torch.sort(ids, descending=True, stable=True).indices[: self.kept_count(scores.numel())].sort().values
+
+    def __call__(self, losses, scores=None, row_ids=None):
+        kept = self.select(losses if scores is None else scores, row_ids)
+        weights = torch.zeros_like(losses)
+        weights[kept] = 1.0 / kept.numel()
+        return losses[kept].mean(), weights.detach()
+
+
+def loss_and_grads(module: UnlearningModule, batch: dict) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """The forget term on ``batch`` (no retain rows), its weights and its gradients; perturbed policy, eval mode."""
+    module.configure_model()
+    perturb(module)
+    module.eval()
+    value, weights, _, _, _ = module._forget_term(batch, None)
+    value.backward()
+    return value.detach(), weights, [p.grad.clone() for p in module.policy.parameters()]
+
+
+@pytest.mark.parametrize("passes", ["two", "one", "released"])
+def test_a_new_selecting_objective_needs_no_module_change(tiny_model, group_batch, passes):
+    """LargestRowIds on the 4-row batch (ids 0, 1, 3, 2) equals Mean on its rows 2 and 3 (ids 3, 2) alone: same NPO
+    value and gradients (scoring pass, gradient pass on the kept rows and weights all come from the hook), weight 1/2
+    on each."""
+    forget = group_batch["forget"]
+    largest = torch.tensor([2, 3])
+    assert forget["index"].tolist() == [0, 1, 3, 2]
+    value, weights, grads = loss_and_grads(
+        unlearning_module(tiny_model, forget_objective=LargestRowIds(), selection_passes=passes), forget
+    )
+    mean_value, _, mean_grads = loss_and_grads(unlearning_module(tiny_model), select_rows(forget, largest))
+
+    expected = torch.zeros(FORGET_ROWS)
+    expected[largest] = 0.5
+    assert torch.equal(weights, expected)
+    assert_close(value, mean_value, rtol=1e-6, atol=1e-6)
+    for grad, mean_grad in zip(grads, mean_grads, strict=True):
+        assert_close(grad, mean_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_subsample_retain_keeps_as_many_retain_rows_as_the_objective_keeps(tiny_model, group_batch):
+    """LargestRowIds keeps 2 of 4 forget rows, so the retain batch is cut to 2 of its rows."""
+    module = unlearning_module(tiny_model, forget_objective=LargestRowIds(), subsample_retain=True)
+    retain = group_batch["retain"]
+    cut = module._subsample_retain(retain, FORGET_ROWS)
+    assert cut["input_ids"].shape[0] == 2
+    assert set(cut["index"].tolist()) < set(retain["index"].tolist())
+
+
+def test_selection_options_are_checked(tiny_model):
+    """Values outside the choices, and options set for a forget objective that keeps every row, name the flag."""
+    with pytest.raises(ValueError, match=r"--model\.init_args\.selection_passes must be .* got 'three'"):
+        UnlearningModule(str(tiny_model), NPO(), forget_objective=Group(), selection_passes="three")
+    with pytest.raises(ValueError, match=r"--model\.init_args\.selection_score must be .* got 'nll'"):
+        UnlearningModule(str(tiny_model), NPO(), forget_objective=Group(), selection_score="nll")
+    for flag, value in (("selection_passes", "one"), ("selection_score", "mean_nll"), ("subsample_retain", True)):
+        with pytest.raises(ValueError, match=rf"--model\.init_args\.{flag}={value!r} applies only .* DV keeps every"):
+            UnlearningModule(str(tiny_model), NPO(), forget_objective=DV(), **{flag: value})
+    module = UnlearningModule(str(tiny_model), NPO(), forget_objective=DV(), selection_passes="two")
+    assert (module.selection_passes, module.selection_score, module.subsample_retain) == ("two", "loss", False)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -421,6 +532,31 @@ def test_cli_builds_module_and_links_tokenizer(tiny_model, tiny_benchmark, tmp_p
     assert cli.model.forget_loss == NPO(beta=0.2)
     assert cli.model.forget_objective == DV(tau=1.0, sign="released")
     assert cli.datamodule.tokenizer_path == str(tiny_model)
+
+    # BalDRO-G: the objective takes its ratio; how rows are scored are options of the module.
+    cli = cli_main(
+        [
+            "--model=baldro_lightning.train.module.UnlearningModule",
+            f"--model.model={tiny_model}",
+            "--model.forget_loss=baldro_lightning.train.losses.NPO",
+            "--model.forget_objective=baldro_lightning.train.objectives.Group",
+            "--model.forget_objective.ratio=0.25",
+            "--model.selection_passes=released",
+            "--model.selection_score=mean_nll",
+            "--model.subsample_retain=true",
+            "--data=baldro_lightning.data.datamodule.ForgetRetainDataModule",
+            f"--data.benchmark={tiny_benchmark}",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        run=False,
+    )
+    assert cli.model.forget_objective == Group(ratio=0.25)
+    assert (cli.model.selection_passes, cli.model.selection_score, cli.model.subsample_retain) == (
+        "released",
+        "mean_nll",
+        True,
+    )
 
     # Options shared through the base class: the subclasses pass them on as **kwargs.
     cli = cli_main(

@@ -178,24 +178,69 @@ def test_objectives_reject_wrong_shapes():
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Group: the hardest floor(ratio · B) rows
+# The selection hook: Mean and DV keep every row, Group the hardest floor(ratio · B)
 
 
-def test_group_keeps_top_k_with_ties_in_row_order():
+@pytest.mark.parametrize("objective", [Mean(), DV(), DV(sign="released")], ids=["Mean", "DV", "DV-released"])
+def test_mean_and_dv_select_every_row(objective):
+    """Scores (3, 1, 2) and row ids (7, 5, 6) change nothing: positions 0, 1, 2 are kept, k(B) = B, no scoring pass.
+    Given scores and row ids, the value and weights are those of the plain call."""
+    scores, row_ids = torch.tensor([3.0, 1.0, 2.0]), torch.tensor([7, 5, 6])
+    assert not objective.selects_rows
+    assert objective.select(scores, row_ids).tolist() == [0, 1, 2]
+    assert objective.select(scores).tolist() == [0, 1, 2]
+    assert objective.kept_count(5) == 5
+    losses = torch.tensor([1.0, 2.0, 3.0])
+    value, weights = objective(losses, scores=scores, row_ids=row_ids)
+    plain_value, plain_weights = objective(losses)
+    assert torch.equal(value, plain_value) and torch.equal(weights, plain_weights)
+
+
+def test_group_selects_top_k_ties_by_row_id():
+    """scores (2, 5, 2, 2, 1, 0), ratio 0.5 -> k = 3: row 1 (5) first; the three 2s tie at positions 0, 2, 3 with
+    row ids 12, 11, 10, so the smallest ids, positions 3 (id 10) and 2 (id 11), are kept: positions (1, 2, 3).
+    Without row ids the tie goes to the first positions: (0, 1, 2)."""
+    group = Group(ratio=0.5)
+    scores = torch.tensor([2.0, 5.0, 2.0, 2.0, 1.0, 0.0])
+    assert group.selects_rows
+    assert group.select(scores, torch.tensor([12, 13, 11, 10, 14, 15])).tolist() == [1, 2, 3]
+    assert group.select(scores).tolist() == [0, 1, 2]
+
+
+def test_group_selection_does_not_depend_on_the_layout():
+    """The same rows in another order (as two ranks would gather them) keep the same row ids: ids (10, 11, 13)."""
+    group = Group(ratio=0.5)
+    scores, row_ids = torch.tensor([2.0, 5.0, 2.0, 2.0, 1.0, 0.0]), torch.tensor([12, 13, 11, 10, 14, 15])
+    order = torch.tensor([4, 0, 2, 5, 1, 3])
+    kept = group.select(scores[order], row_ids[order])
+    assert sorted(row_ids[order][kept].tolist()) == [10, 11, 13]
+
+
+def test_group_keeps_top_k_losses_with_ties_in_row_order():
     """l = (2, 5, 2, 2, 1, 0), ratio 0.5 -> k = floor(3) = 3: row 1 (5), then the first two 2s (rows 0, 2);
     row 3 (also 2) is dropped by row order. Value (5 + 2 + 2)/3 = 3; weights 1/3 on rows 0, 1, 2."""
     group = Group(ratio=0.5)
     losses = torch.tensor([2.0, 5.0, 2.0, 2.0, 1.0, 0.0])
     value, weights = group(losses)
-    assert group.keep(losses).tolist() == [0, 1, 2]
+    assert group.select(losses).tolist() == [0, 1, 2]
     assert_close(value, torch.tensor(3.0))
     assert_close(weights, torch.tensor([1 / 3, 1 / 3, 1 / 3, 0.0, 0.0, 0.0]))
+
+
+def test_group_ties_by_row_ids_when_given():
+    """l = (2, 5, 2, 2, 1, 0) with row ids (12, 13, 11, 10, 14, 15): rows 1, 2, 3 kept (ids 13, 11, 10).
+    Value (5 + 2 + 2)/3 = 3; weights 1/3 on positions 1, 2, 3."""
+    losses = torch.tensor([2.0, 5.0, 2.0, 2.0, 1.0, 0.0])
+    value, weights = Group(ratio=0.5)(losses, row_ids=torch.tensor([12, 13, 11, 10, 14, 15]))
+    assert_close(value, torch.tensor(3.0))
+    assert_close(weights, torch.tensor([0.0, 1 / 3, 1 / 3, 1 / 3, 0.0, 0.0]))
 
 
 @pytest.mark.parametrize(("ratio", "batch", "k"), [(0.5, 8, 4), (0.5, 5, 2), (0.3, 4, 1), (0.01, 4, 1), (1.0, 3, 3)])
 def test_group_kept_count(ratio, batch, k):
     """k = max(1, floor(ratio B)): 4, floor(2.5) = 2, floor(1.2) = 1, max(1, 0) = 1, 3."""
     assert Group(ratio=ratio).kept_count(batch) == k
+    assert Group(ratio=ratio).select(torch.arange(batch, dtype=torch.float32)).numel() == k
     _, weights = Group(ratio=ratio)(torch.arange(batch, dtype=torch.float32))
     assert int((weights > 0).sum()) == k
 
@@ -208,6 +253,15 @@ def test_group_ranks_by_scores_when_given():
     value, weights = Group(ratio=0.5)(losses, scores)
     assert_close(value, torch.tensor(1.0))
     assert_close(weights, torch.tensor([1 / 3, 0.0, 0.0, 0.0, 1 / 3, 1 / 3]))
+
+
+def test_group_ignores_the_dropped_entries():
+    """Only the kept rows enter the value: l = (2, nan, 7, inf) with scores (1, 0, 1, 0) -> (2 + 7)/2 = 4.5, as the
+    module passes dropped rows it never back-propagated through."""
+    losses = torch.tensor([2.0, float("nan"), 7.0, float("inf")])
+    value, weights = Group(ratio=0.5)(losses, torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    assert_close(value, torch.tensor(4.5))
+    assert_close(weights, torch.tensor([0.5, 0.0, 0.5, 0.0]))
 
 
 def test_group_gradient_is_mean_gradient_of_kept_rows():
@@ -237,16 +291,14 @@ def test_group_finite_for_large_losses():
     assert torch.isfinite(weights).all()
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        ({"ratio": 0.0}, "ratio=0.0"),
-        ({"ratio": 1.5}, "ratio=1.5"),
-        ({"ratio": -0.5}, "ratio=-0.5"),
-        ({"score": "nll"}, "score='nll'"),
-        ({"passes": "three"}, "passes='three'"),
-    ],
-)
-def test_group_rejects_invalid_flags(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        Group(**kwargs)
+@pytest.mark.parametrize("ratio", [0.0, 1.5, -0.5])
+def test_group_rejects_invalid_ratio(ratio):
+    with pytest.raises(ValueError, match=f"ratio={ratio}"):
+        Group(ratio=ratio)
+
+
+def test_group_takes_only_its_ratio():
+    """How rows are scored and how many passes that takes are options of the training module, not of Group."""
+    for moved in ("score", "passes", "subsample_retain"):
+        with pytest.raises(TypeError, match=moved):
+            Group(**{moved: "loss"})

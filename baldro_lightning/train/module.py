@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 import lightning as L
 import torch
@@ -24,7 +24,7 @@ from baldro_lightning.train.logprobs import SequenceLogProbs, sequence_logprobs
 from baldro_lightning.train.lora import LoRA, add_adapters
 from baldro_lightning.train.losses import NLL, PerSampleLoss
 from baldro_lightning.train.models import TorchDtype, enable_activation_checkpointing, eval_mode, load_causal_lm
-from baldro_lightning.train.objectives import Group, Mean, Objective
+from baldro_lightning.train.objectives import Mean, Objective
 from baldro_lightning.train.sharding import (
     data_parallel_mesh,
     fsdp1_callback_problems,
@@ -33,6 +33,11 @@ from baldro_lightning.train.sharding import (
 )
 
 log = logging.getLogger(__name__)
+
+SelectionPasses = Literal["two", "one", "released"]
+SelectionScore = Literal["loss", "mean_nll"]
+# The defaults of the options that only a forget objective which selects rows uses.
+_SELECTION_DEFAULTS = {"selection_passes": "two", "selection_score": "loss", "subsample_retain": False}
 
 
 def _storage_ptr(param: Tensor) -> int:
@@ -241,6 +246,10 @@ class UnlearningModule(CausalLMModule):
     with the policy itself before the first update (it *is* the reference then), so no second model is held.
     With ``lora`` only the adapters train and the live reference is the policy with its adapters switched off,
     so no second model is held either.
+
+    Every forget objective is called alike, ``objective(global_losses, scores=..., row_ids=...)``. One that selects
+    rows (``selects_rows``, e.g. BalDRO-G) is first asked which rows to keep (``select``) on scores from a scoring
+    pass, and only the kept rows' losses carry autograd; ``selection_passes`` and ``selection_score`` say how.
     """
 
     def __init__(
@@ -253,19 +262,37 @@ class UnlearningModule(CausalLMModule):
         gamma: float = 1.0,
         alpha: float = 1.0,
         reference: Literal["live", "cached"] = "live",
+        selection_passes: SelectionPasses = "two",
+        selection_score: SelectionScore = "loss",
+        subsample_retain: bool = False,
         **kwargs,
     ) -> None:
-        """Args:
-        model: Hugging Face model directory or Hub id: the policy, and the frozen reference.
-        forget_loss: Per-sample loss on forget rows (``baldro_lightning.train.losses``).
-        retain_loss: Per-sample loss on retain rows; ``None`` turns the retain term off.
-        forget_objective: Reduction of the forget losses over the batch (``baldro_lightning.train.objectives``); Mean.
-        retain_objective: Reduction of the retain losses; Mean.
-        gamma: Weight of the forget term.
-        alpha: Weight of the retain term (the paper's lambda).
-        reference: ``live``: a frozen reference model; ``cached``: forget-set log-likelihoods computed once.
-        **kwargs: The optimizer, schedule, dtype, checkpointing and LoRA options of :class:`CausalLMModule`
-            (``--model.init_args.optimizer``, ``weight_decay``, ``lr_schedule``, ``warmup_epochs``, …).
+        """The losses, objectives and weights of the unlearning step; the models load later, in ``configure_model``.
+
+        Args:
+            model: Hugging Face model directory or Hub id: the policy, and the frozen reference.
+            forget_loss: Per-sample loss on forget rows (``baldro_lightning.train.losses``).
+            retain_loss: Per-sample loss on retain rows; ``None`` turns the retain term off.
+            forget_objective: Reduction of the forget losses over the batch (``baldro_lightning.train.objectives``);
+                Mean.
+            retain_objective: Reduction of the retain losses; Mean. The ``selection_*`` options concern the forget
+                objective only.
+            gamma: Weight of the forget term.
+            alpha: Weight of the retain term (the paper's lambda).
+            reference: ``live``: a frozen reference model; ``cached``: forget-set log-likelihoods computed once.
+            selection_passes: For a forget objective that selects rows (BalDRO-G): ``two``, a no-grad scoring pass
+                over the forget batch, then the gradient pass on the kept rows only; ``one``, a single gradient pass
+                over every row with the dropped rows weighted 0 (back-propagates through all of them);
+                ``released``, as ``two`` but the scoring pass builds an autograd graph, as the released code does
+                (P-6). Any other forget objective keeps every row and takes one pass; leave this at ``two`` then.
+            selection_score: What a selecting forget objective ranks the rows by (higher = harder): ``loss``, the
+                per-sample forget loss (the paper); ``mean_nll``, the lowest current mean NLL, the released code's
+                hardness proxy (P-6).
+            subsample_retain: Also cut the retain batch to a random ``forget_objective.kept_count(B)`` of its rows
+                (seeded by the step), as the released BalDRO-G does; this halves the retain signal at ratio 0.5.
+                Only with a selecting forget objective.
+            **kwargs: The optimizer, schedule, dtype, checkpointing and LoRA options of :class:`CausalLMModule`
+                (``--model.init_args.optimizer``, ``weight_decay``, ``lr_schedule``, ``warmup_epochs``, …).
         """
         super().__init__(model, **kwargs)
         self.forget_loss = forget_loss
@@ -275,6 +302,9 @@ class UnlearningModule(CausalLMModule):
         self.gamma = gamma
         self.alpha = alpha
         self.reference_mode = reference
+        self.selection_passes = selection_passes
+        self.selection_score = selection_score
+        self.subsample_retain = subsample_retain
         self._validate()
         self.reference: PreTrainedModel | None = None
         # The reference is rebuilt from `model` on load, so checkpoints omit it and loading must be non-strict.
@@ -297,6 +327,19 @@ class UnlearningModule(CausalLMModule):
             problems.append(f"--model.forget_loss={type(self.forget_loss).__name__} is a retain loss (KL)")
         if self.gamma < 0 or self.alpha < 0:
             problems.append(f"--model.gamma and --model.alpha must be >= 0, got gamma={self.gamma}, alpha={self.alpha}")
+        for flag, choices in (("selection_passes", SelectionPasses), ("selection_score", SelectionScore)):
+            if getattr(self, flag) not in get_args(choices):
+                problems.append(
+                    f"--model.init_args.{flag} must be one of {get_args(choices)}, got {getattr(self, flag)!r}"
+                )
+        if not self.forget_objective.selects_rows:
+            objective = type(self.forget_objective).__name__
+            for flag, default in _SELECTION_DEFAULTS.items():
+                if getattr(self, flag) != default:
+                    problems.append(
+                        f"--model.init_args.{flag}={getattr(self, flag)!r} applies only to a forget objective that "
+                        f"selects rows (e.g. objectives.Group); {objective} keeps every row. Remove the flag."
+                    )
         if self.retain_loss is None and self.alpha != 0:
             log.info("no --model.retain_loss given: the retain term is off (alpha=%s ignored)", self.alpha)
         if problems:
@@ -415,36 +458,13 @@ class UnlearningModule(CausalLMModule):
             global_token_count=dist_ops.all_reduce_sum(count.sum()),
         )
 
-    def _group_selection(
-        self, scoring: SequenceLogProbs, ref: SequenceLogProbs | None, index: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """BalDRO-G's ranking over the global batch, without autograd.
-
-        Returns ``(rows, real, kept)``: local rows for the loss (a rank with no kept row still runs row 0 at weight
-        0, so collectives stay in step), a 0/1 vector marking real selections, and the kept global positions.
-        """
-        objective: Group = self.forget_objective
-        with torch.no_grad():
-            if objective.score == "loss":
-                scores = self.forget_loss(self._with_global_counts(scoring), ref)
-            else:
-                scores = -scoring.nll_mean
-        everyone, local = dist_ops.gather_with_local_grad(scores.detach())
-        kept = objective.keep(everyone, row_ids=dist_ops.gather_detached(index))
-        mine = kept[(kept >= local.start) & (kept < local.stop)] - local.start
-        if mine.numel() == 0:
-            placeholder = torch.zeros(1, dtype=torch.long, device=self.device)
-            return placeholder, torch.zeros(1, device=self.device), kept
-        return mine, torch.ones(mine.numel(), device=self.device), kept
-
     def _forget_term(self, forget: Batch, retain: Batch | None) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple | None]:
         """Forward passes and the forget objective.
 
         Returns ``(forget_value, global_weights, global_losses, global_index, retain_stats)``; ``global_losses``
-        holds each forget row's loss before reweighting (from the scoring pass for BalDRO-G).
+        holds each forget row's loss before reweighting (from the scoring pass when the objective selects rows).
         """
-        loss_fn, objective = self.forget_loss, self.forget_objective
-        need_live_forget = loss_fn.requires_reference and self.reference_mode == "live"
+        need_live_forget = self.forget_loss.requires_reference and self.reference_mode == "live"
         need_live_retain = retain is not None and self.retain_loss.requires_reference
         vocab_r = retain is not None and self.retain_loss.requires_vocab
 
@@ -452,57 +472,92 @@ class UnlearningModule(CausalLMModule):
         ref_stats = self._reference_stats(ref_parts, [False] * need_live_forget + [vocab_r] * need_live_retain)
         ref_forget = ref_stats[0] if need_live_forget else None
         ref_retain = ref_stats[-1] if need_live_retain else None
-        if loss_fn.requires_reference and self.reference_mode == "cached":
+        if self.forget_loss.requires_reference and self.reference_mode == "cached":
             ref_forget = self._cached_reference(forget)
         index = dist_ops.gather_detached(forget["index"])
         retain_part = [retain] if retain is not None else []
         vocab_part = [vocab_r] if retain is not None else []
 
-        if not isinstance(objective, Group):
+        if self.forget_objective.selects_rows:
+            local, scores, row_losses, policy_retain = self._selected_forget_losses(
+                forget, retain_part, vocab_part, ref_forget, index
+            )
+        else:
             stats = self.forward_stats(self.policy, [forget, *retain_part], [False, *vocab_part])
-            losses = loss_fn(self._with_global_counts(stats[0]), ref_forget)
-            everyone, _ = dist_ops.gather_with_local_grad(losses)
-            value, weights = objective(everyone)
-            retain_stats = (stats[1], ref_retain) if retain is not None else None
-            return value, weights, everyone.detach(), index, retain_stats
+            local = self.forget_loss(self._with_global_counts(stats[0]), ref_forget)
+            scores, row_losses, policy_retain = None, None, stats[1:]
+        everyone, _ = dist_ops.gather_with_local_grad(local)
+        value, weights = self.forget_objective(everyone, scores=scores, row_ids=index)
+        row_losses = everyone.detach() if row_losses is None else row_losses
+        retain_stats = (policy_retain[0], ref_retain) if retain is not None else None
+        return value, weights, row_losses, index, retain_stats
 
-        if objective.passes == "one":
+    def _selected_forget_losses(
+        self,
+        forget: Batch,
+        retain_part: list[Batch],
+        vocab_part: list[bool],
+        ref_forget: SequenceLogProbs | None,
+        index: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor, list[SequenceLogProbs]]:
+        """Score every forget row, let the objective select over the global batch, then take the kept rows' losses.
+
+        ``selection_passes`` decides the forward passes and ``selection_score`` what the rows are ranked by.
+
+        Returns:
+            ``(local, scores, row_losses, policy_retain)``: this rank's (B,) forget losses, the kept rows' from the
+            gradient pass (with autograd) and the others' from the scoring pass; the global (B,) scores the rows
+            were ranked by; every row's scoring-pass loss over the global batch (detached); the policy's
+            statistics of the retain rows, if any.
+        """
+        if self.selection_passes == "one":
             # One pass over every row; dropped rows get no loss term but are still back-propagated through.
             stats = self.forward_stats(self.policy, [forget, *retain_part], [False, *vocab_part])
             scoring = stats[0]
         else:
             # The efficient form: rank under no_grad, then run the gradient pass on the kept rows only.
             # "released" builds the ranking graph anyway, as the authors' code does (P-6), for timing parity.
-            grad_mode = torch.enable_grad() if objective.passes == "released" else torch.no_grad()
+            grad_mode = torch.enable_grad() if self.selection_passes == "released" else torch.no_grad()
             with grad_mode:
                 (scoring,) = self.forward_stats(self.policy, [forget])
-        all_losses = loss_fn(self._with_global_counts(scoring), ref_forget).detach()
-        rows, real, kept = self._group_selection(scoring, ref_forget, forget["index"])
-        ref_kept = None if ref_forget is None else ref_forget.select(rows)
-        if objective.passes == "one":
-            policy_kept = scoring.select(rows)
+        row_losses = self.forget_loss(self._with_global_counts(scoring), ref_forget).detach()
+        with torch.no_grad():
+            scores = row_losses if self.selection_score == "loss" else -scoring.nll_mean
+        everyone, local = dist_ops.gather_with_local_grad(scores)
+        kept = self.forget_objective.select(everyone, row_ids=index)
+        mine = kept[(kept >= local.start) & (kept < local.stop)] - local.start
+        # A rank none of whose rows was kept still runs row 0 at weight 0, so that its backward reaches every
+        # parameter and the data-parallel collectives stay in step.
+        real = torch.ones(mine.numel(), device=self.device)
+        if mine.numel() == 0:
+            mine, real = torch.zeros(1, dtype=torch.long, device=self.device), torch.zeros(1, device=self.device)
+
+        ref_kept = None if ref_forget is None else ref_forget.select(mine)
+        if self.selection_passes == "one":
+            policy_kept, policy_retain = scoring.select(mine), stats[1:]
         else:
-            stats = self.forward_stats(self.policy, [select_rows(forget, rows), *retain_part], [False, *vocab_part])
-            policy_kept = stats[0]
+            stats = self.forward_stats(self.policy, [select_rows(forget, mine), *retain_part], [False, *vocab_part])
+            policy_kept, policy_retain = stats[0], stats[1:]
         # Token-pooled losses pool over the kept rows' tokens, as the released Group* trainers do.
-        losses = loss_fn(self._with_global_counts(policy_kept, real), ref_kept)
-        everyone, _ = dist_ops.gather_with_local_grad(losses * real)
-        weights = torch.zeros(index.numel(), device=self.device)
-        weights[kept] = 1.0 / kept.numel()
-        retain_stats = (stats[1], ref_retain) if retain is not None else None
-        return everyone.sum() / kept.numel(), weights, dist_ops.gather_detached(all_losses), index, retain_stats
+        losses = self.forget_loss(self._with_global_counts(policy_kept, real), ref_kept)
+        # The placeholder row keeps its scoring-pass value but stays in the graph (with gradient 0).
+        kept_losses = torch.where(real.bool(), losses, row_losses.index_select(0, mine))
+        local_losses = row_losses.index_put((mine,), kept_losses)
+        return local_losses, everyone, dist_ops.gather_detached(row_losses), policy_retain
 
     def _retain_term(self, retain_stats: tuple[SequenceLogProbs, SequenceLogProbs | None]) -> Tensor:
         policy_retain, ref_retain = retain_stats
         losses = self.retain_loss(self._with_global_counts(policy_retain), ref_retain)
         everyone, _ = dist_ops.gather_with_local_grad(losses)
-        value, _ = self.retain_objective(everyone, None)
+        value, _ = self.retain_objective(everyone)
         return value
 
     def _subsample_retain(self, retain: Batch, forget_rows: int) -> Batch:
-        """The released BalDRO-G keeps a random ``k`` of the retain rows too (P-6); seeded by the step."""
-        objective: Group = self.forget_objective
-        k = min(objective.kept_count(forget_rows), batch_size(retain))
+        """A random ``k`` of the retain rows, ``k`` the forget rows the objective keeps (released BalDRO-G, P-6).
+
+        Seeded by the step; ranks draw from their own rows alike, so the rows differ from a 1-process run's.
+        """
+        k = min(self.forget_objective.kept_count(forget_rows), batch_size(retain))
         generator = torch.Generator().manual_seed(self.global_step)
         rows = torch.randperm(batch_size(retain), generator=generator)[:k].sort().values
         return select_rows(retain, rows)
@@ -514,7 +569,7 @@ class UnlearningModule(CausalLMModule):
             # KL over all positions averages over the padded length, which must be the global batch's.
             longest = dist_ops.all_reduce_max(torch.tensor(retain["input_ids"].shape[1], device=self.device))
             retain = pad_rows_to(retain, int(longest.item()), self.pad_token_id)
-        if retain is not None and isinstance(self.forget_objective, Group) and self.forget_objective.subsample_retain:
+        if retain is not None and self.subsample_retain:
             retain = self._subsample_retain(retain, batch_size(forget))
 
         forget_value, weights, losses, index, retain_stats = self._forget_term(forget, retain)

@@ -10,6 +10,10 @@ What the DRO "batch" is: the distribution the inner sup ranges over is the set o
 micro-step across all ranks (the global micro-batch). Under gradient accumulation each micro-batch is reweighted on
 its own and the accumulated gradient is the mean of the micro-batch objectives, as in the released code (P-4); only
 :class:`Mean` is invariant to how a batch is split into micro-batches.
+
+Selecting objectives (:class:`Group`) put weight on a subset of the rows only. They say which through the
+:meth:`Objective.select` hook every objective has (the others keep every row), so the training module can score
+the batch first and back-propagate through the kept rows alone, without knowing which objective it runs.
 """
 
 from __future__ import annotations
@@ -17,21 +21,45 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 
 class Objective(ABC):
-    """Reduction of per-sample losses ``(B,)`` to ``(scalar, detached weights (B,))``."""
+    """Reduction of per-sample losses ``(B,)`` to ``(scalar, detached weights (B,))``, optionally over a subset.
+
+    An objective that keeps only some rows (``selects_rows``) says which through :meth:`select`; the training module
+    then scores the rows first, runs the gradient pass on the kept ones only and calls the objective as any other.
+    """
+
+    selects_rows: ClassVar[bool] = False
+    """Whether :meth:`select` can drop rows; if so the module scores the batch before the gradient pass."""
+
+    def kept_count(self, batch_size: int) -> int:
+        """How many rows of a batch of ``batch_size`` :meth:`select` keeps; all of them unless it selects."""
+        return batch_size
+
+    def select(self, scores: Tensor, row_ids: Tensor | None = None) -> Tensor:
+        """Positions of the rows the objective puts weight on, ascending; every row unless it selects.
+
+        Args:
+            scores: (B,) hardness of each row (higher = harder), without autograd.
+            row_ids: (B,) dataset row index of each row, for tie-breaks that do not depend on the batch layout;
+                ``None`` = position.
+        """
+        return torch.arange(scores.numel(), device=scores.device)
 
     @abstractmethod
-    def __call__(self, losses: Tensor, scores: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def __call__(
+        self, losses: Tensor, scores: Tensor | None = None, row_ids: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Reduce ``losses`` (B,) to a scalar; also return the detached per-sample weights (B,).
 
-        ``scores`` (B,) is an optional hardness for objectives that select rows (higher = harder); the others
-        ignore it.
+        ``scores`` and ``row_ids`` (B,) are what :meth:`select` ranks by (``scores=None``: the losses); objectives
+        that keep every row ignore them. A row outside the selection gets weight 0, and its entry of ``losses``
+        may carry no autograd.
         """
 
 
@@ -47,7 +75,9 @@ def _as_fp32(losses: Tensor) -> Tensor:
 class Mean(Objective):
     """Plain average: the base method with no reweighting."""
 
-    def __call__(self, losses: Tensor, scores: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def __call__(
+        self, losses: Tensor, scores: Tensor | None = None, row_ids: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         losses = _as_fp32(losses)
         weights = torch.full_like(losses, 1.0 / losses.numel())
         return losses.mean(), weights.detach()
@@ -79,7 +109,9 @@ class DV(Objective):
         if self.sign not in ("paper", "released"):
             raise ValueError(f"DV sign must be 'paper' or 'released', got sign={self.sign!r}")
 
-    def __call__(self, losses: Tensor, scores: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def __call__(
+        self, losses: Tensor, scores: Tensor | None = None, row_ids: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         losses = _as_fp32(losses)
         direction = 1.0 if self.sign == "paper" else -1.0
         # fp64 on B scalars: at large tau, tau * (logsumexp - log B) cancels catastrophically in fp32.
@@ -92,39 +124,26 @@ class DV(Objective):
 class Group(Objective):
     """BalDRO-G: the mean loss of the hardest fraction of the batch (paper Eq. 8, top-50%).
 
-    The rows are ranked by a selection score without building an autograd graph; ties are broken by row order
-    (stable sort) so the choice is deterministic. Kept rows share the weight equally, dropped rows get 0.
+    The rows are ranked by a selection score (higher = harder; by default the loss itself); ties go to the smaller
+    row id, so the choice is deterministic and does not depend on how the batch is split across ranks. Kept rows
+    share the weight equally, dropped rows get 0. How the rows are scored (the forget loss or the released code's
+    mean-NLL proxy), how many forward passes that takes, and whether the retain batch is cut too, are options of
+    the training module (``selection_score``, ``selection_passes``, ``subsample_retain``).
     """
 
+    selects_rows: ClassVar[bool] = True
     ratio: float = 0.5
     """Fraction of the forget batch kept: ``k = max(1, floor(ratio * B))``."""
-    score: Literal["loss", "mean_nll"] = "loss"
-    """``loss``: rank by the per-sample forget loss (the paper); ``mean_nll``: by lowest current mean NLL, the
-    released code's hardness proxy (P-6)."""
-    passes: Literal["two", "one", "released"] = "two"
-    """``two``: a no-grad scoring pass over the forget batch, then the gradient pass on the kept rows only;
-    ``one``: a single gradient pass over every row with dropped rows weighted 0 (back-propagates through all);
-    ``released``: as ``two`` but the scoring pass builds an autograd graph, as the released code does (P-6)."""
-    subsample_retain: bool = False
-    """Also cut the retain batch to a random ``k`` rows, as the released code does (halves the retain signal)."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ratio <= 1.0:
             raise ValueError(f"Group ratio must be in (0, 1], got ratio={self.ratio}")
-        if self.score not in ("loss", "mean_nll"):
-            raise ValueError(f"Group score must be 'loss' or 'mean_nll', got score={self.score!r}")
-        if self.passes not in ("two", "one", "released"):
-            raise ValueError(f"Group passes must be 'two', 'one' or 'released', got passes={self.passes!r}")
 
     def kept_count(self, batch_size: int) -> int:
         return max(1, math.floor(self.ratio * batch_size))
 
-    def keep(self, scores: Tensor, row_ids: Tensor | None = None) -> Tensor:
-        """Positions of the ``k`` largest ``scores`` (higher = harder), in ascending position order.
-
-        Ties go to the smaller ``row_ids`` (dataset row index; default: position), so the same rows are kept
-        however the batch is laid out across ranks.
-        """
+    def select(self, scores: Tensor, row_ids: Tensor | None = None) -> Tensor:
+        """Positions of the ``k`` largest ``scores``, in ascending position order; ties go to the smaller row id."""
         with torch.no_grad():
             scores = scores.detach().float()
             ties = torch.arange(scores.numel(), device=scores.device) if row_ids is None else row_ids.to(scores.device)
@@ -132,13 +151,15 @@ class Group(Objective):
             by_score = torch.sort(scores[by_id], descending=True, stable=True).indices
             return by_id[by_score][: self.kept_count(scores.numel())].sort().values
 
-    def __call__(self, losses: Tensor, scores: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def __call__(
+        self, losses: Tensor, scores: Tensor | None = None, row_ids: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         losses = _as_fp32(losses)
-        kept = self.keep(losses if scores is None else scores)
-        mask = torch.zeros_like(losses, dtype=torch.bool)
-        mask[kept] = True
-        weights = mask.float() / kept.numel()
-        return (losses * weights).sum(), weights.detach()
+        kept = self.select(losses if scores is None else scores, row_ids)
+        weights = torch.zeros_like(losses)
+        weights[kept] = 1.0 / kept.numel()
+        # Only the kept entries enter the value: the module fills the dropped ones from its scoring pass.
+        return losses[kept].sum() / kept.numel(), weights.detach()
 
 
 # Objectives are saved in checkpoint hyper-parameters; torch.load(weights_only=True) must accept them on resume.

@@ -34,11 +34,11 @@ from baldro_lightning.train.objectives import DV, Group, Mean
 VARIANTS = {
     "npo": dict(forget_objective=Mean(), reference="live"),
     "npo_dv": dict(forget_objective=DV(tau=2.0), reference="live"),
-    "npo_g": dict(forget_objective=Group(passes="two"), reference="live"),
-    "npo_g_one_pass": dict(forget_objective=Group(passes="one"), reference="live"),
-    "npo_g_released": dict(forget_objective=Group(passes="released"), reference="live"),
+    "npo_g": dict(forget_objective=Group(), selection_passes="two", reference="live"),
+    "npo_g_one_pass": dict(forget_objective=Group(), selection_passes="one", reference="live"),
+    "npo_g_released": dict(forget_objective=Group(), selection_passes="released", reference="live"),
     "npo_g_released_subsample": dict(
-        forget_objective=Group(passes="released", subsample_retain=True), reference="live"
+        forget_objective=Group(), selection_passes="released", subsample_retain=True, reference="live"
     ),
     "npo_cached": dict(forget_objective=Mean(), reference="cached"),
 }
