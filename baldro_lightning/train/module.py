@@ -211,11 +211,13 @@ class FinetuneModule(CausalLMModule):
     """Plain NLL fine-tuning: how the embedded target and retain models are trained."""
 
     def __init__(self, model: str, loss: PerSampleLoss | None = None, **kwargs) -> None:
-        """Args:
-        model: Hugging Face model directory or Hub id to fine-tune.
-        loss: Per-sample training loss; NLL by default.
-        **kwargs: The optimizer, schedule, dtype, checkpointing and LoRA options of :class:`CausalLMModule`
-            (``--model.init_args.optimizer``, ``weight_decay``, ``lr_schedule``, ``warmup_epochs``, …).
+        """Fine-tune a causal LM with a per-sample loss (NLL by default): how target and retain models are made.
+
+        Args:
+            model: Hugging Face model directory or Hub id to fine-tune.
+            loss: Per-sample training loss; NLL by default.
+            **kwargs: The optimizer, schedule, dtype, checkpointing and LoRA options of :class:`CausalLMModule`
+                (``--model.init_args.optimizer``, ``weight_decay``, ``lr_schedule``, ``warmup_epochs``, …).
         """
         # Explicit **kwargs into the base: LightningCLI (jsonargparse) follows them to CausalLMModule's signature,
         # so the YAML keys and their types are the base's, written once.
