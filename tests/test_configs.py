@@ -84,7 +84,7 @@ def test_combination_instantiates(name: str, monkeypatch, tmp_path):
     if isinstance(cli.model, UnlearningModule):
         assert cli.datamodule.tokenizer_path == cli.model.model_path
     if isinstance(cli.model, UnlearningModule) and isinstance(cli.datamodule, MuseDataModule):
-        # Spec §5.1: MUSE unlearning runs use a constant learning rate, no warm-up and no weight decay.
+        # Methods §5.1: MUSE unlearning runs use a constant learning rate, no warm-up and no weight decay.
         assert (cli.model.lr_schedule, cli.model.warmup_epochs, cli.model.weight_decay) == ("constant", 0.0, 0.0)
         assert any(isinstance(c, MuseEvaluation) for c in cli.trainer.callbacks)
     if cli.trainer is None:

@@ -1,7 +1,7 @@
 """Hand-computed checks of ``train.logprobs`` and the per-sample losses of ``train.losses``.
 
 Expected numbers are worked out in each docstring and recomputed with :mod:`math` in float64, never with the
-function under test. Notation follows spec §0.2: ``s`` sequence-sum NLL, ``n`` label count, ``m = s / n``,
+function under test. Notation follows methods §0.2: ``s`` sequence-sum NLL, ``n`` label count, ``m = s / n``,
 ``r`` the sequence-sum log-ratio to the reference, ``N`` the labelled tokens of the batch, ``B`` its rows.
 """
 
@@ -114,7 +114,7 @@ def test_shift_by_hand_on_two_token_vocab():
 
 
 def test_nll_mean_of_a_row_without_labels_is_zero_not_nan():
-    """P-16: a row whose answer was truncated away has n = 0, s = 0 -> m = 0 / max(0, 1) = 0."""
+    """methods P-16: a row whose answer was truncated away has n = 0, s = 0 -> m = 0 / max(0, 1) = 0."""
     logits = torch.randn(2, 4, 5)
     labels = torch.tensor([[-100, -100, -100, -100], [-100, 1, 2, 3]])
     stats = sequence_logprobs(logits, labels)
@@ -170,7 +170,7 @@ def test_unknown_normalization_is_rejected():
 def test_npo_values_by_hand():
     """beta = 0.1, so 2/beta = 20 and l = 20 · softplus(0.1 r).
 
-    r = 0:   20 ln 2              = 13.862944 (the step-0 sanity value of spec §2.4)
+    r = 0:   20 ln 2              = 13.862944 (the step-0 sanity value of methods §2.4)
     r = -10: 20 ln(1 + e^-1)      = 20 · 0.3132617 = 6.265234
     r = -20: 20 ln(1 + e^-2)      = 20 · 0.1269280 = 2.538560
     r = +5:  20 ln(1 + e^0.5)     = 20 · 0.9740770 = 19.481541
@@ -342,7 +342,7 @@ def test_kl_direction_is_reference_to_policy():
 
 def test_kl_all_averages_every_predicting_position():
     """F.kl_div(log p_pol, log p_ref, 'batchmean', log_target=True) over the (B·(T-1), V) predicting rows: the
-    reference's unmasked average (P-12) less each row's final position, which predicts no token."""
+    reference's unmasked average (methods P-12) less each row's final position, which predicts no token."""
     generator = torch.Generator().manual_seed(3)
     policy_logits = torch.randn(2, 4, 5, generator=generator)
     reference_logits = torch.randn(2, 4, 5, generator=generator)

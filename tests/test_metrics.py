@@ -1,4 +1,4 @@
-"""Hand-computed checks of the evaluation metrics in ``baldro_lightning.evaluation.metrics`` (spec §3).
+"""Hand-computed checks of the evaluation metrics in ``baldro_lightning.evaluation.metrics`` (methods §3).
 
 Each test writes its arithmetic in the docstring or a comment; a second, independent computation (brute force)
 backs the cases that are awkward by hand (KS p-value, ES loop, MinK++ statistics).

@@ -274,7 +274,7 @@ def test_hub_id_of_the_other_corpus_and_offline_flag(monkeypatch: pytest.MonkeyP
 
 def test_chunk_token_ids_windows() -> None:
     assert chunk_token_ids(list(range(10)), 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    # N a multiple of the length: no empty last window (the reference would make one, P-17).
+    # N a multiple of the length: no empty last window (the reference would make one, methods P-17).
     assert chunk_token_ids(list(range(8)), 4) == [[0, 1, 2, 3], [4, 5, 6, 7]]
     with pytest.raises(ValueError, match=r"max_length must be >= 1"):
         chunk_token_ids([1], 0)

@@ -1,4 +1,4 @@
-"""Hand-computed checks of the DRO objectives in ``baldro_lightning.train.objectives`` (spec §2.12, paper Eqs. 8-12).
+"""Hand-computed checks of the DRO objectives in ``baldro_lightning.train.objectives`` (methods §2.12, paper Eqs. 8-12).
 
 Each objective returns ``(value, weights)``; the tests check the value by hand, that the weights are the
 gradient of the value with respect to each per-sample loss, and the limits the paper states (Sec. 4.3.2).

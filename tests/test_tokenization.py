@@ -227,7 +227,7 @@ def test_pad_equal_to_eos_keeps_real_eos_attended(tmp_path: Path, caplog: pytest
     assert batch["attention_mask"][0].tolist() == [1] * 8 + [0] * 3
     assert batch["labels"][0].tolist() == [M] * 6 + [V["Paris"], EOS, M, M, M]
     assert batch["attention_mask"][1].tolist() == [1] * 11
-    # The reference mask (ids != pad) hides the real EOS too (P-14); kept only as a parity switch.
+    # The reference mask (ids != pad) hides the real EOS too (methods P-14); kept only as a parity switch.
     parity = collate(items, tok.pad_token_id, attention_from="pad_ids")
     assert parity["attention_mask"][0].tolist() == [1] * 7 + [0] * 4
     assert parity["attention_mask"][1].tolist() == [1] * 10 + [0]

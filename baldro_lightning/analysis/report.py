@@ -13,7 +13,7 @@ Reads each run's evaluations (``<run>/tensorboard/eval/step_N/eval.json`` and ``
   (Fig. 3), each drawn when the runs hold what it needs.
 
 Every number is the run's **last** evaluation: choosing the epoch with the best forget quality would select on
-the test metric itself (spec P-24). A directory argument without evaluations of its own is read as a sweep root
+the test metric itself (methods P-24). A directory argument without evaluations of its own is read as a sweep root
 and each sub-directory as a run.
 """
 
@@ -89,7 +89,7 @@ CORPUS_NAMES = {"news": "News", "books": "Books"}
 
 
 def fluency(generations: Sequence[str], classifier: str, max_length: int = 32, batch_size: int = 32) -> float:
-    """Mean probability of the "clean" class of a gibberish classifier over generations (spec §3.5).
+    """Mean probability of the "clean" class of a gibberish classifier over generations (methods §3.5).
 
     The class is the label named ``clean`` in the classifier's ``id2label``, else index 0 as in open-unlearning.
     """
@@ -210,7 +210,7 @@ def write_report(
     md = ["# Unlearning report", ""]
     md += [
         f"{len(runs)} runs. Each number is a run's last evaluation (not its best epoch, which would select on the "
-        "test metric, spec P-24).",
+        "test metric, methods P-24).",
         "",
         f"**Selection rule.** For every forget split and method, the row shows {rule.describe()}.",
         "",

@@ -2,7 +2,7 @@
 
 A run is a directory written by ``fit`` (its in-training evaluations and the ``config.yaml`` LightningCLI saved) or
 an ``eval.json`` of the evaluate commands. Every number is the run's **last** evaluation: choosing the epoch with
-the best forget quality would select on the test metric itself (spec P-24).
+the best forget quality would select on the test metric itself (methods P-24).
 """
 
 from __future__ import annotations

@@ -94,7 +94,7 @@ class ForgetRetainSampler(ShardedPermutation):
     """Yields ``(forget_row, retain_row)``: forget rows in a seeded order, each with a uniformly drawn retain row.
 
     The retain draw is with replacement and independent of the forget row (the reference's forget-anchored
-    pairing, spec §1.4), but it comes from the sampler's seeded generator rather than the global RNG, so it is
+    pairing, methods §1.4), but it comes from the sampler's seeded generator rather than the global RNG, so it is
     reproducible and identical across world sizes.
     """
 

@@ -1,4 +1,4 @@
-"""MUSE benchmark data: split schemas, loading, tokenisation and the Lightning data modules (spec §1.5).
+"""MUSE benchmark data: split schemas, loading, tokenisation and the Lightning data modules (methods §1.5).
 
 Every MUSE split is named ``{config}/{split}`` (``raw/forget``, ``knowmem/forget_qa``, ``verbmem/forget``,
 ``privleak/holdout``...; see :data:`MUSE_SPLITS`). :func:`load_muse_split` reads one from
@@ -12,11 +12,11 @@ Rows are read and checked by the same code as TOFU rows (:mod:`baldro_lightning.
 fails with its path, line, field and the fix. Tokenisation follows the reference with two departures, both stated
 where they happen:
 
-- P-17: raw text is tokenised once and cut into windows of token ids; the reference decodes each window to text
+- methods P-17: raw text is tokenised once and cut into windows of token ids; the reference decodes each window to text
   and re-encodes it, which can change its length. Each chunk is BOS + exactly ``max_length`` tokens (the last one
   shorter) and no window is empty.
-- P-16: completion examples mask the common prefix of the prefix ids and the full ids (at least one position), so
-  a token merged across the prefix/continuation border stays a target, as in :func:`tokenization.encode_example`.
+- methods P-16: completion examples mask the common prefix of the prefix ids and the full ids (at least one position),
+  so a token merged across the prefix/continuation border stays a target, as in :func:`tokenization.encode_example`.
 """
 
 from __future__ import annotations
@@ -50,10 +50,10 @@ MUSE_HUB_DATASETS: dict[str, str] = {"news": "muse-bench/MUSE-News", "books": "m
 """Hub dataset id of each corpus."""
 
 DOCUMENT_SEPARATOR = "\n\n"
-"""Joins the documents of a raw split before chunking (spec §1.5)."""
+"""Joins the documents of a raw split before chunking (methods §1.5)."""
 
 SHOT_SEPARATOR = "\n\n"
-"""Ends every in-context shot of the KnowMem prompt (spec §1.2, Llama-2-hf template: ``asst_end``)."""
+"""Ends every in-context shot of the KnowMem prompt (methods §1.2, Llama-2-hf template: ``asst_end``)."""
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class MuseSplitSchema:
     fields: tuple[str, ...]
     """Fields that must be strings."""
     rows: tuple[int, int]
-    """Published rows (News, Books), spec §1.5; informative, not enforced, so small files load."""
+    """Published rows (News, Books), methods §1.5; informative, not enforced, so small files load."""
     allow_empty: bool = False
     """Whether the string fields may be empty (the published News ``raw/forget`` has one empty document)."""
 
@@ -85,7 +85,7 @@ MUSE_SPLITS: dict[str, MuseSplitSchema] = {
     "privleak/retain": MuseSplitSchema(_RAW, (100, 100)),
     "privleak/holdout": MuseSplitSchema(_RAW, (100, 100)),
 }
-"""Every MUSE split used here as ``{config}/{split}`` (spec §1.5) and the schema its rows must satisfy."""
+"""Every MUSE split used here as ``{config}/{split}`` (methods §1.5) and the schema its rows must satisfy."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -230,7 +230,7 @@ def encode_prefix(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
 
 
 def chunk_token_ids(ids: Sequence[int], max_length: int) -> list[list[int]]:
-    """Cut ``ids`` into consecutive windows of ``max_length`` tokens, the last one shorter (spec §1.5).
+    """Cut ``ids`` into consecutive windows of ``max_length`` tokens, the last one shorter (methods §1.5).
 
     The reference makes ``floor(N / max_length) + 1`` windows, which is one empty window too many when ``N`` is a
     multiple of ``max_length``; no empty window is made here.
@@ -250,7 +250,7 @@ def chunk_token_ids(ids: Sequence[int], max_length: int) -> list[list[int]]:
 def encode_pretraining_chunks(
     texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, max_length: int
 ) -> list[EncodedExample]:
-    """Training chunks of a raw corpus (spec §1.5 ``PretrainingDataset``, without the P-17 round trip).
+    """Training chunks of a raw corpus (methods §1.5 ``PretrainingDataset``, without the methods P-17 round trip).
 
     The documents are joined with ``"\\n\\n"``, tokenised once without special tokens and cut into windows of
     ``max_length`` tokens. Each chunk is the tokenizer's leading specials (BOS) plus its window; the labels mask
@@ -287,12 +287,12 @@ def encode_pretraining_chunks(
 def encode_completion(
     tokenizer: PreTrainedTokenizerBase, prefix: str, text: str, max_length: int, insert_space: bool = False
 ) -> EncodedExample:
-    """A completion example: ``prefix`` masked, ``text`` as targets (spec §1.5 ``CompletionDataset``).
+    """A completion example: ``prefix`` masked, ``text`` as targets (methods §1.5 ``CompletionDataset``).
 
     ``full = tokenizer(prefix + (" " if insert_space) + text)`` with the leading specials, truncated to the masked
     length + ``max_length``; the masked length is the common prefix of the prefix ids and the full ids (at least
-    1; P-16). VerbMem uses ``prefix=prompt, text=gt, insert_space=True``; PrivLeak uses ``prefix=""`` (only BOS
-    masked). No EOS is appended, so the last labelled token is real text (P-18: ES, EM and MinK drop it anyway,
+    1; methods P-16). VerbMem uses ``prefix=prompt, text=gt, insert_space=True``; PrivLeak uses ``prefix=""`` (only BOS
+    masked). No EOS is appended, so the last labelled token is real text (methods P-18: ES, EM and MinK drop it anyway,
     as the reference does).
 
     Args:
@@ -327,7 +327,7 @@ def encode_completion(
 def render_knowmem_prompt(
     template: PromptTemplate, shots: Sequence[Mapping[str, Any]], question: str, shot_separator: str = SHOT_SEPARATOR
 ) -> str:
-    """The plain-text KnowMem few-shot prompt (spec §1.2 Branch A, §3.7).
+    """The plain-text KnowMem few-shot prompt (methods §1.2 Branch A, methods §3.7).
 
     Each shot is ``{question_prefix}{q}{answer_prefix}{answer_separator}{a}{shot_separator}``, then the question
     follows as ``{question_prefix}{q}{answer_prefix}``; with the default template::
@@ -414,7 +414,7 @@ def raw_chunk_dataset(
 
 
 class MuseDataModule(PairedDataModule):
-    """Unlearning on MUSE: each step one batch of forget chunks and one of retain chunks (spec §1.4, §1.5).
+    """Unlearning on MUSE: each step one batch of forget chunks and one of retain chunks (methods §1.4, §1.5).
 
     Forget chunks are dealt in a seeded order and each is paired with a uniformly drawn retain chunk (the same
     :class:`ForgetRetainSampler` as TOFU), so one epoch is one pass over the forget chunks and the batches have

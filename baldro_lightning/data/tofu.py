@@ -1,6 +1,6 @@
 """TOFU benchmark splits: the schema of every config, loading from a local directory or the Hub, row validation.
 
-Each TOFU config (spec §1.1) is one list of QA rows. :func:`load_split` reads it from a local directory of
+Each TOFU config (methods §1.1) is one list of QA rows. :func:`load_split` reads it from a local directory of
 ``{name}.jsonl`` / ``{name}.json`` files or, when the source is not a directory, from a Hugging Face Hub dataset id
 (``locuslab/TOFU``). Every row is checked against the split's :class:`SplitSchema` before anything downstream sees
 it, so a broken export fails here with the file, row, field and fix instead of as a tokeniser error or a NaN metric.
@@ -32,7 +32,7 @@ class SplitSchema:
     """What every row of one TOFU config must hold."""
 
     rows: int
-    """Number of rows in the published dataset (spec §1.1); informative, not enforced, so small test files load."""
+    """Number of rows in the published dataset (methods §1.1); informative, not enforced, so small test files load."""
     string_fields: tuple[str, ...] = ("question", "answer")
     """Fields that must be non-empty strings."""
     perturbed_answers: int | None = None
@@ -63,10 +63,10 @@ TOFU_SPLITS: dict[str, SplitSchema] = {
     "real_authors": SplitSchema(rows=100),
     "world_facts": SplitSchema(rows=117),
 }
-"""Every TOFU config name (spec §1.1) and the schema its rows must satisfy."""
+"""Every TOFU config name (methods §1.1) and the schema its rows must satisfy."""
 
 _OPTIONAL_STRING_FIELDS = ("paraphrased_question",)
-# forget percentage -> retain percentage of the complementary split (spec §1.1 "Split pairing").
+# forget percentage -> retain percentage of the complementary split (methods §1.1 "Split pairing").
 _RETAIN_OF_FORGET = {"01": "99", "05": "95", "10": "90"}
 
 
@@ -86,7 +86,7 @@ def split_pairing(forget_split: str) -> tuple[str, str, str]:
     if not forget_split.startswith("forget") or percent not in _RETAIN_OF_FORGET:
         valid = ", ".join(f"forget{p}" for p in _RETAIN_OF_FORGET)
         raise BenchmarkDataError(
-            f"forget split {forget_split!r} has no retain/holdout pairing; use one of {valid} (spec §1.1) as "
+            f"forget split {forget_split!r} has no retain/holdout pairing; use one of {valid} (methods §1.1) as "
             "--data.forget_split (training) or --forget_split (python -m baldro_lightning evaluate)"
         )
     return f"retain{_RETAIN_OF_FORGET[percent]}", f"holdout{percent}", f"{forget_split}_perturbed"

@@ -1,14 +1,14 @@
 """QA pairs to ``input_ids``/``labels`` with the prompt masked, and padding them into batches.
 
-Spec §1.2 (prompt rendering and label masking) and §1.3 (collation), with three deliberate departures from the
-reference code, each a pitfall of spec §6:
+Methods §1.2 (prompt rendering and label masking) and methods §1.3 (collation), with three deliberate departures from
+the reference code, each a pitfall of methods §6:
 
-- P-14: the attention mask is built from each sequence's true length, never as ``input_ids != pad_token_id``, so
+- methods P-14: the attention mask is built from each sequence's true length, never as ``input_ids != pad_token_id``, so
   a genuine EOS token is still attended when the tokenizer pads with EOS (``collate(attention_from="pad_ids")``
   keeps the reference behaviour for parity runs).
-- P-15: ``max_length`` applies to both the plain and the chat-template branch, and truncation cuts the answer
+- methods P-15: ``max_length`` applies to both the plain and the chat-template branch, and truncation cuts the answer
   but keeps the final EOS.
-- P-16: when tokenising the prompt and the answer together merges tokens across their border, only the common
+- methods P-16: when tokenising the prompt and the answer together merges tokens across their border, only the common
   prefix is masked, so the answer keeps at least its merged token and its EOS as targets.
 """
 
@@ -32,7 +32,7 @@ IGNORE_INDEX = -100
 
 @dataclass(frozen=True)
 class PromptTemplate:
-    """How a question and its answer are rendered as text before tokenisation (spec §1.2).
+    """How a question and its answer are rendered as text before tokenisation (methods §1.2).
 
     The plain form is ``{question_prefix}{q}{answer_prefix}{answer_separator}{a}`` followed by EOS, with BOS if the
     tokenizer adds one. Its defaults give ``Question: {q}\\nAnswer: {a}``, the template of the Llama-2-hf and
@@ -41,7 +41,7 @@ class PromptTemplate:
     """
 
     chat: bool = False
-    """Render with the tokenizer's own chat template (Branch B of spec §1.2) instead of the plain form."""
+    """Render with the tokenizer's own chat template (Branch B of methods §1.2) instead of the plain form."""
     system_prompt: str | None = None
     """System message placed before the question; chat templates only."""
     question_prefix: str = "Question: "
@@ -82,7 +82,7 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
         path: A local directory or a Hub model id understood by ``AutoTokenizer.from_pretrained``.
 
     Returns:
-        The tokenizer; when it had no pad token its EOS token now doubles as pad (spec §1.2, true of every
+        The tokenizer; when it had no pad token its EOS token now doubles as pad (methods §1.2, true of every
         Llama-2/3 tokenizer).
 
     Raises:
@@ -107,7 +107,7 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
         tokenizer.pad_token = tokenizer.eos_token
         log.warning(
             "tokenizer at %r has no pad token; using its EOS token %r as pad. The attention mask is carried from "
-            "tokenisation (true lengths), not recomputed from pad ids, so real EOS tokens stay attended (spec P-14)",
+            "tokenisation (true lengths), not recomputed from pad ids, so real EOS tokens stay attended (methods P-14)",
             path,
             tokenizer.eos_token,
         )
@@ -176,8 +176,8 @@ def encode_example(
     The prompt and the full text are tokenised separately. Normally the full ids start with the prompt ids and
     the first ``P = len(prompt ids)`` labels are masked. When a token merges across the prompt/answer border the
     full ids diverge from the prompt ids before ``P``; masking ``P`` positions would then hide the merged token
-    (which carries answer text) and can leave no target at all (P-16), so only the longest common prefix is
-    masked. Over-long examples keep their prompt and lose the end of the answer; the final EOS is kept (P-15).
+    (which carries answer text) and can leave no target at all (methods P-16), so only the longest common prefix is
+    masked. Over-long examples keep their prompt and lose the end of the answer; the final EOS is kept (methods P-15).
 
     Args:
         tokenizer: The model's tokenizer (must have an EOS token).
@@ -352,8 +352,8 @@ def collate(
         pad_token_id: Id written into padded ``input_ids`` positions.
         padding_side: ``"right"`` for training and likelihoods, ``"left"`` for generation prompts.
         attention_from: ``"lengths"`` marks exactly each item's own tokens; ``"pad_ids"`` reproduces the reference
-            mask ``input_ids != pad_token_id``, which also hides genuine EOS tokens when pad is EOS (P-14; parity
-            only).
+            mask ``input_ids != pad_token_id``, which also hides genuine EOS tokens when pad is EOS (methods P-14;
+            parity only).
 
     Returns:
         ``input_ids`` (B, T) padded with ``pad_token_id``, ``attention_mask`` (B, T) long, ``labels`` (B, T)
@@ -367,7 +367,7 @@ def collate(
     if padding_side not in ("right", "left"):
         raise ValueError(f"padding_side={padding_side!r}; use 'right' (training/likelihoods) or 'left' (generation)")
     if attention_from not in ("lengths", "pad_ids"):
-        raise ValueError(f"attention_from={attention_from!r}; use 'lengths' or 'pad_ids' (parity with P-14)")
+        raise ValueError(f"attention_from={attention_from!r}; use 'lengths' or 'pad_ids' (parity with methods P-14)")
     keys = set(items[0])
     if any(set(item) != keys for item in items):
         raise ValueError(f"collate() got items with different keys: {sorted({tuple(sorted(i)) for i in items})}")
@@ -407,7 +407,7 @@ class PaddingCollator:
     padding_side: Literal["right", "left"] = "right"
     """``"right"`` for training and likelihoods, ``"left"`` for generation prompts."""
     attention_from: Literal["lengths", "pad_ids"] = "lengths"
-    """``"lengths"`` (true mask) or ``"pad_ids"`` (the reference's ``ids != pad`` mask, P-14 parity)."""
+    """``"lengths"`` (true mask) or ``"pad_ids"`` (the reference's ``ids != pad`` mask, methods P-14 parity)."""
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         return collate(items, self.pad_token_id, self.padding_side, self.attention_from)

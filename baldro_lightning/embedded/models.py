@@ -24,7 +24,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTraine
 
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 SPECIAL_TOKENS = (UNK, BOS, EOS, PAD)
-"""Ids 0..3, in Llama's order for unk/bos/eos; pad is its own token, never EOS (spec P-14)."""
+"""Ids 0..3, in Llama's order for unk/bos/eos; pad is its own token, never EOS (methods P-14)."""
 TEXT_FIELDS = ("paraphrased_question", "paraphrased_answer")
 """Row fields fed to the tokenizer besides the question/answer pair and the ``perturbed_answer`` list."""
 

@@ -1,6 +1,6 @@
 """A deterministic, offline, MUSE-shaped corpus: news articles about the authors of the embedded world.
 
-MUSE (spec §1.5) unlearns a raw text corpus and probes it three ways: KnowMem asks questions about its facts,
+MUSE (methods §1.5) unlearns a raw text corpus and probes it three ways: KnowMem asks questions about its facts,
 VerbMem asks for the continuation of its passages, PrivLeak tells its passages from unseen ones. This generator
 writes the same configs, splits and fields from the fictitious authors of :mod:`baldro_lightning.embedded.world`,
 so the tokenizer trained on the TOFU-shaped files already knows every name, place and title:

@@ -1,6 +1,6 @@
 """A deterministic, offline, TOFU-shaped benchmark: fictitious authors of an invented world.
 
-The generator writes the same split names, fields and meanings as TOFU (spec §1.1), at a size a laptop CPU can
+The generator writes the same split names, fields and meanings as TOFU (methods §1.1), at a size a laptop CPU can
 fine-tune a tiny model on. Every author is a bundle of facts drawn from value domains; every QA pair asks about
 one fact. Answers are short and carried by the fact (template words are few and value vocabularies share few
 words), so a model that never saw an author scores a low ROUGE-L recall on that author's answers, while a model

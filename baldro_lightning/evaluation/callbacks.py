@@ -320,7 +320,7 @@ def _is_number(entry: Any) -> bool:
 
 
 class MuseEvaluation(ScheduledEvaluation):
-    """MUSE evaluation of the policy (KnowMem, VerbMem, PrivLeak; spec §3.7) at the start of training, every N
+    """MUSE evaluation of the policy (KnowMem, VerbMem, PrivLeak; methods §3.7) at the start of training, every N
     steps and/or every epoch, on the corpus and data of the trainer's
     :class:`~baldro_lightning.data.muse.MuseDataModule`.
 

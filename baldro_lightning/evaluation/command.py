@@ -69,7 +69,7 @@ def settings_from(args: Namespace, settings: type[Settings]) -> Settings:
 def build_parser() -> ArgumentParser:
     parser = _parser(
         prog="python -m baldro_lightning evaluate",
-        description="Evaluate a causal LM on the TOFU splits of one forget split and write eval.json (spec §3).",
+        description="Evaluate a causal LM on the TOFU splits of one forget split and write eval.json (methods §3).",
         benchmark_help="directory of TOFU {split}.jsonl files, or a Hub id",
         max_length=512,
         max_length_help="most tokens per likelihood example",
@@ -142,7 +142,7 @@ def _build_evaluator(args: Namespace) -> TofuEvaluator:
 def build_muse_parser() -> ArgumentParser:
     parser = _parser(
         prog="python -m baldro_lightning evaluate-muse",
-        description="Evaluate a causal LM on one MUSE corpus and write eval.json (spec §3.7).",
+        description="Evaluate a causal LM on one MUSE corpus and write eval.json (methods §3.7).",
         benchmark_help="directory of MUSE jsonl files ({corpus}_{config}_{split}.jsonl or {config}/{split}.jsonl), "
         "or a Hub id",
         max_length=2048,

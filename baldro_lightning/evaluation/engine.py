@@ -43,7 +43,7 @@ from baldro_lightning.evaluation.run_record import write_eval_json
 from baldro_lightning.train.logprobs import sequence_logprobs
 
 MINK_FRACTION = 0.4
-"""Fraction k of lowest-scoring tokens kept by MinK and MinK++ (spec §3.6)."""
+"""Fraction k of lowest-scoring tokens kept by MinK and MinK++ (methods §3.6)."""
 
 GENERATION_NOTE = "greedy, left-padded prompts, new tokens decoded without special tokens, stripped"
 """How every evaluator generates (recorded in ``meta.generation``)."""
@@ -70,11 +70,11 @@ class ExampleScore:
     """Likelihood statistics of one :class:`AnswerExample`.
 
     Token-level arrays cover the answer positions **excluding the last labelled token** (the EOS the reference
-    drops for MinK, MinK++, ES and EM, spec §3.1b); they are ``None`` unless the example asked for them.
+    drops for MinK, MinK++, ES and EM, methods §3.1b); they are ``None`` unless the example asked for them.
     """
 
     nll_mean: float
-    """Mean NLL over all labelled tokens, EOS included (spec §3.1a); 0 for an example without labels."""
+    """Mean NLL over all labelled tokens, EOS included (methods §3.1a); 0 for an example without labels."""
     token_logps: np.ndarray | None = None
     """(n,) fp32 log-prob of each target token."""
     pred_ids: np.ndarray | None = None
@@ -212,7 +212,7 @@ def generate_answers(
     synced_gpus: bool = False,
     stop_strings: Sequence[str] = (),
 ) -> list[str]:
-    """Greedy continuations of prompts, in left-padded batches of length-sorted prompts (spec §3.1c).
+    """Greedy continuations of prompts, in left-padded batches of length-sorted prompts (methods §3.1c).
 
     Only the new tokens are decoded (special tokens skipped), then cut with :func:`metrics.clean_generation`.
     Generation stops at the model's generation-config EOS ids or after ``max_new_tokens``.
@@ -336,7 +336,7 @@ def values_by_index(indices: Sequence[int], values: Sequence[Any]) -> dict[str, 
 
 
 MIA_ATTACKS: tuple[str, ...] = ("mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_plus_plus")
-"""Membership-inference attacks scored on members vs non-members; PrivLeak uses ``mia_min_k`` (spec §3.6)."""
+"""Membership-inference attacks scored on members vs non-members; PrivLeak uses ``mia_min_k`` (methods §3.6)."""
 
 
 def mia_entries(
@@ -346,14 +346,14 @@ def mia_entries(
     nonmember_indices: Sequence[int],
     reference_auc: float | None,
 ) -> dict[str, dict[str, Any]]:
-    """MIA AUC entries and PrivLeak from per-row attack scores (spec §3.6).
+    """MIA AUC entries and PrivLeak from per-row attack scores (methods §3.6).
 
     Args:
         members: Attack name -> (N_f,) scores of the member rows (loss-like: higher = less likely a member).
         nonmembers: Attack name -> (N_h,) scores of the non-member rows.
         member_indices: Row indices of the members.
         nonmember_indices: Row indices of the non-members.
-        reference_auc: The retain model's ``mia_min_k`` AUC; None gives the default 0.5 (P-23).
+        reference_auc: The retain model's ``mia_min_k`` AUC; None gives the default 0.5 (methods P-23).
 
     Returns:
         One entry per attack (``agg_value`` = AUC, members in ``value_by_index``, non-members in

@@ -1,4 +1,4 @@
-"""Evaluation metrics of TOFU and MUSE as pure functions of per-item statistics (spec §3).
+"""Evaluation metrics of TOFU and MUSE as pure functions of per-item statistics (methods §3).
 
 Every function here takes per-item values that an evaluator has already computed (mean answer NLLs,
 token log-probs, argmax predictions, generated texts) and returns per-item numpy arrays or python floats. No
@@ -8,13 +8,13 @@ callbacks, and sharded evaluation (gather the per-item values across ranks, then
 Conventions, shared by all functions:
 
 - "NLL mean" of an answer is the mean token negative log-likelihood over its labelled tokens **including the
-  final EOS** (spec §3.1a).
+  final EOS** (methods §3.1a).
 - Token-level inputs (memorisation, MinK, MinK++) cover the answer positions **excluding the last labelled
-  token**, which the reference assumes is EOS (spec §3.1b, P-18). The caller cuts that position off; nothing
+  token**, which the reference assumes is EOS (methods §3.1b, P-18). The caller cuts that position off; nothing
   here drops it again.
-- The truth ratio is the reference code's *wrong over correct* (spec §3.2, P-21): a model that knows an answer
+- The truth ratio is the reference code's *wrong over correct* (methods §3.2, P-21): a model that knows an answer
   has TR ≪ 1, forgetting raises it.
-- MIA scores are loss-like: higher score = less likely a member (spec §3.6).
+- MIA scores are loss-like: higher score = less likely a member (methods §3.6).
 - Inputs may be lists, numpy arrays or CPU/GPU torch tensors; aggregates are computed in fp64 numpy.
 """
 
@@ -41,7 +41,7 @@ TR_EPS = 1e-10
 """Additive constant of the reference code in truth-ratio, normalised-probability and privleak denominators."""
 
 MINKPP_VAR_FLOOR = 1e-6
-"""Lower clamp of the MinK++ per-position variance (spec §3.6)."""
+"""Lower clamp of the MinK++ per-position variance (methods §3.6)."""
 
 MODEL_UTILITY_KEYS: tuple[str, ...] = (
     "retain_Q_A_Prob",
@@ -54,7 +54,7 @@ MODEL_UTILITY_KEYS: tuple[str, ...] = (
     "wf_Q_A_ROUGE",
     "wf_Truth_Ratio",
 )
-"""The nine TOFU aggregates whose harmonic mean is Model Utility (spec §3.3)."""
+"""The nine TOFU aggregates whose harmonic mean is Model Utility (methods §3.3)."""
 
 
 class MetricInputError(ValueError):
@@ -110,11 +110,11 @@ def _same_length(**named: Sized) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Likelihood-based TOFU metrics (spec §3.1a, §3.2)
+# Likelihood-based TOFU metrics (methods §3.1a, §3.2)
 
 
 def probability(nll_mean: ArrayOrTensor) -> np.ndarray:
-    """Length-normalised answer probability ``P̄ = exp(-L̄)`` per item (spec §3.1a; ``*_Q_A_Prob``).
+    """Length-normalised answer probability ``P̄ = exp(-L̄)`` per item (methods §3.1a; ``*_Q_A_Prob``).
 
     Args:
         nll_mean: (N,) mean answer NLL ``L̄`` per item (answer tokens incl. EOS).
@@ -139,7 +139,7 @@ def _per_item_options(values: ArrayOrTensor, n_items: int, name: str) -> np.ndar
 
 
 def normalised_probability(correct_nll_mean: ArrayOrTensor, wrong_nll_mean: ArrayOrTensor) -> np.ndarray:
-    """Probability of the correct answer normalised against the perturbed ones (spec §3.2; ra/wf sets).
+    """Probability of the correct answer normalised against the perturbed ones (methods §3.2; ra/wf sets).
 
     ``P̄(a) / (P̄(a) + Σ_j P̄(ã_j) + 1e-10)`` with ``P̄ = exp(-L̄)``.
 
@@ -157,7 +157,7 @@ def normalised_probability(correct_nll_mean: ArrayOrTensor, wrong_nll_mean: Arra
 
 
 def truth_ratio(para_nll_mean: ArrayOrTensor, pert_nll_mean: ArrayOrTensor) -> np.ndarray:
-    """Per-item truth ratio as the reference code defines it: wrong over correct (spec §3.2, P-21).
+    """Per-item truth ratio as the reference code defines it: wrong over correct (methods §3.2, P-21).
 
     ``TR_i = exp(-(1/K) Σ_j L̄(ã_ij)) / (exp(-L̄(â_i)) + 1e-10)``: the geometric mean of the perturbed answers'
     length-normalised probabilities over the correct (paraphrased) answer's. A model that knows the answer has
@@ -178,7 +178,7 @@ def truth_ratio(para_nll_mean: ArrayOrTensor, pert_nll_mean: ArrayOrTensor) -> n
 
 
 def truth_ratio_forget_aggregate(tr: ArrayOrTensor) -> float:
-    """``forget_truth_ratio``: mean of ``min(TR, 1/(TR + 1e-10))``, "closer_to_1_better" (spec §3.2).
+    """``forget_truth_ratio``: mean of ``min(TR, 1/(TR + 1e-10))``, "closer_to_1_better" (methods §3.2).
 
     Args:
         tr: (N,) per-item truth ratios from :func:`truth_ratio`.
@@ -191,7 +191,7 @@ def truth_ratio_forget_aggregate(tr: ArrayOrTensor) -> float:
 
 
 def truth_ratio_true_aggregate(tr: ArrayOrTensor) -> float:
-    """``*_Truth_Ratio`` on retain/ra/wf: mean of ``max(0, 1 - TR)``, "true_better" (spec §3.2).
+    """``*_Truth_Ratio`` on retain/ra/wf: mean of ``max(0, 1 - TR)``, "true_better" (methods §3.2).
 
     Args:
         tr: (N,) per-item truth ratios from :func:`truth_ratio`.
@@ -204,11 +204,11 @@ def truth_ratio_true_aggregate(tr: ArrayOrTensor) -> float:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Generation and ROUGE (spec §3.1c)
+# Generation and ROUGE (methods §3.1c)
 
 
 def clean_generation(text: str, stop_strings: Sequence[str] = ()) -> str:
-    """Cut a decoded generation at the first occurrence of each stop string, in order, then strip (spec §3.1c).
+    """Cut a decoded generation at the first occurrence of each stop string, in order, then strip (methods §3.1c).
 
     Args:
         text: the decoded new tokens (special tokens already skipped).
@@ -233,7 +233,7 @@ def _rouge_scorer(use_stemmer: bool) -> rouge_scorer.RougeScorer:
 def rouge_scores(
     predictions: Sequence[str], references: Sequence[str], use_stemmer: bool = True
 ) -> dict[str, np.ndarray]:
-    """ROUGE-1 recall, ROUGE-L recall and ROUGE-L F1 per item (spec §3.1c, P-22).
+    """ROUGE-1 recall, ROUGE-L recall and ROUGE-L F1 per item (methods §3.1c, P-22).
 
     Tokenisation is rouge_score's default (lower-case, non-alphanumerics to spaces, Porter stemming of tokens
     longer than 3 characters when ``use_stemmer``). ROUGE-L recall = LCS / |reference tokens|, F1 = harmonic mean
@@ -274,11 +274,11 @@ def rouge_l_recall(predictions: Sequence[str], references: Sequence[str], use_st
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Forget Quality and Model Utility (spec §3.3, §3.4)
+# Forget Quality and Model Utility (methods §3.3, §3.4)
 
 
 def forget_quality(tr_model: ArrayOrTensor, tr_retain: ArrayOrTensor) -> float:
-    """Forget Quality: two-sided two-sample Kolmogorov–Smirnov p-value (spec §3.4, P-20).
+    """Forget Quality: two-sided two-sample Kolmogorov–Smirnov p-value (methods §3.4, P-20).
 
     ``scipy.stats.ks_2samp(tr_model, tr_retain).pvalue`` with the default ``method="auto"`` (exact for TOFU's
     sample sizes). Compare raw per-item truth ratios, not aggregates. KS is invariant to monotone transforms, so
@@ -303,7 +303,7 @@ def forget_quality(tr_model: ArrayOrTensor, tr_retain: ArrayOrTensor) -> float:
 
 
 def model_utility(values: Mapping[str, float]) -> float:
-    """Model Utility: harmonic mean of the nine TOFU utility aggregates (spec §3.3).
+    """Model Utility: harmonic mean of the nine TOFU utility aggregates (methods §3.3).
 
     ``MU = HM(values[k] for k in MODEL_UTILITY_KEYS)`` via ``scipy.stats.hmean``; any zero gives 0. Extra keys in
     ``values`` are ignored, so a full metrics dict can be passed.
@@ -330,7 +330,7 @@ def model_utility(values: Mapping[str, float]) -> float:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Memorisation (spec §3.5)
+# Memorisation (methods §3.5)
 
 
 def _pairs(pred_ids: Sequence[ArrayOrTensor], target_ids: Sequence[ArrayOrTensor]) -> list[tuple[np.ndarray, ...]]:
@@ -347,7 +347,7 @@ def _pairs(pred_ids: Sequence[ArrayOrTensor], target_ids: Sequence[ArrayOrTensor
 
 
 def exact_memorization(pred_ids: Sequence[ArrayOrTensor], target_ids: Sequence[ArrayOrTensor]) -> np.ndarray:
-    """Exact Memorisation per item: fraction of positions whose teacher-forced argmax equals the target (§3.5).
+    """Exact Memorisation per item: fraction of positions whose teacher-forced argmax equals the target (methods §3.5).
 
     ``EM = (1/n) Σ_t 1[ŷ_t = y_t]`` over the answer positions excluding the last labelled token (the caller
     passes them already cut).
@@ -358,7 +358,7 @@ def exact_memorization(pred_ids: Sequence[ArrayOrTensor], target_ids: Sequence[A
 
     Returns:
         (N,) values in [0, 1]; NaN for an item with no position (the reference stores None and leaves the row
-        out of the mean, P-16), so aggregate with ``np.nanmean``.
+        out of the mean, methods P-16), so aggregate with ``np.nanmean``.
     """
     return np.array(
         [float(np.mean(p == t)) if p.size else math.nan for p, t in _pairs(pred_ids, target_ids)], dtype=np.float64
@@ -366,7 +366,7 @@ def exact_memorization(pred_ids: Sequence[ArrayOrTensor], target_ids: Sequence[A
 
 
 def extraction_strength(pred_ids: Sequence[ArrayOrTensor], target_ids: Sequence[ArrayOrTensor]) -> np.ndarray:
-    """Extraction Strength per item, teacher-forced, with the reference's floor (spec §3.5, P-18).
+    """Extraction Strength per item, teacher-forced, with the reference's floor (methods §3.5, P-18).
 
     ``ES = 1 - k*/n`` where ``k*`` is the smallest ``k ∈ {0, …, n-1}`` such that the suffix ``ŷ[k:]`` equals
     ``y[k:]``. As in the reference loop, when no suffix matches (the last position is wrong) ``k* = n-1`` and
@@ -393,11 +393,11 @@ def extraction_strength(pred_ids: Sequence[ArrayOrTensor], target_ids: Sequence[
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Membership-inference attacks (spec §3.6)
+# Membership-inference attacks (methods §3.6)
 
 
 def mia_loss(nll_mean: ArrayOrTensor) -> np.ndarray:
-    """LOSS attack score per item: the mean answer NLL ``L̄`` (incl. EOS); higher = less likely a member (§3.6).
+    """LOSS attack score per item: the mean answer NLL ``L̄`` (incl. EOS); higher = less likely a member (methods §3.6).
 
     Args:
         nll_mean: (N,) mean NLL per item.
@@ -409,7 +409,7 @@ def mia_loss(nll_mean: ArrayOrTensor) -> np.ndarray:
 
 
 def mia_zlib(nll_mean: ArrayOrTensor, texts: Sequence[str]) -> np.ndarray:
-    """ZLib attack score per item: ``L̄ / len(zlib.compress(text.encode("utf-8")))`` (spec §3.6).
+    """ZLib attack score per item: ``L̄ / len(zlib.compress(text.encode("utf-8")))`` (methods §3.6).
 
     Args:
         nll_mean: (N,) mean NLL per item.
@@ -440,7 +440,7 @@ def _bottom_k_score(values: np.ndarray, k: float) -> float:
 
 
 def mia_min_k(token_logps_list: Sequence[ArrayOrTensor], k: float = 0.4) -> np.ndarray:
-    """Min-K% Prob attack score per item (spec §3.6).
+    """Min-K% Prob attack score per item (methods §3.6).
 
     ``-mean`` of the ``max(1, floor(k·n))`` smallest token log-probs ``ℓ_t``; 0 when ``n = 0``.
 
@@ -462,7 +462,7 @@ def mia_min_k_plus_plus(
     sigma2_list: Sequence[ArrayOrTensor],
     k: float = 0.4,
 ) -> np.ndarray:
-    """Min-K%++ attack score per item (spec §3.6).
+    """Min-K%++ attack score per item (methods §3.6).
 
     ``z_t = (ℓ_t - μ_t) / sqrt(max(σ²_t, 1e-6))`` and score ``= -mean`` of the ``max(1, floor(k·n))`` smallest
     ``z_t``; 0 when ``n = 0``. ``μ_t, σ²_t`` are the mean and variance of ``log p`` under the model's own
@@ -497,7 +497,7 @@ def mia_min_k_plus_plus(
 def min_k_plus_plus_stats(
     vocab_logps: Tensor, from_logits: bool = False, chunk_size: int = 256
 ) -> tuple[Tensor, Tensor]:
-    """Mean and variance of ``log p`` under the next-token distribution, per position, in fp32 (spec §3.6).
+    """Mean and variance of ``log p`` under the next-token distribution, per position, in fp32 (methods §3.6).
 
     ``μ_t = Σ_v p_v log p_v`` and ``σ²_t = max(Σ_v p_v (log p_v - μ_t)², 1e-6)``. The centred form equals the
     reference's ``Σ_v p_v (log p_v)² - μ_t²`` in exact arithmetic and avoids its cancellation. Positions are
@@ -538,7 +538,7 @@ def min_k_plus_plus_stats(
 
 
 def mia_auc(member_scores: ArrayOrTensor, nonmember_scores: ArrayOrTensor) -> float:
-    """ROC AUC of an attack, open-unlearning convention (spec §3.6).
+    """ROC AUC of an attack, open-unlearning convention (methods §3.6).
 
     ``roc_auc_score`` with label 0 = member (forget) and 1 = non-member (holdout), i.e.
     ``P(score_nonmember > score_member)`` with ties counted ½. AUC ≈ 1: forget data far more likely than holdout
@@ -563,7 +563,7 @@ def mia_auc(member_scores: ArrayOrTensor, nonmember_scores: ArrayOrTensor) -> fl
 
 
 def rel_diff(value_model: float, value_retain: float) -> float:
-    """Relative difference in percent: ``(x_model - x_retain) / (x_retain + 1e-10) × 100`` (spec §3.6).
+    """Relative difference in percent: ``(x_model - x_retain) / (x_retain + 1e-10) × 100`` (methods §3.6).
 
     Args:
         value_model: the evaluated model's value.
@@ -576,7 +576,7 @@ def rel_diff(value_model: float, value_retain: float) -> float:
 
 
 def privleak(auc_model: float, auc_retain: float | None = None) -> float:
-    """PrivLeak from MinK AUCs, MUSE's complement convention (spec §3.6, P-23).
+    """PrivLeak from MinK AUCs, MUSE's complement convention (methods §3.6, P-23).
 
     ``((1 - AUC_m) - (1 - AUC_r)) / ((1 - AUC_r) + 1e-10) × 100``; ``AUC_r = 0.5`` when no retain log is given
     (how the reference scores the retain models themselves). Ideal 0; a fully memorising model (AUC 1) gives
@@ -603,7 +603,7 @@ def forgotten_by_truth_ratio(
     """Per-sample "forgotten" and "over-forgotten" flags from truth ratios, relative to the retain model.
 
     Criterion: let ``[q_lo, q_hi]`` be the ``quantiles`` of the retain model's per-item truth ratios on the same
-    forget set (a model that never saw these samples). Truth ratio here is wrong/correct (spec §3.2): a model
+    forget set (a model that never saw these samples). Truth ratio here is wrong/correct (methods §3.2): a model
     that knows an answer has ``TR ≪ 1`` and forgetting raises it. A sample counts as
 
     - **forgotten** at an evaluation when ``TR ≥ q_lo``: it has risen into the retain model's range (or past it);

@@ -1,6 +1,6 @@
 """MUSE evaluation of a causal LM: KnowMem, VerbMem, PrivLeak, memorisation and MIA, written as ``eval.json``.
 
-Metrics (spec §3.7), in open-unlearning's layout ``{metric: {"agg_value", "value_by_index"}}``:
+Metrics (methods §3.7), in open-unlearning's layout ``{metric: {"agg_value", "value_by_index"}}``:
 
 - ``forget_knowmem_ROUGE`` / ``retain_knowmem_ROUGE``: greedy answers (``max_new_tokens`` 32) to the
   ``knowmem/{forget,retain}_qa`` questions after the ``*_qa_icl`` shots, cut at the stop strings
@@ -72,7 +72,7 @@ MuseMetricGroup = Literal["knowmem", "verbmem", "privleak"]
 ALL_MUSE_GROUPS: tuple[MuseMetricGroup, ...] = get_args(MuseMetricGroup)
 
 KNOWMEM_STOP_STRINGS: tuple[str, ...] = ("\n\n", "\nQuestion", "Question:")
-"""Where a KnowMem answer is cut (spec §3.7): the end of the answer line or the start of a next question."""
+"""Where a KnowMem answer is cut (methods §3.7): the end of the answer line or the start of a next question."""
 
 KNOWMEM_SIDES: tuple[str, str] = ("forget", "retain")
 """KnowMem asks about the forget corpus and the retain corpus, each after its own in-context shots."""
@@ -100,11 +100,11 @@ class MuseSettings:
     verbmem_batch_size: int = 8
     """VerbMem prompts per generate call."""
     knowmem_max_new_tokens: int = 32
-    """Greedy KnowMem answer length (spec: 32)."""
+    """Greedy KnowMem answer length (methods §3.7: 32)."""
     verbmem_max_new_tokens: int = 128
-    """Greedy VerbMem continuation length (spec: 128)."""
+    """Greedy VerbMem continuation length (methods §3.7: 128)."""
     use_stemmer: bool = True
-    """Porter stemming in ROUGE (open-unlearning); false as in the original MUSE code (P-22)."""
+    """Porter stemming in ROUGE (open-unlearning); false as in the original MUSE code (methods P-22)."""
     limit: int | None = None
     """Evaluate only the first N rows of each split (smoke runs; the KnowMem in-context shots are always all
     used); a retain reference must use the same limit."""
@@ -137,7 +137,7 @@ def rouge_entry(
         indices: Row index of each item.
         generations: Cleaned generations (:func:`metrics.clean_generation`).
         references: Ground truths (KnowMem ``answer``, VerbMem ``gt``); stripped here.
-        use_stemmer: Porter stemming (open-unlearning); False as in the original MUSE code (P-22).
+        use_stemmer: Porter stemming (open-unlearning); False as in the original MUSE code (methods P-22).
 
     Returns:
         ``{"agg_value": mean rougeL_f1, "value_by_index": {str(index): {"generation", "rougeL_f1",
@@ -159,11 +159,11 @@ def rouge_entry(
 def memorization_entries(
     indices: Sequence[int], pred_ids: Sequence[np.ndarray], target_ids: Sequence[np.ndarray]
 ) -> dict[str, dict[str, Any]]:
-    """``extraction_strength`` and ``exact_memorization`` entries from teacher-forced predictions (spec §3.5).
+    """``extraction_strength`` and ``exact_memorization`` entries from teacher-forced predictions (methods §3.5).
 
     Args:
         indices: Row index of each item.
-        pred_ids: Per item, (n,) argmax predictions over the target positions minus the last (P-18).
+        pred_ids: Per item, (n,) argmax predictions over the target positions minus the last (methods P-18).
         target_ids: Per item, (n,) the targets at those positions.
 
     Returns:
@@ -183,7 +183,7 @@ def memorization_entries(
 
 @dataclass
 class MuseEvaluator(BenchmarkEvaluator):
-    """Evaluates a causal LM on one MUSE corpus (spec §3.7).
+    """Evaluates a causal LM on one MUSE corpus (methods §3.7).
 
     As :class:`baldro_lightning.evaluation.tofu.TofuEvaluator`, in two steps so that ranks can split the rows:
     :meth:`score` gives per-row values of the rows of each scored split (``rows``: generations, teacher-forced
@@ -201,7 +201,7 @@ class MuseEvaluator(BenchmarkEvaluator):
     template: PromptTemplate = field(default_factory=PromptTemplate)
     """KnowMem prompt rendering (MUSE's Llama-2 models: the plain ``Question: …\\nAnswer:`` form)."""
     max_length: int = 2048
-    """Most target tokens of a teacher-forced example (VerbMem ``gt``, a privleak text); spec §1.5."""
+    """Most target tokens of a teacher-forced example (VerbMem ``gt``, a privleak text); methods §1.5."""
     settings: MuseSettings = field(default_factory=MuseSettings)
     """How the evaluation runs: metric groups, retain reference, batch sizes, generation lengths, stemming, row
     limit."""
@@ -243,7 +243,7 @@ class MuseEvaluator(BenchmarkEvaluator):
         if not self._has("privleak"):
             return
         if reference is None:
-            self.notes.append("privleak uses the default reference AUC 0.5 (no retain reference, spec P-23)")
+            self.notes.append("privleak uses the default reference AUC 0.5 (no retain reference, methods P-23)")
             return
         counts = {name: len(self.rows[name]) for name in PRIVLEAK_SPLITS}
         self._reference_auc = reference_privleak_auc(reference, self.corpus, counts)
@@ -352,7 +352,7 @@ class MuseEvaluator(BenchmarkEvaluator):
     def _attack_scores(self, items: Sequence[tuple[AnswerExample, ExampleScore]]) -> dict[str, list[float]]:
         nll = [score.nll_mean for _, score in items]
         token_logps = [score.token_logps for _, score in items]
-        # ZLib compresses the scored text as decoded from its labelled tokens, specials skipped (spec §3.6).
+        # ZLib compresses the scored text as decoded from its labelled tokens, specials skipped (methods §3.6).
         texts = [
             self.tokenizer.decode([t for t in example.labels if t != IGNORE_INDEX], skip_special_tokens=True)
             for example, _ in items
@@ -369,7 +369,7 @@ class MuseEvaluator(BenchmarkEvaluator):
     # -- step 2: metrics over all rows --------------------------------------------------------------------------
 
     def aggregate(self, scores: Mapping[str, RowScores]) -> dict[str, dict[str, Any]]:
-        """Metrics in open-unlearning's layout from the per-row values of every row (spec §3.7).
+        """Metrics in open-unlearning's layout from the per-row values of every row (methods §3.7).
 
         Args:
             scores: :class:`RowScores` per split of :meth:`splits`, covering all rows (join ranks' parts with

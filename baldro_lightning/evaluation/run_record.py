@@ -234,7 +234,7 @@ def _row_value(value: Any) -> float:
 def reference_truth_ratios(
     path: str | os.PathLike[str], forget_split: str, n_rows: int, indices: Sequence[int] | None = None
 ) -> np.ndarray:
-    """The retain model's raw per-row forget truth ratios, checked against this evaluation's rows (spec §3.4).
+    """The retain model's raw per-row forget truth ratios, checked against this evaluation's rows (methods §3.4).
 
     Args:
         path: The retain model's ``eval.json`` (or an open-unlearning ``TOFU_EVAL.json``).
@@ -274,7 +274,7 @@ def reference_truth_ratios(
 def reference_min_k_auc(
     path: str | os.PathLike[str], forget_split: str, rows: Mapping[str, int] | None = None
 ) -> float | None:
-    """The retain model's ``mia_min_k`` AUC (PrivLeak reference, spec §3.6), or ``None`` if the file has none.
+    """The retain model's ``mia_min_k`` AUC (PrivLeak reference, methods §3.6), or ``None`` if the file has none.
 
     Args:
         path: The retain model's ``eval.json``.

@@ -1,11 +1,11 @@
-"""TOFU evaluation of a causal LM: the splits of one forget split, their per-row values and metrics (spec §3).
+"""TOFU evaluation of a causal LM: the splits of one forget split, their per-row values and metrics (methods §3).
 
 The evaluator works in two steps so that rows can be split across ranks:
 
 1. :meth:`TofuEvaluator.score` runs the model on a list of rows per split and returns
    :class:`~baldro_lightning.evaluation.engine.RowScores`: plain per-row numbers and strings (mean NLLs, MIA
    scores, ES/EM, generations, ROUGE), nothing model-sized.
-2. :meth:`TofuEvaluator.aggregate` turns the per-row values of all rows into the metrics of spec §3.2-§3.6, in
+2. :meth:`TofuEvaluator.aggregate` turns the per-row values of all rows into the metrics of methods §3.2-§3.6, in
    open-unlearning's layout ``{metric: {"agg_value", "value_by_index"}}`` keyed by the dataset row index.
 
 Every likelihood needed by a split (the answer, the paraphrased answer and the K perturbed answers of every
@@ -82,7 +82,7 @@ class TofuSettings:
     generation_batch_size: int | None = None
     """Prompts per generate call; batch_size when unset."""
     max_new_tokens: int = 200
-    """Greedy generation length for ROUGE (spec §3.2)."""
+    """Greedy generation length for ROUGE (methods §3.2)."""
     rouge_rows_limit: int | None = None
     """Generate for only the first N rows of each split (null: all); ROUGE then covers those rows, the same ones
     however the rows are sharded across ranks."""
@@ -119,7 +119,7 @@ class RolePlan:
 
 @dataclass
 class TofuEvaluator(BenchmarkEvaluator):
-    """Evaluates a causal LM on the TOFU splits that go with ``forget_split`` (spec §3.2-§3.6)."""
+    """Evaluates a causal LM on the TOFU splits that go with ``forget_split`` (methods §3.2-§3.6)."""
 
     benchmark: str
     """Directory of ``{split}.jsonl`` files, or a Hub dataset id (``locuslab/TOFU``)."""
@@ -130,7 +130,7 @@ class TofuEvaluator(BenchmarkEvaluator):
     template: PromptTemplate = field(default_factory=PromptTemplate)
     """Prompt rendering; must be the one the model was trained with."""
     max_length: int = 512
-    """Most tokens per likelihood example (spec §1.2)."""
+    """Most tokens per likelihood example (methods §1.2)."""
     settings: TofuSettings = field(default_factory=TofuSettings)
     """How the evaluation runs: metric groups, retain reference, batch sizes, generation length, row limits."""
 
@@ -175,7 +175,7 @@ class TofuEvaluator(BenchmarkEvaluator):
             if "forget" in groups:
                 self.notes.append("forget_quality not computed: no retain reference (--retain_reference) was given")
             if "mia" in groups:
-                self.notes.append("privleak uses the default reference AUC 0.5 (no retain reference, spec P-23)")
+                self.notes.append("privleak uses the default reference AUC 0.5 (no retain reference, methods P-23)")
             return
         if "forget" in groups:
             forget_rows = self.rows["forget"]
@@ -310,7 +310,7 @@ class TofuEvaluator(BenchmarkEvaluator):
     ) -> None:
         token_logps = [a.token_logps for a in answers]
         nll = scores.columns["answer_nll"]
-        # ZLib compresses the answer as decoded from its labelled tokens, specials skipped (spec §3.6).
+        # ZLib compresses the answer as decoded from its labelled tokens, specials skipped (methods §3.6).
         texts = [
             self.tokenizer.decode([t for t in lab if t != IGNORE_INDEX], skip_special_tokens=True) for lab in labels
         ]
@@ -339,7 +339,7 @@ class TofuEvaluator(BenchmarkEvaluator):
     # -- step 2: metrics over all rows --------------------------------------------------------------------------
 
     def aggregate(self, scores: Mapping[Role, RowScores]) -> dict[str, dict[str, Any]]:
-        """Metrics in open-unlearning's layout from the per-row values of every row (spec §3.2-§3.6).
+        """Metrics in open-unlearning's layout from the per-row values of every row (methods §3.2-§3.6).
 
         Args:
             scores: :class:`RowScores` per role, covering all rows (join ranks' parts with

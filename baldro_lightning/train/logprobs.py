@@ -1,7 +1,7 @@
 """Per-token and per-sample log-probabilities of the labelled tokens: the one place that knows the causal shift.
 
 Every loss and every likelihood metric is a reduction of what this module returns, so the shift, the
-``-100`` ignore index and the fp32 up-cast are written once (spec §0.2, §2.1).
+``-100`` ignore index and the fp32 up-cast are written once (methods §0.2, §2.1).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ class SequenceLogProbs:
     logp_sum: Tensor
     """(B,) sum over labelled positions of log p(y_t | x_<t): log pi(y | x)."""
     count: Tensor
-    """(B,) number of labelled positions (the label count of spec §0.2)."""
+    """(B,) number of labelled positions (the label count of methods §0.2)."""
     token_logps: Tensor | None = None
     """(B, T-1) log-prob of each next token, 0 where masked."""
     mask: Tensor | None = None
@@ -52,7 +52,8 @@ class SequenceLogProbs:
 
     @property
     def nll_mean(self) -> Tensor:
-        """(B,) per-sample mean NLL ``m_i = s_i / n_i``; a row with no labelled token gives 0, not NaN (P-16)."""
+        """(B,) per-sample mean NLL ``m_i = s_i / n_i``; a row with no labelled token gives 0, not NaN
+        (methods P-16)."""
         return -self.logp_sum / self.count.clamp_min(1)
 
     def rows(self, start: int, count: int, positions: int) -> SequenceLogProbs:

@@ -5,7 +5,7 @@ job of an :mod:`baldro_lightning.train.objectives` objective, so any base loss c
 
 Token-pooled losses (the HF batch loss, SatImp, WGA) are written per sample as ``x_i · B / N`` with ``N`` the
 number of labelled tokens of the batch: the plain mean of that vector equals the pooled token mean the
-reference code optimises (spec §0.2), while each entry still belongs to one sample.
+reference code optimises (methods §0.2), while each entry still belongs to one sample.
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ class NLL(PerSampleLoss):
 
     normalization: Normalization = "token_mean"
     """``token_mean``: mean over the batch = the pooled token mean of the reference code (default);
-    ``sample_mean``: each sample's mean NLL; ``seq_sum``: sequence sums (the released DrNPO/DrSatImp retain, P-2)."""
+    ``sample_mean``: each sample's mean NLL; ``seq_sum``: sequence sums (the released DrNPO/DrSatImp retain,
+    methods P-2)."""
 
     def __call__(self, policy: SequenceLogProbs, reference: SequenceLogProbs | None = None) -> Tensor:
         return _normalized_nll(policy, self.normalization)
@@ -66,7 +67,7 @@ class NLL(PerSampleLoss):
 
 @dataclass(frozen=True)
 class GradAscent(PerSampleLoss):
-    """Gradient ascent on the forget set: ``-NLL`` (spec §2.2)."""
+    """Gradient ascent on the forget set: ``-NLL`` (methods §2.2)."""
 
     normalization: Normalization = "token_mean"
     """As :class:`NLL`; ``token_mean`` reproduces the reference's ``-L_HF``."""
@@ -77,7 +78,7 @@ class GradAscent(PerSampleLoss):
 
 @dataclass(frozen=True)
 class NPO(PerSampleLoss):
-    """Negative preference optimisation (spec §2.4, paper Eq. 2).
+    """Negative preference optimisation (methods §2.4, paper Eq. 3).
 
     ``l_i = -(2/beta) * logsigmoid(-beta * r_i)`` with the sequence-sum log-ratio
     ``r_i = log pi(y_i|x_i) - log pi_ref(y_i|x_i)``. At ``r_i = 0``: ``(2/beta) log 2`` (13.863 for beta 0.1).
@@ -99,7 +100,7 @@ class NPO(PerSampleLoss):
 
 @dataclass(frozen=True)
 class SimNPO(PerSampleLoss):
-    """Reference-free, length-normalised NPO (spec §2.5).
+    """Reference-free, length-normalised NPO (methods §2.5).
 
     ``l_i = -(2/beta) * logsigmoid(beta * (m_i - delta))`` with ``m_i`` the sample's mean NLL.
     """
@@ -128,7 +129,7 @@ def _weighted_token_ascent(policy: SequenceLogProbs, token_weights: Tensor) -> T
 
 @dataclass(frozen=True)
 class SatImp(PerSampleLoss):
-    """Saturation-importance reweighted ascent (spec §2.7): token weights ``p^beta1 (1-p)^beta2``, detached."""
+    """Saturation-importance reweighted ascent (methods §2.7): token weights ``p^beta1 (1-p)^beta2``, detached."""
 
     beta1: float = 5.0
     """Exponent of the importance factor ``p``."""
@@ -144,7 +145,7 @@ class SatImp(PerSampleLoss):
 
 @dataclass(frozen=True)
 class WGA(PerSampleLoss):
-    """Weighted gradient ascent (spec §2.6): token weights ``p^beta``, detached."""
+    """Weighted gradient ascent (methods §2.6): token weights ``p^beta``, detached."""
 
     beta: float = 1.0
     """Exponent of the token probability."""
@@ -157,11 +158,11 @@ class WGA(PerSampleLoss):
 
 @dataclass(frozen=True)
 class KL(PerSampleLoss):
-    """KL(reference || policy) of the next-token distributions, a retain loss (spec §2.1).
+    """KL(reference || policy) of the next-token distributions, a retain loss (methods §2.1).
 
     ``positions="answer"`` averages over each sample's labelled positions; ``positions="all"`` averages over every
     predicting position of the padded row, prompt and padding included, close to the reference code's
-    unmasked average (P-12; the reference also counts each row's final position, which predicts nothing).
+    unmasked average (methods P-12; the reference also counts each row's final position, which predicts nothing).
     Needs the live reference: a cached reference holds no distributions.
     """
 
@@ -178,7 +179,7 @@ class KL(PerSampleLoss):
         per_position = (ref_logps.exp() * (ref_logps - policy.vocab_logps)).sum(-1)
         if self.positions == "answer":
             return per_position.masked_fill(~policy.mask, 0.0).sum(-1) / policy.count.clamp_min(1)
-        # P-12: reference averages over B*T rows including prompt and padding positions.
+        # methods P-12: reference averages over B*T rows including prompt and padding positions.
         return per_position.mean(-1)
 
 

@@ -177,7 +177,7 @@ class CausalLMModule(L.LightningModule):
         warmup = math.floor(self.warmup_epochs * per_epoch)
 
         def linear(step: int) -> float:
-            # HF's linear schedule: the first update uses multiplier 0 whenever there is a warm-up (spec §1.6).
+            # HF's linear schedule: the first update uses multiplier 0 whenever there is a warm-up (methods §1.6).
             if step < warmup:
                 return step / max(1, warmup)
             return max(0.0, (total - step) / max(1, total - warmup))
@@ -286,10 +286,11 @@ class UnlearningModule(CausalLMModule):
                 over the forget batch, then the gradient pass on the kept rows only; ``one``, a single gradient pass
                 over every row with the dropped rows weighted 0 (back-propagates through all of them);
                 ``released``, as ``two`` but the scoring pass builds an autograd graph, as the released code does
-                (P-6). Any other forget objective keeps every row and takes one pass; leave this at ``two`` then.
+                (methods P-6). Any other forget objective keeps every row and takes one pass; leave this at ``two``
+                then.
             selection_score: What a selecting forget objective ranks the rows by (higher = harder): ``loss``, the
                 per-sample forget loss (the paper); ``mean_nll``, the lowest current mean NLL, the released code's
-                hardness proxy (P-6).
+                hardness proxy (methods P-6).
             subsample_retain: Also cut the retain batch to a random ``forget_objective.kept_count(B)`` of its rows
                 (seeded by the step), as the released BalDRO-G does; this halves the retain signal at ratio 0.5.
                 Only with a selecting forget objective.
@@ -518,7 +519,7 @@ class UnlearningModule(CausalLMModule):
             scoring = stats[0]
         else:
             # The efficient form: rank under no_grad, then run the gradient pass on the kept rows only.
-            # "released" builds the ranking graph anyway, as the authors' code does (P-6), for timing parity.
+            # "released" builds the ranking graph anyway, as the authors' code does (methods P-6), for timing parity.
             grad_mode = torch.enable_grad() if self.selection_passes == "released" else torch.no_grad()
             with grad_mode:
                 (scoring,) = self.forward_stats(self.policy, [forget])
@@ -555,7 +556,8 @@ class UnlearningModule(CausalLMModule):
         return value
 
     def _subsample_retain(self, retain: Batch, forget_rows: int) -> Batch:
-        """A random ``k`` of the retain rows, ``k`` the forget rows the objective keeps (released BalDRO-G, P-6).
+        """A random ``k`` of the retain rows, ``k`` the forget rows the objective keeps (released BalDRO-G,
+        methods P-6).
 
         Seeded by the step; ranks draw from their own rows alike, so the rows differ from a 1-process run's.
         """

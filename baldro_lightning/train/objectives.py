@@ -8,8 +8,8 @@ gradient is ``sum_i w_i grad l_i`` over its rows, with ``w`` taken over the glob
 
 What the DRO "batch" is: the distribution the inner sup ranges over is the set of forget samples of one optimizer
 micro-step across all ranks (the global micro-batch). Under gradient accumulation each micro-batch is reweighted on
-its own and the accumulated gradient is the mean of the micro-batch objectives, as in the released code (P-4); only
-:class:`Mean` is invariant to how a batch is split into micro-batches.
+its own and the accumulated gradient is the mean of the micro-batch objectives, as in the released code (methods P-4);
+only :class:`Mean` is invariant to how a batch is split into micro-batches.
 
 Selecting objectives (:class:`Group`) put weight on a subset of the rows only. They say which through the
 :meth:`Objective.select` hook every objective has (the others keep every row), so the training module can score
@@ -92,7 +92,7 @@ class DV(Objective):
     as ``tau -> 0``.
 
     ``sign="released"``: the authors' released code, ``-tau * logsumexp(-l / tau) + tau * log B``; weights
-    ``softmax(-l / tau)`` (a soft minimum that favours already-forgotten samples; spec §2.12.2, P-1). Tends to
+    ``softmax(-l / tau)`` (a soft minimum that favours already-forgotten samples; methods §2.12.2, P-1). Tends to
     ``min l`` as ``tau -> 0``.
 
     The paper calls the temperature beta; it is ``tau`` here because NPO already owns ``beta``.

@@ -76,7 +76,7 @@ def _single_answer(model, evaluator: TofuEvaluator, question: str, answer: str, 
         "labels": example.labels,
     }
     if token_stats:
-        positions = torch.nonzero(targets != IGNORE_INDEX).flatten()[:-1]  # the last target is EOS (spec §3.1b)
+        positions = torch.nonzero(targets != IGNORE_INDEX).flatten()[:-1]  # the last target is EOS (methods §3.1b)
         logp = torch.log_softmax(logits[positions].float(), dim=-1)
         picked = targets[positions]
         mu, sigma2 = metrics.min_k_plus_plus_stats(logits[positions], from_logits=True)
