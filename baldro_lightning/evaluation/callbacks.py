@@ -33,7 +33,7 @@ from baldro_lightning.evaluation.run_record import (
 )
 from baldro_lightning.evaluation.tofu import TofuEvaluator, TofuSettings
 from baldro_lightning.train import distributed as dist_ops
-from baldro_lightning.train.checkpointing import log_directory
+from baldro_lightning.train.checkpointing import log_directory, purge_tensorboard_from
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,12 @@ class ScheduledEvaluation(Callback, ABC):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = state_dict["last_step"]
         self._logged = state_dict["logged"]
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # _continue_record logs the resume step's values again; TensorBoard must first drop the interrupted run's.
+        # (LatestCheckpoint purges too; a second purge at the same step changes nothing.)
+        if trainer.is_global_zero:
+            purge_tensorboard_from(trainer, int(checkpoint.get("global_step", 0)))
 
     def _continue_record(self, trainer: L.Trainer) -> None:
         """Make a run resumed at ``trainer.global_step`` continue the record as the checkpoint left it.

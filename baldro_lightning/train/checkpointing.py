@@ -45,7 +45,15 @@ class LatestCheckpoint(ModelCheckpoint):
                 f"LatestCheckpoint every_n_train_steps must be >= 1, got {every_n_train_steps}; it bounds the steps "
                 "a kill loses (trainer.callbacks LatestCheckpoint init_args.every_n_train_steps)"
             )
-        super().__init__(dirpath=dirpath, every_n_train_steps=every_n_train_steps, save_top_k=0, save_last=True)
+        # No version counter: the file is always last.ckpt, never last-v1.ckpt beside a stale one (as when this
+        # callback's state is not restored because every_n_train_steps, part of its state key, changed).
+        super().__init__(
+            dirpath=dirpath,
+            every_n_train_steps=every_n_train_steps,
+            save_top_k=0,
+            save_last=True,
+            enable_version_counter=False,
+        )
         self.latest_step: int | None = None
         """The global step of the state in ``last.ckpt``; None until one is saved (or restored)."""
 
