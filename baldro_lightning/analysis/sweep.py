@@ -111,8 +111,15 @@ class Run:
     """override key -> value, including the path redirects."""
     fit_args: tuple[str, ...]
     """Arguments after ``python -m baldro_lightning fit``."""
-    effective_config: dict[str, Any] = field(default_factory=dict)
-    """What the run's config files say after its overrides (:func:`effective_config`); ``DONE.json`` records it."""
+    composed: str = "{}"
+    """The run's config files composed (:func:`effective_config` with no overrides), as JSON text."""
+
+    def effective_config(self) -> dict[str, Any]:
+        """What the run's config files say after its overrides (:func:`effective_config`); ``DONE.json`` records it.
+
+        Computed when asked (for finished runs and when a run is recorded), not for every run of a large grid.
+        """
+        return _overridden(self.composed, self.overrides)
 
     def command(self, nproc_per_node: int = 1) -> list[str]:
         if nproc_per_node == 1:
@@ -394,8 +401,7 @@ def expand(grid: Grid, extra: dict[str, Any] | None = None) -> list[Run]:
                 overrides["trainer.callbacks"] = edited
             args = [arg for path in paths for arg in ("--config", str(path))]
             args += [f"--{key}={cli_value(value)}" for key, value in overrides.items()]
-            effective = _overridden(composed, overrides)
-            runs.append(Run(name, directory, config_name, labels, overrides, tuple(args), effective))
+            runs.append(Run(name, directory, config_name, labels, overrides, tuple(args), composed))
     seen: dict[Path, str] = {}
     for run in runs:
         if run.directory in seen:
@@ -513,7 +519,7 @@ def stale_keys(run: Run) -> list[str] | None:
     recorded = json.loads(done.read_text()).get("effective_config")
     if recorded is None:
         return ["<no effective config recorded>"]
-    return changed_keys(recorded, run.effective_config)
+    return changed_keys(recorded, run.effective_config())
 
 
 def status_of(run: Run) -> str:
@@ -572,7 +578,7 @@ def execute(run: Run, nproc_per_node: int = 1, command: Callable[[Run], Sequence
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "command": cmd,
         "fit_args": list(run.fit_args),
-        "effective_config": run.effective_config,
+        "effective_config": run.effective_config(),
         "log": str(run.directory / LOG),
         "final_eval": final_eval(run.directory),
     }
