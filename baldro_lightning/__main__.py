@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from baldro_lightning.analysis import report, sweep
-from baldro_lightning.cli import cli_main
+from baldro_lightning.cli import RunDirectoryError, cli_main
 from baldro_lightning.embedded import models, muse_world, quickstart, world
 from baldro_lightning.evaluation import command as evaluate
 from baldro_lightning.train import export
@@ -34,7 +34,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], Any], str]] = {
 }
 """The package's own commands: name -> (main taking the remaining arguments, one-line description)."""
 
-USER_ERRORS: tuple[type[BaseException], ...] = (report.ReportError, sweep.GridError)
+USER_ERRORS: tuple[type[BaseException], ...] = (report.ReportError, sweep.GridError, RunDirectoryError)
 """Errors whose message is the whole story: printed as ``error: ...`` without a traceback."""
 
 

@@ -1,7 +1,8 @@
 """Fit configs and benchmarks written on the fly for tests that launch ``python -m baldro_lightning fit``.
 
 The resume tests (one process and FSDP2) need the same small NPO run with a different trainer around it; the
-config is written as JSON, which LightningCLI reads as YAML.
+config is written as JSON, which LightningCLI reads as YAML. :func:`write_record_config` adds what the shipped
+configs record (TensorBoard, evaluations, checkpoints, export), for the tests that compare records.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import json
 import shutil
 from pathlib import Path
 from typing import Any
+
+from baldro_lightning.evaluation.command import main as evaluate_main
 
 
 def benchmark_with_forget_rows(tiny_benchmark: Path, root: Path, rows: int) -> Path:
@@ -65,3 +68,64 @@ def write_npo_fit_config(
     path = run / "config.yaml"
     path.write_text(json.dumps(config, indent=1))
     return path
+
+
+CHECKPOINT_EVERY, EVALUATE_EVERY = 4, 2
+"""The record configs' schedule: last.ckpt every 4 optimizer steps (and at epoch ends), an evaluation every 2."""
+
+
+def make_retain_reference(model: Path, benchmark: Path, out: Path) -> Path:
+    """``out``: the TOFU evaluation of ``model`` on ``benchmark`` (forget10), as a truth-ratio retain reference."""
+    evaluate_main(["--model", str(model), "--benchmark", str(benchmark), "--max_new_tokens", "4", "--out", str(out)])
+    return out
+
+
+def write_record_config(
+    run: Path,
+    model: Path,
+    benchmark: Path,
+    reference: Path,
+    pause_at: int | None = None,
+    trainer: dict[str, Any] | None = None,
+    model_args: dict[str, Any] | None = None,
+) -> Path:
+    """The shipped configs' record in small: TensorBoard, TOFU evaluations with curves and synchrony, a best and a
+    latest checkpoint, the export; 2 epochs. ``pause_at`` holds the run at that step for the test to kill it
+    (``resume_worker.PauseAt``); ``trainer`` and ``model_args`` add to or replace the run's settings."""
+    callbacks = [
+        {
+            "class_path": "baldro_lightning.evaluation.callbacks.TofuEvaluation",
+            "init_args": {
+                "settings": {"retain_reference": str(reference), "max_new_tokens": 4},
+                "every_n_steps": EVALUATE_EVERY,
+                "criterion": "truth_ratio",
+            },
+        },
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"monitor": "val/forget_quality", "mode": "max", "filename": "best-{epoch}-{step}"},
+        },
+        {
+            "class_path": "baldro_lightning.train.checkpointing.LatestCheckpoint",
+            "init_args": {"every_n_train_steps": CHECKPOINT_EVERY},
+        },
+        {"class_path": "baldro_lightning.train.export.ExportPretrained"},
+    ]
+    if pause_at is not None:
+        # After the evaluation callback, so the evaluation of that step is on disk when the run is killed.
+        pause = {"step": pause_at, "marker": str(run / "paused")}
+        callbacks.insert(1, {"class_path": "resume_worker.PauseAt", "init_args": pause})
+    logger = {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        # As the shipped configs: no hp_metric placeholder, which every (re)start would log again at step 0.
+        "init_args": {"name": "tensorboard", "version": "", "default_hp_metric": False, "flush_secs": 1},
+    }
+    return write_npo_fit_config(
+        run,
+        model,
+        benchmark,
+        callbacks,
+        trainer={"max_epochs": 2, "logger": logger, "log_every_n_steps": 1, **(trainer or {})},
+        model_args={"reference": "cached", **(model_args or {})},
+        data_args={"max_length": 64},
+    )

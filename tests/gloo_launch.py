@@ -1,9 +1,10 @@
 """Launch the multi-process tests' programs on CPU gloo processes with ``torch.distributed.run``.
 
-Used by tests/test_distributed.py, tests/test_sharded_evaluation.py and tests/test_distributed_resume.py. Every
-process runs with ``OMP_NUM_THREADS=1`` and ``tests/`` on ``PYTHONPATH`` (so a config can name a test callback by
-``class_path``). The launch gets a session of its own, so that on a timeout the whole process group is killed, the
-workers too and not only the launcher; the test then fails with the end of what they wrote to stderr.
+Used by tests/test_distributed.py, tests/test_sharded_evaluation.py and tests/test_distributed_resume.py (which also
+starts a launch without waiting, to kill it). Every process runs with ``OMP_NUM_THREADS=1`` and ``tests/`` on
+``PYTHONPATH`` (so a config can name a test callback by ``class_path``). The launch gets a session of its own, so
+that on a timeout the whole process group is killed, the workers too and not only the launcher; the test then fails
+with the end of what they wrote to stderr.
 """
 
 from __future__ import annotations
@@ -19,15 +20,13 @@ import pytest
 TESTS = Path(__file__).resolve().parent
 
 
-def torchrun(program: list[str], what: str, timeout: int, processes: int = 2, cwd: Path | None = None) -> None:
-    """Run ``python -m torch.distributed.run --standalone`` on ``program``; fail the test if it fails or hangs.
+def start_torchrun(
+    program: list[str], processes: int = 2, cwd: Path | None = None, log: Path | None = None
+) -> subprocess.Popen:
+    """Start ``python -m torch.distributed.run --standalone`` on ``program`` in a session of its own, without waiting.
 
-    Args:
-        program: what follows the launcher's own flags: a script and its arguments, or ``-m module ...``.
-        what: names the launch in the failure message, e.g. ``"the 2-process run"``.
-        timeout: seconds before the process group is killed and the test fails.
-        processes: ``--nproc_per_node``.
-        cwd: the processes' working directory (default: this one).
+    Stop it with ``os.killpg(process.pid, signal.SIGKILL)`` (the workers too). Its stdout and stderr go to ``log``,
+    or to pipes (text) when there is none: read those, or a chatty run blocks on a full pipe.
     """
     command = [
         sys.executable,
@@ -39,9 +38,28 @@ def torchrun(program: list[str], what: str, timeout: int, processes: int = 2, cw
     ]
     pythonpath = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    process = subprocess.Popen(
+    if log is not None:
+        with log.open("w") as out:  # the child keeps its own copy of the descriptor
+            return subprocess.Popen(
+                command, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+    return subprocess.Popen(
         command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
+
+
+def torchrun(program: list[str], what: str, timeout: int, processes: int = 2, cwd: Path | None = None) -> None:
+    """Run ``python -m torch.distributed.run --standalone`` on ``program``; fail the test if it fails or hangs.
+
+    Args:
+        program: what follows the launcher's own flags: a script and its arguments, or ``-m module ...``.
+        what: names the launch in the failure message, e.g. ``"the 2-process run"``.
+        timeout: seconds before the process group is killed and the test fails.
+        processes: ``--nproc_per_node``.
+        cwd: the processes' working directory (default: this one).
+    """
+    process = start_torchrun(program, processes, cwd)
+    command = process.args
     try:
         _, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -506,8 +506,10 @@ def test_checkpoint_saved_before_the_nan_step_survives_and_loads(tiny_model, tin
     data = ForgetRetainDataModule(str(tiny_model), str(tiny_benchmark), batch_size=2, max_length=64)
     module = UnlearningModule(str(tiny_model), NPO(), NLL(), lr_schedule="constant")
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1, save_last=True)
-    with pytest.raises(NonFiniteLossError, match="global step 1"):
+    with pytest.raises(NonFiniteLossError, match="global step 1") as caught:
         _fit(inputs, module, data, callbacks=[PoisonPolicy(at=1), checkpoints], steps=3)
+    # The message names what survives, so the user knows where to resume from.
+    assert f"unchanged by this step: {tmp_path / 'ckpt' / 'last.ckpt'}" in str(caught.value)
 
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch=0-step=1.ckpt", "last.ckpt"]
     assert not (tmp_path / "out" / "model").exists()

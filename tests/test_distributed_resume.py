@@ -1,4 +1,4 @@
-"""FSDP2 runs end to end on 2 gloo processes: resume from a distributed checkpoint, export, LoRA.
+"""FSDP2 runs end to end on 2 gloo processes: resume from a distributed checkpoint, a killed run's record, export, LoRA.
 
 Three launches of ``python -m baldro_lightning fit`` on 2 gloo processes under ``ModelParallelStrategy``: an
 uninterrupted run of 6 steps, a run stopped after 3 steps (its checkpoint is a directory of ``.distcp`` shards),
@@ -7,21 +7,27 @@ steps 4-6 of the uninterrupted run, and both runs' exports (``ExportPretrained``
 keeps per-parameter state, so the optimizer's shards must be restored too, not only the weights. The checkpoint
 must hold the policy and no reference, and ``python -m baldro_lightning export`` must turn it into the model the
 stopped run exported. Two more launches train LoRA adapters with activation checkpointing on 2 FSDP2 ranks and
-in 1 process with the same global batch; the merged exports must agree.
+in 1 process with the same global batch; the merged exports must agree. Three more run the shipped record (TOFU
+evaluations, TensorBoard, latest and best checkpoints) uninterrupted, killed with SIGKILL at step 10, and resumed
+from ``last.ckpt``: the resumed record must equal the uninterrupted one.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-from fit_configs import benchmark_with_forget_rows, write_npo_fit_config
-from gloo_launch import torchrun
+from fit_configs import benchmark_with_forget_rows, make_retain_reference, write_npo_fit_config, write_record_config
+from gloo_launch import start_torchrun, torchrun
+from run_records import assert_same_record, stray_files, tensorboard_scalars
 from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 from transformers import AutoModelForCausalLM
@@ -155,6 +161,84 @@ def test_export_command_consolidates_the_distributed_checkpoint(runs, tmp_path, 
     for name, value in expected.items():
         assert torch.equal(exported[name], value), name
     assert (out / "tokenizer.json").is_file()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Killed with SIGKILL and resumed: the run's record
+
+RECORD_ROWS = 12  # 2 ranks x batch 1: six steps per epoch, twelve in all
+PAUSE_AT = 10  # killed after the evaluation of step 10, with last.ckpt at step 8 (inside the second epoch)
+FSDP2 = {
+    "devices": 2,
+    "strategy": {
+        "class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+        "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1},
+    },
+}
+
+
+def fit_record(config: Path, ckpt_path: Path | None = None) -> None:
+    program = ["-m", "baldro_lightning", "fit", "--config", str(config)]
+    if ckpt_path is not None:
+        program += ["--ckpt_path", str(ckpt_path)]
+    torchrun(program, "the 2-process fit", TIMEOUT_S, cwd=config.parent)
+
+
+@pytest.fixture(scope="module")
+def record_runs(tiny_model, tiny_benchmark, tmp_path_factory) -> dict[str, Path]:
+    """An uninterrupted FSDP2 run and one killed (SIGKILL, every process) at step 10 and resumed from last.ckpt."""
+    root = tmp_path_factory.mktemp("distributed_record")
+    benchmark = benchmark_with_forget_rows(tiny_benchmark, root / "benchmark", RECORD_ROWS)
+    reference = make_retain_reference(tiny_model, tiny_benchmark, root / "retain" / "eval.json")
+    live = {"reference": "live"}  # as the other FSDP2 runs here
+    full = write_record_config(root / "full", tiny_model, benchmark, reference, trainer=FSDP2, model_args=live)
+    fit_record(full)
+
+    killed = write_record_config(
+        root / "killed", tiny_model, benchmark, reference, pause_at=PAUSE_AT, trainer=FSDP2, model_args=live
+    )
+    log = killed.parent / "fit.log"
+    program = ["-m", "baldro_lightning", "fit", "--config", str(killed)]
+    process = start_torchrun(program, cwd=killed.parent, log=log)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not (killed.parent / "paused").exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            os.killpg(process.pid, signal.SIGKILL)
+            pytest.fail(f"the 2-process run ended or stalled before step {PAUSE_AT}:\n{log.read_text()[-6000:]}")
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+    logs = killed.parent / "tensorboard"
+    before = {
+        "checkpoint": torch.load(logs / "checkpoints" / "last.ckpt" / "meta.pt", weights_only=False)["global_step"],
+        "evaluations": sorted(p.name for p in (logs / "eval").glob("step_*")),
+        "train_steps": [step for step, _ in tensorboard_scalars(logs)["train/loss"]],
+    }
+    (root / "before_resume.json").write_text(json.dumps(before))
+    fit_record(killed, ckpt_path=logs / "checkpoints" / "last.ckpt")
+    return {"full": full.parent, "resumed": killed.parent, "before_resume": root / "before_resume.json"}
+
+
+def test_killed_fsdp2_run_resumes_its_record_exactly(record_runs):
+    """Evaluations, per_sample.csv, synchrony and TensorBoard scalars of the killed-and-resumed 2-rank run equal
+    the uninterrupted run's; so do the final weights and the best checkpoint's name."""
+    full, resumed = record_runs["full"], record_runs["resumed"]
+    before = json.loads(record_runs["before_resume"].read_text())
+    # The kill left a sharded last.ckpt at step 8 and a record reaching past it, which the resume must replace.
+    assert before["checkpoint"] == 8
+    assert f"step_{PAUSE_AT:06d}" in before["evaluations"] and max(before["train_steps"]) >= 8
+
+    assert_same_record(full, resumed)
+    reference = load_file(full / "model" / "model.safetensors")
+    continued = load_file(resumed / "model" / "model.safetensors")
+    for name, value in reference.items():
+        torch.testing.assert_close(continued[name], value, rtol=0, atol=1e-6, msg=f"final {name}")
+    saved = {run: sorted(p.name for p in (run / "tensorboard" / "checkpoints").iterdir()) for run in (full, resumed)}
+    assert saved[resumed] == saved[full] and "last.ckpt" in saved[full]
+    meta = resumed / "tensorboard" / "checkpoints" / "last.ckpt" / "meta.pt"
+    assert torch.load(meta, weights_only=False)["global_step"] == 2 * RECORD_ROWS // 2
+    assert stray_files(resumed) == []
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -505,6 +505,7 @@ def test_non_finite_loss_names_step_and_forget_rows(tiny_model, tiny_benchmark):
     message = str(caught.value)
     assert "global step 1" in message
     assert f"forget rows in this batch: {seen.indices[1]}" in message
+    assert "No checkpoint of this run has been saved, so none survives" in message  # checkpointing is off
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import shutil
 import sys
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -257,6 +258,58 @@ def test_changed_settings_of_a_finished_run_stop_the_sweep(small_grid, capsys):
     assert sweep.status_of(changed[0]) == "stale"
     with pytest.raises(sweep.GridError, match="delete their DONE.json"):
         sweep.main([str(small_grid), "--set", "trainer.max_epochs=2", "--only", "npo__lr-0.001"])
+
+
+def test_editing_a_base_config_makes_its_finished_runs_stale(tmp_path):
+    """The "done" check reads the config files' contents after the overrides, not only the arguments: an edit of a
+    base config makes the finished runs stale (naming the key), unless every run overrides the edited key."""
+    defaults, method = tmp_path / "defaults.yaml", tmp_path / "npo.yaml"
+    shutil.copy(REPO / NPO[0], defaults)
+    shutil.copy(REPO / NPO[1], method)
+    body = {
+        "configs": {"npo": [str(defaults), str(method)]},
+        "axes": {"lr": {"key": "model.init_args.optimizer.init_args.lr", "values": [0.001]}},
+    }
+    grid = _write_grid(tmp_path, body)
+    runs = sweep.expand(sweep.load_grid(grid))
+    sweep.run_all(runs, command=_fake)
+    assert sweep.status_of(runs[0]) == "done"
+
+    # A key the axis overrides: the effective config is unchanged, the run stays done.
+    edited = yaml.safe_load(defaults.read_text())
+    edited["model"]["init_args"]["optimizer"]["init_args"]["lr"] = 0.5
+    defaults.write_text(yaml.safe_dump(edited))
+    assert sweep.status_of(sweep.expand(sweep.load_grid(grid))[0]) == "done"
+
+    # A key no run overrides: the same arguments now mean another run.
+    edited["model"]["init_args"]["weight_decay"] = 0.1
+    defaults.write_text(yaml.safe_dump(edited))
+    again = sweep.expand(sweep.load_grid(grid))
+    assert again[0].fit_args == runs[0].fit_args
+    assert sweep.status_of(again[0]) == "stale"
+    assert sweep.stale_keys(again[0]) == ["model.init_args.weight_decay"]
+    with pytest.raises(sweep.GridError, match=r"npo__lr-0.001: model.init_args.weight_decay"):
+        sweep.main([str(grid)])
+
+    # A DONE.json of an older sweep records no effective config: it cannot vouch for the run.
+    done = runs[0].directory / sweep.DONE
+    record = json.loads(done.read_text())
+    del record["effective_config"]
+    done.write_text(json.dumps(record))
+    assert sweep.status_of(runs[0]) == "stale"
+
+
+def test_effective_config_composes_files_then_overrides():
+    """Mappings merge key by key, lists are replaced whole, and overrides set dotted paths last."""
+    base = {"trainer": {"max_epochs": 5, "callbacks": [{"class_path": "A"}, {"class_path": "B"}]}, "seed": 0}
+    diff = {"trainer": {"callbacks": [{"class_path": "C"}]}, "model": {"init_args": {"gamma": 1.0}}}
+    overrides = {"trainer.max_epochs": 2, "model.init_args.optimizer.init_args.lr": 1e-3}
+    assert sweep.effective_config([base, diff], overrides) == {
+        "trainer": {"max_epochs": 2, "callbacks": [{"class_path": "C"}]},
+        "seed": 0,
+        "model": {"init_args": {"gamma": 1.0, "optimizer": {"init_args": {"lr": 1e-3}}}},
+    }
+    assert base["trainer"]["max_epochs"] == 5, "the loaded configs are not changed in place"
 
 
 def test_dry_run_prints_one_command_per_run_and_writes_nothing(small_grid, capsys):

@@ -26,8 +26,10 @@ directory is ``<root>/<config>__<axis>-<label>__...``, given as ``--trainer.defa
 it (``baldro_lightning.cli``), and with it the saved config, checkpoints and evaluations, and so does the exported
 model; a base config whose callbacks name a ``dirpath`` of their own is rejected, so no two runs share a path.
 
-A finished run has ``DONE.json`` (command, wall time, final evaluation) and is skipped; a failed run keeps its
-log (``sweep.log``) and ``FAILED.json`` and does not stop the others; a summary is printed at the end.
+A finished run has ``DONE.json`` (command, effective config, wall time, final evaluation) and is skipped while
+the grid and the contents of its config files still give it the same effective config (``stale`` otherwise, which
+stops the sweep with the changed keys); a failed run keeps its log (``sweep.log``) and ``FAILED.json`` and does not
+stop the others; a summary is printed at the end.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from typing import Any
 
 import yaml
 
+from baldro_lightning.atomic_files import write_text_atomic
 from baldro_lightning.cli import cli_main
 from baldro_lightning.evaluation.run_record import load_eval_json, run_step_evals
 
@@ -108,6 +111,15 @@ class Run:
     """override key -> value, including the path redirects."""
     fit_args: tuple[str, ...]
     """Arguments after ``python -m baldro_lightning fit``."""
+    composed: str = "{}"
+    """The run's config files composed (:func:`effective_config` with no overrides), as JSON text."""
+
+    def effective_config(self) -> dict[str, Any]:
+        """What the run's config files say after its overrides (:func:`effective_config`); ``DONE.json`` records it.
+
+        Computed when asked (for finished runs and when a run is recorded), not for every run of a large grid.
+        """
+        return _overridden(self.composed, self.overrides)
 
     def command(self, nproc_per_node: int = 1) -> list[str]:
         if nproc_per_node == 1:
@@ -293,6 +305,55 @@ def _pinned_outputs(callbacks: list[Any], logger: Any) -> list[str]:
     return pinned
 
 
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``update`` over ``base`` as repeated ``--config`` files compose: mappings merge key by key, any other value
+    (a list such as ``trainer.callbacks`` included) replaces the earlier one whole."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def effective_config(configs: Sequence[dict[str, Any]], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A run's settings as its config files' contents and its override keys compose them, as JSON values.
+
+    Files compose left to right (:func:`_merge`); each override ``a.b.c`` then sets that path. This is what a
+    finished run is compared by (:func:`status_of`): editing a base config changes it for every run that does not
+    override the edited key, while a change a run overrides anyway does not. Defaults in the source code are not
+    part of it.
+    """
+    composed: dict[str, Any] = {}
+    for config in configs:
+        composed = _merge(composed, config)
+    return _overridden(json.dumps(composed), overrides)
+
+
+def _overridden(composed: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The composed files (as JSON text, parsed afresh for each run) with the ``overrides`` set."""
+    config = json.loads(composed)
+    for key, value in overrides.items():
+        *parents, last = key.split(".")
+        target = config
+        for name in parents:
+            if not isinstance(target.get(name), dict):
+                target[name] = {}
+            target = target[name]
+        # Through JSON, so that what DONE.json holds compares equal to what a fresh expansion gives.
+        target[last] = json.loads(json.dumps(value))
+    return config
+
+
+def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two JSON values (``[prefix]`` when they differ otherwise)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new), key=str)
+        return [k for key in keys for k in changed_keys(old.get(key), new.get(key), f"{prefix}.{key}".lstrip("."))]
+    return [] if old == new else [prefix or "<config>"]
+
+
 def expand(grid: Grid, extra: dict[str, Any] | None = None) -> list[Run]:
     """Every run of ``grid``, in a stable order (configs, then axes, as written).
 
@@ -308,6 +369,7 @@ def expand(grid: Grid, extra: dict[str, Any] | None = None) -> list[Run]:
         axes = [axis for axis in grid.axes if axis.applies_to(config_name)]
         configs = [yaml.load(path.read_text(), Loader=_YAML_LOADER) or {} for path in paths]
         callbacks = _base_section(configs, "callbacks") or []
+        composed = json.dumps(effective_config(configs, {}))
         logger = _base_section(configs, "logger")
         for combo in itertools.product(*[list(axis.values.items()) for axis in axes]):
             labels = {axis.name: label for axis, (label, _) in zip(axes, combo, strict=True)}
@@ -339,7 +401,7 @@ def expand(grid: Grid, extra: dict[str, Any] | None = None) -> list[Run]:
                 overrides["trainer.callbacks"] = edited
             args = [arg for path in paths for arg in ("--config", str(path))]
             args += [f"--{key}={cli_value(value)}" for key, value in overrides.items()]
-            runs.append(Run(name, directory, config_name, labels, overrides, tuple(args)))
+            runs.append(Run(name, directory, config_name, labels, overrides, tuple(args), composed))
     seen: dict[Path, str] = {}
     for run in runs:
         if run.directory in seen:
@@ -447,24 +509,33 @@ def final_eval(directory: Path) -> dict[str, Any] | None:
     }
 
 
-def _comparable(args: Sequence[str]) -> list[str]:
-    return [a for a in args if not a.startswith("--trainer.devices=")]
+def stale_keys(run: Run) -> list[str] | None:
+    """How a finished run's recorded config differs from what the grid now gives it: None when it has not finished,
+    ``[]`` when it is the same, else the changed dotted keys (``["<no effective config recorded>"]`` for a
+    ``DONE.json`` that predates recording one, which cannot be trusted)."""
+    done = run.directory / DONE
+    if not done.is_file():
+        return None
+    recorded = json.loads(done.read_text()).get("effective_config")
+    if recorded is None:
+        return ["<no effective config recorded>"]
+    return changed_keys(recorded, run.effective_config())
 
 
 def status_of(run: Run) -> str:
-    """``done``, ``stale`` (finished with other arguments), ``failed`` (last attempt failed) or ``pending``."""
-    done = run.directory / DONE
-    if done.is_file():
-        recorded = json.loads(done.read_text()).get("fit_args", [])
-        return "done" if _comparable(recorded) == _comparable(run.fit_args) else "stale"
+    """``done``, ``stale`` (finished with another effective config), ``failed`` (last attempt failed) or ``pending``.
+
+    A finished run is compared by its effective config (the composed contents of its config files after its
+    overrides), not by its arguments: editing a base config makes the runs it changes stale.
+    """
+    changed = stale_keys(run)
+    if changed is not None:
+        return "stale" if changed else "done"
     return "failed" if (run.directory / FAILED).is_file() else "pending"
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 def _set_aside(run: Run) -> None:
@@ -507,6 +578,7 @@ def execute(run: Run, nproc_per_node: int = 1, command: Callable[[Run], Sequence
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "command": cmd,
         "fit_args": list(run.fit_args),
+        "effective_config": run.effective_config(),
         "log": str(run.directory / LOG),
         "final_eval": final_eval(run.directory),
     }
@@ -665,10 +737,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     if stale:
-        names = "\n  ".join(str(run.directory) for run in stale)
+        names = "\n  ".join(f"{run.directory}: {', '.join(stale_keys(run)[:6])}" for run in stale)
         raise GridError(
-            f"these runs finished with other arguments than the grid now gives:\n  {names}\ndelete their {DONE} to "
-            "rerun them with the new settings, or pass --root to sweep into a fresh directory"
+            f"these runs finished with other settings than the grid and its config files now give (changed keys):"
+            f"\n  {names}\ndelete their {DONE} to rerun them with the new settings, or pass --root to sweep into a "
+            "fresh directory"
         )
     if missing:
         raise GridError("required files are missing:\n  " + "\n  ".join(missing))

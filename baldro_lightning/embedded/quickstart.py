@@ -43,7 +43,9 @@ TINY_LLAMA = {"hidden_size": 192, "num_hidden_layers": 4, "num_attention_heads":
 
 def _fit(configs: Sequence[Path], run_dir: Path) -> None:
     args = [arg for config in configs for arg in ("--config", str(config))]
-    cli_main(["fit", *args, f"--trainer.default_root_dir={run_dir}", "--trainer.enable_progress_bar=false"])
+    # A second quickstart runs again where the first did, replacing its run (fit refuses that without the flag).
+    args += [f"--trainer.default_root_dir={run_dir}", "--trainer.enable_progress_bar=false", "--overwrite=true"]
+    cli_main(["fit", *args])
 
 
 def ensure_base_models(models: Path = MODELS) -> None:

@@ -26,12 +26,14 @@ from baldro_lightning.evaluation.run_record import (
     default_eval_dir,
     per_sample_path,
     reference_truth_ratios,
+    remove_steps_after,
     step_eval_path,
     write_eval_json,
     write_per_sample,
 )
 from baldro_lightning.evaluation.tofu import TofuEvaluator, TofuSettings
 from baldro_lightning.train import distributed as dist_ops
+from baldro_lightning.train.checkpointing import log_directory, purge_tensorboard_from
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,10 @@ class ScheduledEvaluation(Callback, ABC):
     Each evaluation logs ``val/<metric>`` (also into ``trainer.callback_metrics``, so ``ModelCheckpoint`` can
     monitor it) and writes ``<dirpath>/step_<N>/eval.json``. Subclasses build the evaluator from the data module
     (:meth:`build_evaluator`) and may add to each result (:meth:`extend_result`).
+
+    What the record depends on is part of every checkpoint (:meth:`state_dict`), so a run resumed from one
+    continues the record exactly (:meth:`_continue_record`): it makes no "first" evaluation of its own, and makes
+    again, identically, the evaluations the interrupted run made after the checkpoint.
     """
 
     needs_fsdp2 = True
@@ -78,6 +84,8 @@ class ScheduledEvaluation(Callback, ABC):
         self.dirpath = dirpath
         self.evaluator: BenchmarkEvaluator | None = None
         self._last_step: int | None = None
+        # What the last evaluation logged ({"step", "values"}): a resumed run logs it again (see on_train_start).
+        self._logged: dict[str, Any] | None = None
 
     @abstractmethod
     def build_evaluator(self, data: L.LightningDataModule) -> BenchmarkEvaluator:
@@ -100,14 +108,18 @@ class ScheduledEvaluation(Callback, ABC):
     def _out_dir(self, trainer: L.Trainer) -> Path:
         if self.dirpath is not None:
             return Path(self.dirpath)
-        return default_eval_dir(trainer.log_dir or trainer.default_root_dir)
+        # Not trainer.log_dir: a collective, and only rank 0 writes.
+        return default_eval_dir(log_directory(trainer))
 
     # -- schedule -----------------------------------------------------------------------------------------------
     def _evaluates_at_start(self) -> bool:
         return self.on_start
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._evaluates_at_start():
+        if trainer.global_step > 0:
+            # Resumed: the evaluation before the first update was made by the run that wrote the checkpoint.
+            self._continue_record(trainer)
+        elif self._evaluates_at_start():
             self._evaluate(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -117,6 +129,39 @@ class ScheduledEvaluation(Callback, ABC):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.every_epoch:
             self._evaluate(trainer, pl_module)
+
+    # -- the record in the checkpoint ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_step": self._last_step, "logged": self._logged}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_step = state_dict["last_step"]
+        self._logged = state_dict["logged"]
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # _continue_record logs the resume step's values again; TensorBoard must first drop the interrupted run's.
+        # (LatestCheckpoint purges too; a second purge at the same step changes nothing.)
+        if trainer.is_global_zero:
+            purge_tensorboard_from(trainer, int(checkpoint.get("global_step", 0)))
+
+    def _continue_record(self, trainer: L.Trainer) -> None:
+        """Make a run resumed at ``trainer.global_step`` continue the record as the checkpoint left it.
+
+        Evaluations the interrupted run wrote after its checkpoint are removed (the resumed run makes them again);
+        the last evaluation's values are published again (``callback_metrics``, for a monitoring
+        ``ModelCheckpoint``), and logged again when it was at the resume step, since the resume drops the
+        TensorBoard events from that step on (``checkpointing.purge_tensorboard_from``).
+        """
+        step = trainer.global_step
+        if trainer.is_global_zero:
+            for removed in remove_steps_after(self._out_dir(trainer), step):
+                log.warning("resumed at global step %d: removed %s of the interrupted run", step, removed)
+        if self._logged is None:
+            return
+        values = self._logged["values"]
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})
+        if self._logged["step"] == step and trainer.logger is not None:
+            trainer.logger.log_metrics(values, step=step)
 
     # -- evaluation ---------------------------------------------------------------------------------------------
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -143,6 +188,7 @@ class ScheduledEvaluation(Callback, ABC):
         finite = {k: v for k, v in values.items() if np.isfinite(v)}
         # callback_metrics is what ModelCheckpoint(monitor=...) reads; this works from any hook.
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in finite.items()})
+        self._logged = {"step": step, "values": finite}
         if trainer.logger is not None:
             trainer.logger.log_metrics(finite, step=step)
 
@@ -223,6 +269,54 @@ class TofuEvaluation(ScheduledEvaluation):
     def _evaluates_at_start(self) -> bool:
         # The curves' log-likelihood ratio needs the policy before any update as its reference.
         return self.on_start or self.curves
+
+    # -- the record in the checkpoint ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The base's, plus everything the curves and synchrony depend on: the reference NLLs, the retain model's
+        truth ratios and every evaluation's per-sample values (what ``per_sample.csv`` holds), as float64 tensors
+        (exact, and loadable with ``torch.load(weights_only=True)``)."""
+        history = [
+            {"step": h["step"], "index": list(h["index"]), **{c: _tensor(h[c]) for c in CURVES}} for h in self.history
+        ]
+        return {
+            **super().state_dict(),
+            "history": history,
+            "reference_nll": _tensor(self._reference_nll),
+            "retain_truth_ratios": _tensor(self._retain_tr),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.history = [
+            {"step": h["step"], "index": list(h["index"]), **{c: _array(h[c]) for c in CURVES}}
+            for h in state_dict["history"]
+        ]
+        self._reference_nll = _array(state_dict["reference_nll"])
+        saved = _array(state_dict["retain_truth_ratios"])
+        if saved is not None and self._retain_tr is not None and not np.array_equal(saved, self._retain_tr, True):
+            log.warning(
+                "the retain reference %s changed since the checkpoint was saved; the resumed run keeps judging "
+                "forgetting by the truth ratios it started with, so its synchrony stays comparable",
+                self.settings.retain_reference,
+            )
+        self._retain_tr = saved if saved is not None else self._retain_tr
+
+    def _continue_record(self, trainer: L.Trainer) -> None:
+        if self.curves and self._reference_nll is None:
+            raise ValueError(
+                f"resuming at global step {trainer.global_step} from a checkpoint without the TofuEvaluation record "
+                "(saved before the callback kept one, or without the callback): the forgetting curves need the "
+                "evaluation before the first update as their reference. Start the run again without --ckpt_path, or "
+                "resume with the callback's init_args.curves=false."
+            )
+        super()._continue_record(trainer)
+        if not (self.curves and self.history and trainer.is_global_zero):
+            return
+        # per_sample.csv as of the checkpoint; the interrupted run may have written rows of later evaluations.
+        forget_steps = self._synchrony()["forget_step_by_index"]
+        write_per_sample(per_sample_path(self._out_dir(trainer)), self.history, forget_steps)
+        if self.history[-1]["step"] == trainer.global_step:
+            self._tensorboard_curves(trainer, self.history[-1])
 
     def extend_result(
         self, trainer: L.Trainer, pl_module: L.LightningModule, scores: dict[str, RowScores], result: dict[str, Any]
@@ -312,6 +406,14 @@ class TofuEvaluation(ScheduledEvaluation):
             ax.set_xlabel("step")
         fig.tight_layout()
         return fig
+
+
+def _tensor(values: np.ndarray | None) -> torch.Tensor | None:
+    return None if values is None else torch.from_numpy(np.asarray(values, dtype=np.float64).copy())
+
+
+def _array(values: torch.Tensor | None) -> np.ndarray | None:
+    return None if values is None else values.numpy().astype(np.float64)
 
 
 def _is_number(entry: Any) -> bool:

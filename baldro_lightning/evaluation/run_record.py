@@ -8,10 +8,10 @@ An evaluation directory (``<log_dir>/eval`` unless a callback's ``dirpath`` says
 
 and the evaluate commands write one ``eval.json`` wherever ``--out`` says. Everything that writes or reads these
 files goes through this module: ``eval.json`` (:func:`write_eval_json`, :func:`load_eval_json`), the step layout
-(:func:`step_eval_path`, :func:`run_step_evals`), ``per_sample.csv`` (:data:`CURVES`, :func:`write_per_sample`,
-:func:`read_per_sample`) and the retain model's ``eval.json`` that forget quality and privleak compare to
-(:func:`reference_truth_ratios`, :func:`reference_min_k_auc`, :func:`reference_privleak_auc`), with the checks that
-it fits the evaluation at hand.
+(:func:`step_eval_path`, :func:`run_step_evals`, :func:`remove_steps_after` for a resumed run), ``per_sample.csv``
+(:data:`CURVES`, :func:`write_per_sample`, :func:`read_per_sample`) and the retain model's ``eval.json`` that
+forget quality and privleak compare to (:func:`reference_truth_ratios`, :func:`reference_min_k_auc`,
+:func:`reference_privleak_auc`), with the checks that it fits the evaluation at hand.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import io
 import json
 import math
 import os
+import re
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,27 @@ def per_sample_path(eval_dir: str | os.PathLike[str]) -> Path:
 def per_sample_of(step_eval: Path) -> Path:
     """The ``per_sample.csv`` of the evaluation directory that holds the step evaluation ``step_eval``."""
     return per_sample_path(step_eval.parent.parent)
+
+
+def step_of(step_dir: Path) -> int | None:
+    """The step a ``step_<N>`` directory is named for; None for any other name."""
+    found = re.fullmatch(r"step_(\d+)", step_dir.name)
+    return None if found is None else int(found.group(1))
+
+
+def remove_steps_after(eval_dir: str | os.PathLike[str], step: int) -> list[Path]:
+    """Remove the evaluations of ``eval_dir`` made after ``step``; returns the step directories removed.
+
+    A run resumed from a checkpoint at ``step`` evaluates those steps again; what the interrupted run wrote for them
+    after its last checkpoint is not part of the resumed run's record.
+    """
+    removed = []
+    for directory in sorted(Path(eval_dir).glob("step_*")):
+        found = step_of(directory)
+        if found is not None and found > step and directory.is_dir():
+            shutil.rmtree(directory)
+            removed.append(directory)
+    return removed
 
 
 def run_step_evals(run: str | os.PathLike[str]) -> list[Path]:

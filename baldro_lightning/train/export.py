@@ -16,7 +16,6 @@ import argparse
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
+from baldro_lightning.atomic_files import replace_path, staging_directory
 from baldro_lightning.data.tokenization import load_tokenizer
 from baldro_lightning.train.lora import LoRA, merged_model
 
@@ -38,29 +38,19 @@ POLICY_PREFIX = "policy."
 
 
 def save_pretrained_atomic(model, tokenizer, out_dir: str | os.PathLike) -> Path:
-    """``save_pretrained`` model and tokenizer into a temporary sibling, then rename it into place.
+    """``save_pretrained`` model and tokenizer into a staging sibling, then swap it into place.
 
-    A run killed while writing leaves the previous directory (or none), never a half-written model.
+    ``out_dir`` always holds a whole model, the previous or the new one, whenever the process is killed
+    (:func:`~baldro_lightning.atomic_files.replace_path`); a staging copy a kill leaves behind is removed by the
+    next export to the same directory. The directory gets the permissions the umask gives.
     """
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging = staging_directory(out)
     try:
         model.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            try:
-                os.replace(staging, out)
-            except BaseException:
-                os.replace(old, out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, out)
+        replace_path(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 
 from baldro_lightning.train import distributed as dist_ops
 from baldro_lightning.train.batches import Batch, batch_size, concat_rows, pad_rows_to, select_rows
+from baldro_lightning.train.checkpointing import surviving_checkpoints
 from baldro_lightning.train.logprobs import SequenceLogProbs, sequence_logprobs
 from baldro_lightning.train.lora import LoRA, add_adapters
 from baldro_lightning.train.losses import NLL, PerSampleLoss
@@ -202,8 +203,8 @@ class CausalLMModule(L.LightningModule):
             return
         ids = "" if indices is None else f"; forget rows in this batch: {indices.tolist()}"
         raise NonFiniteLossError(
-            f"{what} is {loss.item()} at global step {self.global_step}{ids}. The last saved checkpoint is "
-            "unchanged; lower the learning rate, check the rows above, or use a stabler loss setting."
+            f"{what} is {loss.item()} at global step {self.global_step}{ids}; lower the learning rate, check the "
+            f"rows above, or use a stabler loss setting. {surviving_checkpoints(self._trainer)}"
         )
 
 
@@ -402,9 +403,24 @@ class UnlearningModule(CausalLMModule):
         checkpoint["forget_losses"] = self.forget_losses
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._check_restorable_reference(checkpoint)
         self.reference_cache = checkpoint.get("reference_cache")
         self.forget_weights = checkpoint.get("forget_weights")
         self.forget_losses = checkpoint.get("forget_losses")
+
+    def _check_restorable_reference(self, checkpoint: dict) -> None:
+        """A cached reference is only faithful if computed before the first update: refuse to rebuild it later."""
+        step = int(checkpoint.get("global_step", 0))
+        cached = self.reference_mode == "cached" and self.forget_loss.requires_reference
+        if cached and step > 0 and checkpoint.get("reference_cache") is None:
+            path = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
+            raise ValueError(
+                f"--model.init_args.reference=cached cannot resume from {path}: it was saved at global step {step} "
+                "without cached reference log-probs (a run with reference=live), and a cache computed now would "
+                "come from the updated policy, not the reference. Resume with --model.init_args.reference=live (the "
+                "frozen reference is reloaded from --model.init_args.model), or start the run again without "
+                "--ckpt_path."
+            )
 
     # -- reference ----------------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
