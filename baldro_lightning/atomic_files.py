@@ -5,7 +5,8 @@ with SIGKILL cannot remove its staging sibling, so the next write of the same pa
 write left (:func:`remove_leftovers`). Used for everything this package writes as it goes (``eval.json``,
 ``per_sample.csv``, exported models, ``last.ckpt``) and for the generated benchmark files, whose bytes must not
 depend on the platform (``\\n`` line endings, UTF-8). What is written gets the permissions of any file the process
-creates (``0666`` or ``0777`` less the umask), not ``tempfile``'s private ``0600``/``0700``.
+creates (``0666`` or ``0777`` less the umask), not ``tempfile``'s private ``0600``/``0700``. :func:`check_writable`
+tells, before a command does any work, whether its outputs can be written there at all.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
+
+from baldro_lightning.user_errors import UserInputError
 
 STAGING_SUFFIX = ".tmp"
 """The suffix of every staging sibling: ``.<name>.<random>.tmp``."""
@@ -201,3 +204,44 @@ def replace_path(staging: str | os.PathLike[str], out: str | os.PathLike[str]) -
         raise
     _remove(old)
     return out
+
+
+def unwritable_reason(path: str | os.PathLike[str], kind: Literal["file", "directory"]) -> str | None:
+    """Why a ``kind`` cannot be created or replaced at ``path``, or None if it can; nothing is created.
+
+    Args:
+        path: Where a command will write.
+        kind: ``file`` (replaced by :func:`write_atomic`: its folder must be writable) or ``directory``.
+
+    Returns:
+        A clause that continues "``<flag> <path>`` ...", e.g. "is a directory, not a file".
+    """
+    target = Path(path).expanduser()
+    if target.exists():
+        if kind == "file" and target.is_dir():
+            return "is a directory, not a file"
+        if kind == "directory" and not target.is_dir():
+            return "is a file, not a directory"
+        folder = target if kind == "directory" else target.parent
+        return None if os.access(folder, os.W_OK | os.X_OK) else f"cannot be written: {folder} is read-only for you"
+    ancestor = target.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"cannot be created: {ancestor} is a file, not a directory"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"cannot be created: {ancestor} is read-only for you"
+    return None
+
+
+def check_writable(path: str | os.PathLike[str], flag: str, kind: Literal["file", "directory"]) -> None:
+    """Raise :class:`UserInputError` naming ``flag`` if :func:`unwritable_reason` finds a reason.
+
+    Args:
+        path: Where a command will write.
+        flag: The flag or config key that gave ``path`` (``--out``, ``--trainer.default_root_dir``).
+        kind: ``file`` or ``directory``.
+    """
+    reason = unwritable_reason(path, kind)
+    if reason is not None:
+        raise UserInputError(f"{flag} {str(path)!r} {reason}; pass a {kind} path you can write to")

@@ -3,26 +3,53 @@
 The project's LightningModules, data modules, losses, objectives and callbacks are imported here so that
 jsonargparse knows them as subclasses of the types the CLI asks for: short class names then work on the command
 line and in YAML (``--model UnlearningModule``, ``--model.forget_objective DV``), besides full ``class_path``\\ s.
+
+A bad value reaches the user as one :class:`ConfigError` whose message is the project's own sentence: a parse error
+as the flag and what is wrong with it (not jsonargparse's nested "Does not validate against any of the Union
+subtypes" dump), a constructor's check as its message with the config key of the object that raised it, and a
+``nan``/``inf`` anywhere in the config as an error of its own. Before the subcommand runs, :meth:`BaldroCLI.preflight`
+checks what can be checked without training: output directories, the model's files, ``--ckpt_path``, the data and
+the evaluation callbacks' retain references. Lightning's start-up messages are held until those checks pass, so a
+bad input's error is the first line the command prints.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import linecache
 import logging
+import math
 import os
 import shutil
+import sys
+import warnings
+from argparse import ArgumentError
+from collections.abc import Iterator
+from logging.handlers import BufferingHandler
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+import yaml
 from jsonargparse import set_parsing_settings
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from baldro_lightning.atomic_files import check_writable
+
 # Imported for their classes (see the module docstring); callbacks and export also for the run-directory check.
 from baldro_lightning.data import datamodule, muse  # noqa: F401
 from baldro_lightning.evaluation import callbacks
+from baldro_lightning.evaluation.callbacks import ScheduledEvaluation
+from baldro_lightning.evaluation.muse import MuseSettings
 from baldro_lightning.evaluation.run_record import PER_SAMPLE_CSV, default_eval_dir
+from baldro_lightning.evaluation.tofu import TofuSettings
 from baldro_lightning.train import checkpointing, export, losses, module, objectives, sharding  # noqa: F401
+from baldro_lightning.train.export import ExportPretrained, check_checkpoint_fits, checkpoint_policy_shapes
+from baldro_lightning.train.models import check_model_files, model_shapes
+from baldro_lightning.user_errors import UserInputError, describe_argument_error
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +57,72 @@ log = logging.getLogger(__name__)
 # description for their arguments.
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
+PROGRAM = "python -m baldro_lightning"
+
+VOCABULARY: dict[str, str] = {
+    # The evaluation settings are the `settings:` block of an evaluation callback in a training config.
+    **{f"--{f.name}": f"settings.{f.name}" for s in (TofuSettings, MuseSettings) for f in dataclasses.fields(s)},
+    "--benchmark": "--data.benchmark",
+    "--forget_split": "--data.forget_split",
+    "--corpus": "--data.corpus",
+    "--max_length": "--data.max_length",
+    "--chat": "--data.template.chat",
+    "--system_prompt": "--data.template.system_prompt",
+    "--date_string": "--data.template.date_string",
+}
+"""The ``evaluate`` flags that messages name, as a training config names them (``user_errors.in_vocabulary``)."""
+
+_CHECKPOINT_ALIASES = {"last", "best", "hpc"}
+"""``--ckpt_path`` values Lightning resolves itself (not files)."""
+
+
+class ConfigError(UserInputError):
+    """A command-line or config value that LightningCLI cannot parse or the project's classes reject."""
+
+
+class HeldMessages:
+    """Lightning's log records and the warnings of parsing and building the objects, kept until released.
+
+    Released with ``show=True`` they are emitted as they would have been; with ``show=False`` (a bad input) they
+    are dropped, so the error is the first thing the command prints.
+    """
+
+    LOGGERS = ("lightning.pytorch", "lightning.fabric")
+    """Lightning's loggers: seed, accelerator, tips."""
+
+    def __init__(self) -> None:
+        self._buffer = BufferingHandler(capacity=1 << 30)
+        self._saved: list[tuple[logging.Logger, list[logging.Handler], bool]] = []
+        self._warnings: warnings.catch_warnings | None = None
+        self._caught: list[warnings.WarningMessage] = []
+
+    def hold(self) -> None:
+        for name in self.LOGGERS:
+            logger = logging.getLogger(name)
+            self._saved.append((logger, logger.handlers[:], logger.propagate))
+            logger.handlers, logger.propagate = [self._buffer], False
+        self._warnings = warnings.catch_warnings(record=True)
+        self._caught = self._warnings.__enter__()
+
+    def release(self, show: bool) -> None:
+        """Restore the loggers and warnings; emit what was held when ``show``. Idempotent."""
+        if self._warnings is None:
+            return
+        self._warnings.__exit__(None, None, None)
+        self._warnings = None
+        for logger, handlers, propagate in self._saved:
+            logger.handlers, logger.propagate = handlers, propagate
+        self._saved = []
+        if show:
+            for record in self._buffer.buffer:
+                logging.getLogger(record.name).handle(record)
+            for caught in self._caught:
+                warnings.showwarning(caught.message, caught.category, caught.filename, caught.lineno)
+        self._buffer.buffer.clear()
+
 
 class BaldroCLI(LightningCLI):
-    """Any LightningModule/DataModule by ``class_path``; the tokenizer follows the model unless set.
+    """Any LightningModule/DataModule by ``class_path``; the data module's tokenizer is the model's (a link).
 
     ``--trainer.default_root_dir`` is the run directory: the logger's ``save_dir`` is linked to it (one given in a
     config is replaced), so the saved ``config.yaml``, checkpoints and evaluations (under the logger's directory)
@@ -40,6 +130,31 @@ class BaldroCLI(LightningCLI):
     name a run once, on the command line. ``fit`` refuses a directory that holds another run's outputs unless
     ``--ckpt_path`` resumes that run or ``--overwrite=true`` deletes them (:func:`claim_run_directory`).
     """
+
+    def __init__(self, *args: Any, debug: bool = False, **kwargs: Any) -> None:
+        """LightningCLI's arguments; bad values raise :class:`ConfigError` (or another ``UserInputError``).
+
+        Args:
+            *args: Passed to ``LightningCLI``.
+            debug: Show Lightning's held start-up messages even when a bad input stops the command.
+            **kwargs: Passed to ``LightningCLI``.
+        """
+        self._held = HeldMessages()
+        self._subcommand_name = "fit"
+        self._checkpoint_shapes: dict[str, tuple[int, ...]] | None = None
+        self._held.hold()
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException:
+            self._held.release(show=debug)
+            raise
+        self._held.release(show=True)
+
+    def init_parser(self, **kwargs: Any):
+        # Parse errors as exceptions, so parse_arguments can turn them into one line instead of jsonargparse's
+        # usage text and nested dump.
+        kwargs.setdefault("exit_on_error", False)
+        return super().init_parser(**kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.init_args.model", "data.init_args.tokenizer")
@@ -55,20 +170,202 @@ class BaldroCLI(LightningCLI):
             "start afresh; without it, fit refuses such a directory unless --ckpt_path resumes that run",
         )
 
-    # -- one directory per run ----------------------------------------------------------------------------------
+    # -- bad values as one message ------------------------------------------------------------------------------
+    def parse_arguments(self, parser, args) -> None:
+        given = [str(a) for a in args] if isinstance(args, list | tuple) else sys.argv[1:] if args is None else []
+        self._subcommand_name = next((a for a in given if a in self.subcommands()), self._subcommand_name)
+        for path in _config_files(given):
+            _check_yaml(path)
+        if any(arg.startswith(("--data.tokenizer", "--data.init_args.tokenizer")) for arg in given):
+            # jsonargparse silently replaces a link target's value with the linked one.
+            raise ConfigError(
+                "--data.tokenizer cannot be set: the CLI sets it from --model.model (the model directory's own "
+                "tokenizer), so a value given here would be ignored; drop it and keep the tokenizer files in the "
+                "model directory"
+            )
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            raise ConfigError(describe_argument_error(err, f"{PROGRAM} {self._subcommand_name}")) from err
+        # Before LightningCLI reads the checkpoint's hyperparameters into the config (_parse_ckpt_path).
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path is not None and str(ckpt_path) not in _CHECKPOINT_ALIASES:
+            self._checkpoint_shapes = checkpoint_policy_shapes(ckpt_path, "--ckpt_path")
+
+    def _subcommand_config(self) -> Any:
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def before_instantiate_classes(self) -> None:
+        for key, value in _leaves(self._subcommand_config().as_dict()):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(
+                    f"--{key}={value}: nan and inf are not numbers a run can use; give a finite number (check the "
+                    "config files and the command line for this key)"
+                )
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            message = self._rejection(err)
+            if message is None:
+                raise
+            raise ConfigError(message) from err
+
+    def _rejection(self, err: BaseException) -> str | None:
+        """The project's sentence for an error raised while building the config's objects, or None when the error
+        is not a rejected value (a programming error keeps its traceback)."""
+        chain = [err]
+        while chain[-1].__cause__ is not None:
+            chain.append(chain[-1].__cause__)
+        innermost = chain[-1]
+        if any(isinstance(link, MisconfigurationException) for link in chain):
+            found = next(link for link in chain if isinstance(link, MisconfigurationException))
+            return f"--trainer: {found}"
+        owner = _constructor_owner(innermost)
+        if not isinstance(innermost, UserInputError) and not (isinstance(innermost, ValueError) and owner):
+            return None
+        message = str(innermost)
+        key = None if owner is None or "--" in message.split(";")[0] else self._config_key_of(type(owner))
+        return message if key is None else f"--{key}: {message}"
+
+    def _config_key_of(self, cls: type) -> str | None:
+        """The config key (``model.forget_objective``) of the one object of class ``cls`` the config names."""
+        wanted = f"{cls.__module__}.{cls.__qualname__}"
+        keys = [key for key, value in _nodes(self._subcommand_config().as_dict()) if value.get("class_path") == wanted]
+        return keys[0] if len(keys) == 1 else None
+
+    # -- pre-flight ---------------------------------------------------------------------------------------------
     def before_fit(self) -> None:
+        self.preflight("fit")
+        # One directory per run, checked after every other input so that a bad one deletes nothing.
         config = self.config[self.subcommand]
         claim_run_directory(self.trainer, config.get("ckpt_path"), bool(config.get("overwrite")))
         # The flag acts once, on the directory as found: the saved config.yaml must not carry it, or fitting that
         # config again would delete this run.
         config["overwrite"] = False
+        self._held.release(show=True)
+
+    def before_validate(self) -> None:
+        self.preflight("validate")
+        self._held.release(show=True)
+
+    def before_test(self) -> None:
+        self.preflight("test")
+        self._held.release(show=True)
+
+    def before_predict(self) -> None:
+        self.preflight("predict")
+        self._held.release(show=True)
+
+    def preflight(self, stage: str) -> None:
+        """Check, before any weight loads or any file is written, what would otherwise fail later: every output
+        directory can be written, the model's files are whole and of the config's shapes, ``--ckpt_path`` is a
+        readable checkpoint of that model, the data loads, and the evaluation callbacks' references fit it.
+        The ``before_<stage>`` hooks show Lightning's held start-up messages once it (and, for ``fit``, the
+        run-directory check) passed."""
+        trainer = self.trainer
+        check_writable(trainer.default_root_dir, "--trainer.default_root_dir", "directory")
+        for logger in trainer.loggers:
+            if getattr(logger, "save_dir", None) is not None:
+                check_writable(logger.save_dir, f"the save_dir of {type(logger).__name__}", "directory")
+        for callback in trainer.callbacks:
+            if isinstance(callback, ExportPretrained):
+                check_writable(callback.directory(trainer), "the model directory of ExportPretrained", "directory")
+            elif getattr(callback, "dirpath", None) is not None:
+                check_writable(callback.dirpath, f"the dirpath of {type(callback).__name__}", "directory")
+        model_path = getattr(self.model, "model_path", None)
+        if model_path is not None:
+            check_model_files(model_path, "--model.model")
+        if self._checkpoint_shapes is not None and model_path is not None:
+            ckpt_path = str(self.config_init[self.subcommand].get("ckpt_path"))
+            flags = ("--ckpt_path", "--model.model")
+            check_checkpoint_fits(self._checkpoint_shapes, model_shapes(model_path), ckpt_path, model_path, flags)
+        if self.datamodule is not None:
+            self.datamodule.setup(stage)
+            for callback in trainer.callbacks:
+                if isinstance(callback, ScheduledEvaluation):
+                    callback.prepare(self.datamodule)
+
+
+def _config_files(args: list[str]) -> list[str]:
+    """The values of ``--config``/``-c`` on a command line."""
+    files = []
+    for position, arg in enumerate(args):
+        if arg in ("--config", "-c") and position + 1 < len(args):
+            files.append(args[position + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.removeprefix("--config="))
+    return files
+
+
+def _check_yaml(path: str) -> None:
+    """A config file that exists must be YAML; jsonargparse's own message does not say which file is broken."""
+    if not os.path.isfile(path):
+        return  # jsonargparse names a missing file itself
+    try:
+        with open(path, encoding="utf-8") as handle:
+            yaml.safe_load(handle)
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"--config {path} is not UTF-8 text ({err}); re-save it as UTF-8") from err
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"--config {path}{where}: not valid YAML ({problem}); fix the file") from err
+
+
+def _constructor_owner(error: BaseException) -> object | None:
+    """The project object whose ``__init__``/``__post_init__`` raised ``error`` with its own ``raise`` statement.
+
+    The project's constructors check their arguments and raise ``ValueError`` naming the bad value (style rule 11),
+    so such an error is a rejected config value. One raised anywhere else (a helper, a library, ``int("x")`` or a
+    failed unpacking inside the constructor) is not, and keeps its traceback.
+    """
+    traceback = error.__traceback__
+    last = None
+    while traceback is not None:
+        last, traceback = traceback, traceback.tb_next
+    if last is None or last.tb_frame.f_code.co_name not in ("__init__", "__post_init__"):
+        return None
+    line = linecache.getline(last.tb_frame.f_code.co_filename, last.tb_lineno).strip()
+    owner = last.tb_frame.f_locals.get("self")
+    if not line.startswith("raise ") or owner is None:
+        return None
+    return owner if type(owner).__module__.startswith("baldro_lightning.") else None
+
+
+def _leaves(value: Any, key: str = "") -> Iterator[tuple[str, Any]]:
+    """``(flag-style key, value)`` for every scalar of a parsed config (``init_args`` levels left out)."""
+    if isinstance(value, dict):
+        for name, child in value.items():
+            part = "" if name == "init_args" else str(name)
+            yield from _leaves(child, f"{key}.{part}".strip(".") if part else key)
+    elif isinstance(value, list | tuple):
+        for position, child in enumerate(value):
+            yield from _leaves(child, f"{key}[{position}]")
+    else:
+        yield key, value
+
+
+def _nodes(value: Any, key: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(flag-style key, mapping)`` for every mapping of a parsed config."""
+    if isinstance(value, dict):
+        yield key, value
+        for name, child in value.items():
+            part = "" if name == "init_args" else str(name)
+            yield from _nodes(child, f"{key}.{part}".strip(".") if part else key)
+    elif isinstance(value, list | tuple):
+        for position, child in enumerate(value):
+            yield from _nodes(child, f"{key}[{position}]")
 
 
 def _run_directory(default_root_dir: str | None) -> str:
     return os.getcwd() if default_root_dir is None else default_root_dir
 
 
-class RunDirectoryError(ValueError):
+class RunDirectoryError(UserInputError):
     """``fit`` would write into a directory that holds another run's outputs."""
 
 
@@ -140,8 +437,13 @@ def claim_run_directory(trainer: L.Trainer, ckpt_path: str | None, overwrite: bo
     )
 
 
-def cli_main(args: list[str] | None = None, run: bool = True) -> BaldroCLI:
-    """Build (and with ``run``, run) the CLI on ``args``, or on the process's command line when None."""
+def cli_main(args: list[str] | None = None, run: bool = True, debug: bool = False) -> BaldroCLI:
+    """Build (and with ``run``, run) the CLI on ``args``, or on the process's command line when None.
+
+    Raises:
+        UserInputError: a bad value (:class:`ConfigError` for the command line and configs), found before the
+            subcommand loads weights or writes anything where it can be.
+    """
     return BaldroCLI(
         L.LightningModule,
         L.LightningDataModule,
@@ -152,4 +454,5 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> BaldroCLI:
         args=args,
         run=run,
         auto_configure_optimizers=False,
+        debug=debug,
     )

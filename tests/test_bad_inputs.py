@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import AutoTokenizer
 
-from baldro_lightning.cli import cli_main
+from baldro_lightning.cli import ConfigError, cli_main
 from baldro_lightning.data.datamodule import ForgetRetainDataModule
 from baldro_lightning.data.tofu import BenchmarkDataError
 from baldro_lightning.data.tokenization import load_tokenizer
@@ -412,7 +412,7 @@ CASES: dict[str, Case] = {
         None,
         (r"1 row\(s\) of --data\.retain_split=retain90 also occur in --data\.forget_split=forget10", r"complementary"),
     ),
-    "config_key_typo": Case(config_key_typo, SystemExit, (r"Option 'gama' is not accepted",)),
+    "config_key_typo": Case(config_key_typo, ConfigError, (r"^--model\.gama: UnlearningModule has no option 'gama'",)),
     "cached_reference_with_kl_retain": Case(
         cached_reference_with_kl_retain,
         ValueError,

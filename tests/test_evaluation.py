@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
+from baldro_lightning.__main__ import main as entry_point
 from baldro_lightning.data.tokenization import PromptTemplate, encode_example, encode_prompt, load_tokenizer
 from baldro_lightning.evaluation import tofu
 from baldro_lightning.evaluation.command import main as evaluate_main
@@ -324,10 +325,10 @@ def test_real_tofu_rows_run_and_are_finite(shared_tofu, tokenizer, model):
 
 def test_cli_reports_a_bad_reference_without_traceback(tiny_benchmark, tiny_model, tmp_path, capsys):
     args = ["--model", str(tiny_model), "--benchmark", str(tiny_benchmark), "--out", str(tmp_path / "eval.json")]
-    with pytest.raises(SystemExit) as exit_info:
-        evaluate_main([*args, "--retain_reference", str(tmp_path / "missing.json")])
-    assert exit_info.value.code == 2
-    assert "missing.json does not exist" in capsys.readouterr().err
+    assert entry_point(["evaluate", *args, "--retain_reference", str(tmp_path / "missing.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: retain reference ") and "missing.json does not exist" in err
+    assert "Traceback" not in err
     assert not (tmp_path / "eval.json").exists()
 
 
@@ -378,8 +379,6 @@ def test_cli_rejects_bad_settings_before_loading_weights(tiny_benchmark, tmp_pat
         "--out",
         str(tmp_path / "e.json"),
     ]
-    with pytest.raises(SystemExit) as exit_info:
-        evaluate_main([*args, *flags])
-    assert exit_info.value.code == 2
-    assert re.search(r"python -m baldro_lightning evaluate: error: .*" + message, capsys.readouterr().err)
+    assert entry_point(["evaluate", *args, *flags]) == 2
+    assert re.search(r"^error: .*" + message, capsys.readouterr().err)
     assert not (tmp_path / "e.json").exists()

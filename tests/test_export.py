@@ -25,6 +25,7 @@ from baldro_lightning.train.export import ExportPretrained, main
 from baldro_lightning.train.lora import LoRA
 from baldro_lightning.train.losses import NLL, NPO
 from baldro_lightning.train.module import UnlearningModule
+from baldro_lightning.user_errors import UserInputError
 
 ADAPTERS = LoRA(r=4, alpha=8.0, target_modules=("q_proj", "v_proj", "down_proj"))
 
@@ -161,15 +162,15 @@ def test_command_line_export_of_the_checkpoint_equals_the_callback_export(runs, 
 
 
 def test_command_line_errors_name_the_flag(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"--checkpoint='.*missing\.ckpt' does not exist"):
+    with pytest.raises(UserInputError, match=r"--checkpoint='.*missing\.ckpt' does not exist"):
         main(["--checkpoint", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "out")])
     torch.save({"state_dict": {"layer.weight": torch.zeros(2)}}, tmp_path / "other.ckpt")
-    with pytest.raises(ValueError, match=r"holds no policy\.\* weights"):
+    with pytest.raises(UserInputError, match=r"holds no policy\.\* weights"):
         main(["--checkpoint", str(tmp_path / "other.ckpt"), "--out", str(tmp_path / "out")])
     torch.save({"state_dict": {"policy.lm_head.weight": torch.zeros(2)}}, tmp_path / "finetune.ckpt")
-    with pytest.raises(ValueError, match=r"stores no model path .*pass --config <run>/config\.yaml or --model"):
+    with pytest.raises(UserInputError, match=r"stores no model path .*pass --config <run>/config\.yaml or --model"):
         main(["--checkpoint", str(tmp_path / "finetune.ckpt"), "--out", str(tmp_path / "out")])
     (tmp_path / "not_a_checkpoint").mkdir()
-    with pytest.raises(ValueError, match=r"directory without meta\.pt"):
+    with pytest.raises(UserInputError, match=r"directory without meta\.pt"):
         main(["--checkpoint", str(tmp_path / "not_a_checkpoint"), "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()

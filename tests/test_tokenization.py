@@ -27,6 +27,7 @@ from baldro_lightning.data.tokenization import (
     encode_rows,
     load_tokenizer,
 )
+from baldro_lightning.user_errors import UserInputError
 
 WORDS = [
     "<pad>", "<s>", "</s>", "<unk>", "Question:", "Answer:", "Answer:Paris", "Where", "is", "Paris?",
@@ -177,12 +178,17 @@ def test_chat_template_obeys_max_length(chat_tokenizer: PreTrainedTokenizerBase)
 
 
 def test_chat_without_a_chat_template_is_an_error(tokenizer: PreTrainedTokenizerBase) -> None:
-    with pytest.raises(ValueError, match=r"has no chat template but the prompt template has chat=True"):
+    with pytest.raises(
+        UserInputError, match=r"has no chat template, but --data\.template\.chat asks for one; turn off"
+    ):
         encode_prompt(tokenizer, PromptTemplate(chat=True), QUESTION)
 
 
 def test_system_prompt_needs_chat() -> None:
-    with pytest.raises(ValueError, match=r"system_prompt='Be brief.' .* only used by chat templates; set chat=True"):
+    with pytest.raises(
+        UserInputError,
+        match=r"system_prompt='Be brief.' .* only used by chat templates; turn on --data\.template\.chat",
+    ):
         PromptTemplate(system_prompt="Be brief.")
 
 

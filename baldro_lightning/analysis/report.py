@@ -47,7 +47,9 @@ from baldro_lightning.analysis.runs import (
     summarise_tofu,
     tradeoff_history,
 )
+from baldro_lightning.atomic_files import check_writable
 from baldro_lightning.evaluation import metrics
+from baldro_lightning.user_errors import CommandParser
 
 # (column, eval.json key) in the order of the paper's tables.
 TABLE1 = (
@@ -202,8 +204,8 @@ def write_report(
     figures: bool = True,
 ) -> Path:
     """Write ``report.md``, the CSV tables and the figures into ``out``; returns the Markdown path."""
-    out.mkdir(parents=True, exist_ok=True)
     summaries = summarise_tofu(runs, rule, target_evals or {}, retain_evals or {})
+    out.mkdir(parents=True, exist_ok=True)  # after the selection, whose errors (no MU threshold) leave nothing
     if fluency_classifier is not None:
         add_fluency(summaries, fluency_classifier, fluency_max_length)
     table1 = TABLE1 if fluency_classifier is not None else tuple(c for c in TABLE1 if c[0] != "Fluency")
@@ -442,7 +444,7 @@ def _evals_by(paths: Sequence[str], key: str, flag: str) -> dict[str, dict[str, 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m baldro_lightning report",
         description="Paper-style tables (Markdown + CSV) and figures (PNG) from unlearning run directories.",
     )
@@ -466,6 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not 0 < args.mu_ratio <= 10:
         raise ReportError(f"--mu_ratio must be a positive ratio such as 0.9, got {args.mu_ratio}")
+    check_writable(args.out, "--out", "directory")
     rule = SelectionRule(rule=args.rule, mu_ratio=args.mu_ratio, mu_min=args.mu_min)
     path = write_report(
         load_runs(args.runs),

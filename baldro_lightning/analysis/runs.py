@@ -27,6 +27,7 @@ from baldro_lightning.evaluation.run_record import (
     read_per_sample,
     run_step_evals,
 )
+from baldro_lightning.user_errors import UserInputError
 
 METHOD_ORDER = ("GradAscent", "GradDiff", "NPO", "SimNPO", "SatImp")
 VARIANT_ORDER = ("", "BalDRO-G", "BalDRO-DV", "BalDRO-DV (released sign)")
@@ -34,7 +35,7 @@ VARIANT_ORDER = ("", "BalDRO-G", "BalDRO-DV", "BalDRO-DV (released sign)")
 Rule = Literal["fq_at_mu", "fq", "mu"]
 
 
-class ReportError(ValueError):
+class ReportError(UserInputError):
     """Inputs of the report are missing or inconsistent; the message names the flag or file and the fix."""
 
 

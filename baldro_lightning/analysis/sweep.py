@@ -58,6 +58,7 @@ import yaml
 from baldro_lightning.atomic_files import write_text_atomic
 from baldro_lightning.cli import cli_main
 from baldro_lightning.evaluation.run_record import load_eval_json, run_step_evals
+from baldro_lightning.user_errors import CommandParser, UserInputError
 
 DONE = "DONE.json"
 FAILED = "FAILED.json"
@@ -68,7 +69,7 @@ GRID_KEYS = {"root", "configs", "axes", "set", "requires"}
 AXIS_KEYS = {"key", "values", "configs"}
 
 
-class GridError(ValueError):
+class GridError(UserInputError):
     """A grid YAML, its configs or the command-line flags of the sweep are wrong; the message says how to fix it."""
 
 
@@ -436,7 +437,8 @@ def parse_set_flags(items: Sequence[str]) -> dict[str, Any]:
 
 
 def check_args(fit_args: Sequence[str]) -> str | None:
-    """Parse ``fit`` arguments with the project's LightningCLI (``--print_config``); the error text, or None.
+    """Parse ``fit`` arguments with the project's LightningCLI (``--print_config``); the error's message (one line
+    naming the option and what is wrong with it), or None.
 
     Nothing is instantiated, so no model or data is loaded: this only checks keys, types and class paths.
     """
@@ -447,6 +449,8 @@ def check_args(fit_args: Sequence[str]) -> str | None:
         sys.argv = argv[:1]
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             cli_main(["fit", *fit_args, "--print_config"])
+    except UserInputError as error:
+        return str(error)
     except SystemExit as exit_:
         if exit_.code in (0, None):
             return None
@@ -463,9 +467,12 @@ def check_runs(runs: Sequence[Run]) -> None:
     for run in runs:
         message = check_args(run.fit_args)
         if message is not None:
-            problems.append(f"{run.name}:\n    " + message.replace("\n", "\n    "))
+            problems.append(f"run {run.name}: " + message.replace("\n", "\n    "))
     if problems:
-        raise GridError("LightningCLI rejects these runs (fix the grid keys/values):\n  " + "\n  ".join(problems))
+        more = f" (and {len(problems) - 1} more run(s), listed below)" if len(problems) > 1 else ""
+        raise GridError(
+            f"{problems[0]}{more}; fix the grid's keys or values\n  LightningCLI rejects:\n  " + "\n  ".join(problems)
+        )
 
 
 def check_requires(grid: Grid, runs: Sequence[Run]) -> list[str]:
@@ -586,6 +593,19 @@ def execute(run: Run, nproc_per_node: int = 1, command: Callable[[Run], Sequence
     return record
 
 
+def first_error_line(log: Path) -> str | None:
+    """The ``error: ...`` line a failed run printed (``python -m baldro_lightning`` prints one for a bad input), or
+    the last line of its traceback; None for an empty or missing log."""
+    try:
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return None
+    errors = [line for line in lines if line.startswith("error: ")]
+    if errors:
+        return errors[-1]
+    return lines[-1] if len(lines) > 1 else None
+
+
 def _format_metric(value: float | None) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value:.4g}"
 
@@ -622,7 +642,12 @@ def run_all(
         record = execute(run, nproc_per_node, command)
         status = "done" if record["returncode"] == 0 else "failed"
         if status == "failed":
-            print(f"[{k}/{len(runs)}] {run.name}: FAILED with exit code {record['returncode']}; see {record['log']}")
+            cause = first_error_line(Path(record["log"]))
+            print(
+                f"[{k}/{len(runs)}] {run.name}: FAILED with exit code {record['returncode']}"
+                + (f": {cause}" if cause else "")
+                + f"; see {record['log']}"
+            )
         rows.append({**record, "status": status})
     return rows
 
@@ -679,7 +704,7 @@ def torchrun_script(grid: Grid, runs: Sequence[Run], args: argparse.Namespace) -
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m baldro_lightning sweep",
         description="Expand a grid YAML into LightningCLI runs; run them one after another, or write a SLURM array "
         "or torchrun script. Finished runs (DONE.json) are skipped; a failed run does not stop the rest.",
@@ -757,5 +782,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{grid.root / 'sweep_summary.json'}"
         )
     for r in failed:
-        print(f"failed: {r['name']} (exit {r['returncode']}), log {r['log']}")
+        cause = first_error_line(Path(r["log"]))
+        print(f"failed: {r['name']} (exit {r['returncode']}), log {r['log']}" + (f"\n  {cause}" if cause else ""))
     return 1 if failed else 0

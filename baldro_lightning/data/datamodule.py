@@ -17,8 +17,9 @@ import lightning as L
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
 
-from baldro_lightning.data.tofu import load_split, split_pairing
+from baldro_lightning.data.tofu import load_split, split_location, split_pairing
 from baldro_lightning.data.tokenization import PaddingCollator, PromptTemplate, QADataset, load_tokenizer
+from baldro_lightning.user_errors import UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +173,7 @@ class BenchmarkDataModule(L.LightningDataModule):
         if batch_size < 1:
             problems.append(f"--data.batch_size must be >= 1, got {batch_size}")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise UserInputError("; ".join(problems))
         self.tokenizer_path = tokenizer
         self.benchmark = benchmark
         self.template = template or PromptTemplate()
@@ -210,7 +211,10 @@ class BenchmarkDataModule(L.LightningDataModule):
     def qa_dataset(self, split: str, answer_key: str = "answer") -> QADataset:
         self._load_tokenizer()
         rows = load_split(self.benchmark, split)
-        return QADataset(rows, self.tokenizer, self.template, self.max_length, answer_key=answer_key)
+        try:
+            return QADataset(rows, self.tokenizer, self.template, self.max_length, answer_key=answer_key)
+        except UserInputError as err:  # a row that cannot be encoded: say in which file
+            raise UserInputError(f"{split_location(self.benchmark, split)}, {err}") from err
 
     def _loader(self, dataset: Dataset, sampler: ShardedPermutation, collate) -> DataLoader:
         return DataLoader(
@@ -264,7 +268,7 @@ class SplitsDataModule(BenchmarkDataModule):
 
     def _use_splits(self, splits: Sequence[str], val_splits: Sequence[str]) -> None:
         if not splits:
-            raise ValueError(
+            raise UserInputError(
                 f"--data.splits is empty; name at least one split to train on, e.g. [{self.example_split}]"
             )
         self.splits = list(splits)
@@ -348,7 +352,7 @@ class ForgetRetainDataModule(PairedDataModule):
         self.forget = self.qa_dataset(self.forget_split)
         self.retain = self.qa_dataset(self.retain_split)
         if len(self.forget) == 0:
-            raise ValueError(f"--data.forget_split={self.forget_split!r} in {self.benchmark} has no rows")
+            raise UserInputError(f"--data.forget_split={self.forget_split!r} in {self.benchmark} has no rows")
         self._warn_overlap()
 
     def _warn_overlap(self) -> None:

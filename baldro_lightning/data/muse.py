@@ -40,6 +40,7 @@ from baldro_lightning.data.tokenization import (
     PromptTemplate,
     common_prefix_length,
 )
+from baldro_lightning.user_errors import UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +244,7 @@ def chunk_token_ids(ids: Sequence[int], max_length: int) -> list[list[int]]:
         ``ceil(N / max_length)`` windows whose concatenation is ``ids``.
     """
     if max_length < 1:
-        raise ValueError(f"--data.max_length must be >= 1 token per chunk, got {max_length}")
+        raise UserInputError(f"--data.max_length must be >= 1 token per chunk, got {max_length}")
     return [list(ids[start : start + max_length]) for start in range(0, len(ids), max_length)]
 
 
@@ -309,7 +310,7 @@ def encode_completion(
         ValueError: ``max_length < 1`` or ``text`` renders no target token.
     """
     if max_length < 1:
-        raise ValueError(f"--max_length must be >= 1 target token, got {max_length}")
+        raise UserInputError(f"--max_length must be >= 1 target token, got {max_length}")
     prefix_ids = encode_prefix(tokenizer, prefix)
     full_ids = _encode(tokenizer, prefix + (" " if insert_space else "") + text, add_special_tokens=True)
     masked = max(common_prefix_length(prefix_ids, full_ids), 1)
@@ -379,9 +380,10 @@ def encode_knowmem_prompt(
     if not template.chat:
         return encode_prefix(tokenizer, render_knowmem_prompt(template, shots, question))
     if tokenizer.chat_template is None:
-        raise ValueError(
-            f"tokenizer {tokenizer.name_or_path!r} has no chat template but the prompt template has chat=True; "
-            "set chat=False to use the plain 'Question: ... Answer: ...' form"
+        raise UserInputError(
+            f"tokenizer {tokenizer.name_or_path!r} has no chat template, but --data.template.chat asks for one; "
+            "turn off --data.template.chat to use the plain 'Question: ... Answer: ...' form, or pass a chat "
+            "model's tokenizer"
         )
     messages = [] if template.system_prompt is None else [{"role": "system", "content": template.system_prompt}]
     for shot in shots:
@@ -460,7 +462,7 @@ class MuseDataModule(PairedDataModule):
         if self.forget is not None:
             return
         if self.forget_split == self.retain_split:
-            raise ValueError(
+            raise UserInputError(
                 f"--data.forget_split and --data.retain_split are both {self.forget_split!r}; the retain term would "
                 "undo the forgetting. Use raw/forget and raw/retain1."
             )

@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from baldro_lightning.user_errors import UserInputError
+
 HUB_OFFLINE_VARS = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
 """Environment flags under which no split is fetched from the Hub."""
 _TRUE_STRINGS = {"1", "on", "yes", "true"}
@@ -22,7 +24,7 @@ NumberedRows = list[tuple[int, Any]]
 """Parsed rows, each with its 1-based line (JSON lines) or row (JSON list, Hub) number."""
 
 
-class BenchmarkDataError(ValueError):
+class BenchmarkDataError(UserInputError):
     """A benchmark split is missing, unreadable or holds a row that breaks its schema."""
 
 

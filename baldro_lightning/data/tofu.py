@@ -87,7 +87,7 @@ def split_pairing(forget_split: str) -> tuple[str, str, str]:
         valid = ", ".join(f"forget{p}" for p in _RETAIN_OF_FORGET)
         raise BenchmarkDataError(
             f"forget split {forget_split!r} has no retain/holdout pairing; use one of {valid} (methods §1.1) as "
-            "--data.forget_split (training) or --forget_split (python -m baldro_lightning evaluate)"
+            "--data.forget_split"
         )
     return f"retain{_RETAIN_OF_FORGET[percent]}", f"holdout{percent}", f"{forget_split}_perturbed"
 
@@ -107,7 +107,8 @@ def load_split(source: str | os.PathLike[str], name: str) -> list[dict[str, Any]
 
     Raises:
         BenchmarkDataError: unknown split, missing file or directory, unreachable Hub, unreadable bytes, malformed
-            JSON, an empty split, or a row that breaks the split's :class:`SplitSchema`.
+            JSON, an empty split, a row that breaks the split's :class:`SplitSchema`, or (in a forget or holdout
+            split, whose rows are identified one by one) a question that occurs twice.
     """
     if name not in TOFU_SPLITS:
         raise BenchmarkDataError(
@@ -120,6 +121,8 @@ def load_split(source: str | os.PathLike[str], name: str) -> list[dict[str, Any]
     else:
         origin, unit, rows = f"Hub dataset {source!r} (config {name!r})", "row", _fetch_hub(str(source), name)
     validated = [_validate_row(row, TOFU_SPLITS[name], f"{origin}, {unit} {number}") for number, row in rows]
+    if name.startswith(("forget", "holdout")):
+        _check_distinct_questions(validated, [number for number, _ in rows], origin, unit)
     return number_rows(
         validated,
         f"{origin} holds no rows; split {name!r} should have {TOFU_SPLITS[name].rows}; re-export the split from "
@@ -136,6 +139,12 @@ def _read_local(directory: Path, name: str) -> tuple[str, str, NumberedRows]:
     """
     candidates = [directory / f"{name}.jsonl", directory / f"{name}.json"]
     file = next((c for c in candidates if c.is_file()), None)
+    not_files = [c for c in candidates if c.exists() and not c.is_file()]
+    if file is None and not_files:
+        raise BenchmarkDataError(
+            f"{not_files[0]} is a directory, not a file; split {name!r} must be one {name}.jsonl file (one JSON "
+            "object per line): replace the directory with that file"
+        )
     if file is None:
         present = sorted(p.name for p in directory.iterdir() if p.suffix in {".json", ".jsonl"})
         listing = ", ".join(present) if present else "no .json/.jsonl files"
@@ -194,3 +203,68 @@ def _check_perturbed(value: Any, expected: int, where: str, present: bool) -> No
         )
     for position, entry in enumerate(value):
         check_string(entry, f"{field}[{position}]", _FIX_ROW)
+
+
+def _check_distinct_questions(rows: list[dict[str, Any]], numbers: list[int], origin: str, unit: str) -> None:
+    """A forget or holdout split lists each question once: a duplicate would be trained on and counted twice.
+
+    Real TOFU has no duplicate question in these splits (its ``full`` and ``retain*`` splits hold one question twice,
+    with two different answers, and are not checked).
+    """
+    first: dict[str, int] = {}
+    for number, row in zip(numbers, rows, strict=True):
+        question = row["question"].strip()
+        if question in first:
+            raise BenchmarkDataError(
+                f"{origin}, {unit}s {first[question]} and {number}: the question {shorten(question, 60)!r} occurs "
+                "twice; each row of a forget or holdout split must be a distinct question (a duplicate is unlearned "
+                f"and scored twice, skewing per-row metrics); remove {unit} {number}"
+            )
+        first[question] = number
+
+
+def split_location(source: str | os.PathLike[str], name: str) -> str:
+    """Where split ``name`` of ``source`` is read from, for messages: the local file, or the Hub dataset."""
+    directory = Path(source).expanduser()
+    for suffix in (".jsonl", ".json"):
+        if (directory / f"{name}{suffix}").is_file():
+            return str(directory / f"{name}{suffix}")
+    return f"Hub dataset {str(source)!r} (config {name!r})"
+
+
+def check_perturbed_alignment(
+    source: str | os.PathLike[str],
+    forget_split: str,
+    forget: list[dict[str, Any]],
+    perturbed: list[dict[str, Any]],
+) -> None:
+    """The perturbed split lists the forget split's rows in the same order (row ``i`` is the same question).
+
+    Training identifies a forget row by its index in ``forget_split``, evaluation by its index in
+    ``<forget_split>_perturbed``; per-sample DRO weights and forgetting curves join the two by that index. Rows in
+    another order would attach each weight to another question, silently.
+
+    Args:
+        source: The benchmark (directory or Hub id), for messages.
+        forget_split: ``forget01``, ``forget05`` or ``forget10``.
+        forget: Its rows (:func:`load_split`).
+        perturbed: The rows of ``<forget_split>_perturbed`` (all, or the first N of an evaluation ``limit``).
+
+    Raises:
+        BenchmarkDataError: naming both files, the first row that differs, and both questions.
+    """
+    perturbed_split = f"{forget_split}_perturbed"
+    where = f"{split_location(source, perturbed_split)} and {split_location(source, forget_split)}"
+    if len(perturbed) > len(forget):
+        raise BenchmarkDataError(
+            f"{where} do not hold the same rows: {len(perturbed)} against {len(forget)}; re-export {perturbed_split} "
+            f"with exactly the rows of {forget_split}"
+        )
+    for position, (pert, row) in enumerate(zip(perturbed, forget, strict=False)):
+        if pert["question"].strip() != row["question"].strip():
+            raise BenchmarkDataError(
+                f"{where} differ at row {position} (0-based; line {position + 1} of a JSON-lines file): "
+                f"{shorten(pert['question'], 60)!r} against {shorten(row['question'], 60)!r}; the two files must "
+                "list the same questions in the same order (per-sample weights and curves are joined by row): "
+                f"re-export {perturbed_split} in the order of {forget_split}"
+            )

@@ -24,6 +24,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from baldro_lightning.user_errors import UserInputError
+
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
@@ -55,9 +57,10 @@ class PromptTemplate:
 
     def __post_init__(self) -> None:
         if not self.chat and (self.system_prompt is not None or self.date_string is not None):
-            raise ValueError(
-                f"template system_prompt={self.system_prompt!r} / date_string={self.date_string!r} are only used "
-                "by chat templates; set chat=True or leave them unset"
+            raise UserInputError(
+                f"--data.template.system_prompt={self.system_prompt!r} / --data.template.date_string="
+                f"{self.date_string!r} are only used by chat templates; turn on --data.template.chat or leave them "
+                "unset"
             )
 
 
@@ -86,20 +89,20 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
         Llama-2/3 tokenizer).
 
     Raises:
-        ValueError: the tokenizer cannot be found or loaded, or it has no EOS token.
+        UserInputError: the tokenizer cannot be found or loaded, or it has no EOS token.
     """
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     # OSError: not a directory and not reachable on the Hub; ValueError: a directory without usable tokenizer files.
     except (OSError, ValueError) as err:
-        raise ValueError(
+        raise UserInputError(
             f"could not load a tokenizer from {path!r} ({err.__class__.__name__}: {str(err)[:200]}); pass a local "
             "model directory that holds the tokenizer files (tokenizer.json or tokenizer.model with its configs) as "
-            "--model.model (the data module's --data.tokenizer follows it unless set)"
+            "--model.model (evaluate and export also take a separate --tokenizer)"
         ) from err
     if tokenizer.eos_token_id is None:
         pad = "nor a pad token" if tokenizer.pad_token_id is None else "(it has a pad token)"
-        raise ValueError(
+        raise UserInputError(
             f"tokenizer at {path!r} has no EOS token {pad}; every answer must end with EOS. Add one, e.g. "
             "tokenizer.add_special_tokens({'eos_token': '<|endoftext|>'}), save it and pass that directory"
         )
@@ -122,9 +125,10 @@ def _chat_ids(
     tokenizer: PreTrainedTokenizerBase, template: PromptTemplate, question: str, answer: str | None
 ) -> list[int]:
     if tokenizer.chat_template is None:
-        raise ValueError(
-            f"tokenizer {tokenizer.name_or_path!r} has no chat template but the prompt template has chat=True; "
-            "set chat=False to use the plain 'Question: ... Answer: ...' form"
+        raise UserInputError(
+            f"tokenizer {tokenizer.name_or_path!r} has no chat template, but --data.template.chat asks for one; "
+            "turn off --data.template.chat to use the plain 'Question: ... Answer: ...' form, or pass a chat "
+            "model's tokenizer"
         )
     messages = [] if template.system_prompt is None else [{"role": "system", "content": template.system_prompt}]
     messages.append({"role": "user", "content": question})
@@ -190,14 +194,15 @@ def encode_example(
         The encoded example; ``input_ids`` and ``labels`` both have length ``T <= max_length``.
 
     Raises:
-        ValueError: no EOS token, ``max_length < 2``, the prompt leaves no room within ``max_length`` for one
-            answer token and EOS, or the template renders no answer token.
+        ValueError: no EOS token (a tokenizer not loaded with :func:`load_tokenizer`).
+        UserInputError: ``max_length < 2``, the prompt leaves no room within ``max_length`` for one answer token
+            and EOS, or the template renders no answer token.
     """
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token; load it with load_tokenizer()")
     if max_length < 2:
-        raise ValueError(f"--data.max_length={max_length} leaves no room for a prompt and EOS; use at least 2")
+        raise UserInputError(f"--data.max_length={max_length} leaves no room for a prompt and EOS; use at least 2")
     prompt_ids = encode_prompt(tokenizer, template, question)
     if template.chat:
         full_ids = _chat_ids(tokenizer, template, question, answer)
@@ -208,14 +213,14 @@ def encode_example(
         full_ids.append(eos)
     prompt_length = common_prefix_length(prompt_ids, full_ids)
     if prompt_length >= len(full_ids):
-        raise ValueError(
+        raise UserInputError(
             f"question {question[:60]!r} with answer {answer[:60]!r} renders no answer token (full text is a prefix "
             "of the prompt); check the prompt template's answer_prefix/answer_separator or the chat template"
         )
     truncated = len(full_ids) > max_length
     if truncated:
         if prompt_length >= max_length - 1:
-            raise ValueError(
+            raise UserInputError(
                 f"question {question[:60]!r} alone is {prompt_length} tokens, which leaves no room for its answer "
                 f"within --data.max_length={max_length}; raise --data.max_length"
             )
@@ -258,7 +263,10 @@ def encode_rows(
                     f"row {row.get('index', position)} (0-based): field {key!r} must be a string, got {got}; pick "
                     f"a string field with --data.question_key/--data.answer_key (row fields: {', '.join(row)})"
                 )
-        encoded.append(encode_example(tokenizer, template, row[question_key], row[answer_key], max_length))
+        try:
+            encoded.append(encode_example(tokenizer, template, row[question_key], row[answer_key], max_length))
+        except UserInputError as err:
+            raise UserInputError(f"row {row.get('index', position)} (0-based): {err}") from err
     n_truncated = sum(example.truncated for example in encoded)
     if n_truncated:
         log.warning(

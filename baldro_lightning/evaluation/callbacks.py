@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
+from baldro_lightning.data.tofu import check_perturbed_alignment, load_split
 from baldro_lightning.evaluation import metrics
 from baldro_lightning.evaluation.engine import BenchmarkEvaluator, RowScores, shard_rows
 from baldro_lightning.evaluation.muse import MuseEvaluator, MuseSettings
@@ -34,6 +35,7 @@ from baldro_lightning.evaluation.run_record import (
 from baldro_lightning.evaluation.tofu import TofuEvaluator, TofuSettings
 from baldro_lightning.train import distributed as dist_ops
 from baldro_lightning.train.checkpointing import log_directory, purge_tensorboard_from
+from baldro_lightning.user_errors import UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +101,16 @@ class ScheduledEvaluation(Callback, ABC):
 
     # -- set-up -------------------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self.evaluator is not None:
-            return
-        data = trainer.datamodule
-        data.setup(stage)
-        self.evaluator = self.build_evaluator(data)
+        if self.evaluator is None:
+            trainer.datamodule.setup(stage)
+            self.prepare(trainer.datamodule)
+
+    def prepare(self, data: L.LightningDataModule) -> None:
+        """Build the evaluator from the set-up data module: its splits are read and the retain reference is
+        checked. The command line's pre-flight checks call this before a run writes anything; ``setup`` otherwise.
+        """
+        if self.evaluator is None:
+            self.evaluator = self.build_evaluator(data)
 
     def _out_dir(self, trainer: L.Trainer) -> Path:
         if self.dirpath is not None:
@@ -259,10 +266,23 @@ class TofuEvaluation(ScheduledEvaluation):
             max_length=data.max_length,
             settings=self.settings,
         )
+        if "forget" in evaluator.rows:
+            # Per-sample weights (training: forget split rows) and curves (evaluation: perturbed rows) join by row.
+            check_perturbed_alignment(
+                data.benchmark,
+                data.forget_split,
+                load_split(data.benchmark, data.forget_split),
+                evaluator.rows["forget"],
+            )
         if self.criterion == "truth_ratio" and self.curves:
             forget_rows = evaluator.rows["forget"]
             self._retain_tr = reference_truth_ratios(
-                self.settings.retain_reference, data.forget_split, len(forget_rows), [r["index"] for r in forget_rows]
+                self.settings.retain_reference,
+                data.forget_split,
+                len(forget_rows),
+                [r["index"] for r in forget_rows],
+                [r["question"] for r in forget_rows],
+                str(data.benchmark),
             )
         return evaluator
 
@@ -303,7 +323,7 @@ class TofuEvaluation(ScheduledEvaluation):
 
     def _continue_record(self, trainer: L.Trainer) -> None:
         if self.curves and self._reference_nll is None:
-            raise ValueError(
+            raise UserInputError(
                 f"resuming at global step {trainer.global_step} from a checkpoint without the TofuEvaluation record "
                 "(saved before the callback kept one, or without the callback): the forgetting curves need the "
                 "evaluation before the first update as their reference. Start the run again without --ckpt_path, or "
@@ -458,7 +478,7 @@ class MuseEvaluation(ScheduledEvaluation):
 
     def build_evaluator(self, data: L.LightningDataModule) -> MuseEvaluator:
         if not hasattr(data, "corpus"):
-            raise ValueError(
+            raise UserInputError(
                 f"MuseEvaluation needs a MUSE data module (baldro_lightning.data.muse.MuseDataModule), got "
                 f"{type(data).__name__}; use baldro_lightning.evaluation.callbacks.TofuEvaluation for TOFU data"
             )

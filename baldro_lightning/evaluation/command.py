@@ -8,6 +8,11 @@ Example (the retain model first, so the target's forget quality and privleak hav
     python -m baldro_lightning evaluate --model models/embedded/target --benchmark data/tofu_embedded \\
         --forget_split forget10 --out runs/eval/target/eval.json --retain_reference runs/eval/retain/eval.json
 
+Before any weight loads, the command checks the settings, that ``--out`` can be written and the model's config and
+weight headers, then builds the evaluator (data, retain reference) and checks that every prompt fits
+``--max_length`` and that the forget split and its perturbed split list the same questions. A bad input stops it
+there with one message (:mod:`baldro_lightning.user_errors`), in this command's vocabulary (:data:`VOCABULARY`).
+
 The flags of how an evaluation runs (``--metric_groups``, ``--retain_reference``, ``--batch_size``,
 ``--max_new_tokens``, ``--limit``, ...) are the fields of :class:`~baldro_lightning.evaluation.tofu.TofuSettings` and
 :class:`~baldro_lightning.evaluation.muse.MuseSettings`, read by jsonargparse with their attribute docstrings as help
@@ -20,18 +25,23 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from argparse import ArgumentError
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar, get_args
 
 import torch
 from jsonargparse import ArgumentParser, Namespace, set_parsing_settings
 
+from baldro_lightning.atomic_files import check_writable
 from baldro_lightning.data.muse import MUSE_HUB_DATASETS
-from baldro_lightning.data.tokenization import PromptTemplate, load_tokenizer
+from baldro_lightning.data.tofu import check_perturbed_alignment, load_split, split_location
+from baldro_lightning.data.tokenization import PromptTemplate, encode_example, load_tokenizer
 from baldro_lightning.evaluation.engine import BenchmarkEvaluator
 from baldro_lightning.evaluation.muse import MuseEvaluator, MuseSettings
 from baldro_lightning.evaluation.tofu import TofuEvaluator, TofuSettings
-from baldro_lightning.train.models import TorchDtype, load_causal_lm
+from baldro_lightning.train.models import TorchDtype, check_model_files, load_causal_lm
+from baldro_lightning.user_errors import UserInputError, describe_argument_error
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +51,28 @@ set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 Settings = TypeVar("Settings", TofuSettings, MuseSettings)
 
+VOCABULARY: dict[str, str] = {
+    "--model.model": "--model",
+    "--model.init_args.model": "--model",
+    "--data.tokenizer": "--tokenizer",
+    "--data.benchmark": "--benchmark",
+    "--data.forget_split": "--forget_split",
+    "--data.corpus": "--corpus",
+    "--data.max_length": "--max_length",
+    "--data.template.chat": "--chat",
+    "--data.template.system_prompt": "--system_prompt",
+    "--data.template.date_string": "--date_string",
+}
+"""The training flags that data and model messages name, as the evaluate commands' flags."""
+
 
 def _parser(
     prog: str, description: str, benchmark_help: str, max_length: int, max_length_help: str, settings: type
 ) -> ArgumentParser:
     """The flags every evaluation command has (model, data, output, prompt form, dtype, device), then the fields
     of the benchmark's ``settings`` dataclass as top-level flags (``--batch_size``, not ``--settings.batch_size``)."""
-    parser = ArgumentParser(prog=prog, description=description)
+    # exit_on_error=False: a parse error is raised, and evaluation_main makes it one line (no usage dump).
+    parser = ArgumentParser(prog=prog, description=description, exit_on_error=False)
     parser.add_argument("--model", required=True, help="model directory (save_pretrained) or Hub id in the cache")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory or id; defaults to --model")
     parser.add_argument("--benchmark", required=True, help=benchmark_help)
@@ -62,8 +87,15 @@ def _parser(
 
 
 def settings_from(args: Namespace, settings: type[Settings]) -> Settings:
-    """The settings dataclass from its flags; raises ValueError (naming the flag) for a bad value."""
-    return settings(**{option.name: getattr(args, option.name) for option in dataclasses.fields(settings)})
+    """The settings dataclass from its flags.
+
+    Raises:
+        UserInputError: a value the settings reject (their message names the flag).
+    """
+    try:
+        return settings(**{option.name: getattr(args, option.name) for option in dataclasses.fields(settings)})
+    except ValueError as err:  # the settings' own checks: a rejected flag value
+        raise UserInputError(str(err)) from err
 
 
 def build_parser() -> ArgumentParser:
@@ -95,19 +127,27 @@ def format_table(result: dict[str, Any]) -> str:
 
 def evaluation_main(
     parser: ArgumentParser,
-    build_evaluator: Callable[[Namespace], BenchmarkEvaluator],
+    settings_type: type[Settings],
+    build_evaluator: Callable[[Namespace, Settings], BenchmarkEvaluator],
     argv: Sequence[str] | None,
 ) -> dict[str, Any]:
-    """Parse arguments, build the evaluator (data and reference checked before any weight loads), evaluate,
-    write ``--out`` and print the aggregates; returns the written result."""
-    args = parser.parse_args(argv)
+    """Parse arguments, check every input before any weight loads (the settings, ``--out``, the model's files, then
+    data, reference and prompt lengths), evaluate, write ``--out`` and print the aggregates; returns the result.
+
+    Raises:
+        UserInputError: a bad argument or input, before the model is loaded.
+    """
+    try:
+        args = parser.parse_args(argv)
+    except ArgumentError as err:
+        raise UserInputError(describe_argument_error(err, parser.prog)) from err
+    settings = settings_from(args, settings_type)
+    check_writable(args.out, "--out", "file")
+    check_model_files(args.model, "--model")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # rouge_score logs every scorer it builds
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    try:
-        evaluator = build_evaluator(args)
-    except ValueError as err:  # bad settings, data or reference: a message, not a traceback
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    evaluator = build_evaluator(args, settings)
     model = load_causal_lm(args.model, args.dtype).to(device)
     result = evaluator.run(model, args.out, model_name=args.model)
     print(format_table(result))
@@ -117,15 +157,15 @@ def evaluation_main(
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parse arguments, evaluate, write ``--out``, print the aggregates; returns the written result."""
-    return evaluation_main(build_parser(), _build_evaluator, argv)
+    return evaluation_main(build_parser(), TofuSettings, _build_evaluator, argv)
 
 
-def _build_evaluator(args: Namespace) -> TofuEvaluator:
-    """Settings, tokenizer, splits and retain reference, all checked before any model weight is loaded."""
-    settings = settings_from(args, TofuSettings)
+def _build_evaluator(args: Namespace, settings: TofuSettings) -> TofuEvaluator:
+    """Tokenizer, splits and retain reference, all checked before any model weight is loaded; then every prompt's
+    length and the forget/perturbed row order (:func:`check_tofu_rows`)."""
     template = PromptTemplate(chat=args.chat, system_prompt=args.system_prompt, date_string=args.date_string)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
-    return TofuEvaluator(
+    evaluator = TofuEvaluator(
         benchmark=args.benchmark,
         tokenizer=tokenizer,
         forget_split=args.forget_split,
@@ -133,6 +173,32 @@ def _build_evaluator(args: Namespace) -> TofuEvaluator:
         max_length=args.max_length,
         settings=settings,
     )
+    check_tofu_rows(evaluator)
+    return evaluator
+
+
+def check_tofu_rows(evaluator: TofuEvaluator) -> None:
+    """What scoring would otherwise find after the model has loaded: every row encodes within ``max_length`` (with
+    room for an answer token and EOS; a chat template exists if asked for), and, when the forget split is a local
+    file, the perturbed split lists its questions in its order.
+
+    Raises:
+        UserInputError: naming the question or the first row that differs (the data layer's message).
+    """
+    for role, rows in evaluator.rows.items():
+        for row in rows:
+            try:
+                encode_example(
+                    evaluator.tokenizer, evaluator.template, row["question"], row["answer"], evaluator.max_length
+                )
+            except UserInputError as err:
+                split = next(plan.split for plan in evaluator.plans() if plan.role == role)
+                where = split_location(evaluator.benchmark, split)
+                raise UserInputError(f"{where}, row {row['index']} (0-based): {err}") from err
+    forget_file = split_location(evaluator.benchmark, evaluator.forget_split)
+    if "forget" in evaluator.rows and Path(forget_file).is_file():
+        forget = load_split(evaluator.benchmark, evaluator.forget_split)
+        check_perturbed_alignment(evaluator.benchmark, evaluator.forget_split, forget, evaluator.rows["forget"])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -153,9 +219,8 @@ def build_muse_parser() -> ArgumentParser:
     return parser
 
 
-def _build_muse_evaluator(args: Namespace) -> MuseEvaluator:
-    """Settings, tokenizer, splits and retain reference, all checked before any model weight is loaded."""
-    settings = settings_from(args, MuseSettings)
+def _build_muse_evaluator(args: Namespace, settings: MuseSettings) -> MuseEvaluator:
+    """Tokenizer, splits and retain reference, all checked before any model weight is loaded."""
     return MuseEvaluator(
         benchmark=args.benchmark,
         tokenizer=load_tokenizer(args.tokenizer or args.model),
@@ -168,4 +233,4 @@ def _build_muse_evaluator(args: Namespace) -> MuseEvaluator:
 
 def muse_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parse arguments, evaluate, write ``--out``, print the aggregates; returns the written result."""
-    return evaluation_main(build_muse_parser(), _build_muse_evaluator, argv)
+    return evaluation_main(build_muse_parser(), MuseSettings, _build_muse_evaluator, argv)

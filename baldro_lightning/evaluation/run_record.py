@@ -17,6 +17,7 @@ forget quality and privleak compare to (:func:`reference_truth_ratios`, :func:`r
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -30,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from baldro_lightning.atomic_files import write_atomic, write_text_atomic
+from baldro_lightning.user_errors import UserInputError
 
 EVAL_JSON = "eval.json"
 """File name of one evaluation."""
@@ -42,7 +44,7 @@ CURVES: tuple[str, ...] = ("log_likelihood_ratio", "truth_ratio", "rougeL_recall
 """The per-sample quantities of ``per_sample.csv``, between its ``step, index`` and ``forget_step`` columns."""
 
 
-class EvalLogError(ValueError):
+class EvalLogError(UserInputError):
     """An ``eval.json`` file is missing, unreadable, or does not fit the evaluation it is used with."""
 
 
@@ -143,7 +145,8 @@ def load_eval_json(path: str | os.PathLike[str]) -> dict[str, Any]:
     """
     file = Path(path)
     if not file.is_file():
-        raise EvalLogError(f"{file} does not exist; write it with `python -m baldro_lightning evaluate --out {file}`")
+        what = "is a directory, not a file" if file.is_dir() else "does not exist"
+        raise EvalLogError(f"{file} {what}; write it with `python -m baldro_lightning evaluate --out {file}`")
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -207,16 +210,16 @@ def read_per_sample(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
 def tofu_remake_hint(path: Path, forget_split: str) -> str:
     """How to make the right TOFU retain reference at ``path`` (ends the messages of a reference that does not fit)."""
     return (
-        f"make the right one by evaluating the retain model with the same split: python -m baldro_lightning evaluate "
-        f"--model <retain model> --benchmark <benchmark> --forget_split {forget_split} --out {path}"
+        f"make the right one by evaluating the retain model with the same split: `python -m baldro_lightning evaluate "
+        f"--model <retain model> --benchmark <benchmark> --forget_split {forget_split} --out {path}`"
     )
 
 
 def muse_remake_hint(path: Path, corpus: str) -> str:
     """How to make the MUSE retain reference at ``path``."""
     return (
-        "make it by evaluating the retain model on the same data: python -m baldro_lightning evaluate-muse "
-        f"--model <retain model> --benchmark <benchmark> --corpus {corpus} --out {path}"
+        "make it by evaluating the retain model on the same data: `python -m baldro_lightning evaluate-muse "
+        f"--model <retain model> --benchmark <benchmark> --corpus {corpus} --out {path}`"
     )
 
 
@@ -230,12 +233,46 @@ def describe_indices(keys: Sequence[int]) -> str:
     return f"{len(ordered)} rows (indices {shown})"
 
 
+def question_digest(questions: Sequence[str]) -> str:
+    """A short fingerprint of a split's questions, in order: ``meta.question_digests[<split>]`` of an ``eval.json``.
+
+    Two evaluations scored the same rows exactly when their digests agree; the split name and the row count alone
+    do not tell a re-exported or other benchmark's split from the same one.
+    """
+    text = "\n".join(question.strip() for question in questions)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _check_same_questions(
+    file: Path,
+    data: Mapping[str, Any],
+    split: str,
+    questions: Sequence[str] | None,
+    benchmark: str | None,
+    remake_hint: str,
+) -> None:
+    """A reference that records the digest of ``split`` must have scored exactly ``questions`` (in order).
+
+    References written before digests were recorded carry none and are not checked.
+    """
+    recorded = (data["meta"].get("question_digests") or {}).get(split)
+    if questions is None or recorded is None or recorded == question_digest(questions):
+        return
+    theirs = data["meta"].get("benchmark")
+    where = f" (it read {theirs!r}, this evaluation reads {benchmark!r})" if theirs and benchmark else ""
+    raise EvalLogError(
+        f"retain reference {file} scored other questions of {split} than this evaluation{where}: the same split "
+        f"name and row count, but question digest {recorded} against {question_digest(questions)}; {remake_hint}"
+    )
+
+
 def _load_tofu_reference(path: str | os.PathLike[str], forget_split: str) -> tuple[Path, dict[str, Any]]:
     file = Path(path)
     if not file.is_file():
+        what = "is a directory, not a file" if file.is_dir() else "does not exist"
         raise EvalLogError(
-            f"retain reference {file} does not exist (expected the eval.json of the retain model on "
-            f"{forget_split}); {tofu_remake_hint(file, forget_split)}"
+            f"retain reference {file} {what} (expected the eval.json of the retain model on {forget_split}); "
+            f"{tofu_remake_hint(file, forget_split)}"
         )
     data = load_eval_json(file)
     found = data["meta"].get("forget_split")
@@ -255,7 +292,12 @@ def _row_value(value: Any) -> float:
 
 
 def reference_truth_ratios(
-    path: str | os.PathLike[str], forget_split: str, n_rows: int, indices: Sequence[int] | None = None
+    path: str | os.PathLike[str],
+    forget_split: str,
+    n_rows: int,
+    indices: Sequence[int] | None = None,
+    questions: Sequence[str] | None = None,
+    benchmark: str | None = None,
 ) -> np.ndarray:
     """The retain model's raw per-row forget truth ratios, checked against this evaluation's rows (methods §3.4).
 
@@ -264,15 +306,20 @@ def reference_truth_ratios(
         forget_split: The forget split of this evaluation; must equal the reference's.
         n_rows: Number of forget rows of this evaluation.
         indices: Their row indices; ``range(n_rows)`` when omitted.
+        questions: Their questions (of ``<forget_split>_perturbed``), in row order; checked against the
+            reference's ``meta.question_digests`` when it records one.
+        benchmark: This evaluation's benchmark, named in the message when the questions differ.
 
     Returns:
         (n_rows,) truth ratios ordered as ``sorted(indices)``.
 
     Raises:
-        EvalLogError: the file is missing, was made on another forget split, has no ``forget_truth_ratio``, or
-            holds different rows; the message names the file, what was expected and found, and how to remake it.
+        EvalLogError: the file is missing, was made on another forget split or other questions, has no
+            ``forget_truth_ratio``, holds different rows, or holds null (non-finite) truth ratios; the message names
+            the file, what was expected and found, and how to remake it.
     """
     file, data = _load_tofu_reference(path, forget_split)
+    hint = tofu_remake_hint(file, forget_split)
     expected = sorted(range(n_rows) if indices is None else (int(i) for i in indices))
     entry = data["metrics"].get("forget_truth_ratio", data["metrics"].get("forget_Truth_Ratio"))
     if not isinstance(entry, Mapping) or not isinstance(entry.get("value_by_index"), Mapping):
@@ -291,7 +338,18 @@ def reference_truth_ratios(
             f"of {forget_split} has {describe_indices(expected)} (a different --limit or split); "
             f"{tofu_remake_hint(file, forget_split)}"
         )
-    return np.array([_row_value(by_index[str(i)]) for i in expected], dtype=np.float64)
+    _check_same_questions(file, data, f"{forget_split}_perturbed", questions, benchmark, hint)
+    try:
+        values = np.array([_row_value(by_index[str(i)]) for i in expected], dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise EvalLogError(f"retain reference {file}: forget_truth_ratio holds a non-number ({err}); {hint}") from err
+    undefined = [i for i, value in zip(expected, values, strict=True) if not math.isfinite(value)]
+    if undefined:
+        raise EvalLogError(
+            f"retain reference {file} holds null (or non-finite) forget truth ratios for {describe_indices(undefined)} "
+            f"of its {len(expected)}, so forget quality would be undefined; {hint}"
+        )
+    return values
 
 
 def reference_min_k_auc(

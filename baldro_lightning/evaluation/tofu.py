@@ -52,6 +52,7 @@ from baldro_lightning.evaluation.engine import (
 from baldro_lightning.evaluation.run_record import (
     EvalLogError,
     describe_indices,
+    question_digest,
     reference_min_k_auc,
     reference_truth_ratios,
 )
@@ -180,7 +181,12 @@ class TofuEvaluator(BenchmarkEvaluator):
         if "forget" in groups:
             forget_rows = self.rows["forget"]
             self._reference_tr = reference_truth_ratios(
-                reference, self.forget_split, len(forget_rows), [row["index"] for row in forget_rows]
+                reference,
+                self.forget_split,
+                len(forget_rows),
+                [row["index"] for row in forget_rows],
+                [row["question"] for row in forget_rows],
+                str(self.benchmark),
             )
         if "mia" in groups:
             counts = {
@@ -444,6 +450,9 @@ class TofuEvaluator(BenchmarkEvaluator):
             "retain_split": self.retain_split,
             "holdout_split": self.holdout_split,
             "rows": {plan.split: len(self.rows[plan.role]) for plan in self.plans()},
+            "question_digests": {
+                plan.split: question_digest([row["question"] for row in self.rows[plan.role]]) for plan in self.plans()
+            },
             "limit": self.settings.limit,
             "rouge_rows_limit": self.settings.rouge_rows_limit,
             "metric_groups": list(self.settings.metric_groups),

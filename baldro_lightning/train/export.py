@@ -12,9 +12,9 @@ written: checkpoints never hold the frozen reference, and neither does the expor
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
+import pickle
 import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -28,13 +28,18 @@ from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
-from baldro_lightning.atomic_files import replace_path, staging_directory
+from baldro_lightning.atomic_files import check_writable, replace_path, staging_directory
 from baldro_lightning.data.tokenization import load_tokenizer
 from baldro_lightning.train.lora import LoRA, merged_model
+from baldro_lightning.train.models import ModelLoadError, Shapes, check_model_files, shape_mismatch
+from baldro_lightning.user_errors import CommandParser, UserInputError
 
 log = logging.getLogger(__name__)
 
 POLICY_PREFIX = "policy."
+
+VOCABULARY = {"--model.model": "--model", "--model.init_args.model": "--model", "--data.tokenizer": "--tokenizer"}
+"""The training flags that messages name, as this command's flags (``user_errors.in_vocabulary``)."""
 
 
 def save_pretrained_atomic(model, tokenizer, out_dir: str | os.PathLike) -> Path:
@@ -137,46 +142,151 @@ def _distributed_policy_state(path: Path) -> dict[str, Tensor]:
     return wanted
 
 
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def _checkpoint_path(path: str | os.PathLike, flag: str) -> Path:
+    """``path`` once it exists, and (a directory) holds ``meta.pt`` as Lightning's distributed checkpoints do."""
+    path = Path(path)
+    if not path.exists():
+        raise UserInputError(f"{flag}={str(path)!r} does not exist; pass a .ckpt file or checkpoint directory")
+    if path.is_dir() and not (path / "meta.pt").is_file():
+        raise UserInputError(
+            f"{flag}={str(path)!r} is a directory without meta.pt, so not a Lightning distributed checkpoint; pass a "
+            ".ckpt file or a directory that ModelCheckpoint wrote under ModelParallelStrategy"
+        )
+    return path
+
+
+def _torch_load(file: Path, flag: str, mmap: bool = False) -> dict[str, Any]:
+    """``torch.load`` of a checkpoint file the user named; a file that cannot be unpickled is a user error."""
+    try:
+        # weights_only=False: the hyperparameters hold the loss and objective objects from the YAML.
+        loaded = torch.load(file, map_location="cpu", mmap=mmap, weights_only=False)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, ImportError, AttributeError) as err:
+        raise UserInputError(
+            f"{flag}={str(file)!r} is not a readable checkpoint ({type(err).__name__}: {_first_sentence(err)}); a "
+            f"file cut short ({file.stat().st_size} bytes) or another kind of file. Pass an intact checkpoint written "
+            "by ModelCheckpoint"
+        ) from err
+    if not isinstance(loaded, dict) or not isinstance(loaded.get("state_dict", {}), Mapping):
+        raise UserInputError(
+            f"{flag}={str(file)!r} holds a {type(loaded).__name__}, not a Lightning checkpoint (a dict with "
+            "'state_dict'); pass a checkpoint written by ModelCheckpoint"
+        )
+    return loaded
+
+
+def _first_sentence(error: BaseException) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text.split(". ")[0][:200]
+
+
+def _no_policy(path: Path, flag: str) -> UserInputError:
+    return UserInputError(
+        f"{flag}={str(path)!r} holds no policy.* weights; it was not written by a baldro_lightning module"
+    )
+
+
+def read_checkpoint(path: str | os.PathLike, flag: str = "--checkpoint") -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The policy's weights (keys without ``policy.``) and the module's hyperparameters from a checkpoint.
 
     Args:
         path: A ``.ckpt`` file, or the directory a ``ModelParallelStrategy`` (FSDP2) run saves per checkpoint.
+        flag: The flag that named ``path``, for the messages.
 
     Raises:
-        FileNotFoundError: if ``path`` does not exist.
-        ValueError: if it holds no policy weights.
+        UserInputError: ``path`` does not exist, cannot be read as a checkpoint, or holds no policy weights.
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"--checkpoint={str(path)!r} does not exist; pass a .ckpt file or checkpoint directory")
+    path = _checkpoint_path(path, flag)
     if path.is_dir():
-        meta = path / "meta.pt"
-        if not meta.is_file():
-            raise ValueError(
-                f"--checkpoint={str(path)!r} is a directory without meta.pt, so not a Lightning distributed "
-                "checkpoint; pass a .ckpt file or a directory that ModelCheckpoint wrote under ModelParallelStrategy"
-            )
-        # weights_only=False: the hyperparameters hold the loss and objective objects from the YAML.
-        checkpoint = torch.load(meta, map_location="cpu", weights_only=False)
+        checkpoint = _torch_load(path / "meta.pt", flag)
         flat = _distributed_policy_state(path)
     else:
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        checkpoint = _torch_load(path, flag, mmap=True)
         flat = checkpoint.get("state_dict", {})
     policy = {k[len(POLICY_PREFIX) :]: v for k, v in flat.items() if k.startswith(POLICY_PREFIX)}
     if not policy:
-        raise ValueError(
-            f"--checkpoint={str(path)!r} holds no policy.* weights; it was not written by a baldro_lightning module"
-        )
+        raise _no_policy(path, flag)
     return policy, dict(checkpoint.get("hyper_parameters") or {})
+
+
+def checkpoint_policy_shapes(path: str | os.PathLike, flag: str) -> Shapes:
+    """The shapes of a checkpoint's policy tensors, without reading them (memory-mapped, or from the metadata of a
+    distributed checkpoint): what the pre-flight check of ``--ckpt_path`` compares with the model.
+
+    Raises:
+        UserInputError: as :func:`read_checkpoint`.
+    """
+    path = _checkpoint_path(path, flag)
+    if path.is_dir():
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        _torch_load(path / "meta.pt", flag)
+        prefix = "state_dict." + POLICY_PREFIX
+        try:
+            metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+            raise UserInputError(f"{flag}={str(path)!r} has unreadable metadata ({type(err).__name__}: {err})") from err
+        shapes = {
+            key[len(prefix) :]: tuple(meta.size)
+            for key, meta in metadata.items()
+            if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
+        }
+    else:
+        state = _torch_load(path, flag, mmap=True).get("state_dict", {})
+        shapes = {k[len(POLICY_PREFIX) :]: tuple(v.shape) for k, v in state.items() if k.startswith(POLICY_PREFIX)}
+    if not shapes:
+        raise _no_policy(path, flag)
+    return shapes
+
+
+def plain_parameter_name(name: str) -> str:
+    """A policy parameter's name in the plain base model, without peft's ``base_model.model.`` and ``.base_layer``:
+    ``base_model.model.model.layers.0.mlp.up_proj.base_layer.weight`` -> ``model.layers.0.mlp.up_proj.weight``."""
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+
+def check_checkpoint_fits(
+    shapes: Mapping[str, tuple[int, ...]], expected: Shapes | None, checkpoint: str, model: str, flags: tuple[str, str]
+) -> None:
+    """The policy tensors of a checkpoint have the shapes of the base model they are loaded into.
+
+    Args:
+        shapes: The checkpoint's policy tensor shapes (:func:`checkpoint_policy_shapes`).
+        expected: The base model's parameter shapes (:func:`~baldro_lightning.train.models.config_shapes`); None
+            skips the check.
+        checkpoint: The checkpoint path, for the message.
+        model: The base model path, for the message.
+        flags: The flags that named them, e.g. ``("--ckpt_path", "--model.model")``.
+
+    Raises:
+        UserInputError: a tensor of both has another shape in the checkpoint.
+    """
+    if expected is None:
+        return
+    found = {plain_parameter_name(k): v for k, v in shapes.items()}
+    mismatch = shape_mismatch(found, expected, ("the checkpoint", f"the model {flags[1]} describes"))
+    if mismatch is not None:
+        raise UserInputError(
+            f"{flags[0]} {checkpoint!r} does not fit {flags[1]} {model!r}: {mismatch}; the checkpoint was trained "
+            f"from another base model. Pass the base model it was trained from as {flags[1]}"
+        )
 
 
 def _from_config_file(config: str | None) -> tuple[str | None, Any, str | None]:
     """(model path, lora section, tokenizer path) of a run's saved LightningCLI ``config.yaml``."""
     if config is None:
         return None, None, None
-    with open(config, encoding="utf-8") as handle:
-        parsed = yaml.safe_load(handle) or {}
+    if not Path(config).is_file():
+        raise UserInputError(f"--config {config!r} does not exist; pass the run's saved <run>/tensorboard/config.yaml")
+    try:
+        with open(config, encoding="utf-8") as handle:
+            parsed = yaml.safe_load(handle) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise UserInputError(
+            f"--config {config!r} is not a readable YAML file ({err}); pass the run's config.yaml"
+        ) from err
+    if not isinstance(parsed, dict):
+        raise UserInputError(f"--config {config!r} holds a {type(parsed).__name__}, not a LightningCLI config")
     model = (parsed.get("model") or {}).get("init_args") or {}
     data = (parsed.get("data") or {}).get("init_args") or {}
     return model.get("model"), model.get("lora"), data.get("tokenizer")
@@ -186,8 +296,11 @@ def _as_lora(value: Any) -> LoRA | None:
     if value is None or isinstance(value, LoRA):
         return value
     if isinstance(value, Mapping):
-        return LoRA(**{k: tuple(v) if k == "target_modules" else v for k, v in value.items()})
-    raise ValueError(f"model.init_args.lora must be a mapping of LoRA options or null, got {value!r}")
+        try:
+            return LoRA(**{k: tuple(v) if k == "target_modules" else v for k, v in value.items()})
+        except (TypeError, ValueError) as err:
+            raise UserInputError(f"model.init_args.lora of the run's config is not a valid LoRA: {err}") from err
+    raise UserInputError(f"model.init_args.lora must be a mapping of LoRA options or null, got {value!r}")
 
 
 def export_checkpoint(
@@ -204,19 +317,32 @@ def export_checkpoint(
     else the model path. The base model's weights are not read: the checkpoint holds all of the policy's.
 
     Raises:
-        ValueError: if no model path can be found or the weights do not fit the model.
+        UserInputError: ``out`` cannot be written, the checkpoint cannot be read, no model path can be found, or
+            the weights do not fit the model.
     """
+    check_writable(out, "--out", "directory")
     state, hparams = read_checkpoint(checkpoint)
     config_model, config_lora, config_tokenizer = _from_config_file(config)
     model_path = model or config_model or hparams.get("model")
     if model_path is None:
-        raise ValueError(
+        raise UserInputError(
             f"--checkpoint={str(checkpoint)!r} stores no model path (modules that do not save hyperparameters); "
             "pass --config <run>/config.yaml or --model <base model directory or Hub id>"
         )
     lora = _as_lora(config_lora if config is not None else hparams.get("lora"))
+    check_model_files(model_path, "--model.model")
+    try:
+        base_config = AutoConfig.from_pretrained(model_path)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(
+            f"--model.model={model_path!r}: could not read its config.json ({type(err).__name__}: {str(err)[:200]}); "
+            "pass the base model directory the run trained"
+        ) from err
     with torch.device("meta"):
-        base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+        base = AutoModelForCausalLM.from_config(base_config)
+    expected = {name: tuple(tensor.shape) for name, tensor in base.state_dict().items()}
+    shapes = {name: tuple(tensor.shape) for name, tensor in state.items()}
+    check_checkpoint_fits(shapes, expected, str(checkpoint), model_path, ("--checkpoint", "--model.model"))
     try:
         base.generation_config = GenerationConfig.from_pretrained(model_path)
     except OSError:
@@ -228,7 +354,7 @@ def export_checkpoint(
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m baldro_lightning export",
         description="Write a checkpoint's unlearned policy as a Hugging Face model directory (weights + tokenizer).",
     )

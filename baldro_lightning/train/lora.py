@@ -16,6 +16,8 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from transformers import PreTrainedModel
 
+from baldro_lightning.user_errors import UserInputError
+
 if TYPE_CHECKING:
     # peft is imported where it is used: parsing a config without LoRA should not pay for it.
     from peft import LoraConfig, PeftModel
@@ -82,7 +84,7 @@ def add_adapters(model: PreTrainedModel, lora: LoRA) -> PeftModel:
     """
     missing = set(lora.target_modules) - set(_linear_layer_names(model))
     if missing:
-        raise ValueError(
+        raise UserInputError(
             f"--model.init_args.lora.target_modules={list(lora.target_modules)}: {type(model).__name__} has no "
             f"linear layer named {sorted(missing)}. Its linear layers are {_linear_layer_names(model)}; choose "
             "target_modules among them."
@@ -125,7 +127,7 @@ def merged_model(model: PreTrainedModel, state_dict: dict[str, torch.Tensor], pe
     # A tied output head may be absent from the state dict; re-tying below restores it from the embedding.
     missing = [k for k in result.missing_keys if not _is_tied(skeleton, k)]
     if missing or result.unexpected_keys:
-        raise ValueError(
+        raise UserInputError(
             f"the policy weights do not fit {type(model).__name__}: missing {missing[:5]}, unexpected "
             f"{result.unexpected_keys[:5]}. Export with the same --model.init_args.model and "
             "--model.init_args.lora as training used."

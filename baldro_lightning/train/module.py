@@ -32,6 +32,7 @@ from baldro_lightning.train.sharding import (
     mixed_precision_policy,
     shard_model,
 )
+from baldro_lightning.user_errors import UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -414,7 +415,7 @@ class UnlearningModule(CausalLMModule):
         cached = self.reference_mode == "cached" and self.forget_loss.requires_reference
         if cached and step > 0 and checkpoint.get("reference_cache") is None:
             path = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
-            raise ValueError(
+            raise UserInputError(
                 f"--model.init_args.reference=cached cannot resume from {path}: it was saved at global step {step} "
                 "without cached reference log-probs (a run with reference=live), and a cache computed now would "
                 "come from the updated policy, not the reference. Resume with --model.init_args.reference=live (the "

@@ -19,6 +19,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from transformers import PreTrainedModel
 
+from baldro_lightning.user_errors import UserInputError
+
 
 class NoDecoderLayersError(ValueError):
     """The model has no ``nn.ModuleList`` of decoder layers to shard one by one."""
@@ -65,7 +67,7 @@ def data_parallel_mesh(device_mesh: DeviceMesh) -> DeviceMesh:
     )
     if tensor_parallel != 1:
         data_parallel = device_mesh["data_parallel"].size()
-        raise ValueError(
+        raise UserInputError(
             f"--trainer.strategy=ModelParallelStrategy has tensor_parallel_size={tensor_parallel} (data_parallel_size="
             f"{data_parallel}); only FSDP2 data parallelism is supported. Set "
             f"ModelParallelStrategy(data_parallel_size={tensor_parallel * data_parallel}, tensor_parallel_size=1)."
@@ -89,7 +91,7 @@ def mixed_precision_policy(precision: str | None) -> MixedPrecisionPolicy | None
     if precision == "bf16-mixed":
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if precision == "16-mixed":
-        raise ValueError(
+        raise UserInputError(
             "--trainer.precision=16-mixed is not supported with FSDP2 sharding (fp16 needs a gradient scaler); use "
             "bf16-mixed or 32-true."
         )
@@ -187,7 +189,7 @@ class DecoderLayerPolicy(ModuleWrapPolicy):
                 candidate = type(decoder_layers(root)[0]).__name__
             except NoDecoderLayersError:
                 candidate = "the class of its repeated blocks"
-            raise ValueError(
+            raise UserInputError(
                 f"{self!r} selects no module of {type(root).__name__} (looked for {sorted(names) or 'nothing'}: "
                 f"{'layer_classes' if self.layer_classes else '_no_split_modules of its Hugging Face models'}). "
                 f"Set layer_classes under --trainer.strategy.init_args.auto_wrap_policy (and activation_checkpointing_"
