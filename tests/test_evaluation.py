@@ -357,8 +357,12 @@ def test_help_shows_every_setting_with_its_docstring(command, settings, capsys):
         assert f"--{name} " in printed, name
         assert re.sub(r"\s+", "", doc) in flat, f"--help does not show the docstring of {name}"
     # What is evaluated and where: the command's own flags.
-    for flag in ("--model", "--tokenizer", "--benchmark", "--out", "--max_length", "--chat", "--dtype", "--device"):
-        assert f"{flag} " in printed, flag
+    flags = ("--model", "--tokenizer", "--benchmark", "--out", "--max_length", "--chat", "--dtype", "--device")
+    flags += ("--prompt_template", "--question_prefix", "--answer_prefix", "--answer_separator", "--attention_from")
+    for flag in flags:
+        # "--chat, --no_chat": a yes/no flag is listed with its negation.
+        assert re.search(rf"{flag}[ ,]", printed), flag
+    assert "--no_chat" in printed
 
 
 @pytest.mark.parametrize(
