@@ -697,7 +697,7 @@ class UnlearningModule(CausalLMModule):
 
         self._check_finite(loss, "train/loss", index)
         self._record_per_sample(index, weights, losses, dist_ops.gather_detached(real_local))
-        rows = int(real_local.sum())
+        rows = batch_size(forget)
         self.log("train/forget_loss", forget_value.detach(), prog_bar=True, batch_size=rows)
         self.log("train/retain_loss", retain_value.detach(), batch_size=rows)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=rows)
