@@ -69,6 +69,10 @@ VOCABULARY: dict[str, str] = {
     "--chat": "--data.template.chat",
     "--system_prompt": "--data.template.system_prompt",
     "--date_string": "--data.template.date_string",
+    "--question_prefix": "--data.template.question_prefix",
+    "--answer_prefix": "--data.template.answer_prefix",
+    "--answer_separator": "--data.template.answer_separator",
+    "--attention_from": "--data.attention_from",
 }
 """The ``evaluate`` flags that messages name, as a training config names them (``user_errors.in_vocabulary``)."""
 

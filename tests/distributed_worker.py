@@ -123,6 +123,14 @@ CASES: dict[str, Case] = {
             "reference": "live",
         }
     ),
+    # The released DrSatImp: DV over every answer token of the global micro-batch, sequence-sum retain NLL.
+    "satimp_dv_token": Case(
+        lambda: {
+            "forget_loss": SatImp(beta1=0.1),
+            "forget_objective": DV(tau=1.0, sign="released", granularity="token"),
+            "retain_loss": NLL(normalization="seq_sum"),
+        }
+    ),
     "simnpo_group_subsample": Case(
         lambda: {
             "forget_loss": _simnpo(),

@@ -374,7 +374,7 @@ CASES: dict[str, Case] = {
     "fit_forget_split_typo": Case(
         fit("--data.forget_split=forget20"),
         r"error: forget split 'forget20' has no retain/holdout pairing; use one of forget01, forget05, forget10 "
-        r"\(spec §1\.1\) as --data\.forget_split$",
+        r"\(methods §1\.1\) as --data\.forget_split$",
     ),
     "fit_retain_split_typo": Case(
         fit("--data.retain_split=retain80"), r"error: unknown TOFU split 'retain80'; valid names: full, .*retain_split"

@@ -69,6 +69,14 @@ def test_quickstart_runs_shipped_combinations():
 FORGET_LOSS = {"ga": "GradAscent", "gd": "GradAscent", "npo": "NPO", "simnpo": "SimNPO", "satimp": "SatImp"}
 OBJECTIVE = {"": ("Mean", {}), "_g": ("Group", {"ratio": 0.5}), "_dv": ("DV", {"sign": "paper"})}
 OBJECTIVE["_dv_released"] = ("DV", {"sign": "released"})
+# The rest of each released Dr* trainer (methods §2.12.2): objective options and the retain NLL's normalisation.
+RELEASED = {
+    "npo": ({}, "seq_sum"),
+    "simnpo": ({}, "token_mean"),
+    "satimp": ({"granularity": "token"}, "seq_sum"),
+}
+# The configs that mirror the paper's runs count optimizer updates as the reference's HF Trainer does (methods §1.6).
+HF_ACCOUNTING = ("tofu", "muse_news", "muse_books")
 
 
 @pytest.mark.parametrize("name", COMBINATIONS)
@@ -108,19 +116,27 @@ def test_combination_instantiates(name: str, monkeypatch, tmp_path):
         assert model["forget_loss"]["class_path"].endswith("." + FORGET_LOSS[method])
         assert model["forget_objective"]["class_path"].endswith("." + objective_class)
         assert objective_args.items() <= (model["forget_objective"].get("init_args") or {}).items()
+        if objective == "dv_released" and method in RELEASED:
+            released_args, retain_normalization = RELEASED[method]
+            assert released_args.items() <= model["forget_objective"]["init_args"].items()
+            assert model["retain_loss"]["init_args"]["normalization"] == retain_normalization
+        benchmark = name.split("/")[0]
+        assert cli.datamodule.update_accounting == ("hf" if benchmark in HF_ACCOUNTING else "lightning")
 
 
 def test_method_and_objective_files_change_only_their_keys():
-    """A composed run differs from its benchmark's plain-mean run only in the keys its method and objective name."""
+    """A composed run differs from its benchmark's plain-mean run only in the keys its method and objective name:
+    NPO's forget loss, DV's objective, and the released DrNPO's sequence-sum retain NLL."""
     base = resolved(fit_args("embedded/gd"))
     composed = resolved([*fit_args("embedded/npo_dv_released")[:-1], "--trainer.default_root_dir=runs/embedded/gd"])
     before, after = base["model"]["init_args"], composed["model"]["init_args"]
     changed = {key for key in before if before[key] != after[key]}
-    assert changed == {"forget_loss", "forget_objective"}
+    assert changed == {"forget_loss", "forget_objective", "retain_loss"}
     assert composed["model"]["init_args"]["forget_objective"] == {
         "class_path": "baldro_lightning.train.objectives.DV",
-        "init_args": {"tau": 2.0, "sign": "released"},
+        "init_args": {"tau": 2.0, "sign": "released", "granularity": "sample"},
     }
+    assert after["retain_loss"] == {**before["retain_loss"], "init_args": {"normalization": "seq_sum"}}
     assert {k: v for k, v in base.items() if k != "model"} == {k: v for k, v in composed.items() if k != "model"}
 
 

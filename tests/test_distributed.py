@@ -21,6 +21,7 @@ import torch.distributed as dist
 from conftest import write_tiny_benchmark
 from gloo_launch import run_worker
 from torch import nn
+from torch.testing import assert_close
 
 from baldro_lightning.train.sharding import (
     NoDecoderLayersError,
@@ -47,6 +48,9 @@ SLOW_RUNS = [
     ("ddp", "npo_kl_all"),
     ("fsdp2", "npo_group"),
 ]
+# 3 forget rows over 2 ranks of batch 2: the sampler repeats a row to fill the global batch of 4, which must get no
+# weight and no loss (and its retain partner none either), so each step equals 1 process on the 3 rows.
+UNEVEN_RUNS = [("ddp", "npo_dv"), ("ddp", "npo_group"), ("ddp", "satimp_dv_token")]
 # Configurations that do not yet give the same run on 2 ranks as on 1; strict, so a fix shows up as XPASS.
 KNOWN_DIVERGENT = {
     "simnpo_group_subsample": (
@@ -70,6 +74,15 @@ def invariance_benchmark(tmp_path_factory) -> Path:
     root = write_tiny_benchmark(tmp_path_factory.mktemp("invariance_benchmark"))
     forget = root / "forget10.jsonl"
     forget.write_text(forget.read_text() + (root / "holdout10.jsonl").read_text())
+    return root
+
+
+@pytest.fixture(scope="module")
+def uneven_benchmark(tmp_path_factory) -> Path:
+    """The tiny benchmark with 3 forget rows, which 2 ranks of batch 2 cannot split evenly."""
+    root = write_tiny_benchmark(tmp_path_factory.mktemp("uneven_benchmark"))
+    forget = root / "forget10.jsonl"
+    forget.write_text("".join(line + "\n" for line in forget.read_text().splitlines()[:3]))
     return root
 
 
@@ -100,8 +113,12 @@ def slow_records(tmp_path_factory, tiny_model, invariance_benchmark) -> Path:
 
 
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory, tiny_model, invariance_benchmark):
-    """``baseline(case)``: the 1-process record with batch ``WORLD_SIZE * PER_RANK_BATCH``, trained once per case."""
+def uneven_records(tmp_path_factory, tiny_model, uneven_benchmark) -> Path:
+    return _launch(UNEVEN_RUNS, tiny_model, uneven_benchmark, tmp_path_factory.mktemp("uneven"), timeout=300)
+
+
+def _baselines(tmp_path_factory, tiny_model: Path, benchmark: Path):
+    """``get(case)``: the 1-process record with batch ``WORLD_SIZE * PER_RANK_BATCH``, trained once per case."""
     import distributed_worker
 
     out = tmp_path_factory.mktemp("baseline")
@@ -114,12 +131,24 @@ def baseline(tmp_path_factory, tiny_model, invariance_benchmark):
                 patch.setenv("PL_GLOBAL_SEED", "0")
                 patch.delenv("WORLD_SIZE", raising=False)
                 path = distributed_worker.run_case(
-                    case, "single", str(tiny_model), str(invariance_benchmark), WORLD_SIZE * PER_RANK_BATCH, STEPS, out
+                    case, "single", str(tiny_model), str(benchmark), WORLD_SIZE * PER_RANK_BATCH, STEPS, out
                 )
             cache[case] = torch.load(path)
         return cache[case]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, tiny_model, invariance_benchmark):
+    """``baseline(case)``: the 1-process record with batch ``WORLD_SIZE * PER_RANK_BATCH``, trained once per case."""
+    return _baselines(tmp_path_factory, tiny_model, invariance_benchmark)
+
+
+@pytest.fixture(scope="module")
+def uneven_baseline(tmp_path_factory, tiny_model, uneven_benchmark):
+    """``uneven_baseline(case)``: 1 process with batch 4 on the 3-row forget set, i.e. one batch of 3 per epoch."""
+    return _baselines(tmp_path_factory, tiny_model, uneven_benchmark)
 
 
 def _record(directory: Path, strategy: str, case: str) -> dict:
@@ -156,6 +185,21 @@ def test_two_ranks_match_one_process(default_records, baseline, initial_state, s
     single = baseline(case)
     _assert_moved(single, initial_state)
     _assert_same_run(_record(default_records, strategy, case), single)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(("strategy", "case"), UNEVEN_RUNS, ids=[f"{s}-{c}" for s, c in UNEVEN_RUNS])
+def test_uneven_shards_match_one_process(uneven_records, uneven_baseline, initial_state, strategy, case):
+    """3 forget rows, 2 ranks x batch 2: one row is dealt twice (DistributedSampler's padding). Every step equals
+    1 process on the 3 rows: the same loss, each row's weight as in 1 process (so the repeat has none: DV weights sum
+    to 1 over the 3 rows, and Group keeps max(1, floor(3/2)) = 1 of them), the same final weights."""
+    single = uneven_baseline(case)
+    _assert_moved(single, initial_state)
+    multi = _record(uneven_records, strategy, case)
+    _assert_same_run(multi, single)
+    for weights in multi["weights"]:
+        assert torch.isfinite(weights).all() and weights.numel() == 3
+        assert_close(weights.sum(), torch.tensor(1.0), rtol=0, atol=1e-5)
 
 
 @pytest.mark.distributed

@@ -8,6 +8,7 @@ import inspect
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +18,17 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from baldro_lightning.__main__ import main as entry_point
-from baldro_lightning.data.tokenization import PromptTemplate, encode_example, encode_prompt, load_tokenizer
+from baldro_lightning.data.tokenization import (
+    PromptTemplate,
+    encode_example,
+    encode_for_scoring,
+    encode_prompt,
+    load_tokenizer,
+)
 from baldro_lightning.evaluation import tofu
 from baldro_lightning.evaluation.command import main as evaluate_main
 from baldro_lightning.evaluation.command import muse_main as evaluate_muse_main
-from baldro_lightning.evaluation.engine import RowScores, shard_rows
+from baldro_lightning.evaluation.engine import AnswerExample, RowScores, score_examples, shard_rows
 from baldro_lightning.evaluation.muse import MuseSettings
 from baldro_lightning.evaluation.run_record import EvalLogError, load_eval_json
 from baldro_lightning.evaluation.tofu import TofuEvaluator, TofuSettings
@@ -358,8 +365,12 @@ def test_help_shows_every_setting_with_its_docstring(command, settings, capsys):
         assert f"--{name} " in printed, name
         assert re.sub(r"\s+", "", doc) in flat, f"--help does not show the docstring of {name}"
     # What is evaluated and where: the command's own flags.
-    for flag in ("--model", "--tokenizer", "--benchmark", "--out", "--max_length", "--chat", "--dtype", "--device"):
-        assert f"{flag} " in printed, flag
+    flags = ("--model", "--tokenizer", "--benchmark", "--out", "--max_length", "--chat", "--dtype", "--device")
+    flags += ("--prompt_template", "--question_prefix", "--answer_prefix", "--answer_separator", "--attention_from")
+    for flag in flags:
+        # "--chat, --no_chat": a yes/no flag is listed with its negation.
+        assert re.search(rf"{flag}[ ,]", printed), flag
+    assert "--no_chat" in printed
 
 
 @pytest.mark.parametrize(
@@ -382,3 +393,103 @@ def test_cli_rejects_bad_settings_before_loading_weights(tiny_benchmark, tmp_pat
     assert entry_point(["evaluate", *args, *flags]) == 2
     assert re.search(r"^error: .*" + message, capsys.readouterr().err)
     assert not (tmp_path / "e.json").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Issue 17: the GradNorm and Reference attacks, rows without answer tokens, the encoding that allows them
+
+
+def test_gradnorm_and_reference_attacks(tiny_benchmark, tokenizer, model, tmp_path):
+    """The retain reference here is the same model's evaluation of the same rows, so every Reference score is
+    L_model - L_reference = 0 and the AUC (all ties) is 1/2. GradNorm scores are positive gradient norms; both are
+    AUC entries with members and non-members like the other attacks."""
+    reference = tmp_path / "reference.json"
+    make_evaluator(tiny_benchmark, tokenizer, metric_groups=("mia",), limit=3).run(model, reference)
+    groups = ("mia", "mia_gradnorm", "mia_reference")
+    evaluator = make_evaluator(
+        tiny_benchmark, tokenizer, metric_groups=groups, limit=3, retain_reference=str(reference)
+    )
+    result = evaluator.evaluate(model)
+    entries = result["metrics"]
+    assert entries["mia_reference"]["agg_value"] == 0.5
+    assert set(entries["mia_reference"]["value_by_index"].values()) == {0.0}
+    assert set(entries["mia_reference"]["holdout_value_by_index"].values()) == {0.0}
+    entry = entries["mia_gradnorm"]
+    gradnorm = [*entry["value_by_index"].values(), *entry["holdout_value_by_index"].values()]
+    assert len(gradnorm) == 6 and all(value > 0 and math.isfinite(value) for value in gradnorm)
+    assert 0.0 <= entries["mia_gradnorm"]["agg_value"] <= 1.0
+    assert result["meta"]["gradnorm_p"] == 2.0
+    # The model's own gradients are untouched (autograd.grad writes no .grad).
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_extra_attacks_are_opt_in_and_checked(tiny_benchmark, tokenizer, model, monkeypatch):
+    """The default evaluation never back-propagates: the gradient pass is not even called."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("gradient_norms ran in an evaluation that did not ask for mia_gradnorm")
+
+    monkeypatch.setattr(tofu, "gradient_norms", refuse)
+    entries = make_evaluator(tiny_benchmark, tokenizer, metric_groups=("mia",), limit=2).evaluate(model)["metrics"]
+    assert "mia_gradnorm" not in entries and "mia_reference" not in entries
+    assert "mia_gradnorm" not in TofuSettings().metric_groups
+    with pytest.raises(ValueError, match=r"mia_gradnorm extend mia; add mia"):
+        TofuSettings(metric_groups=("forget", "mia_gradnorm"))
+    with pytest.raises(ValueError, match=r"mia_reference scores against the retain model's per-row losses"):
+        TofuSettings(metric_groups=("mia", "mia_reference"))
+
+
+@pytest.fixture
+def long_question_benchmark(tiny_benchmark, tmp_path) -> Path:
+    """The tiny benchmark whose first forget row has a question longer than max_length 40 allows."""
+    root = Path(shutil.copytree(tiny_benchmark, tmp_path / "benchmark"))
+    path = root / "forget10_perturbed.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[0]["question"] = " ".join([rows[0]["question"]] * 12)
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    return root
+
+
+def test_rows_without_answer_tokens_are_left_out(long_question_benchmark, tokenizer, model, tmp_path):
+    """Row 0's question fills max_length, so none of its answers has a token to score. Its values are null, every
+    aggregate is finite and over the 3 other rows (forget_truth_ratio = mean of min(TR, 1/TR) over them), forget
+    quality against its own eval.json is 1, and meta.notes counts the row."""
+    settings = {"metric_groups": ("forget", "mia"), "max_new_tokens": 2}
+    evaluator = TofuEvaluator(
+        str(long_question_benchmark), tokenizer, "forget10", max_length=40, settings=TofuSettings(**settings)
+    )
+    out = tmp_path / "eval.json"
+    result = evaluator.run(model, out)
+    entries = result["metrics"]
+    for name in ("forget_Q_A_Prob", "forget_truth_ratio", "mia_loss", "mia_min_k", "extraction_strength"):
+        assert math.isfinite(entries[name]["agg_value"]), name
+        assert math.isnan(entries[name]["value_by_index"]["0"]), name
+    tr = [entries["forget_truth_ratio"]["value_by_index"][str(i)] for i in (1, 2, 3)]
+    expected = sum(min(t, 1 / (t + 1e-10)) for t in tr) / 3
+    assert entries["forget_truth_ratio"]["agg_value"] == pytest.approx(expected)
+    assert json.loads(out.read_text())["metrics"]["forget_Q_A_Prob"]["value_by_index"]["0"] is None
+    notes = [note for note in result["meta"]["notes"] if "no token left to score" in note]
+    assert len(notes) == 1 and notes[0].startswith("forget10_perturbed: 1 of 4 rows")
+    again = TofuEvaluator(
+        str(long_question_benchmark),
+        tokenizer,
+        "forget10",
+        max_length=40,
+        settings=TofuSettings(**settings, retain_reference=str(out)),
+    ).evaluate(model)
+    assert again["metrics"]["forget_quality"]["agg_value"] == 1.0
+
+
+def test_answerless_examples_score_nan_not_zero(tokenizer, model):
+    """encode_for_scoring turns a question that fills max_length into a prompt without targets; its mean NLL is
+    NaN (0/0, as open-unlearning computes it), never the 0 a loss would take for it."""
+    question = " ".join(["Where was AuthorI born?"] * 12)
+    with pytest.raises(ValueError, match="leaves no room for its answer"):
+        encode_example(tokenizer, PromptTemplate(), question, "In Pradow.", 40)
+    example = encode_for_scoring(tokenizer, PromptTemplate(), question, "In Pradow.", 40)
+    assert len(example.input_ids) == 40 and set(example.labels) == {-100}
+    normal = encode_example(tokenizer, PromptTemplate(), "Where was AuthorI born?", "In Pradow.", 40)
+    items = [AnswerExample(example.input_ids, example.labels), AnswerExample(normal.input_ids, normal.labels)]
+    with torch.no_grad():
+        scores = score_examples(model, items, 2, tokenizer.pad_token_id)
+    assert math.isnan(scores[0].nll_mean) and math.isfinite(scores[1].nll_mean)

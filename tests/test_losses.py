@@ -296,6 +296,26 @@ def test_token_weights_are_detached(loss, weight):
     assert_close(stats.token_logps.grad, expected)
 
 
+def test_satimp_token_losses_by_hand():
+    """Per token ``l_t = -w_t c_t = w_t ln p_t`` (no pooling), 0 at the masked slot: with the weights of
+    test_satimp_pooled_values_by_hand, row 0: 0.015625 ln 0.5 = -0.010830 and 0.000732422 ln 0.25 = -0.001015;
+    row 1: 0.065536 ln 0.8 = -0.014624. Their mean over the N = 3 tokens is the mean of the pooled per-sample
+    values (-0.007897 - 0.009749) / 2 = -0.008823: a DV over tokens at large tau tends to plain SatImp."""
+    stats = tokens(TOKEN_LOGPS, TOKEN_MASK)
+    per_token = SatImp(beta1=5.0, beta2=1.0).token_losses(stats)
+    expected = [
+        [0.015625 * math.log(0.5), 0.000732421875 * math.log(0.25)],
+        [0.065536 * math.log(0.8), 0.0],
+    ]
+    assert_close(per_token, torch.tensor(expected))
+    assert_close(per_token[stats.mask].mean(), SatImp()(stats).mean())
+    # GradAscent per token is log p itself; NPO is per sequence and has none.
+    assert_close(GradAscent().token_losses(stats), torch.tensor(TOKEN_LOGPS).masked_fill(~stats.mask, 0.0))
+    assert SatImp.token_level and WGA.token_level and GradAscent.token_level and not NPO.token_level
+    with pytest.raises(NotImplementedError, match="NPO is a per-sequence loss"):
+        NPO().token_losses(stats)
+
+
 def test_token_losses_need_token_level_stats():
     with pytest.raises(ValueError, match="token-level"):
         WGA()(sums([-1.0], [1]))

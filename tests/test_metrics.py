@@ -402,3 +402,42 @@ def test_at_first_crossing_interpolates_between_evaluations():
     assert math.isnan(M.at_first_crossing(means, stds, 2.0))
     with pytest.raises(M.MetricInputError, match="same length"):
         M.at_first_crossing([0.0, 1.0], [0.0], 0.5)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Issue 17: the 1/n floor of ES, the GradNorm and Reference attacks, rows without answer tokens
+
+
+def test_extraction_strength_floor_by_hand():
+    """No matching suffix gives k* = n-1, ES = 1/n: 4 positions with the last wrong score 1/4; a one-position answer
+    that is wrong scores 1 - 0/1 = 1.0, exactly as a memorised one does (the floor documented on the function)."""
+    es = M.extraction_strength([[1, 2, 3, 9], [9], [5]], [[1, 2, 3, 4], [4], [5]])
+    assert_allclose(es, [0.25, 1.0, 1.0])
+
+
+def test_mia_gradnorm_averages_per_tensor_norms():
+    """Per-tensor norms (3, 4) score their mean 3.5 (the global norm would be 5); (1) scores 1; no tensor: NaN."""
+    scores = M.mia_gradnorm([[3.0, 4.0], torch.tensor([1.0]), []])
+    assert_allclose(scores[:2], [3.5, 1.0])
+    assert math.isnan(scores[2])
+
+
+def test_mia_reference_by_hand():
+    """Model NLLs (1.0, 2.0) minus reference NLLs (0.5, 2.5) = (0.5, -0.5). As members (0.5) against a non-member
+    (-0.5): P(score_nonmember > score_member) = 0, AUC 0."""
+    scores = M.mia_reference([1.0, 2.0], [0.5, 2.5])
+    assert_allclose(scores, [0.5, -0.5])
+    assert M.mia_auc(scores[:1], scores[1:]) == 0.0
+    with pytest.raises(M.MetricInputError, match="same length"):
+        M.mia_reference([1.0], [1.0, 2.0])
+
+
+def test_nan_rows_leave_truth_ratio_aggregates_and_forget_quality_finite():
+    """TR (0.5, NaN, 2.0): closer_to_1 = mean(min(0.5, 2), min(2, 0.5)) = 0.5; true_better = mean(0.5, 0) = 0.25;
+    the KS test compares the finite values only, on both sides (so a NaN stored by the retain log is harmless)."""
+    tr = [0.5, math.nan, 2.0]
+    assert M.truth_ratio_forget_aggregate(tr) == pytest.approx(0.5, abs=1e-9)
+    assert M.truth_ratio_true_aggregate(tr) == pytest.approx(0.25)
+    retain = [0.4, 0.9, math.nan, 1.7]
+    assert M.forget_quality(tr, retain) == M.forget_quality([0.5, 2.0], [0.4, 0.9, 1.7])
+    assert math.isnan(M.truth_ratio_true_aggregate([math.nan]))

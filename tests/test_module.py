@@ -415,6 +415,80 @@ def test_selection_options_are_checked(tiny_model):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# DV over tokens (the released DrSatImp) and the sampler's repeated rows
+
+
+def token_stats(token_logps: list[list[float]], mask: list[list[bool]]) -> SequenceLogProbs:
+    logps, keep = torch.tensor(token_logps), torch.tensor(mask)
+    return SequenceLogProbs(logp_sum=(logps * keep).sum(-1), count=keep.sum(-1), token_logps=logps, mask=keep)
+
+
+# GradAscent's per-token loss is log p: rows with tokens (0, -ln 2) and (-ln 4), the last slot of row 1 masked.
+TWO_ROWS = token_stats([[0.0, -math.log(2)], [-math.log(4), -9.0]], [[True, True], [True, False]])
+
+
+@pytest.mark.parametrize(
+    ("sign", "value", "row_weights"),
+    [
+        # paper: weights softmax(l) = (1, 1/2, 1/4) / (7/4) = (4/7, 2/7, 1/7); value ln((7/4)/3) = ln(7/12).
+        ("paper", math.log(7 / 12), [6 / 7, 1 / 7]),
+        # released: weights softmax(-l) = (1, 2, 4) / 7; value -ln((1 + 2 + 4)/3) = -ln(7/3).
+        ("released", -math.log(7 / 3), [3 / 7, 4 / 7]),
+    ],
+)
+def test_dv_over_tokens_by_hand(tiny_model, sign, value, row_weights):
+    """granularity=token: DV over the N = 3 labelled tokens of the batch, not its 2 rows (released DrSatImp,
+    methods P-3); a row's weight is the sum of its tokens', the masked slot (log p -9) takes no part."""
+    module = unlearning_module(
+        tiny_model, GradAscent(), retain_loss=None, forget_objective=DV(tau=1.0, sign=sign, granularity="token")
+    )
+    out, weights, row_losses = module._token_forget_term(TWO_ROWS, None, torch.tensor([True, True]))
+    assert_close(out, torch.tensor(value))
+    assert_close(weights, torch.tensor(row_weights))
+    # The record keeps each row's per-sample (pooled) loss: (B/N) sum_t l_t = (2/3)(-ln 2) and (2/3)(-ln 4).
+    assert_close(row_losses, torch.tensor([-(2 / 3) * math.log(2), -(2 / 3) * math.log(4)]))
+
+
+def test_dv_over_tokens_leaves_out_a_repeated_row(tiny_model):
+    """With row 1 a repeat (not real), DV runs over row 0's two tokens: released, exp(-l) = (1, 2), value
+    -ln(3/2), weights (1/3, 2/3) summing to row 0's 1; row 1 gets 0."""
+    module = unlearning_module(
+        tiny_model, GradAscent(), retain_loss=None, forget_objective=DV(tau=1.0, sign="released", granularity="token")
+    )
+    out, weights, _ = module._token_forget_term(TWO_ROWS, None, torch.tensor([True, False]))
+    assert_close(out, torch.tensor(-math.log(3 / 2)))
+    assert_close(weights, torch.tensor([1.0, 0.0]))
+
+
+def test_repeated_rows_get_no_weight_and_no_loss():
+    """Losses (1, 3, 1) where the last 1 is a repeat of row 0: Mean over the real rows is 2 (not 5/3), DV paper tau 1
+    is ln((e + e^3)/2) = 2.4338 with weights (e, e^3)/(e + e^3) = (0.1192, 0.8808, 0), Group keeps the larger
+    real row only; the repeat stays in the graph with gradient 0."""
+    losses = torch.tensor([1.0, 3.0, 1.0], requires_grad=True)
+    real = torch.tensor([True, True, False])
+    ids = torch.tensor([0, 1, 0])
+    value, weights = UnlearningModule._reduce_real(Mean(), losses, real, row_ids=ids)
+    assert_close(value, torch.tensor(2.0))
+    assert_close(weights, torch.tensor([0.5, 0.5, 0.0]))
+    value, weights = UnlearningModule._reduce_real(DV(tau=1.0), losses, real, row_ids=ids)
+    e1, e3 = math.e, math.e**3
+    assert_close(value, torch.tensor(math.log((e1 + e3) / 2)))
+    assert_close(weights, torch.tensor([e1 / (e1 + e3), e3 / (e1 + e3), 0.0]))
+    value.backward()
+    assert_close(losses.grad, torch.tensor([e1 / (e1 + e3), e3 / (e1 + e3), 0.0]))
+    value, weights = UnlearningModule._reduce_real(Group(ratio=0.5), losses.detach(), real, row_ids=ids)
+    assert_close(value, torch.tensor(3.0))
+    assert_close(weights, torch.tensor([0.0, 1.0, 0.0]))
+
+
+def test_token_granularity_needs_a_token_level_loss(tiny_model):
+    with pytest.raises(ValueError, match=r"granularity=token needs a forget loss with per-token values .* NPO"):
+        UnlearningModule(str(tiny_model), NPO(), forget_objective=DV(granularity="token"))
+    with pytest.raises(ValueError, match=r"DV granularity must be 'sample' or 'token', got granularity='row'"):
+        DV(granularity="row")
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Sampling: reproducible pairs, identical global batches for 1 and 2 ranks, epoch = forget set
 
 

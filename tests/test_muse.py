@@ -588,3 +588,25 @@ def test_embedded_muse_config_fast_dev_run(muse_model: Path, tmp_path: Path, mon
     assert modes.training == [True], "the evaluation before the step left the policy in eval mode"
     exported = load_causal_lm("runs/muse_embedded/npo_dv/model", "float32").state_dict()
     assert any(not torch.equal(before[k], exported[k]) for k in before), "one NPO + DV step changed nothing"
+
+
+def test_gradnorm_and_reference_attacks_on_privleak_rows(tiny_model: Path, tmp_path: Path) -> None:
+    """The MUSE evaluator's extra attacks score the privleak rows: against the same model's evaluation as
+    reference every Reference score is 0 (AUC 1/2); GradNorm gives one positive score per row."""
+    args = ["--model", str(tiny_model), "--benchmark", str(EMBEDDED), "--corpus", "news", "--limit", "3"]
+    reference = tmp_path / "reference.json"
+    main([*args, "--out", str(reference), "--metric_groups", "[privleak]"])
+    groups = "[privleak,mia_gradnorm,mia_reference]"
+    result = main(
+        [*args, "--out", str(tmp_path / "e.json"), "--metric_groups", groups, "--retain_reference", str(reference)]
+    )
+    entries = result["metrics"]
+    assert entries["mia_reference"]["agg_value"] == 0.5
+    assert set(entries["mia_reference"]["value_by_index"].values()) == {0.0}
+    scores = [
+        *entries["mia_gradnorm"]["value_by_index"].values(),
+        *entries["mia_gradnorm"]["holdout_value_by_index"].values(),
+    ]
+    assert len(scores) == 6 and all(score > 0 for score in scores)
+    with pytest.raises(ValueError, match=r"mia_gradnorm extend privleak; add privleak"):
+        MuseSettings(metric_groups=("knowmem", "mia_gradnorm"))

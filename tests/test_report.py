@@ -157,6 +157,32 @@ def test_table1_layout_values_and_default_rule(sweep_root, tmp_path):
     assert "| NPO + BalDRO-DV | `npo_dv` | 0.001 | 8 | 1 | 2 | 1 | 1 | 3 |" in md
 
 
+def test_table3_shows_gradnorm_and_reference_when_an_evaluation_has_them(sweep_root, tmp_path):
+    """The paper's four attacks always; GradNorm and Reference (open-unlearning's other two) as soon as one row has
+    them, blank where a row lacks them."""
+    rule = report.SelectionRule()
+    report.write_report(report.load_runs([sweep_root]), tmp_path / "plain", rule, figures=False)
+    header = list(next(iter(read_csv(tmp_path / "plain" / "table3_forget01.csv").values())))
+    assert header == ["Method", "LOSS", "ZLib", "MinK", "MinK++", "run"]
+    extra = {**tofu_metrics(0.7, 0.59, 0.25), "mia_gradnorm": 0.61, "mia_reference": 0.47}
+    make_run(sweep_root, "simnpo", {0: tofu_metrics(0.001, 0.60, base=0.9), 6: extra}, loss="SimNPO")
+    md = report.write_report(report.load_runs([sweep_root]), tmp_path / "extra", rule, figures=False).read_text()
+    table3 = read_csv(tmp_path / "extra" / "table3_forget01.csv")
+    assert list(next(iter(table3.values()))) == [
+        "Method",
+        "LOSS",
+        "ZLib",
+        "MinK",
+        "MinK++",
+        "GradNorm",
+        "Reference",
+        "run",
+    ]
+    assert float(table3["SimNPO"]["GradNorm"]) == 0.61 and float(table3["SimNPO"]["Reference"]) == 0.47
+    assert table3["NPO"]["GradNorm"] == ""
+    assert "| Method | LOSS | ZLib | MinK | MinK++ | GradNorm | Reference |" in md
+
+
 @pytest.mark.parametrize(
     ("rule", "expected"),
     [

@@ -19,6 +19,7 @@ from baldro_lightning.evaluation.run_record import (
     per_sample_path,
     read_per_sample,
     reference_privleak_auc,
+    reference_row_losses,
     reference_truth_ratios,
     run_step_evals,
     step_eval_path,
@@ -209,3 +210,28 @@ def test_reference_auc_checks_corpus_rows_and_benchmark_kind(tmp_path: Path) -> 
     assert reference_privleak_auc(legacy, "news") == pytest.approx(0.5236)
     with pytest.raises(EvalLogError, match=r"does not exist; make it by evaluating the retain model"):
         reference_privleak_auc(tmp_path / "none.json", "news")
+
+
+def test_reference_row_losses_read_both_layouts(tmp_path):
+    """Our layout (``value_by_index`` / ``holdout_value_by_index``) and open-unlearning's (``forget`` / ``holdout``
+    with ``{"score": x}``) give the same member and non-member losses, in the order asked for; a row the reference
+    does not hold is an error naming it."""
+    ours = {
+        "meta": {"forget_split": "forget10"},
+        "metrics": {"mia_loss": {"value_by_index": {"0": 1.5, "1": 2.5}, "holdout_value_by_index": {"7": 3.0}}},
+    }
+    theirs = {
+        "mia_loss": {
+            "forget": {"value_by_index": {"0": {"score": 1.5}, "1": {"score": 2.5}}},
+            "holdout": {"value_by_index": {"7": {"score": 3.0}}},
+        }
+    }
+    for name, data in (("ours.json", ours), ("TOFU_EVAL.json", theirs)):
+        (tmp_path / name).write_text(json.dumps(data))
+        members, nonmembers = reference_row_losses(tmp_path / name, [1, 0], [7], forget_split="forget10")
+        assert members.tolist() == [2.5, 1.5] and nonmembers.tolist() == [3.0]
+    with pytest.raises(EvalLogError, match=r"no mia_loss non-member score of 1 rows \(indices 8\.\.8\)"):
+        reference_row_losses(tmp_path / "ours.json", [0], [8], forget_split="forget10")
+    (tmp_path / "no_mia.json").write_text(json.dumps({"meta": {}, "metrics": {}}))
+    with pytest.raises(EvalLogError, match="has no mia_loss, which the Reference attack needs"):
+        reference_row_losses(tmp_path / "no_mia.json", [0], [7], forget_split="forget10")

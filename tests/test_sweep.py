@@ -382,7 +382,8 @@ def test_real_sweep_on_the_tiny_model(tiny_model, tiny_benchmark, tmp_path):
         # The saved config records the composed run: its method, its objective with this run's tau, its directory.
         saved = yaml.safe_load((logs / "config.yaml").read_text())
         assert saved["model"]["init_args"]["forget_loss"]["class_path"].endswith(".NPO")
-        assert saved["model"]["init_args"]["forget_objective"]["init_args"] == {"tau": tau, "sign": "paper"}
+        objective = saved["model"]["init_args"]["forget_objective"]["init_args"]
+        assert objective == {"tau": tau, "sign": "paper", "granularity": "sample"}
         assert saved["trainer"]["default_root_dir"] == str(run)
     assert {p.name for p in root.iterdir()} == {"tiny__tau-1", "tiny__tau-5", "sweep_summary.json"}
 

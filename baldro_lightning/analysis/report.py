@@ -4,7 +4,8 @@ Reads each run's evaluations (``<run>/tensorboard/eval/step_N/eval.json`` and ``
 :class:`~baldro_lightning.evaluation.callbacks.TofuEvaluation`; or a ``<run>/eval.json`` of ``evaluate`` /
 ``baldro_lightning.evaluation.muse``) and the config Lightning saved with the run (``config.yaml``), and writes:
 
-- ``report.md``: Table 1 (FQ, MU, [Fluency], EM, ES, F-TR, Ra-TR, R-TR, Rw-TR) and Table 3 (MIA AUCs) per forget
+- ``report.md``: Table 1 (FQ, MU, [Fluency], EM, ES, F-TR, Ra-TR, R-TR, Rw-TR) and Table 3 (MIA AUCs: LOSS, ZLib,
+  MinK, MinK++, and GradNorm and Reference when an evaluation computed them) per forget
   split, forgetting synchrony (forget-step spread), balance (spread of per-sample forgetting) and model utility at
   matched forgetting, Table 2 (MUSE), the selected configurations and the selection rule;
 - one CSV per table and ``runs.csv`` with every run's final evaluation and hyperparameters;
@@ -64,6 +65,8 @@ TABLE1 = (
     ("Rw-TR", "wf_Truth_Ratio"),
 )
 TABLE3 = (("LOSS", "mia_loss"), ("ZLib", "mia_zlib"), ("MinK", "mia_min_k"), ("MinK++", "mia_min_k_plus_plus"))
+TABLE3_EXTRA = (("GradNorm", "mia_gradnorm"), ("Reference", "mia_reference"))
+"""Attacks open-unlearning has beyond the paper's four; a column only when some row's evaluation computed it."""
 TABLE2 = (
     ("KM-Dr", "retain_knowmem_ROUGE"),
     ("KM-Df", "forget_knowmem_ROUGE"),
@@ -186,6 +189,18 @@ def table_rows(
     return header, md, raw
 
 
+def table3_columns(summary: SplitSummary) -> tuple[tuple[str, str], ...]:
+    """:data:`TABLE3`, plus each attack of :data:`TABLE3_EXTRA` that the Original, Retain or a selected run has."""
+    results = [r for r in (summary.original, summary.retain) if r is not None]
+    extra = tuple(
+        column
+        for column in TABLE3_EXTRA
+        if any(metric_value(r, column[1]) is not None for r in results)
+        or any(run.metric(column[1]) is not None for run, _ in summary.selected)
+    )
+    return TABLE3 + extra
+
+
 def _hparam_text(value: Any) -> str:
     return "–" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -246,7 +261,7 @@ def _tofu_section(summary: SplitSummary, table1: Sequence[tuple[str, str]], out:
     header, rows, raw = table_rows(summary, table1, retain_fq=True)
     md += [f"### Table 1 ({split})", "", _markdown(header, rows), ""]
     _write_csv(out / f"table1_{split}.csv", [*header, "run"], raw)
-    header, rows, raw = table_rows(summary, TABLE3, retain_fq=False)
+    header, rows, raw = table_rows(summary, table3_columns(summary), retain_fq=False)
     md += [f"### Table 3: MIA AUC ({split})", "", _markdown(header, rows), ""]
     _write_csv(out / f"table3_{split}.csv", [*header, "run"], raw)
     sync_rows = [
@@ -400,7 +415,7 @@ def _muse_section(
 
 
 def _write_runs_csv(runs: Sequence[RunResult], path: Path) -> None:
-    keys = [key for _, key in TABLE1 + TABLE3 + TABLE2 + SYNCHRONY]
+    keys = [key for _, key in TABLE1 + TABLE3 + TABLE3_EXTRA + TABLE2 + SYNCHRONY]
     balance_keys = [key for _, key in BALANCE]
     header = ["run", "benchmark", "split", "method", "variant", *HPARAMS, "global_step", *keys, *balance_keys]
     rows = []

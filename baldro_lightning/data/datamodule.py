@@ -3,7 +3,13 @@
 Batches are sharded by our own samplers (subclasses of ``DistributedSampler``, so Lightning does not replace
 them). Both use the same permutation for every world size: with 2 ranks of batch ``B/2`` the union of one step's
 rows is exactly the batch a single process with batch ``B`` sees, which is what makes DRO weights over the
-global batch comparable across device counts.
+global batch comparable across device counts. When the rows do not divide among the ranks, the sampler repeats the
+first ones to fill the last batch (as ``DistributedSampler`` does); the unlearning batches mark those repeats
+(``forget["padded"]``) so that the module gives them no weight and no loss.
+
+``update_accounting: hf`` deals the micro-batches as the reference HF Trainer groups them into updates
+(:mod:`~baldro_lightning.data.accumulation`): one Lightning epoch is then ``U`` updates of ``G`` micro-batches
+rather than one pass over the data.
 """
 
 from __future__ import annotations
@@ -11,14 +17,21 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, get_args
 
 import lightning as L
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
 
+from baldro_lightning.data.accumulation import UpdateAccounting, lightning_epochs
 from baldro_lightning.data.tofu import load_split, split_location, split_pairing
-from baldro_lightning.data.tokenization import PaddingCollator, PromptTemplate, QADataset, load_tokenizer
+from baldro_lightning.data.tokenization import (
+    AttentionFrom,
+    PaddingCollator,
+    PromptTemplate,
+    QADataset,
+    load_tokenizer,
+)
 from baldro_lightning.user_errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -32,6 +45,10 @@ class ShardedPermutation(DistributedSampler):
         self.resume_epoch: int | None = None
         self.resume_rows = 0
 
+    def resume_after(self, epoch: int, batches_done: int, batch_size: int) -> None:
+        """Skip the ``batches_done`` batches of ``batch_size`` rows this rank trained on in ``epoch`` (once)."""
+        self.resume_epoch, self.resume_rows = epoch, batches_done * batch_size
+
     def _skip_consumed(self, mine: list) -> list:
         """After a mid-epoch resume, drop the rows this rank already trained on in that epoch (once)."""
         if self.epoch == self.resume_epoch:
@@ -39,8 +56,8 @@ class ShardedPermutation(DistributedSampler):
             self.resume_epoch = None
         return mine
 
-    def _generator(self) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed + self.epoch)
+    def _generator(self, epoch: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed + epoch)
 
     def _global_order(self, generator: torch.Generator) -> list[int]:
         n = len(self.dataset)
@@ -49,9 +66,13 @@ class ShardedPermutation(DistributedSampler):
         order += order[: self.total_size - n]
         return order
 
+    def rank_items(self, epoch: int) -> list:
+        """What this rank is dealt in ``epoch``, in order (before any resume skip)."""
+        order = self._global_order(self._generator(epoch))
+        return order[self.rank : self.total_size : self.num_replicas]
+
     def __iter__(self) -> Iterator[int]:
-        order = self._global_order(self._generator())
-        return iter(self._skip_consumed(order[self.rank : self.total_size : self.num_replicas]))
+        return iter(self._skip_consumed(self.rank_items(self.epoch)))
 
 
 class LengthGroupedPermutation(ShardedPermutation):
@@ -92,7 +113,8 @@ class LengthGroupedPermutation(ShardedPermutation):
 
 
 class ForgetRetainSampler(ShardedPermutation):
-    """Yields ``(forget_row, retain_row)``: forget rows in a seeded order, each with a uniformly drawn retain row.
+    """Yields ``(forget_row, retain_row, padded)``: forget rows in a seeded order, each with a uniformly drawn retain
+    row; ``padded`` marks the repeats that fill the last global batch when the ranks do not divide the forget set.
 
     The retain draw is with replacement and independent of the forget row (the reference's forget-anchored
     pairing, methods §1.4), but it comes from the sampler's seeded generator rather than the global RNG, so it is
@@ -102,16 +124,75 @@ class ForgetRetainSampler(ShardedPermutation):
     def __init__(self, dataset: ForgetRetainPairs, num_replicas: int, rank: int, seed: int) -> None:
         super().__init__(dataset, num_replicas, rank, seed)
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        generator = self._generator()
+    def rank_items(self, epoch: int) -> list[tuple[int, int, bool]]:
+        generator = self._generator(epoch)
         order = self._global_order(generator)
         retain = torch.randint(len(self.dataset.retain), (len(order),), generator=generator).tolist()
-        pairs = list(zip(order, retain, strict=True))
-        return iter(self._skip_consumed(pairs[self.rank : self.total_size : self.num_replicas]))
+        # Positions past the dataset are DistributedSampler's repeats of the first rows.
+        padded = [position >= len(self.dataset) for position in range(len(order))]
+        triples = list(zip(order, retain, padded, strict=True))
+        return triples[self.rank : self.total_size : self.num_replicas]
+
+
+class UpdateAlignedBatches(DistributedSampler):
+    """The micro-batches of a row sampler, dealt as the reference HF Trainer groups them into updates.
+
+    Lightning epoch ``e`` is the reference's updates ``e*U .. (e+1)*U - 1`` (:func:`~.accumulation.lightning_epochs`);
+    micro-batch ``j`` of reference epoch ``h`` is items ``j*B .. (j+1)*B - 1`` of what ``rows`` deals this rank in
+    its epoch ``h``, so a micro-batch never mixes two passes (the last one of a pass may be short, as in the
+    reference). Yields one list of items per micro-batch, for ``DataLoader(MicroBatches(dataset), batch_size=None)``;
+    a ``DistributedSampler`` so that Lightning leaves it in place.
+    """
+
+    def __init__(self, rows: ShardedPermutation, batch_size: int, accumulation: int, epochs: int) -> None:
+        super().__init__(rows.dataset, num_replicas=rows.num_replicas, rank=rows.rank, shuffle=False, seed=rows.seed)
+        self.rows = rows
+        self.batch_size = batch_size
+        self.schedule = lightning_epochs(math.ceil(rows.num_samples / batch_size), accumulation, epochs)
+        self.resume_epoch: int | None = None
+        self.resume_batches = 0
+
+    def __len__(self) -> int:
+        # Epochs are equally long unless an epoch holds no more than G micro-batches; Lightning ends a shorter one at
+        # its last batch.
+        return max(len(epoch) for epoch in self.schedule)
+
+    def resume_after(self, epoch: int, batches_done: int, batch_size: int) -> None:
+        """Skip the ``batches_done`` micro-batches this rank trained on in ``epoch`` (once)."""
+        self.resume_epoch, self.resume_batches = epoch, batches_done
+
+    def __iter__(self) -> Iterator[list]:
+        if self.epoch >= len(self.schedule):
+            raise ValueError(
+                f"epoch {self.epoch} is past the {len(self.schedule)} epochs the HF update accounting was planned "
+                "for; keep --trainer.max_epochs as it was when the run started"
+            )
+        micro_batches = self.schedule[self.epoch]
+        if self.epoch == self.resume_epoch:
+            micro_batches = micro_batches[self.resume_batches :]
+            self.resume_epoch = None
+        dealt: dict[int, list] = {}
+        for reference_epoch, position in micro_batches:
+            if reference_epoch not in dealt:
+                dealt[reference_epoch] = self.rows.rank_items(reference_epoch)
+            yield dealt[reference_epoch][position * self.batch_size : (position + 1) * self.batch_size]
+
+
+class MicroBatches(Dataset):
+    """``dataset`` indexed by a list of its items at once (what :class:`UpdateAlignedBatches` yields)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, items: list) -> list:
+        return [self.dataset[item] for item in items]
 
 
 class ForgetRetainPairs(Dataset):
-    """Indexed by ``(forget_row, retain_row)``; the forget set's size is the epoch's length."""
+    """Indexed by ``(forget_row, retain_row, padded)``; the forget set's size is the epoch's length."""
 
     def __init__(self, forget: QADataset, retain: QADataset) -> None:
         self.forget = forget
@@ -120,19 +201,22 @@ class ForgetRetainPairs(Dataset):
     def __len__(self) -> int:
         return len(self.forget)
 
-    def __getitem__(self, pair: tuple[int, int]) -> dict[str, Any]:
-        i, j = pair
-        return {"forget": self.forget[i], "retain": self.retain[j]}
+    def __getitem__(self, triple: tuple[int, int, bool]) -> dict[str, Any]:
+        i, j, padded = triple
+        return {"forget": self.forget[i], "retain": self.retain[j], "padded": padded}
 
 
 class PairCollator:
-    """Collates ``{"forget": item, "retain": item}`` into two right-padded batches."""
+    """Collates ``{"forget": item, "retain": item, "padded": bool}`` into two right-padded batches; the forget batch
+    also holds ``padded`` (B,) bool, True for the sampler's repeats that only fill the last global batch."""
 
-    def __init__(self, pad_token_id: int) -> None:
-        self.pad = PaddingCollator(pad_token_id, "right")
+    def __init__(self, pad_token_id: int, attention_from: AttentionFrom = "lengths") -> None:
+        self.pad = PaddingCollator(pad_token_id, "right", attention_from)
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"forget": self.pad([x["forget"] for x in items]), "retain": self.pad([x["retain"] for x in items])}
+        forget = self.pad([x["forget"] for x in items])
+        forget["padded"] = torch.tensor([bool(x["padded"]) for x in items], dtype=torch.bool)
+        return {"forget": forget, "retain": self.pad([x["retain"] for x in items])}
 
 
 def world_and_rank(trainer: L.Trainer | None) -> tuple[int, int]:
@@ -154,6 +238,8 @@ class BenchmarkDataModule(L.LightningDataModule):
         batch_size: int,
         seed: int,
         workers: int,
+        attention_from: AttentionFrom = "lengths",
+        update_accounting: UpdateAccounting = "lightning",
     ) -> None:
         """Check and store the options every data module has; subclasses pass their own arguments on.
 
@@ -165,6 +251,10 @@ class BenchmarkDataModule(L.LightningDataModule):
             batch_size: Rows per device per step.
             seed: Seeds the data order.
             workers: DataLoader worker processes.
+            attention_from: The attention mask of training batches: ``lengths`` (each row's own tokens) or
+                ``pad_ids`` (the reference's ``ids != pad``, methods P-14; for parity runs).
+            update_accounting: How micro-batches group into optimizer updates (:mod:`~.accumulation`); ``hf`` is only
+                offered by the unlearning data modules.
         """
         super().__init__()
         problems = []
@@ -172,8 +262,16 @@ class BenchmarkDataModule(L.LightningDataModule):
             problems.append(f"--data.max_length must be at least 8 tokens, got {max_length}")
         if batch_size < 1:
             problems.append(f"--data.batch_size must be >= 1, got {batch_size}")
+        if attention_from not in get_args(AttentionFrom):
+            problems.append(f"--data.init_args.attention_from must be 'lengths' or 'pad_ids', got {attention_from!r}")
+        if update_accounting not in get_args(UpdateAccounting):
+            problems.append(
+                f"--data.init_args.update_accounting must be 'lightning' or 'hf', got {update_accounting!r}"
+            )
         if problems:
             raise UserInputError("; ".join(problems))
+        self.attention_from = attention_from
+        self.update_accounting = update_accounting
         self.tokenizer_path = tokenizer
         self.benchmark = benchmark
         self.template = template or PromptTemplate()
@@ -199,10 +297,13 @@ class BenchmarkDataModule(L.LightningDataModule):
 
     def _resumable(self, sampler: ShardedPermutation) -> ShardedPermutation:
         if self._resume is not None:
-            sampler.resume_epoch, done = self._resume
-            sampler.resume_rows = done * self.batch_size
+            epoch, done = self._resume
+            sampler.resume_after(epoch, done, self.batch_size)
             self._resume = None
         return sampler
+
+    def _collator(self) -> PaddingCollator:
+        return PaddingCollator(self.tokenizer.pad_token_id, "right", self.attention_from)
 
     def _load_tokenizer(self) -> None:
         if self.tokenizer is None:
@@ -245,14 +346,32 @@ class PairedDataModule(BenchmarkDataModule):
         self.setup()
         world, rank = world_and_rank(self.trainer)
         pairs = ForgetRetainPairs(self.forget, self.retain)
-        sampler = self._resumable(ForgetRetainSampler(pairs, world, rank, self.seed))
-        return self._loader(pairs, sampler, PairCollator(self.tokenizer.pad_token_id))
+        sampler = ForgetRetainSampler(pairs, world, rank, self.seed)
+        collate = PairCollator(self.tokenizer.pad_token_id, self.attention_from)
+        if self.update_accounting == "lightning":
+            return self._loader(pairs, self._resumable(sampler), collate)
+        if self.trainer is None or not self.trainer.max_epochs or self.trainer.max_epochs < 1:
+            raise ValueError(
+                "--data.init_args.update_accounting=hf plans the updates of --trainer.max_epochs epochs; set "
+                "--trainer.max_epochs (not max_steps alone) or use update_accounting=lightning"
+            )
+        trainer = self.trainer
+        stream = UpdateAlignedBatches(sampler, self.batch_size, trainer.accumulate_grad_batches, trainer.max_epochs)
+        return DataLoader(
+            MicroBatches(pairs),
+            batch_size=None,  # the sampler yields whole micro-batches
+            sampler=self._resumable(stream),
+            collate_fn=collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def forget_dataloader(self, batch_size: int | None = None) -> DataLoader:
         """Every forget row once, in row order, on every rank (for the reference cache)."""
         self.setup()
-        collate = PaddingCollator(self.tokenizer.pad_token_id, "right")
-        return DataLoader(self.forget, batch_size=batch_size or self.batch_size, shuffle=False, collate_fn=collate)
+        return DataLoader(
+            self.forget, batch_size=batch_size or self.batch_size, shuffle=False, collate_fn=self._collator()
+        )
 
 
 class SplitsDataModule(BenchmarkDataModule):
@@ -296,14 +415,14 @@ class SplitsDataModule(BenchmarkDataModule):
             sampler = LengthGroupedPermutation(self.train_set, lengths, self.batch_size * world, world, rank, self.seed)
         else:
             sampler = ShardedPermutation(self.train_set, world, rank, self.seed)
-        return self._loader(self.train_set, self._resumable(sampler), PaddingCollator(self.tokenizer.pad_token_id))
+        return self._loader(self.train_set, self._resumable(sampler), self._collator())
 
     def _val_dataloader(self) -> DataLoader:
         """``val_dataloader`` of a data module with ``val_splits`` (see :meth:`_use_splits`)."""
         self.setup()
         world, rank = world_and_rank(self.trainer)
         sampler = ShardedPermutation(self.val_set, world, rank, self.seed, shuffle=False)
-        return self._loader(self.val_set, sampler, PaddingCollator(self.tokenizer.pad_token_id))
+        return self._loader(self.val_set, sampler, self._collator())
 
     def steps_per_epoch(self) -> int:
         self.setup()
@@ -324,6 +443,8 @@ class ForgetRetainDataModule(PairedDataModule):
         template: PromptTemplate | None = None,
         seed: int = 0,
         num_workers: int = 0,
+        attention_from: AttentionFrom = "lengths",
+        update_accounting: UpdateAccounting = "lightning",
     ) -> None:
         """Pairs forget and retain batches for unlearning; rows are read and tokenised in ``setup``.
 
@@ -338,8 +459,16 @@ class ForgetRetainDataModule(PairedDataModule):
             seed: Seeds the forget order and the retain draws (the epoch is added each epoch); ``--seed_everything``
                 does not change the data order, this does.
             num_workers: DataLoader worker processes.
+            attention_from: ``lengths`` (true mask) or ``pad_ids``: the reference's ``ids != pad`` mask, which hides
+                genuine EOS tokens when pad is EOS (methods P-14); for parity with runs of the reference code on
+                Llama-3.
+            update_accounting: ``lightning``: each epoch one pass, leftover micro-batches stepped at its end;
+                ``hf``: the reference HF Trainer's updates, ``max(floor(M/G), 1)`` per epoch with leftovers carried
+                into the next pass and its warm-up length (methods §1.6; :mod:`~baldro_lightning.data.accumulation`).
         """
-        super().__init__(tokenizer, benchmark, template, max_length, batch_size, seed, num_workers)
+        super().__init__(
+            tokenizer, benchmark, template, max_length, batch_size, seed, num_workers, attention_from, update_accounting
+        )
         retain_default, _, _ = split_pairing(forget_split)
         self.forget_split = forget_split
         self.retain_split = retain_split or retain_default
@@ -383,6 +512,7 @@ class QADataModule(SplitsDataModule):
         seed: int = 0,
         num_workers: int = 0,
         group_by_length: bool = False,
+        attention_from: AttentionFrom = "lengths",
     ) -> None:
         """Batches of QA rows from one or more splits, for fine-tuning target and retain models.
 
@@ -397,8 +527,9 @@ class QADataModule(SplitsDataModule):
             seed: Seeds the shuffle order.
             num_workers: DataLoader worker processes.
             group_by_length: Batch rows of similar length (less padding, faster steps; batches stay shuffled).
+            attention_from: ``lengths`` (true mask) or ``pad_ids`` (the reference's ``ids != pad``, methods P-14).
         """
-        super().__init__(tokenizer, benchmark, template, max_length, batch_size, seed, num_workers)
+        super().__init__(tokenizer, benchmark, template, max_length, batch_size, seed, num_workers, attention_from)
         self._use_splits(splits, val_splits)
         self.group_by_length = group_by_length
 

@@ -31,6 +31,7 @@ from typing import Any, Literal
 from transformers import PreTrainedTokenizerBase
 
 from baldro_lightning.data import rows as benchmark_rows
+from baldro_lightning.data.accumulation import UpdateAccounting
 from baldro_lightning.data.datamodule import PairedDataModule, SplitsDataModule
 from baldro_lightning.data.rows import BenchmarkDataError, NumberedRows
 from baldro_lightning.data.tokenization import (
@@ -435,6 +436,7 @@ class MuseDataModule(PairedDataModule):
         max_length: int = 2048,
         seed: int = 0,
         num_workers: int = 0,
+        update_accounting: UpdateAccounting = "lightning",
     ) -> None:
         """Pairs forget and retain chunks of one MUSE corpus for unlearning; read and chunked in ``setup``.
 
@@ -448,10 +450,21 @@ class MuseDataModule(PairedDataModule):
             max_length: Tokens per chunk after BOS (reference: 2048).
             seed: Seeds the forget order and the retain draws (the epoch is added each epoch).
             num_workers: DataLoader worker processes.
+            update_accounting: ``lightning``: each epoch one pass, leftover micro-batches stepped at its end;
+                ``hf``: the reference HF Trainer's updates (methods §1.6; :mod:`~baldro_lightning.data.accumulation`).
         """
         _check_corpus(corpus, "--data.corpus")
         # No prompt template: MUSE training text is raw chunks (the template only renders KnowMem prompts).
-        super().__init__(tokenizer, benchmark, None, max_length, batch_size, seed, num_workers)
+        super().__init__(
+            tokenizer,
+            benchmark,
+            None,
+            max_length,
+            batch_size,
+            seed,
+            num_workers,
+            update_accounting=update_accounting,
+        )
         self.corpus = corpus
         self.forget_split = forget_split
         self.retain_split = retain_split

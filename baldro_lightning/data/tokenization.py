@@ -14,10 +14,14 @@ the reference code, each a pitfall of methods §6:
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -30,6 +34,17 @@ log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 """Label of a position that is not a target (the prompt, padding): what every loss and metric skips."""
+
+AttentionFrom = Literal["lengths", "pad_ids"]
+"""How a batch's attention mask is made: ``lengths`` marks each row's own tokens; ``pad_ids`` is the reference's
+``input_ids != pad_token_id``, which also hides genuine EOS tokens when pad is EOS (methods P-14; parity runs only)."""
+
+INPUT_FORMAT_FILE = "prompt_template.json"
+"""The file in an exported model directory that says how its inputs were rendered (:func:`write_input_format`)."""
+
+
+class NoAnswerTokenError(UserInputError):
+    """A QA pair leaves no answer token: the question fills ``max_length`` or the answer merges into the prompt."""
 
 
 @dataclass(frozen=True)
@@ -195,8 +210,9 @@ def encode_example(
 
     Raises:
         ValueError: no EOS token (a tokenizer not loaded with :func:`load_tokenizer`).
-        UserInputError: ``max_length < 2``, the prompt leaves no room within ``max_length`` for one answer token
-            and EOS, or the template renders no answer token.
+        UserInputError: ``max_length < 2``.
+        NoAnswerTokenError: the prompt leaves no room within ``max_length`` for one answer token and EOS, or the
+            template renders no answer token.
     """
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -213,20 +229,39 @@ def encode_example(
         full_ids.append(eos)
     prompt_length = common_prefix_length(prompt_ids, full_ids)
     if prompt_length >= len(full_ids):
-        raise UserInputError(
+        raise NoAnswerTokenError(
             f"question {question[:60]!r} with answer {answer[:60]!r} renders no answer token (full text is a prefix "
             "of the prompt); check the prompt template's answer_prefix/answer_separator or the chat template"
         )
     truncated = len(full_ids) > max_length
     if truncated:
         if prompt_length >= max_length - 1:
-            raise UserInputError(
+            raise NoAnswerTokenError(
                 f"question {question[:60]!r} alone is {prompt_length} tokens, which leaves no room for its answer "
                 f"within --data.max_length={max_length}; raise --data.max_length"
             )
         full_ids = full_ids[: max_length - 1] + [eos]
     labels = [IGNORE_INDEX] * prompt_length + full_ids[prompt_length:]
     return EncodedExample(input_ids=full_ids, labels=labels, prompt_length=prompt_length, truncated=truncated)
+
+
+def encode_for_scoring(
+    tokenizer: PreTrainedTokenizerBase, template: PromptTemplate, question: str, answer: str, max_length: int
+) -> EncodedExample:
+    """:func:`encode_example` for evaluation: a pair that leaves no answer token is scored, not refused.
+
+    Training must refuse such a pair (it would train on nothing); an evaluation keeps going, as open-unlearning's
+    does: the pair becomes its prompt (cut to ``max_length``) with every label ``-100``, whose mean NLL is NaN,
+    and the evaluators leave the row out of their aggregates and say how many they left out (``meta.notes``).
+
+    Returns:
+        The example; ``labels`` are all ``-100`` when :func:`encode_example` raises :class:`NoAnswerTokenError`.
+    """
+    try:
+        return encode_example(tokenizer, template, question, answer, max_length)
+    except NoAnswerTokenError:
+        prompt = encode_prompt(tokenizer, template, question)[:max_length]
+        return EncodedExample(prompt, [IGNORE_INDEX] * len(prompt), prompt_length=len(prompt), truncated=True)
 
 
 def encode_rows(
@@ -349,7 +384,7 @@ def collate(
     items: list[dict[str, Any]],
     pad_token_id: int,
     padding_side: Literal["right", "left"] = "right",
-    attention_from: Literal["lengths", "pad_ids"] = "lengths",
+    attention_from: AttentionFrom = "lengths",
 ) -> dict[str, Any]:
     """Pad a list of examples into a batch.
 
@@ -414,8 +449,65 @@ class PaddingCollator:
     """Id written into padded ``input_ids`` positions."""
     padding_side: Literal["right", "left"] = "right"
     """``"right"`` for training and likelihoods, ``"left"`` for generation prompts."""
-    attention_from: Literal["lengths", "pad_ids"] = "lengths"
+    attention_from: AttentionFrom = "lengths"
     """``"lengths"`` (true mask) or ``"pad_ids"`` (the reference's ``ids != pad`` mask, methods P-14 parity)."""
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         return collate(items, self.pad_token_id, self.padding_side, self.attention_from)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The input format that travels with an exported model
+
+
+@dataclass(frozen=True)
+class InputFormat:
+    """How a model's inputs were rendered in training: its prompt template and attention mask."""
+
+    template: PromptTemplate
+    """The prompt template the model was trained with."""
+    attention_from: AttentionFrom = "lengths"
+    """The attention mask it was trained with."""
+
+
+def write_input_format(directory: str | os.PathLike[str], input_format: InputFormat) -> Path:
+    """Write ``input_format`` as ``<directory>/prompt_template.json`` (:data:`INPUT_FORMAT_FILE`).
+
+    Returns:
+        The path written.
+    """
+    path = Path(directory) / INPUT_FORMAT_FILE
+    payload = {"template": dataclasses.asdict(input_format.template), "attention_from": input_format.attention_from}
+    path.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+def read_input_format(source: str | os.PathLike[str]) -> tuple[InputFormat, Path] | None:
+    """The :class:`InputFormat` saved in a model directory (or in a ``prompt_template.json`` file given directly).
+
+    Returns:
+        ``(input format, the file read)``, or ``None`` when a directory holds no ``prompt_template.json`` (a model
+        not exported by this package, or a Hub id).
+
+    Raises:
+        ValueError: a file given directly does not exist, or the file is not JSON or holds unknown template fields;
+            the message names the file.
+    """
+    given = Path(source)
+    path = given / INPUT_FORMAT_FILE if given.is_dir() or given.suffix != ".json" else given
+    if not path.is_file():
+        if given.suffix == ".json":
+            raise ValueError(f"--prompt_template={str(given)!r} does not exist; pass a prompt_template.json file")
+        return None
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+        template = PromptTemplate(**payload["template"])
+        attention_from = payload.get("attention_from", "lengths")
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"{path} is not a prompt template file ({err.__class__.__name__}: {err}); re-export the model or delete "
+            "the file and pass the template flags (--chat, --question_prefix, ...)"
+        ) from err
+    if attention_from not in get_args(AttentionFrom):
+        raise ValueError(f"{path}: attention_from must be 'lengths' or 'pad_ids', got {attention_from!r}")
+    return InputFormat(template, attention_from), path

@@ -181,9 +181,10 @@ class ScheduledEvaluation(Callback, ABC):
         local = {role: shard_rows(r, rank, world) for role, r in evaluator.rows.items()}
         synced = dist_ops.is_distributed() and getattr(pl_module, "device_mesh", None) is not None
         scores = _gather_scores(evaluator.score(pl_module.policy, local, synced_gpus=synced))
+        aggregated = evaluator.aggregate(scores)  # before meta, which records the notes of this aggregation
         result = {"meta": evaluator.meta(pl_module.policy, getattr(pl_module, "model_path", None))}
         result["meta"]["global_step"] = step
-        result["metrics"] = evaluator.aggregate(scores)
+        result["metrics"] = aggregated
         extra = self.extend_result(trainer, pl_module, scores, result)
         self._log(trainer, result, extra, step)
         if trainer.is_global_zero:
@@ -265,6 +266,7 @@ class TofuEvaluation(ScheduledEvaluation):
             template=data.template,
             max_length=data.max_length,
             settings=self.settings,
+            attention_from=data.attention_from,
         )
         if "forget" in evaluator.rows:
             # Per-sample weights (training: forget split rows) and curves (evaluation: perturbed rows) join by row.
@@ -489,4 +491,5 @@ class MuseEvaluation(ScheduledEvaluation):
             template=data.template,
             max_length=self.max_length or data.max_length,
             settings=self.settings,
+            attention_from=data.attention_from,
         )

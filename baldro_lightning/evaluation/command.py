@@ -18,6 +18,13 @@ The flags of how an evaluation runs (``--metric_groups``, ``--retain_reference``
 :class:`~baldro_lightning.evaluation.muse.MuseSettings`, read by jsonargparse with their attribute docstrings as help
 text, so each is defined once for the evaluator, the in-training callback and this command. The flags defined here
 say what is evaluated and where: model, data, output, prompt form, dtype, device.
+
+The prompt form comes with the model: a directory written by ``ExportPretrained`` or ``python -m baldro_lightning
+export`` holds ``prompt_template.json`` (the template and attention mask of training), which is used unless a flag
+(``--chat``/``--no_chat``, ``--question_prefix``, ``--answer_prefix``, ``--answer_separator``, ``--system_prompt``,
+``--date_string``, ``--attention_from``) overrides a field of it; ``--prompt_template FILE`` reads another file.
+Without such a file the flags alone decide (the plain ``Question: …\nAnswer:`` form by default). ``meta.notes``
+says which it was.
 """
 
 from __future__ import annotations
@@ -31,12 +38,19 @@ from pathlib import Path
 from typing import Any, TypeVar, get_args
 
 import torch
-from jsonargparse import ArgumentParser, Namespace, set_parsing_settings
+from jsonargparse import ActionYesNo, ArgumentParser, Namespace, set_parsing_settings
 
 from baldro_lightning.atomic_files import check_writable
 from baldro_lightning.data.muse import MUSE_HUB_DATASETS
 from baldro_lightning.data.tofu import check_perturbed_alignment, load_split, split_location
-from baldro_lightning.data.tokenization import PromptTemplate, encode_example, load_tokenizer
+from baldro_lightning.data.tokenization import (
+    AttentionFrom,
+    InputFormat,
+    PromptTemplate,
+    encode_example,
+    load_tokenizer,
+    read_input_format,
+)
 from baldro_lightning.evaluation.engine import BenchmarkEvaluator
 from baldro_lightning.evaluation.muse import MuseEvaluator, MuseSettings
 from baldro_lightning.evaluation.tofu import TofuEvaluator, TofuSettings
@@ -62,6 +76,10 @@ VOCABULARY: dict[str, str] = {
     "--data.template.chat": "--chat",
     "--data.template.system_prompt": "--system_prompt",
     "--data.template.date_string": "--date_string",
+    "--data.template.question_prefix": "--question_prefix",
+    "--data.template.answer_prefix": "--answer_prefix",
+    "--data.template.answer_separator": "--answer_separator",
+    "--data.attention_from": "--attention_from",
 }
 """The training flags that data and model messages name, as the evaluate commands' flags."""
 
@@ -78,8 +96,31 @@ def _parser(
     parser.add_argument("--benchmark", required=True, help=benchmark_help)
     parser.add_argument("--out", required=True, help="path of the eval.json to write")
     parser.add_argument("--max_length", type=int, default=max_length, help=max_length_help)
-    parser.add_argument("--chat", action="store_true", help="render prompts with the tokenizer's chat template")
-    parser.add_argument("--system_prompt", default=None, help="system message (with --chat)")
+    parser.add_argument(
+        "--prompt_template",
+        default=None,
+        help="prompt_template.json giving the prompt template and attention mask; default: the one in --model, if "
+        "any (an export writes it); the flags below override single fields",
+    )
+    parser.add_argument(
+        "--chat",
+        action=ActionYesNo,
+        default=None,
+        help="render prompts with the tokenizer's chat template (--no_chat: the plain form); default: the model's "
+        "saved template, else plain",
+    )
+    parser.add_argument("--system_prompt", default=None, help="system message (chat templates)")
+    parser.add_argument("--date_string", default=None, help="date_string passed to the chat template")
+    parser.add_argument("--question_prefix", default=None, help="text before the question (plain form)")
+    parser.add_argument("--answer_prefix", default=None, help="text after the question, ending the prompt (plain form)")
+    parser.add_argument("--answer_separator", default=None, help="text between the prompt and the answer (plain form)")
+    parser.add_argument(
+        "--attention_from",
+        default=None,
+        choices=get_args(AttentionFrom),
+        help="attention mask: 'lengths' (each row's tokens) or 'pad_ids' (the reference's ids != pad, methods P-14); "
+        "default: the model's saved one, else lengths",
+    )
     parser.add_argument("--dtype", default="float32", choices=get_args(TorchDtype), help="weights dtype")
     parser.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
     parser.add_class_arguments(settings, nested_key=None, as_group=True)
@@ -108,8 +149,47 @@ def build_parser() -> ArgumentParser:
         settings=TofuSettings,
     )
     parser.add_argument("--forget_split", default="forget10", choices=["forget01", "forget05", "forget10"])
-    parser.add_argument("--date_string", default=None, help="date_string passed to the chat template (with --chat)")
     return parser
+
+
+TEMPLATE_FLAGS = ("chat", "system_prompt", "date_string", "question_prefix", "answer_prefix", "answer_separator")
+"""The flags that override one field of the saved prompt template each."""
+
+
+def resolve_input_format(saved: InputFormat | None, overrides: dict[str, Any]) -> InputFormat:
+    """The saved input format (the plain default without one) with each given flag replacing its field.
+
+    Args:
+        saved: What ``prompt_template.json`` holds, or ``None``.
+        overrides: :data:`TEMPLATE_FLAGS` and ``attention_from``; ``None`` = not given.
+
+    Returns:
+        The input format to evaluate with. ``--no_chat`` over a saved chat template also drops the saved system
+        prompt and date, which only chat templates use.
+    """
+    base = saved or InputFormat(PromptTemplate())
+    fields = dataclasses.asdict(base.template)
+    given = {key: overrides[key] for key in TEMPLATE_FLAGS if overrides.get(key) is not None}
+    if given.get("chat") is False:
+        fields.update(system_prompt=None, date_string=None)
+    fields.update(given)
+    return InputFormat(PromptTemplate(**fields), overrides.get("attention_from") or base.attention_from)
+
+
+def input_format_from(args: Namespace) -> tuple[InputFormat, str]:
+    """The input format of ``args`` (``--prompt_template``, else the one saved in ``--model``, then the flags), and
+    a note for ``meta.notes`` saying where it came from."""
+    found = read_input_format(args.prompt_template or args.model)
+    overrides = {key: getattr(args, key) for key in (*TEMPLATE_FLAGS, "attention_from")}
+    flags = ", ".join(f"--{key}" for key, value in overrides.items() if value is not None)
+    inputs = resolve_input_format(None if found is None else found[0], overrides)
+    if found is None:
+        where = f"{args.model} holds no prompt_template.json: the prompt template is the flags' ({flags or 'defaults'})"
+    else:
+        where = f"prompt template and attention mask read from {found[1]}" + (
+            f", overridden by {flags}" if flags else ""
+        )
+    return inputs, where
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -161,18 +241,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def _build_evaluator(args: Namespace, settings: TofuSettings) -> TofuEvaluator:
-    """Tokenizer, splits and retain reference, all checked before any model weight is loaded; then every prompt's
-    length and the forget/perturbed row order (:func:`check_tofu_rows`)."""
-    template = PromptTemplate(chat=args.chat, system_prompt=args.system_prompt, date_string=args.date_string)
+    """Input format, tokenizer, splits and retain reference, all checked before any model weight is loaded; then
+    every prompt's length and the forget/perturbed row order (:func:`check_tofu_rows`)."""
+    inputs, where = input_format_from(args)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     evaluator = TofuEvaluator(
         benchmark=args.benchmark,
         tokenizer=tokenizer,
         forget_split=args.forget_split,
-        template=template,
+        template=inputs.template,
         max_length=args.max_length,
         settings=settings,
+        attention_from=inputs.attention_from,
     )
+    evaluator.notes.append(where)
     check_tofu_rows(evaluator)
     return evaluator
 
@@ -220,15 +302,19 @@ def build_muse_parser() -> ArgumentParser:
 
 
 def _build_muse_evaluator(args: Namespace, settings: MuseSettings) -> MuseEvaluator:
-    """Tokenizer, splits and retain reference, all checked before any model weight is loaded."""
-    return MuseEvaluator(
+    """Input format, tokenizer, splits and retain reference, all checked before any model weight is loaded."""
+    inputs, where = input_format_from(args)
+    evaluator = MuseEvaluator(
         benchmark=args.benchmark,
         tokenizer=load_tokenizer(args.tokenizer or args.model),
         corpus=args.corpus,
-        template=PromptTemplate(chat=args.chat, system_prompt=args.system_prompt),
+        template=inputs.template,
         max_length=args.max_length,
         settings=settings,
+        attention_from=inputs.attention_from,
     )
+    evaluator.notes.append(where)
+    return evaluator
 
 
 def muse_main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 import baldro_lightning
-from baldro_lightning.data.tokenization import collate
+from baldro_lightning.data.tokenization import AttentionFrom, collate
 from baldro_lightning.evaluation import metrics
 from baldro_lightning.evaluation.run_record import write_eval_json
 from baldro_lightning.train.logprobs import sequence_logprobs
@@ -74,7 +74,8 @@ class ExampleScore:
     """
 
     nll_mean: float
-    """Mean NLL over all labelled tokens, EOS included (methods §3.1a); 0 for an example without labels."""
+    """Mean NLL over all labelled tokens, EOS included (methods §3.1a); NaN for an example without labels (no answer
+    token left after truncation), which the evaluators leave out of their aggregates."""
     token_logps: np.ndarray | None = None
     """(n,) fp32 log-prob of each target token."""
     pred_ids: np.ndarray | None = None
@@ -116,6 +117,7 @@ def score_examples(
     batch_size: int,
     pad_token_id: int,
     synced_gpus: bool = False,
+    attention_from: AttentionFrom = "lengths",
 ) -> list[ExampleScore]:
     """Likelihood statistics of many examples, in right-padded forwards of ``batch_size`` length-sorted examples.
 
@@ -131,6 +133,7 @@ def score_examples(
         pad_token_id: Id written into padded positions (masked by the attention mask built from lengths).
         synced_gpus: Pad this rank's number of forwards to the largest over ranks with dummy forwards, so that
             sharded parameters are gathered in lockstep when ranks hold different numbers of rows.
+        attention_from: The attention mask: ``lengths`` or the reference's ``pad_ids`` (methods P-14; parity runs).
 
     Returns:
         One :class:`ExampleScore` per example, in the order of ``examples``.
@@ -146,12 +149,13 @@ def score_examples(
     results: list[ExampleScore | None] = [None] * len(examples)
     for batch_rows in batches:
         items = [{"input_ids": examples[i].input_ids, "labels": examples[i].labels} for i in batch_rows]
-        batch = collate(items, pad_token_id, padding_side="right")
+        batch = collate(items, pad_token_id, padding_side="right", attention_from=attention_from)
         input_ids = batch["input_ids"].to(device)
         labels = batch["labels"].to(device)
         logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device), use_cache=False).logits
         stats = sequence_logprobs(logits, labels)
-        nll = stats.nll_mean.float().cpu().tolist()
+        # 0/0 for an example without labels, as in open-unlearning: NaN, never a loss of 0 that would pass for one.
+        nll = torch.where(stats.count > 0, stats.nll_mean, torch.nan).float().cpu().tolist()
         need = torch.tensor([examples[i].token_stats for i in batch_rows], device=device)
         token_parts: list[dict[str, np.ndarray]] | None = None
         if bool(need.any()):
@@ -211,6 +215,7 @@ def generate_answers(
     max_new_tokens: int,
     synced_gpus: bool = False,
     stop_strings: Sequence[str] = (),
+    attention_from: AttentionFrom = "lengths",
 ) -> list[str]:
     """Greedy continuations of prompts, in left-padded batches of length-sorted prompts (methods §3.1c).
 
@@ -226,6 +231,7 @@ def generate_answers(
         synced_gpus: Passed to ``generate`` for sharded models; ranks with fewer batches run dummy calls so that
             every rank calls ``generate`` equally often.
         stop_strings: Cut each text at these strings, in order (none for TOFU).
+        attention_from: The prompts' attention mask: ``lengths`` or the reference's ``pad_ids`` (methods P-14).
 
     Returns:
         One cleaned text per prompt, in the order of ``prompts``.
@@ -244,7 +250,8 @@ def generate_answers(
     options = {"do_sample": False, "max_new_tokens": max_new_tokens, "pad_token_id": pad, "use_cache": True}
     calls = _synced_count(len(batches), device, synced_gpus)  # before any generate, as in score_examples
     for batch_rows in batches:
-        batch = collate([{"input_ids": list(prompts[i])} for i in batch_rows], pad, padding_side="left")
+        items = [{"input_ids": list(prompts[i])} for i in batch_rows]
+        batch = collate(items, pad, padding_side="left", attention_from=attention_from)
         input_ids = batch["input_ids"].to(device)
         output = model.generate(
             input_ids=input_ids,
@@ -357,12 +364,13 @@ def mia_entries(
 
     Returns:
         One entry per attack (``agg_value`` = AUC, members in ``value_by_index``, non-members in
-        ``holdout_value_by_index``) and ``privleak`` (needs ``mia_min_k``).
+        ``holdout_value_by_index``) and ``privleak`` (needs ``mia_min_k``). A row without a finite score (no answer
+        token) is left out of the AUC; its value is null.
     """
     out: dict[str, dict[str, Any]] = {}
     for name in members:
         out[name] = {
-            "agg_value": metrics.mia_auc(members[name], nonmembers[name]),
+            "agg_value": metrics.mia_auc(_finite(members[name]), _finite(nonmembers[name])),
             "value_by_index": values_by_index(member_indices, list(members[name])),
             "holdout_value_by_index": values_by_index(nonmember_indices, list(nonmembers[name])),
         }
@@ -371,6 +379,11 @@ def mia_entries(
         "value_by_index": {},
     }
     return out
+
+
+def _finite(values: Sequence[float]) -> np.ndarray:
+    arr = np.asarray(values, dtype=np.float64)
+    return arr[np.isfinite(arr)]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -401,6 +414,25 @@ def settings_problems(
     return problems
 
 
+EXTRA_ATTACKS: tuple[str, ...] = ("mia_gradnorm", "mia_reference")
+"""Attacks beyond :data:`MIA_ATTACKS`, each a metric group (asked for by name) and an AUC entry of that name."""
+
+
+def extra_attack_problems(groups: Sequence[str], mia_group: str, retain_reference: str | None) -> list[str]:
+    """What is wrong with asking for ``mia_gradnorm``/``mia_reference``: they extend ``mia_group`` (whose member and
+    non-member rows and PrivLeak entry they share), and the Reference attack reads the retain reference's losses."""
+    problems = []
+    asked = [group for group in EXTRA_ATTACKS if group in groups]
+    if asked and mia_group not in groups:
+        problems.append(f"--metric_groups {list(groups)}: {', '.join(asked)} extend {mia_group}; add {mia_group}")
+    if "mia_reference" in groups and retain_reference is None:
+        problems.append(
+            "--metric_groups mia_reference scores against the retain model's per-row losses: give --retain_reference "
+            "(an eval.json of the retain model with the MIA metrics)"
+        )
+    return problems
+
+
 def tokenizer_problems(tokenizer: PreTrainedTokenizerBase) -> list[str]:
     """Batched scoring pads: a tokenizer without a pad token cannot be used."""
     if tokenizer.pad_token_id is None:
@@ -417,6 +449,10 @@ class BenchmarkEvaluator:
     :class:`~baldro_lightning.evaluation.callbacks.ScheduledEvaluation` does), :meth:`aggregate` (metrics of all
     rows) and :meth:`recorded_settings` (what ``meta`` records of their options).
     """
+
+    row_notes: Sequence[str] = ()
+    """Notes about the rows of the last :meth:`aggregate` (rows left out); ``meta`` adds them to ``notes``, so
+    call ``aggregate`` before ``meta``."""
 
     def score(
         self, model: nn.Module, rows: Mapping[str, Sequence[Mapping[str, Any]]] | None = None, synced_gpus: bool = False
@@ -443,7 +479,7 @@ class BenchmarkEvaluator:
             "template": dataclasses.asdict(self.template),
             "retain_reference": None if reference is None else str(reference),
             "privleak_reference_auc": 0.5 if self._reference_auc is None else self._reference_auc,
-            "notes": list(self.notes),
+            "notes": [*self.notes, *self.row_notes],
             "versions": {
                 "baldro_lightning": baldro_lightning.__version__,
                 "torch": torch.__version__,
@@ -457,7 +493,8 @@ class BenchmarkEvaluator:
         """Score every loaded row and aggregate: ``{"meta": ..., "metrics": ...}``."""
         started = time.perf_counter()
         scores = self.score(model, synced_gpus=synced_gpus)
-        result = {"meta": self.meta(model, model_name), "metrics": self.aggregate(scores)}
+        aggregated = self.aggregate(scores)  # before meta, which records its row notes
+        result = {"meta": self.meta(model, model_name), "metrics": aggregated}
         result["meta"]["elapsed_s"] = round(time.perf_counter() - started, 3)
         return result
 

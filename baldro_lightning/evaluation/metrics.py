@@ -15,6 +15,8 @@ Conventions, shared by all functions:
 - The truth ratio is the reference code's *wrong over correct* (methods §3.2, P-21): a model that knows an answer
   has TR ≪ 1, forgetting raises it.
 - MIA scores are loss-like: higher score = less likely a member (methods §3.6).
+- A row whose answer has no labelled token (nothing left after truncation) has a NaN mean NLL; aggregates leave
+  such rows out (open-unlearning drops them), so one of them never turns an aggregate into NaN.
 - Inputs may be lists, numpy arrays or CPU/GPU torch tensors; aggregates are computed in fp64 numpy.
 """
 
@@ -177,30 +179,37 @@ def truth_ratio(para_nll_mean: ArrayOrTensor, pert_nll_mean: ArrayOrTensor) -> n
     return np.exp(-wrong.mean(axis=1)) / (np.exp(-correct) + TR_EPS)
 
 
+def _finite(values: np.ndarray) -> np.ndarray:
+    """The finite entries: rows whose answers had no token to score (NaN) are left out, as open-unlearning does."""
+    return values[np.isfinite(values)]
+
+
 def truth_ratio_forget_aggregate(tr: ArrayOrTensor) -> float:
     """``forget_truth_ratio``: mean of ``min(TR, 1/(TR + 1e-10))``, "closer_to_1_better" (methods §3.2).
 
     Args:
-        tr: (N,) per-item truth ratios from :func:`truth_ratio`.
+        tr: (N,) per-item truth ratios from :func:`truth_ratio`; NaN entries (rows without an answer token) are
+            left out.
 
     Returns:
-        A value in [0, 1]; 1 when correct and perturbed answers are equally likely for every item.
+        A value in [0, 1]; 1 when correct and perturbed answers are equally likely for every item; NaN when no
+        entry is finite.
     """
-    arr = _vector(tr, "tr")
-    return float(np.mean(np.minimum(arr, 1.0 / (arr + TR_EPS))))
+    arr = _finite(_vector(tr, "tr"))
+    return float(np.mean(np.minimum(arr, 1.0 / (arr + TR_EPS)))) if arr.size else math.nan
 
 
 def truth_ratio_true_aggregate(tr: ArrayOrTensor) -> float:
     """``*_Truth_Ratio`` on retain/ra/wf: mean of ``max(0, 1 - TR)``, "true_better" (methods §3.2).
 
     Args:
-        tr: (N,) per-item truth ratios from :func:`truth_ratio`.
+        tr: (N,) per-item truth ratios from :func:`truth_ratio`; NaN entries are left out.
 
     Returns:
-        A value in [0, 1]; higher when the model prefers the correct answers.
+        A value in [0, 1]; higher when the model prefers the correct answers; NaN when no entry is finite.
     """
-    arr = _vector(tr, "tr")
-    return float(np.mean(np.maximum(0.0, 1.0 - arr)))
+    arr = _finite(_vector(tr, "tr"))
+    return float(np.mean(np.maximum(0.0, 1.0 - arr))) if arr.size else math.nan
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -288,16 +297,19 @@ def forget_quality(tr_model: ArrayOrTensor, tr_retain: ArrayOrTensor) -> float:
         tr_model: (N,) per-item forget truth ratios of the evaluated model.
         tr_retain: (M,) the same of the retain model, produced by the same evaluation code path.
 
+    Non-finite entries on either side (rows without an answer token, stored as null in an eval log) are left out
+    of their sample, so a single one cannot make the p-value NaN.
+
     Returns:
         The p-value in [0, 1]; 1.0 for a sample compared with itself.
     """
-    a = _vector(tr_model, "tr_model")
-    b = _vector(tr_retain, "tr_retain")
+    a = _finite(_vector(tr_model, "tr_model"))
+    b = _finite(_vector(tr_retain, "tr_retain"))
     for name, arr in (("tr_model", a), ("tr_retain", b)):
         if arr.size == 0:
             raise MetricInputError(
-                f"forget_quality needs per-item truth ratios of both models, but `{name}` is empty; pass the "
-                "forget-set truth ratios (the retain model's come from its eval log)"
+                f"forget_quality needs per-item truth ratios of both models, but `{name}` is empty once its non-finite "
+                "values are left out; pass the forget-set truth ratios (the retain model's come from its eval log)"
             )
     return float(scipy.stats.ks_2samp(a, b).pvalue)
 
@@ -369,8 +381,14 @@ def extraction_strength(pred_ids: Sequence[ArrayOrTensor], target_ids: Sequence[
     """Extraction Strength per item, teacher-forced, with the reference's floor (methods §3.5, P-18).
 
     ``ES = 1 - k*/n`` where ``k*`` is the smallest ``k ∈ {0, …, n-1}`` such that the suffix ``ŷ[k:]`` equals
-    ``y[k:]``. As in the reference loop, when no suffix matches (the last position is wrong) ``k* = n-1`` and
-    ``ES = 1/n``, not 0. An item with no position gives 0.
+    ``y[k:]``. An item with no position gives 0.
+
+    **The 1/n floor.** The reference loop runs ``k`` over ``0 … n-1`` only and never tests the empty suffix, so
+    when no suffix matches (the last position is wrong) it ends with ``k* = n-1`` and ``ES = 1/n``, not 0. A
+    completely wrong answer therefore still scores ``1/n``: 0.25 for 4 positions, and **1.0 for a one-position
+    answer** (a one-token answer plus EOS), the same as a perfectly memorised one. Short answers inflate the mean;
+    most of the retain models' ES (0.06-0.07 on TOFU) is this floor. The value is kept for parity with
+    open-unlearning's numbers; compare ES only between evaluations of the same rows.
 
     Args:
         pred_ids: N 1-D arrays of argmax predictions over the answer positions excluding the last labelled token.
@@ -492,6 +510,46 @@ def mia_min_k_plus_plus(
         z = (lp - mu) / np.sqrt(np.maximum(s2, MINKPP_VAR_FLOOR))
         out[i] = _bottom_k_score(z, k)
     return out
+
+
+def mia_gradnorm(per_tensor_norms: Sequence[ArrayOrTensor]) -> np.ndarray:
+    """GradNorm attack score per item: the mean over parameter tensors of ``||∇_W loss||_p`` (methods §3.6, P-19).
+
+    The loss is the item's mean target NLL over the answer positions excluding the last labelled token,
+    ``-(1/n) Σ_t ℓ_t`` (the positions of MinK); :mod:`~baldro_lightning.evaluation.gradient_norms` back-propagates it
+    one item at a time. open-unlearning averages the per-tensor norms (it does not take the global norm): norms
+    ``[3, 4]`` score 3.5, not 5. A larger gradient means a higher loss, so the score is loss-like (higher = less
+    likely a member).
+
+    Args:
+        per_tensor_norms: N 1-D arrays, the p-norm of each parameter tensor's gradient for one item.
+
+    Returns:
+        (N,) scores; NaN for an item with no gradient (no answer position).
+    """
+    norms = _ragged(per_tensor_norms, "per_tensor_norms")
+    return np.array([float(np.mean(n)) if n.size else math.nan for n in norms], dtype=np.float64)
+
+
+def mia_reference(nll_mean: ArrayOrTensor, reference_nll_mean: ArrayOrTensor) -> np.ndarray:
+    """Reference attack score per item: ``L̄_model - L̄_reference`` (methods §3.6).
+
+    The mean answer NLL (as :func:`mia_loss`) of the evaluated model minus that of a reference model on the same
+    item, e.g. the retain model, which never saw the forget set: an item the evaluated model finds much likelier
+    than the reference does is likely a member. Example: model ``[1.0, 2.0]``, reference ``[0.5, 2.5]`` score
+    ``[0.5, -0.5]``.
+
+    Args:
+        nll_mean: (N,) mean NLL per item under the evaluated model.
+        reference_nll_mean: (N,) the same under the reference model.
+
+    Returns:
+        (N,) scores.
+    """
+    model = _vector(nll_mean, "nll_mean")
+    reference = _vector(reference_nll_mean, "reference_nll_mean")
+    _same_length(nll_mean=model, reference_nll_mean=reference)
+    return model - reference
 
 
 def min_k_plus_plus_stats(

@@ -11,6 +11,8 @@ Metrics (methods §3.7), in open-unlearning's layout ``{metric: {"agg_value", "v
 - ``mia_loss``, ``mia_zlib``, ``mia_min_k``, ``mia_min_k_plus_plus``: AUC of each attack on ``privleak/forget``
   (members) vs ``privleak/holdout`` (non-members), texts with only BOS masked.
 - ``privleak``: from the ``mia_min_k`` AUC relative to the retain model's (its ``eval.json``), 0.5 without one.
+- ``mia_gradnorm``, ``mia_reference``: two more attacks on the same rows, each its own metric group on top of
+  ``privleak`` (GradNorm back-propagates every row; Reference reads the retain model's per-row losses).
 
 Generation, likelihoods and per-row values are the shared engine's (:mod:`~baldro_lightning.evaluation.engine`),
 ROUGE and the metric formulas are :mod:`baldro_lightning.evaluation.metrics`, and the retain reference is read by
@@ -43,7 +45,7 @@ from baldro_lightning.data.muse import (
     encode_prefix,
     load_muse_split,
 )
-from baldro_lightning.data.tokenization import IGNORE_INDEX, PromptTemplate
+from baldro_lightning.data.tokenization import IGNORE_INDEX, AttentionFrom, PromptTemplate
 from baldro_lightning.evaluation import metrics
 from baldro_lightning.evaluation.engine import (
     GENERATION_NOTE,
@@ -53,6 +55,7 @@ from baldro_lightning.evaluation.engine import (
     BenchmarkEvaluator,
     ExampleScore,
     RowScores,
+    extra_attack_problems,
     generate_answers,
     mia_entries,
     nan_mean,
@@ -61,15 +64,19 @@ from baldro_lightning.evaluation.engine import (
     tokenizer_problems,
     values_by_index,
 )
-from baldro_lightning.evaluation.run_record import EvalLogError, reference_privleak_auc
+from baldro_lightning.evaluation.gradient_norms import GRADNORM_P, gradient_norms
+from baldro_lightning.evaluation.run_record import EvalLogError, reference_privleak_auc, reference_row_losses
 from baldro_lightning.train.models import eval_mode
 
 log = logging.getLogger(__name__)
 
-MuseMetricGroup = Literal["knowmem", "verbmem", "privleak"]
-"""KnowMem (forget and retain QA), VerbMem (+ ES/EM), PrivLeak (+ the MIA AUCs)."""
+MuseMetricGroup = Literal["knowmem", "verbmem", "privleak", "mia_gradnorm", "mia_reference"]
+"""KnowMem (forget and retain QA), VerbMem (+ ES/EM), PrivLeak (+ the MIA AUCs); and, on top of privleak, the
+GradNorm and Reference attacks, asked for by name."""
 
 ALL_MUSE_GROUPS: tuple[MuseMetricGroup, ...] = get_args(MuseMetricGroup)
+DEFAULT_MUSE_GROUPS: tuple[MuseMetricGroup, ...] = ("knowmem", "verbmem", "privleak")
+"""What an evaluation computes unless told otherwise: every group but the two extra attacks."""
 
 KNOWMEM_STOP_STRINGS: tuple[str, ...] = ("\n\n", "\nQuestion", "Question:")
 """Where a KnowMem answer is cut (methods §3.7): the end of the answer line or the start of a next question."""
@@ -88,8 +95,9 @@ VERBMEM_SPLIT = "verbmem/forget"
 class MuseSettings:
     """How a MUSE evaluation runs: every option but the data (benchmark, corpus, prompt template, max_length)."""
 
-    metric_groups: tuple[MuseMetricGroup, ...] = ALL_MUSE_GROUPS
-    """Which groups of metrics to compute: knowmem, verbmem (with ES and EM), privleak (with the MIA AUCs)."""
+    metric_groups: tuple[MuseMetricGroup, ...] = DEFAULT_MUSE_GROUPS
+    """Which groups of metrics to compute: knowmem, verbmem (with ES and EM), privleak (with the MIA AUCs); and, with
+    privleak, mia_gradnorm (one backward pass per text) and mia_reference (needs retain_reference)."""
     retain_reference: str | None = None
     """eval.json of the retain model on the same corpus and rows: its mia_min_k AUC is the privleak reference (0.5
     without one)."""
@@ -120,6 +128,7 @@ class MuseSettings:
             "verbmem_max_new_tokens",
         )
         problems = settings_problems(self, ALL_MUSE_GROUPS, counts, ("limit",))
+        problems += extra_attack_problems(self.metric_groups, "privleak", self.retain_reference)
         if problems:
             raise ValueError("MuseSettings are invalid: " + "; ".join(problems))
 
@@ -205,6 +214,8 @@ class MuseEvaluator(BenchmarkEvaluator):
     settings: MuseSettings = field(default_factory=MuseSettings)
     """How the evaluation runs: metric groups, retain reference, batch sizes, generation lengths, stemming, row
     limit."""
+    attention_from: AttentionFrom = "lengths"
+    """The attention mask, as in training: ``lengths`` or the reference's ``pad_ids`` (methods P-14)."""
 
     def __post_init__(self) -> None:
         problems = tokenizer_problems(self.tokenizer)
@@ -218,6 +229,7 @@ class MuseEvaluator(BenchmarkEvaluator):
         self.shots = {side: self._load(f"knowmem/{side}_qa_icl") for side in KNOWMEM_SIDES if self._has("knowmem")}
         self.notes: list[str] = []
         self._reference_auc: float | None = None
+        self._reference_losses: tuple[dict[int, float], dict[int, float]] | None = None
         self._check_reference()
 
     def _has(self, group: MuseMetricGroup) -> bool:
@@ -250,6 +262,13 @@ class MuseEvaluator(BenchmarkEvaluator):
         if self._reference_auc is None:
             self.notes.append(f"privleak uses the default reference AUC 0.5: {reference} has no mia_min_k")
             log.warning("%s has no mia_min_k AUC; privleak falls back to the reference AUC 0.5", reference)
+        if self._has("mia_reference"):
+            members, nonmembers = ([int(r["index"]) for r in self.rows[name]] for name in PRIVLEAK_SPLITS)
+            losses = reference_row_losses(reference, members, nonmembers, corpus=self.corpus)
+            self._reference_losses = (
+                dict(zip(members, losses[0], strict=True)),
+                dict(zip(nonmembers, losses[1], strict=True)),
+            )
 
     # -- step 1: per-row values ---------------------------------------------------------------------------------
 
@@ -270,7 +289,19 @@ class MuseEvaluator(BenchmarkEvaluator):
         """
         rows = self.rows if rows is None else rows
         with torch.no_grad(), eval_mode(model):
-            return self._score(model, {name: list(rows[name]) for name in self.splits()}, synced_gpus)
+            scores = self._score(model, {name: list(rows[name]) for name in self.splits()}, synced_gpus)
+            if self._has("mia_gradnorm"):
+                if synced_gpus:
+                    raise ValueError(
+                        "mia_gradnorm needs each parameter's whole gradient and cannot run on a sharded (FSDP2) "
+                        "model; drop it from metric_groups of the in-training evaluation and evaluate the export"
+                    )
+                for name in PRIVLEAK_SPLITS:
+                    examples = [self._likelihood_example(name, row) for row in rows[name]]
+                    pairs = [(e.input_ids, e.labels) for e in examples]
+                    norms = gradient_norms(model, pairs, self.tokenizer.pad_token_id, self.attention_from)
+                    scores[name].columns["mia_gradnorm"] = metrics.mia_gradnorm(norms).tolist()
+        return scores
 
     def _score(
         self, model: nn.Module, rows: dict[str, list[Mapping[str, Any]]], synced_gpus: bool
@@ -280,7 +311,12 @@ class MuseEvaluator(BenchmarkEvaluator):
         if examples:
             log.info("scoring %d texts (max_length=%d)", len(examples), self.max_length)
         scored = score_examples(
-            model, [e for _, e in examples], self.settings.batch_size, self.tokenizer.pad_token_id, synced_gpus
+            model,
+            [e for _, e in examples],
+            self.settings.batch_size,
+            self.tokenizer.pad_token_id,
+            synced_gpus,
+            self.attention_from,
         )
         by_split: dict[str, list[tuple[AnswerExample, ExampleScore]]] = {name: [] for name in teacher_forced}
         for (name, example), score in zip(examples, scored, strict=True):
@@ -333,6 +369,7 @@ class MuseEvaluator(BenchmarkEvaluator):
             self.settings.knowmem_max_new_tokens,
             synced_gpus,
             stop_strings=KNOWMEM_STOP_STRINGS,
+            attention_from=self.attention_from,
         )
 
     def _verbmem_generations(self, model: nn.Module, rows: Sequence[Mapping[str, Any]], synced_gpus: bool) -> list[str]:
@@ -347,6 +384,7 @@ class MuseEvaluator(BenchmarkEvaluator):
             self.settings.verbmem_batch_size,
             self.settings.verbmem_max_new_tokens,
             synced_gpus,
+            attention_from=self.attention_from,
         )
 
     def _attack_scores(self, items: Sequence[tuple[AnswerExample, ExampleScore]]) -> dict[str, list[float]]:
@@ -402,14 +440,18 @@ class MuseEvaluator(BenchmarkEvaluator):
             out.update(memorization_entries(part.indices, part.columns["pred_ids"], part.columns["target_ids"]))
         if self._has("privleak"):
             members, nonmembers = (scores[name] for name in PRIVLEAK_SPLITS)
-            out.update(
-                mia_entries(
-                    {attack: members.columns[attack] for attack in MIA_ATTACKS},
-                    {attack: nonmembers.columns[attack] for attack in MIA_ATTACKS},
-                    members.indices,
-                    nonmembers.indices,
-                    self._reference_auc,
+            attacks = [*MIA_ATTACKS, *(name for name in ("mia_gradnorm",) if name in members.columns)]
+            member_scores = {attack: members.columns[attack] for attack in attacks}
+            nonmember_scores = {attack: nonmembers.columns[attack] for attack in attacks}
+            if self._reference_losses is not None:
+                sides = zip(
+                    (member_scores, nonmember_scores), (members, nonmembers), self._reference_losses, strict=True
                 )
+                for side, part, by_index in sides:
+                    reference = [by_index[int(i)] for i in part.indices]
+                    side["mia_reference"] = metrics.mia_reference(part.columns["mia_loss"], reference).tolist()
+            out.update(
+                mia_entries(member_scores, nonmember_scores, members.indices, nonmembers.indices, self._reference_auc)
             )
         return out
 
@@ -435,4 +477,6 @@ class MuseEvaluator(BenchmarkEvaluator):
             "rouge": f"rougeL_f1 ({'with' if self.settings.use_stemmer else 'without'} Porter stemming, rouge_score)",
             "mink_fraction": MINK_FRACTION,
             "batch_size": self.settings.batch_size,
+            "attention_from": self.attention_from,
+            **({"gradnorm_p": GRADNORM_P} if self._has("mia_gradnorm") else {}),
         }

@@ -387,6 +387,11 @@ def reference_privleak_auc(
         EvalLogError: the file is missing or unreadable, is a TOFU evaluation, was made on the other corpus, or
             scored other row counts.
     """
+    file, data = _load_muse_reference(path, corpus)
+    return _checked_min_k_auc(file, data, rows, muse_remake_hint(file, corpus))
+
+
+def _load_muse_reference(path: str | os.PathLike[str], corpus: str) -> tuple[Path, dict[str, Any]]:
     file = Path(path)
     if not file.is_file():
         raise EvalLogError(f"retain reference {file} does not exist; {muse_remake_hint(file, corpus)}")
@@ -403,7 +408,7 @@ def reference_privleak_auc(
             f"retain reference {file} was made on MUSE corpus {found!r}, but this evaluation uses {corpus!r}; "
             f"{muse_remake_hint(file, corpus)}"
         )
-    return _checked_min_k_auc(file, data, rows, muse_remake_hint(file, corpus))
+    return file, data
 
 
 def _checked_min_k_auc(
@@ -431,3 +436,60 @@ def _checked_min_k_auc(
     if not isinstance(entry, Mapping) or entry.get("agg_value") is None:
         return None
     return float(entry["agg_value"])
+
+
+def reference_row_losses(
+    path: str | os.PathLike[str],
+    members: Sequence[int],
+    nonmembers: Sequence[int],
+    forget_split: str | None = None,
+    corpus: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A reference model's per-row mean NLLs (its ``mia_loss`` scores) of this evaluation's members and non-members.
+
+    What the Reference attack subtracts (:func:`~baldro_lightning.evaluation.metrics.mia_reference`): read from the
+    reference model's evaluation of the same rows, so no second model is loaded. Our layout keeps them in
+    ``mia_loss.value_by_index`` / ``holdout_value_by_index``, open-unlearning's in ``mia_loss.forget`` /
+    ``holdout`` ``.value_by_index`` (``{"score": x}``).
+
+    Args:
+        path: The reference model's ``eval.json`` (TOFU with ``forget_split``, MUSE with ``corpus``).
+        members: Row indices of this evaluation's members (forget rows).
+        nonmembers: Row indices of its non-members (holdout rows).
+        forget_split: The TOFU forget split of this evaluation.
+        corpus: The MUSE corpus of this evaluation.
+
+    Returns:
+        ``(member losses, non-member losses)`` in the order of ``members`` and ``nonmembers``; NaN where the
+        reference stored null.
+
+    Raises:
+        EvalLogError: the file is missing, was made on other data, has no per-row ``mia_loss`` (evaluated without
+            the MIA group), or lacks some of the rows.
+    """
+    if forget_split is not None:
+        file, data = _load_tofu_reference(path, forget_split)
+        hint = tofu_remake_hint(file, forget_split)
+    else:
+        file, data = _load_muse_reference(path, corpus or "")
+        hint = muse_remake_hint(file, corpus or "")
+    entry = data["metrics"].get("mia_loss")
+    if not isinstance(entry, Mapping):
+        raise EvalLogError(
+            f"reference {file} has no mia_loss, which the Reference attack needs; it was evaluated without the MIA "
+            f"metrics; {hint}"
+        )
+    if "forget" in entry and "holdout" in entry:  # open-unlearning's layout
+        sides = (entry["forget"].get("value_by_index"), entry["holdout"].get("value_by_index"))
+    else:
+        sides = (entry.get("value_by_index"), entry.get("holdout_value_by_index"))
+    out = []
+    for name, by_index, wanted in zip(("member", "non-member"), sides, (members, nonmembers), strict=True):
+        missing = [int(i) for i in wanted if not isinstance(by_index, Mapping) or str(int(i)) not in by_index]
+        if missing:
+            raise EvalLogError(
+                f"reference {file} has no mia_loss {name} score of {describe_indices(missing)} that this evaluation "
+                f"scores (a different --limit or split); {hint}"
+            )
+        out.append(np.array([_row_value(by_index[str(int(i))]) for i in wanted], dtype=np.float64))
+    return out[0], out[1]

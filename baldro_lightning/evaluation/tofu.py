@@ -31,7 +31,13 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from baldro_lightning.data.tofu import load_split, split_pairing
-from baldro_lightning.data.tokenization import IGNORE_INDEX, PromptTemplate, encode_example, encode_prompt
+from baldro_lightning.data.tokenization import (
+    IGNORE_INDEX,
+    AttentionFrom,
+    PromptTemplate,
+    encode_for_scoring,
+    encode_prompt,
+)
 from baldro_lightning.evaluation import metrics
 from baldro_lightning.evaluation.engine import (
     GENERATION_NOTE,
@@ -41,6 +47,7 @@ from baldro_lightning.evaluation.engine import (
     BenchmarkEvaluator,
     ExampleScore,
     RowScores,
+    extra_attack_problems,
     generate_answers,
     mia_entries,
     nan_mean,
@@ -49,32 +56,39 @@ from baldro_lightning.evaluation.engine import (
     tokenizer_problems,
     values_by_index,
 )
+from baldro_lightning.evaluation.gradient_norms import GRADNORM_P, gradient_norms
 from baldro_lightning.evaluation.run_record import (
     EvalLogError,
     describe_indices,
     question_digest,
     reference_min_k_auc,
+    reference_row_losses,
     reference_truth_ratios,
 )
 from baldro_lightning.train.models import eval_mode
 
 log = logging.getLogger(__name__)
 
-MetricGroup = Literal["forget", "retain", "ra", "wf", "mia"]
-"""Groups of metrics: forget-set metrics, retain_perturbed, real authors, world facts, membership inference."""
+MetricGroup = Literal["forget", "retain", "ra", "wf", "mia", "mia_gradnorm", "mia_reference"]
+"""Groups of metrics: forget-set metrics, retain_perturbed, real authors, world facts, membership inference (LOSS,
+ZLib, MinK, MinK++, PrivLeak); and two more attacks on top of ``mia``, asked for by name: ``mia_gradnorm`` (one
+backward pass per row) and ``mia_reference`` (against the retain reference's per-row losses)."""
 
 Role = Literal["forget", "retain", "ra", "wf", "holdout"]
 """What a split is used for in one evaluation."""
 
 ALL_GROUPS: tuple[MetricGroup, ...] = get_args(MetricGroup)
+DEFAULT_GROUPS: tuple[MetricGroup, ...] = ("forget", "retain", "ra", "wf", "mia")
+"""What an evaluation computes unless told otherwise: every group but the two extra attacks."""
 
 
 @dataclass(frozen=True)
 class TofuSettings:
     """How a TOFU evaluation runs: every option but the data (benchmark, forget split, prompt template, max_length)."""
 
-    metric_groups: tuple[MetricGroup, ...] = ALL_GROUPS
-    """Which groups of metrics to compute: forget, retain, ra (real authors), wf (world facts), mia."""
+    metric_groups: tuple[MetricGroup, ...] = DEFAULT_GROUPS
+    """Which groups of metrics to compute: forget, retain, ra (real authors), wf (world facts), mia; and, with mia,
+    mia_gradnorm (per-row gradient norms, one backward pass per row) and mia_reference (needs retain_reference)."""
     retain_reference: str | None = None
     """eval.json of the retain model on the same forget split and rows: enables forget_quality, the privleak
     reference AUC and the truth-ratio forgetting criterion."""
@@ -96,6 +110,7 @@ class TofuSettings:
         problems = settings_problems(
             self, ALL_GROUPS, ("batch_size", "max_new_tokens"), ("generation_batch_size", "rouge_rows_limit", "limit")
         )
+        problems += extra_attack_problems(self.metric_groups, "mia", self.retain_reference)
         if problems:
             raise ValueError("TofuSettings are invalid: " + "; ".join(problems))
 
@@ -134,6 +149,8 @@ class TofuEvaluator(BenchmarkEvaluator):
     """Most tokens per likelihood example (methods §1.2)."""
     settings: TofuSettings = field(default_factory=TofuSettings)
     """How the evaluation runs: metric groups, retain reference, batch sizes, generation length, row limits."""
+    attention_from: AttentionFrom = "lengths"
+    """The attention mask, as in training: ``lengths`` or the reference's ``pad_ids`` (methods P-14)."""
 
     def __post_init__(self) -> None:
         problems = tokenizer_problems(self.tokenizer)
@@ -142,8 +159,10 @@ class TofuEvaluator(BenchmarkEvaluator):
         self.retain_split, self.holdout_split, self.perturbed_split = split_pairing(self.forget_split)
         self.rows = {plan.role: self._load(plan.split) for plan in self.plans()}
         self.notes: list[str] = []
+        self.row_notes: list[str] = []
         self._reference_tr: np.ndarray | None = None
         self._reference_auc: float | None = None
+        self._reference_losses: tuple[dict[int, float], dict[int, float]] | None = None
         self._check_reference()
 
     # -- set-up -------------------------------------------------------------------------------------------------
@@ -197,6 +216,13 @@ class TofuEvaluator(BenchmarkEvaluator):
             if self._reference_auc is None:
                 self.notes.append(f"privleak uses the default reference AUC 0.5: {reference} has no mia_min_k")
                 log.warning("%s has no mia_min_k AUC; privleak falls back to the reference AUC 0.5", reference)
+        if "mia_reference" in groups:
+            members, nonmembers = ([int(r["index"]) for r in self.rows[role]] for role in ("forget", "holdout"))
+            losses = reference_row_losses(reference, members, nonmembers, forget_split=self.forget_split)
+            self._reference_losses = (
+                dict(zip(members, losses[0], strict=True)),
+                dict(zip(nonmembers, losses[1], strict=True)),
+            )
 
     # -- step 1: per-row values ---------------------------------------------------------------------------------
 
@@ -220,7 +246,27 @@ class TofuEvaluator(BenchmarkEvaluator):
         rows = self.rows if rows is None else rows
         plans = [plan for plan in self.plans() if plan.role in rows]
         with torch.no_grad(), eval_mode(model):
-            return self._score(model, [(plan, list(rows[plan.role])) for plan in plans], synced_gpus)
+            scores = self._score(model, [(plan, list(rows[plan.role])) for plan in plans], synced_gpus)
+            if "mia_gradnorm" in self.settings.metric_groups:
+                self._gradnorm_columns(model, scores, rows, synced_gpus)
+        return scores
+
+    def _gradnorm_columns(
+        self, model: nn.Module, scores: dict[Role, RowScores], rows: Mapping[Role, Sequence], synced_gpus: bool
+    ) -> None:
+        """``mia_gradnorm`` of the member (forget) and non-member (holdout) rows: one backward pass per row."""
+        if synced_gpus:
+            raise ValueError(
+                "mia_gradnorm needs each parameter's whole gradient and cannot run on a sharded (FSDP2) model; drop it "
+                "from metric_groups of the in-training evaluation and evaluate the exported model instead"
+            )
+        for role in ("forget", "holdout"):
+            if role in scores:
+                examples = [self._encode(row, row["answer"], False) for row in rows[role]]
+                norms = gradient_norms(
+                    model, [(e.input_ids, e.labels) for e in examples], self.tokenizer.pad_token_id, self.attention_from
+                )
+                scores[role].columns["mia_gradnorm"] = metrics.mia_gradnorm(norms).tolist()
 
     def _generated_indices(self, role: Role) -> set[int] | None:
         """Row indices that get a generation (``None``: all), decided on the whole split rather than on a shard.
@@ -233,7 +279,8 @@ class TofuEvaluator(BenchmarkEvaluator):
         return {int(row["index"]) for row in self.rows[role][: self.settings.rouge_rows_limit]}
 
     def _encode(self, row: Mapping[str, Any], answer: str, token_stats: bool) -> AnswerExample:
-        example = encode_example(self.tokenizer, self.template, row["question"], answer, self.max_length)
+        # A question that leaves no answer token is scored as NaN and left out, not refused (encode_for_scoring).
+        example = encode_for_scoring(self.tokenizer, self.template, row["question"], answer, self.max_length)
         return AnswerExample(example.input_ids, example.labels, token_stats)
 
     def _score(
@@ -254,7 +301,9 @@ class TofuEvaluator(BenchmarkEvaluator):
                         examples.append(self._encode(row, wrong, False))
                         slots.append((task, position, "pert", j))
         log.info("scoring %d answers of %d rows", len(examples), sum(len(rows) for _, rows in tasks))
-        scored = score_examples(model, examples, self.settings.batch_size, self.tokenizer.pad_token_id, synced_gpus)
+        scored = score_examples(
+            model, examples, self.settings.batch_size, self.tokenizer.pad_token_id, synced_gpus, self.attention_from
+        )
 
         answers: list[list[ExampleScore | None]] = [[None] * len(rows) for _, rows in tasks]
         answer_labels: list[list[list[int]]] = [[[] for _ in rows] for _, rows in tasks]
@@ -289,6 +338,7 @@ class TofuEvaluator(BenchmarkEvaluator):
             self.settings.generation_batch_size or self.settings.batch_size,
             self.settings.max_new_tokens,
             synced_gpus,
+            attention_from=self.attention_from,
         )
         generations: list[dict[int, str]] = [{} for _ in tasks]
         for (task, position), text in zip(prompt_slots, texts, strict=True):
@@ -357,6 +407,7 @@ class TofuEvaluator(BenchmarkEvaluator):
         """
         out: dict[str, dict[str, Any]] = {}
         groups = set(self.settings.metric_groups)
+        scores, self.row_notes = _without_answerless_rows(scores)
         if "forget" in groups:
             self._forget_metrics(scores["forget"], out)
         for role in ("retain", "ra", "wf"):
@@ -437,8 +488,14 @@ class TofuEvaluator(BenchmarkEvaluator):
         }
 
     def _mia_metrics(self, forget: RowScores, holdout: RowScores, out: dict[str, dict[str, Any]]) -> None:
-        members = {name: forget.columns[name] for name in MIA_ATTACKS}
-        nonmembers = {name: holdout.columns[name] for name in MIA_ATTACKS}
+        names = [*MIA_ATTACKS, *(name for name in ("mia_gradnorm",) if name in forget.columns)]
+        members = {name: forget.columns[name] for name in names}
+        nonmembers = {name: holdout.columns[name] for name in names}
+        if self._reference_losses is not None:
+            sides = zip((members, nonmembers), (forget, holdout), self._reference_losses, strict=True)
+            for side, part, by_index in sides:
+                reference = [by_index[int(i)] for i in part.indices]
+                side["mia_reference"] = metrics.mia_reference(part.columns["mia_loss"], reference).tolist()
         out.update(mia_entries(members, nonmembers, forget.indices, holdout.indices, self._reference_auc))
 
     # -- whole runs ---------------------------------------------------------------------------------------------
@@ -462,4 +519,49 @@ class TofuEvaluator(BenchmarkEvaluator):
             "rouge": "rougeL_recall with Porter stemming (rouge_score)",
             "mink_fraction": MINK_FRACTION,
             "batch_size": self.settings.batch_size,
+            "attention_from": self.attention_from,
+            **({"gradnorm_p": GRADNORM_P} if "mia_gradnorm" in self.settings.metric_groups else {}),
         }
+
+
+LIKELIHOOD_COLUMNS = ("answer_nll", "para_nll", "pert_nll")
+"""The per-row likelihood columns; NaN in one of them means an answer with no token left to score."""
+
+
+def _without_answerless_rows(scores: Mapping[Role, RowScores]) -> tuple[dict[Role, RowScores], list[str]]:
+    """The scores with every numeric value of a row whose answers left no token to score set to NaN, and one note
+    per split saying how many rows that was.
+
+    Such a row (its question fills ``max_length``, or its answer merges into the prompt) has a NaN mean NLL; its
+    MinK/ES/EM values would be the reference's empty-row defaults (0), not measurements. open-unlearning drops these
+    rows; NaN keeps them in ``value_by_index`` (as null) and every aggregate leaves them out. Generations and ROUGE
+    do not need answer tokens and are kept.
+    """
+    out: dict[Role, RowScores] = {}
+    notes = []
+    for role, part in scores.items():
+        bad = np.zeros(len(part.indices), dtype=bool)
+        for name in LIKELIHOOD_COLUMNS:
+            if name in part.columns:
+                values = np.asarray(part.columns[name], dtype=np.float64).reshape(len(part.indices), -1)
+                bad |= ~np.isfinite(values).all(axis=1)
+        if not bad.any():
+            out[role] = part
+            continue
+        keep_text = {"generation", "rouge1_recall", "rougeL_recall", "rougeL_f1"}
+        columns = {
+            name: values if name in keep_text else [_nan_like(v) if b else v for v, b in zip(values, bad, strict=True)]
+            for name, values in part.columns.items()
+        }
+        out[role] = RowScores(part.role, part.split, list(part.indices), columns)
+        notes.append(
+            f"{part.split}: {int(bad.sum())} of {len(bad)} rows have an answer with no token left to score (a question "
+            "that fills max_length, or an answer merged into the prompt); they are left out of every aggregate, as "
+            "open-unlearning leaves them out, and their per-row values are null"
+        )
+    return out, notes
+
+
+def _nan_like(value: Any) -> Any:
+    """NaN in the shape of a per-row value (a list of K values stays a list)."""
+    return [math.nan] * len(value) if isinstance(value, list) else math.nan

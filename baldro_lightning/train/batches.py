@@ -34,8 +34,10 @@ def pad_rows_to(batch: Batch, length: int, pad_token_id: int) -> Batch:
 def concat_rows(batches: list[Batch], pad_token_id: int) -> Batch:
     """Stack right-padded batches of different lengths into one, padding on the right.
 
-    Lets the policy see its forget and retain rows in one forward pass.
+    Lets the policy see its forget and retain rows in one forward pass. Only the fields every batch holds are
+    joined (a forget batch's ``padded`` flags have no retain counterpart).
     """
     longest = max(int(b["input_ids"].shape[1]) for b in batches)
     padded = [pad_rows_to(b, longest, pad_token_id) for b in batches]
-    return {key: torch.cat([b[key] for b in padded], dim=0) for key in batches[0]}
+    shared = [key for key in batches[0] if all(key in b for b in batches)]
+    return {key: torch.cat([b[key] for b in padded], dim=0) for key in shared}

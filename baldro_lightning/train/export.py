@@ -8,6 +8,10 @@ command line for a saved checkpoint, a single ``.ckpt`` file or a distributed (F
 Either way the weights are gathered unsharded on CPU, LoRA adapters are merged into the base weights (the
 directory is a plain model of the base architecture), and the tokenizer is saved next to them. Only the policy is
 written: checkpoints never hold the frozen reference, and neither does the export.
+
+The prompt template and attention mask the model was trained with travel with it, as ``prompt_template.json``
+(:func:`~baldro_lightning.data.tokenization.write_input_format`): ``python -m baldro_lightning evaluate`` reads them,
+so an exported TOFU model is scored with the ``[INST] … [/INST]`` prompt it learned, not the plain default.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 from baldro_lightning.atomic_files import check_writable, replace_path, staging_directory
-from baldro_lightning.data.tokenization import load_tokenizer
+from baldro_lightning.data.tokenization import InputFormat, PromptTemplate, load_tokenizer, write_input_format
 from baldro_lightning.train.lora import LoRA, merged_model
 from baldro_lightning.train.models import ModelLoadError, Shapes, check_model_files, shape_mismatch
 from baldro_lightning.user_errors import CommandParser, UserInputError
@@ -42,8 +46,11 @@ VOCABULARY = {"--model.model": "--model", "--model.init_args.model": "--model", 
 """The training flags that messages name, as this command's flags (``user_errors.in_vocabulary``)."""
 
 
-def save_pretrained_atomic(model, tokenizer, out_dir: str | os.PathLike) -> Path:
-    """``save_pretrained`` model and tokenizer into a staging sibling, then swap it into place.
+def save_pretrained_atomic(
+    model, tokenizer, out_dir: str | os.PathLike, input_format: InputFormat | None = None
+) -> Path:
+    """``save_pretrained`` model and tokenizer (and the ``input_format`` it was trained with) into a staging
+    sibling, then swap it into place.
 
     ``out_dir`` always holds a whole model, the previous or the new one, whenever the process is killed
     (:func:`~baldro_lightning.atomic_files.replace_path`); a staging copy a kill leaves behind is removed by the
@@ -55,6 +62,8 @@ def save_pretrained_atomic(model, tokenizer, out_dir: str | os.PathLike) -> Path
         model.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        if input_format is not None:
+            write_input_format(staging, input_format)
         replace_path(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -117,10 +126,19 @@ class ExportPretrained(Callback):
         if trainer.is_global_zero:
             tokenizer = getattr(trainer.datamodule, "tokenizer", None)
             policy = consolidated_policy(pl_module.policy, state)
-            out = save_pretrained_atomic(policy, tokenizer, self.directory(trainer))
+            inputs = datamodule_input_format(trainer.datamodule)
+            out = save_pretrained_atomic(policy, tokenizer, self.directory(trainer), inputs)
             log.warning("exported the trained model to %s", out)
         del state
         trainer.strategy.barrier("ExportPretrained")
+
+
+def datamodule_input_format(datamodule: L.LightningDataModule | None) -> InputFormat | None:
+    """The prompt template and attention mask a data module of this package renders with; ``None`` for others."""
+    template = getattr(datamodule, "template", None)
+    if not isinstance(template, PromptTemplate):
+        return None
+    return InputFormat(template, getattr(datamodule, "attention_from", "lengths"))
 
 
 # -- from a checkpoint --------------------------------------------------------------------------------------------
@@ -272,10 +290,10 @@ def check_checkpoint_fits(
         )
 
 
-def _from_config_file(config: str | None) -> tuple[str | None, Any, str | None]:
-    """(model path, lora section, tokenizer path) of a run's saved LightningCLI ``config.yaml``."""
+def _from_config_file(config: str | None) -> tuple[str | None, Any, str | None, InputFormat | None]:
+    """(model path, lora section, tokenizer path, input format) of a run's saved LightningCLI ``config.yaml``."""
     if config is None:
-        return None, None, None
+        return None, None, None, None
     if not Path(config).is_file():
         raise UserInputError(f"--config {config!r} does not exist; pass the run's saved <run>/tensorboard/config.yaml")
     try:
@@ -289,7 +307,16 @@ def _from_config_file(config: str | None) -> tuple[str | None, Any, str | None]:
         raise UserInputError(f"--config {config!r} holds a {type(parsed).__name__}, not a LightningCLI config")
     model = (parsed.get("model") or {}).get("init_args") or {}
     data = (parsed.get("data") or {}).get("init_args") or {}
-    return model.get("model"), model.get("lora"), data.get("tokenizer")
+    return model.get("model"), model.get("lora"), data.get("tokenizer"), _config_input_format(config, data)
+
+
+def _config_input_format(config: str, data: Mapping[str, Any]) -> InputFormat:
+    """The data section's ``template`` (the plain default when null) and ``attention_from``."""
+    template = data.get("template") or {}
+    try:
+        return InputFormat(PromptTemplate(**template), data.get("attention_from") or "lengths")
+    except TypeError as err:
+        raise UserInputError(f"--config {config!r}: data.init_args.template is not a prompt template ({err})") from err
 
 
 def _as_lora(value: Any) -> LoRA | None:
@@ -314,7 +341,8 @@ def export_checkpoint(
 
     The base model path and the LoRA options come from ``model``/``config`` when given, else from the
     hyperparameters stored in the checkpoint; the tokenizer from ``tokenizer``, else the config's data section,
-    else the model path. The base model's weights are not read: the checkpoint holds all of the policy's.
+    else the model path; the prompt template and attention mask (``prompt_template.json``) from the config's data
+    section, none without a config. The base model's weights are not read: the checkpoint holds all of the policy's.
 
     Raises:
         UserInputError: ``out`` cannot be written, the checkpoint cannot be read, no model path can be found, or
@@ -322,7 +350,7 @@ def export_checkpoint(
     """
     check_writable(out, "--out", "directory")
     state, hparams = read_checkpoint(checkpoint)
-    config_model, config_lora, config_tokenizer = _from_config_file(config)
+    config_model, config_lora, config_tokenizer, inputs = _from_config_file(config)
     model_path = model or config_model or hparams.get("model")
     if model_path is None:
         raise UserInputError(
@@ -348,7 +376,13 @@ def export_checkpoint(
     except OSError:
         pass  # the base model has no generation_config.json: keep the defaults derived from its config
     policy = merged_model(base, state, None if lora is None else lora.peft_config())
-    written = save_pretrained_atomic(policy, load_tokenizer(tokenizer or config_tokenizer or model_path), out)
+    if inputs is None:
+        log.warning(
+            "no --config given: the export records no prompt template, and `evaluate` will need the template flags "
+            "(--chat, --question_prefix, ...) of the run; pass --config <run>/config.yaml to record them"
+        )
+    tokenizer_path = tokenizer or config_tokenizer or model_path
+    written = save_pretrained_atomic(policy, load_tokenizer(tokenizer_path), out, inputs)
     log.warning("exported %s (base %s, LoRA %s) to %s", checkpoint, model_path, lora, written)
     return written
 

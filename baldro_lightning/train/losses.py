@@ -30,10 +30,19 @@ class PerSampleLoss(ABC):
     """Whether ``reference`` must be given (its per-sample ``logp_sum`` at least)."""
     requires_vocab: ClassVar[bool] = False
     """Whether the full next-token distributions (``vocab_logps``) of policy and reference are needed."""
+    token_level: ClassVar[bool] = False
+    """Whether :meth:`token_losses` gives each labelled token's loss (for an objective over tokens)."""
 
     @abstractmethod
     def __call__(self, policy: SequenceLogProbs, reference: SequenceLogProbs | None = None) -> Tensor:
         """Return one loss value per sample, shape (B,), fp32."""
+
+    def token_losses(self, policy: SequenceLogProbs, reference: SequenceLogProbs | None = None) -> Tensor:
+        """(B, T-1) loss of every labelled token (0 at the other positions), for losses with ``token_level``.
+
+        Their mean over the batch's labelled tokens is the mean of :meth:`__call__`'s vector (the pooled token mean).
+        """
+        raise NotImplementedError(f"{type(self).__name__} is a per-sequence loss; it has no per-token losses")
 
 
 def _normalized_nll(stats: SequenceLogProbs, normalization: Normalization) -> Tensor:
@@ -65,15 +74,25 @@ class NLL(PerSampleLoss):
         return _normalized_nll(policy, self.normalization)
 
 
+def _token_logps(policy: SequenceLogProbs, name: str) -> Tensor:
+    if policy.token_logps is None or policy.mask is None:
+        raise ValueError(f"{name} needs token-level log-probs; got per-sample sums only")
+    return policy.token_logps
+
+
 @dataclass(frozen=True)
 class GradAscent(PerSampleLoss):
-    """Gradient ascent on the forget set: ``-NLL`` (methods §2.2)."""
+    """Gradient ascent on the forget set: ``-NLL`` (methods §2.2); per token, ``log p`` of the target."""
 
+    token_level: ClassVar[bool] = True
     normalization: Normalization = "token_mean"
     """As :class:`NLL`; ``token_mean`` reproduces the reference's ``-L_HF``."""
 
     def __call__(self, policy: SequenceLogProbs, reference: SequenceLogProbs | None = None) -> Tensor:
         return -_normalized_nll(policy, self.normalization)
+
+    def token_losses(self, policy: SequenceLogProbs, reference: SequenceLogProbs | None = None) -> Tensor:
+        return _token_logps(policy, "GradAscent").masked_fill(~policy.mask, 0.0)
 
 
 @dataclass(frozen=True)
@@ -119,41 +138,50 @@ class SimNPO(PerSampleLoss):
 
 
 def _weighted_token_ascent(policy: SequenceLogProbs, token_weights: Tensor) -> Tensor:
-    """``-(B/N) * sum_t w_t c_t`` per sample, with ``c_t`` the token NLL; pooled over the batch's tokens."""
-    if policy.token_logps is None or policy.mask is None:
-        raise ValueError("token-weighted losses need token-level log-probs; got per-sample sums only")
+    """``-w_t c_t`` per labelled token (B, T-1), with ``c_t`` the token NLL and ``w_t`` detached; 0 elsewhere."""
     # c_t = -logp_t and the loss is -w c, so each token contributes +w logp.
-    weighted = (token_weights.detach() * policy.token_logps).masked_fill(~policy.mask, 0.0).sum(-1)
-    return weighted * policy.pooled_scale()
+    return (token_weights.detach() * policy.token_logps).masked_fill(~policy.mask, 0.0)
+
+
+def _pooled(token_losses: Tensor, policy: SequenceLogProbs) -> Tensor:
+    """``(B/N) * sum_t l_t`` per sample: its batch mean is the pooled mean over the batch's N labelled tokens."""
+    return token_losses.sum(-1) * policy.pooled_scale()
 
 
 @dataclass(frozen=True)
 class SatImp(PerSampleLoss):
-    """Saturation-importance reweighted ascent (methods §2.7): token weights ``p^beta1 (1-p)^beta2``, detached."""
+    """Saturation-importance reweighted ascent (methods §2.7): token weights ``p^beta1 (1-p)^beta2``, detached.
 
+    Per token ``l_t = -w_t c_t``; per sample the pooled form ``(B/N) sum_t l_t``.
+    """
+
+    token_level: ClassVar[bool] = True
     beta1: float = 5.0
     """Exponent of the importance factor ``p``."""
     beta2: float = 1.0
     """Exponent of the saturation factor ``1 - p``."""
 
-    def __call__(self, policy: SequenceLogProbs, reference: SequenceLogProbs | None = None) -> Tensor:
-        if policy.token_logps is None:
-            raise ValueError("SatImp needs token-level log-probs")
-        p = policy.token_logps.exp()
+    def token_losses(self, policy: SequenceLogProbs, reference: SequenceLogProbs | None = None) -> Tensor:
+        p = _token_logps(policy, "SatImp").exp()
         return _weighted_token_ascent(policy, p.pow(self.beta1) * (1.0 - p).pow(self.beta2))
+
+    def __call__(self, policy: SequenceLogProbs, reference: SequenceLogProbs | None = None) -> Tensor:
+        return _pooled(self.token_losses(policy), policy)
 
 
 @dataclass(frozen=True)
 class WGA(PerSampleLoss):
     """Weighted gradient ascent (methods §2.6): token weights ``p^beta``, detached."""
 
+    token_level: ClassVar[bool] = True
     beta: float = 1.0
     """Exponent of the token probability."""
 
+    def token_losses(self, policy: SequenceLogProbs, reference: SequenceLogProbs | None = None) -> Tensor:
+        return _weighted_token_ascent(policy, _token_logps(policy, "WGA").exp().pow(self.beta))
+
     def __call__(self, policy: SequenceLogProbs, reference: SequenceLogProbs | None = None) -> Tensor:
-        if policy.token_logps is None:
-            raise ValueError("WGA needs token-level log-probs")
-        return _weighted_token_ascent(policy, policy.token_logps.exp().pow(self.beta))
+        return _pooled(self.token_losses(policy), policy)
 
 
 @dataclass(frozen=True)

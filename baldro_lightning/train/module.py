@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 from transformers import PreTrainedModel
 
+from baldro_lightning.data.accumulation import hf_warmup_updates
 from baldro_lightning.train import distributed as dist_ops
 from baldro_lightning.train.batches import Batch, batch_size, concat_rows, pad_rows_to, select_rows
 from baldro_lightning.train.checkpointing import surviving_checkpoints
@@ -175,8 +176,7 @@ class CausalLMModule(L.LightningModule):
         if self.lr_schedule == "constant":
             return optimizer
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        per_epoch = total / max(self.trainer.max_epochs or 1, 1)
-        warmup = math.floor(self.warmup_epochs * per_epoch)
+        warmup = self._warmup_updates(total)
 
         def linear(step: int) -> float:
             # HF's linear schedule: the first update uses multiplier 0 whenever there is a warm-up (methods §1.6).
@@ -186,6 +186,22 @@ class CausalLMModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _warmup_updates(self, total: int) -> int:
+        """Warm-up length in updates: the reference's formula under ``update_accounting: hf`` (methods §1.6), else
+        ``warmup_epochs`` times Lightning's updates per epoch."""
+        datamodule = self.trainer.datamodule
+        # Data modules of this package carry update_accounting; any other (or plain dataloaders) counts Lightning's way.
+        if getattr(datamodule, "update_accounting", "lightning") == "hf":
+            trainer = self.trainer
+            return hf_warmup_updates(
+                self.warmup_epochs,
+                datamodule.forget_size,
+                datamodule.batch_size,
+                trainer.accumulate_grad_batches,
+                trainer.world_size,
+            )
+        return math.floor(self.warmup_epochs * total / max(self.trainer.max_epochs or 1, 1))
 
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
@@ -345,6 +361,22 @@ class UnlearningModule(CausalLMModule):
                         f"--model.init_args.{flag}={getattr(self, flag)!r} applies only to a forget objective that "
                         f"selects rows (e.g. objectives.Group); {objective} keeps every row. Remove the flag."
                     )
+        if self.forget_objective.granularity == "token" and not self.forget_loss.token_level:
+            problems.append(
+                f"--model.init_args.forget_objective.init_args.granularity=token needs a forget loss with per-token "
+                f"values (SatImp, WGA, GradAscent); {type(self.forget_loss).__name__} is per sequence. Use "
+                "granularity=sample."
+            )
+        if self.forget_objective.granularity == "token" and self.forget_objective.selects_rows:
+            problems.append(
+                f"--model.init_args.forget_objective={type(self.forget_objective).__name__} selects rows; it cannot "
+                "reduce per-token losses. Use granularity=sample."
+            )
+        if self.retain_objective.granularity == "token":
+            problems.append(
+                "--model.init_args.retain_objective.init_args.granularity=token is not supported; the retain "
+                "objective reduces per-sample losses. Use granularity=sample."
+            )
         if self.retain_loss is None and self.alpha != 0:
             log.info("no --model.retain_loss given: the retain term is off (alpha=%s ignored)", self.alpha)
         if problems:
@@ -464,10 +496,13 @@ class UnlearningModule(CausalLMModule):
 
     # -- training -----------------------------------------------------------------------------------------------
     def _with_global_counts(self, stats: SequenceLogProbs, real_rows: Tensor | None = None) -> SequenceLogProbs:
+        """``stats`` with the global batch's row and token counts (for token-pooled losses), counting only the rows
+        ``real_rows`` (B,) marks: the sampler's repeats and a selection's placeholder row count for nothing."""
         if not dist_ops.is_distributed():
             return stats
-        count = stats.count if real_rows is None else stats.count * real_rows
-        rows = torch.tensor(float(stats.count.numel() if real_rows is None else real_rows.sum()), device=self.device)
+        real = None if real_rows is None else real_rows.to(stats.count.dtype)
+        count = stats.count if real is None else stats.count * real
+        rows = torch.tensor(float(stats.count.numel() if real is None else real.sum()), device=self.device)
         return SequenceLogProbs(
             logp_sum=stats.logp_sum,
             count=stats.count,
@@ -477,6 +512,35 @@ class UnlearningModule(CausalLMModule):
             global_batch_size=int(dist_ops.all_reduce_sum(rows).item()),
             global_token_count=dist_ops.all_reduce_sum(count.sum()),
         )
+
+    @staticmethod
+    def _real_rows(forget: Batch) -> Tensor:
+        """(B,) bool: the rows that are not repeats the sampler added to fill the last global batch."""
+        padded = forget.get("padded")
+        if padded is None:
+            return torch.ones(batch_size(forget), dtype=torch.bool, device=forget["input_ids"].device)
+        return ~padded.bool()
+
+    @staticmethod
+    def _reduce_real(
+        objective: Objective, losses: Tensor, real: Tensor, scores: Tensor | None = None, row_ids: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``objective`` over the real rows of the global batch; the sampler's repeats get weight 0 and no loss.
+
+        The repeats stay in the graph with gradient 0, so that a rank whose rows are all repeats still reaches every
+        parameter in its backward and the data-parallel collectives stay in step.
+        """
+        if bool(real.all()):
+            return objective(losses, scores=scores, row_ids=row_ids)
+        keep = real.nonzero().squeeze(1)
+
+        def pick(x: Tensor | None) -> Tensor | None:
+            return None if x is None else x.index_select(0, keep)
+
+        value, kept_weights = objective(losses.index_select(0, keep), scores=pick(scores), row_ids=pick(row_ids))
+        weights = torch.zeros(losses.shape, dtype=kept_weights.dtype, device=kept_weights.device)
+        weights = weights.index_copy(0, keep, kept_weights)
+        return value + 0.0 * losses[~real].sum(), weights
 
     def _forget_term(self, forget: Batch, retain: Batch | None) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple | None]:
         """Forward passes and the forget objective.
@@ -495,22 +559,57 @@ class UnlearningModule(CausalLMModule):
         if self.forget_loss.requires_reference and self.reference_mode == "cached":
             ref_forget = self._cached_reference(forget)
         index = dist_ops.gather_detached(forget["index"])
+        real_local = self._real_rows(forget)
+        real = dist_ops.gather_detached(real_local)
         retain_part = [retain] if retain is not None else []
         vocab_part = [vocab_r] if retain is not None else []
 
         if self.forget_objective.selects_rows:
             local, scores, row_losses, policy_retain = self._selected_forget_losses(
-                forget, retain_part, vocab_part, ref_forget, index
+                forget, retain_part, vocab_part, ref_forget, index, real_local, real
             )
         else:
-            stats = self.forward_stats(self.policy, [forget, *retain_part], [False, *vocab_part])
-            local = self.forget_loss(self._with_global_counts(stats[0]), ref_forget)
-            scores, row_losses, policy_retain = None, None, stats[1:]
+            stats = self._policy_forward(forget, retain_part, vocab_part)
+            policy_retain = stats[1:]
+            if self.forget_objective.granularity == "token":
+                value, weights, row_losses = self._token_forget_term(stats[0], ref_forget, real_local)
+                retain_stats = (policy_retain[0], ref_retain) if retain is not None else None
+                return value, weights, row_losses, index, retain_stats
+            local = self.forget_loss(self._with_global_counts(stats[0], real_local), ref_forget)
+            scores, row_losses = None, None
         everyone, _ = dist_ops.gather_with_local_grad(local)
-        value, weights = self.forget_objective(everyone, scores=scores, row_ids=index)
+        value, weights = self._reduce_real(self.forget_objective, everyone, real, scores=scores, row_ids=index)
         row_losses = everyone.detach() if row_losses is None else row_losses
         retain_stats = (policy_retain[0], ref_retain) if retain is not None else None
         return value, weights, row_losses, index, retain_stats
+
+    def _policy_forward(
+        self, forget: Batch, retain_part: list[Batch], vocab_part: list[bool]
+    ) -> list[SequenceLogProbs]:
+        """The policy's statistics of the forget rows and of the retain rows (if any), in one forward pass."""
+        return self.forward_stats(self.policy, [forget, *retain_part], [False, *vocab_part])
+
+    def _token_forget_term(
+        self, policy: SequenceLogProbs, reference: SequenceLogProbs | None, real_local: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The forget objective over every labelled token of the global micro-batch (``granularity: token``).
+
+        Returns:
+            ``(value, weights, row_losses)``: the objective, each global row's weight (the sum of its tokens'; 0 for
+            the sampler's repeats) and each global row's per-sample loss (detached, for the record).
+        """
+        tokens = self.forget_loss.token_losses(policy, reference)  # (B, T-1)
+        mask = policy.mask & real_local.unsqueeze(1)
+        row_local = self.forget_loss(self._with_global_counts(policy, real_local), reference)
+        rows_everyone, rows_here = dist_ops.gather_with_local_grad(row_local.detach())
+        everyone, _ = dist_ops.gather_with_local_grad(tokens[mask])
+        token_rows = dist_ops.gather_detached(mask.nonzero()[:, 0] + rows_here.start)
+        value, token_weights = self.forget_objective(everyone)
+        weights = torch.zeros(rows_everyone.shape, dtype=token_weights.dtype, device=token_weights.device)
+        weights = weights.index_add(0, token_rows, token_weights)
+        # Every token stays in the graph (masked ones with gradient 0), so a rank whose rows are all repeats still
+        # reaches every parameter.
+        return value + 0.0 * tokens.sum(), weights, rows_everyone
 
     def _selected_forget_losses(
         self,
@@ -519,10 +618,13 @@ class UnlearningModule(CausalLMModule):
         vocab_part: list[bool],
         ref_forget: SequenceLogProbs | None,
         index: Tensor,
+        real_local: Tensor,
+        real: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor, list[SequenceLogProbs]]:
         """Score every forget row, let the objective select over the global batch, then take the kept rows' losses.
 
-        ``selection_passes`` decides the forward passes and ``selection_score`` what the rows are ranked by.
+        ``selection_passes`` decides the forward passes and ``selection_score`` what the rows are ranked by. Only real
+        rows (``real``, not the sampler's repeats) are selected.
 
         Returns:
             ``(local, scores, row_losses, policy_retain)``: this rank's (B,) forget losses, the kept rows' from the
@@ -532,7 +634,7 @@ class UnlearningModule(CausalLMModule):
         """
         if self.selection_passes == "one":
             # One pass over every row; dropped rows get no loss term but are still back-propagated through.
-            stats = self.forward_stats(self.policy, [forget, *retain_part], [False, *vocab_part])
+            stats = self._policy_forward(forget, retain_part, vocab_part)
             scoring = stats[0]
         else:
             # The efficient form: rank under no_grad, then run the gradient pass on the kept rows only.
@@ -540,68 +642,80 @@ class UnlearningModule(CausalLMModule):
             grad_mode = torch.enable_grad() if self.selection_passes == "released" else torch.no_grad()
             with grad_mode:
                 (scoring,) = self.forward_stats(self.policy, [forget])
-        row_losses = self.forget_loss(self._with_global_counts(scoring), ref_forget).detach()
+        row_losses = self.forget_loss(self._with_global_counts(scoring, real_local), ref_forget).detach()
         with torch.no_grad():
             scores = row_losses if self.selection_score == "loss" else -scoring.nll_mean
         everyone, local = dist_ops.gather_with_local_grad(scores)
-        kept = self.forget_objective.select(everyone, row_ids=index)
+        candidates = real.nonzero().squeeze(1)
+        kept = candidates[self.forget_objective.select(everyone[candidates], row_ids=index[candidates])]
         mine = kept[(kept >= local.start) & (kept < local.stop)] - local.start
         # A rank none of whose rows was kept still runs row 0 at weight 0, so that its backward reaches every
         # parameter and the data-parallel collectives stay in step.
-        real = torch.ones(mine.numel(), device=self.device)
+        placeholder = torch.ones(mine.numel(), device=self.device)
         if mine.numel() == 0:
-            mine, real = torch.zeros(1, dtype=torch.long, device=self.device), torch.zeros(1, device=self.device)
+            mine, placeholder = torch.zeros(1, dtype=torch.long, device=self.device), torch.zeros(1, device=self.device)
 
         ref_kept = None if ref_forget is None else ref_forget.select(mine)
         if self.selection_passes == "one":
             policy_kept, policy_retain = scoring.select(mine), stats[1:]
         else:
-            stats = self.forward_stats(self.policy, [select_rows(forget, mine), *retain_part], [False, *vocab_part])
+            stats = self._policy_forward(select_rows(forget, mine), retain_part, vocab_part)
             policy_kept, policy_retain = stats[0], stats[1:]
         # Token-pooled losses pool over the kept rows' tokens, as the released Group* trainers do.
-        losses = self.forget_loss(self._with_global_counts(policy_kept, real), ref_kept)
+        losses = self.forget_loss(self._with_global_counts(policy_kept, placeholder), ref_kept)
         # The placeholder row keeps its scoring-pass value but stays in the graph (with gradient 0).
-        kept_losses = torch.where(real.bool(), losses, row_losses.index_select(0, mine))
+        kept_losses = torch.where(placeholder.bool(), losses, row_losses.index_select(0, mine))
         local_losses = row_losses.index_put((mine,), kept_losses)
         return local_losses, everyone, dist_ops.gather_detached(row_losses), policy_retain
 
-    def _retain_term(self, retain_stats: tuple[SequenceLogProbs, SequenceLogProbs | None]) -> Tensor:
+    def _retain_term(
+        self, retain_stats: tuple[SequenceLogProbs, SequenceLogProbs | None], real_local: Tensor | None = None
+    ) -> Tensor:
+        """The retain objective over the global batch's retain rows; ``real_local`` (B,) marks the rows that count
+        (a repeated forget row's retain partner does not); all of them when omitted."""
         policy_retain, ref_retain = retain_stats
-        losses = self.retain_loss(self._with_global_counts(policy_retain), ref_retain)
+        if real_local is None:
+            real_local = torch.ones(policy_retain.count.shape, dtype=torch.bool, device=policy_retain.count.device)
+        losses = self.retain_loss(self._with_global_counts(policy_retain, real_local), ref_retain)
         everyone, _ = dist_ops.gather_with_local_grad(losses)
-        value, _ = self.retain_objective(everyone)
+        value, _ = self._reduce_real(self.retain_objective, everyone, dist_ops.gather_detached(real_local))
         return value
 
-    def _subsample_retain(self, retain: Batch, forget_rows: int) -> Batch:
+    def _subsample_retain(self, retain: Batch, forget_rows: int, real: Tensor | None = None) -> Batch:
         """A random ``k`` of the retain rows, ``k`` the forget rows the objective keeps (released BalDRO-G,
         methods P-6).
 
-        Seeded by the step; ranks draw from their own rows alike, so the rows differ from a 1-process run's.
+        Seeded by the step; ranks draw from their own rows alike, so the rows differ from a 1-process run's. Only
+        rows paired with a real forget row (``real``, B) are drawn.
         """
-        k = min(self.forget_objective.kept_count(forget_rows), batch_size(retain))
+        candidates = torch.arange(batch_size(retain)) if real is None else real.cpu().nonzero().squeeze(1)
+        k = min(self.forget_objective.kept_count(forget_rows), candidates.numel())
         generator = torch.Generator().manual_seed(self.global_step)
-        rows = torch.randperm(batch_size(retain), generator=generator)[:k].sort().values
+        rows = candidates[torch.randperm(candidates.numel(), generator=generator)[:k]].sort().values
         return select_rows(retain, rows)
 
     def training_step(self, batch: dict[str, Batch], batch_idx: int) -> Tensor:
         forget = batch["forget"]
         retain = batch.get("retain") if self.retain_loss is not None and self.alpha != 0 else None
+        real_local = self._real_rows(forget)
+        retain_real = real_local
         if retain is not None and getattr(self.retain_loss, "positions", None) == "all" and dist_ops.is_distributed():
             # KL over all positions averages over the padded length, which must be the global batch's.
             longest = dist_ops.all_reduce_max(torch.tensor(retain["input_ids"].shape[1], device=self.device))
             retain = pad_rows_to(retain, int(longest.item()), self.pad_token_id)
         if retain is not None and self.subsample_retain:
-            retain = self._subsample_retain(retain, batch_size(forget))
+            retain = self._subsample_retain(retain, int(real_local.sum()), real_local)
+            retain_real = torch.ones(batch_size(retain), dtype=torch.bool, device=self.device)
 
         forget_value, weights, losses, index, retain_stats = self._forget_term(forget, retain)
         loss = self.gamma * forget_value
         retain_value = torch.zeros((), device=self.device)
         if retain_stats is not None:
-            retain_value = self._retain_term(retain_stats)
+            retain_value = self._retain_term(retain_stats, retain_real)
             loss = loss + self.alpha * retain_value
 
         self._check_finite(loss, "train/loss", index)
-        self._record_per_sample(index, weights, losses)
+        self._record_per_sample(index, weights, losses, dist_ops.gather_detached(real_local))
         rows = batch_size(forget)
         self.log("train/forget_loss", forget_value.detach(), prog_bar=True, batch_size=rows)
         self.log("train/retain_loss", retain_value.detach(), batch_size=rows)
@@ -612,12 +726,14 @@ class UnlearningModule(CausalLMModule):
         # Data-parallel averaging divides each rank's gradient by the world size; the objective is global.
         return loss * dist_ops.data_parallel_scale()
 
-    def _record_per_sample(self, index: Tensor, weights: Tensor, losses: Tensor) -> None:
+    def _record_per_sample(self, index: Tensor, weights: Tensor, losses: Tensor, real: Tensor | None = None) -> None:
+        """Remember each forget row's latest weight and loss; a repeated row (``real`` False) keeps its own."""
         if self.forget_weights is None:
             return
-        index = index.cpu()
-        self.forget_weights[index] = weights.detach().float().cpu()
-        self.forget_losses[index] = losses.detach().float().cpu()
+        keep = slice(None) if real is None else real.cpu().bool()
+        index = index.cpu()[keep]
+        self.forget_weights[index] = weights.detach().float().cpu()[keep]
+        self.forget_losses[index] = losses.detach().float().cpu()[keep]
 
     def _log_weight_histogram(self, weights: Tensor) -> None:
         experiment = getattr(self.logger, "experiment", None)

@@ -11,6 +11,12 @@ micro-step across all ranks (the global micro-batch). Under gradient accumulatio
 its own and the accumulated gradient is the mean of the micro-batch objectives, as in the released code (methods P-4);
 only :class:`Mean` is invariant to how a batch is split into micro-batches.
 
+Granularity: an objective reduces per-sample losses unless its ``granularity`` is ``"token"``; then the module feeds
+it every labelled token's loss of the global micro-batch, flattened, and a row's weight is the sum of its tokens'
+(the released DrSatImp's DV over tokens, methods P-3). Rows the sampler repeated only to fill the last global batch
+(ranks that do not divide the forget set) never reach an objective: the module reduces the real rows and gives the
+repeats weight 0.
+
 Selecting objectives (:class:`Group`) put weight on a subset of the rows only. They say which through the
 :meth:`Objective.select` hook every objective has (the others keep every row), so the training module can score
 the batch first and back-propagate through the kept rows alone, without knowing which objective it runs.
@@ -21,10 +27,13 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, get_args
 
 import torch
 from torch import Tensor
+
+Granularity = Literal["sample", "token"]
+"""What one entry of the vector an objective reduces is: a sample's loss or a labelled token's loss."""
 
 
 class Objective(ABC):
@@ -36,6 +45,8 @@ class Objective(ABC):
 
     selects_rows: ClassVar[bool] = False
     """Whether :meth:`select` can drop rows; if so the module scores the batch before the gradient pass."""
+    granularity: Granularity = "sample"
+    """What one entry of the loss vector is: a sample (the default) or, for :class:`DV`, optionally a token."""
 
     def kept_count(self, batch_size: int) -> int:
         """How many rows of a batch of ``batch_size`` :meth:`select` keeps; all of them unless it selects."""
@@ -96,18 +107,28 @@ class DV(Objective):
     ``min l`` as ``tau -> 0``.
 
     The paper calls the temperature beta; it is ``tau`` here because NPO already owns ``beta``.
+
+    ``granularity="token"`` applies the same transform to every labelled token's loss of the micro-batch instead of
+    each sample's (the released DrSatImp, methods §2.12.2, P-3); only token-level forget losses (SatImp, WGA,
+    GradAscent) offer per-token values. Example, ``sign="released"``, ``tau=1``, rows with token losses
+    ``[0, ln 2]`` and ``[ln 4]``: ``exp(-l) = 1, 1/2, 1/4`` sum to 7/4, the value is ``-ln(7/12) = 0.5390``, the
+    token weights are ``4/7, 2/7, 1/7`` and the row weights ``6/7, 1/7``.
     """
 
     tau: float = 1.0
     """Temperature (paper's beta). Grid in the paper: 1, 2, 5, 10."""
     sign: Literal["paper", "released"] = "paper"
     """Which side of the KL ball: the paper's worst case or the released code's best case."""
+    granularity: Granularity = "sample"
+    """``sample``: one entry per forget row; ``token``: one per labelled token (released DrSatImp)."""
 
     def __post_init__(self) -> None:
         if not self.tau > 0:
             raise ValueError(f"DV tau must be > 0 (try 1.0 to 10.0), got tau={self.tau}")
         if self.sign not in ("paper", "released"):
             raise ValueError(f"DV sign must be 'paper' or 'released', got sign={self.sign!r}")
+        if self.granularity not in get_args(Granularity):
+            raise ValueError(f"DV granularity must be 'sample' or 'token', got granularity={self.granularity!r}")
 
     def __call__(
         self, losses: Tensor, scores: Tensor | None = None, row_ids: Tensor | None = None
