@@ -26,6 +26,7 @@ from shipped_configs import COMBINATIONS, REPO, fit_args
 from baldro_lightning.analysis.sweep import _base_section
 from baldro_lightning.cli import RunDirectoryError, claim_run_directory, cli_main, run_outputs
 from baldro_lightning.data.datamodule import ForgetRetainDataModule
+from baldro_lightning.evaluation.callbacks import ScheduledEvaluation
 from baldro_lightning.train.checkpointing import LatestCheckpoint, surviving_checkpoints
 from baldro_lightning.train.export import ExportPretrained
 from baldro_lightning.train.losses import NLL, NPO
@@ -245,6 +246,8 @@ def test_fit_refuses_before_training_and_saves_no_overwrite_flag(tiny_model, ben
         fitted.append(kwargs)
 
     monkeypatch.setattr(L.Trainer, "fit", fit)
+    # The config's retain reference (under runs/) need not exist here: its pre-flight check is not this test's.
+    monkeypatch.setattr(ScheduledEvaluation, "prepare", lambda self, data: None)
     with pytest.raises(RunDirectoryError, match="--trainer.default_root_dir=.* holds another run's outputs"):
         _cli(args)
     assert not fitted
