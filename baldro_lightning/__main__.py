@@ -15,6 +15,7 @@ from baldro_lightning.analysis import report, sweep
 from baldro_lightning.cli import cli_main
 from baldro_lightning.embedded import models, muse_world, quickstart, world
 from baldro_lightning.evaluation import command as evaluate
+from baldro_lightning.robustness import command as attack
 from baldro_lightning.train import export
 from baldro_lightning.train.distributed import release_process_group
 
@@ -24,6 +25,8 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], Any], str]] = {
     "evaluate": (evaluate.main, "evaluate a saved model on TOFU and write eval.json"),
     "evaluate-muse": (evaluate.muse_main, "evaluate a saved model on one MUSE corpus and write eval.json"),
+    "attack": (attack.main, "relearning and quantization attacks on a saved model, scored on TOFU before and after"),
+    "attack-muse": (attack.muse_main, "the same attacks scored on one MUSE corpus"),
     "export": (export.main, "turn a training checkpoint into a Hugging Face model directory"),
     "sweep": (sweep.main, "run, resume or script a grid of fit runs"),
     "report": (report.main, "the paper's tables and figures from run directories"),
