@@ -131,7 +131,7 @@ def format_records(records: dict[str, dict[str, Any]]) -> str:
 
 def _attack_main(parser: ArgumentParser, build_plan, argv: Sequence[str] | None) -> dict[str, dict[str, Any]]:
     args = parser.parse_args(argv)
-    attacks = parser.instantiate_classes(args).attacks if args.attacks is not None else default_attacks()
+    attacks = parser.instantiate(args).attacks if args.attacks is not None else default_attacks()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
         check_names(attacks)
