@@ -4,8 +4,11 @@ end-of-fit callback run on the tiny model, deterministically under a seed."""
 
 from __future__ import annotations
 
+import ast
 import copy
 import csv
+import dataclasses
+import inspect
 import json
 import shutil
 import sys
@@ -44,6 +47,7 @@ from baldro_lightning.robustness.recovery import RecoveredMetric, recovery
 from baldro_lightning.robustness.splits import leaked_questions, split_forget_rows
 from baldro_lightning.robustness.suite import tofu_plan
 
+REPO = Path(__file__).resolve().parents[1]
 FORGET_ONLY = TofuSettings(metric_groups=("forget",), max_new_tokens=4)
 
 
@@ -393,3 +397,70 @@ def test_attacks_are_configured_by_class_path_and_named_once():
     material = AttackMaterial("m", 0, forget_rows=list(range(3)), retain_rows=[{"index": i} for i in range(10)])
     retain = Relearn(data="retain", seed=1).training_rows(material)
     assert len(retain) == 3 and len({r["index"] for r in retain}) == 3
+
+
+@pytest.mark.parametrize("main", [command.main, command.muse_main], ids=["tofu", "muse"])
+def test_attack_help_describes_every_flag(main, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    printed = capsys.readouterr().out
+    flags = ["--model", "--benchmark", "--out", "--attacks", "--forget_fraction", "--split_seed", "--retain_reference"]
+    assert all(f"{flag} " in printed for flag in flags)
+    # The command's own flags carry their descriptions.
+    assert "share of forget rows relearning trains on" in printed and "seeds the relearning split" in printed
+
+
+def test_attack_fields_are_documented_for_the_config_help():
+    """jsonargparse shows these attribute docstrings as the help of ``--attacks.<field>`` and in YAML comments."""
+    for cls in (Relearn, Quantize):
+        tree = ast.parse(Path(inspect.getsourcefile(cls)).read_text())
+        node = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == cls.__name__)
+        documented = {
+            field.target.id
+            for field, doc in zip(node.body, node.body[1:], strict=False)
+            if isinstance(field, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
+        }
+        assert documented >= {f.name for f in dataclasses.fields(cls)}, cls.__name__
+
+
+def test_attack_muse_scores_every_row_and_says_so(tiny_model: Path, tmp_path: Path):
+    """MUSE: relearning trains on half the raw forget chunks; the evaluation rows cannot be held out from raw text."""
+    out = tmp_path / "attacks"
+    attacks = [ATTACKS[0], {"class_path": "Quantize", "init_args": {"bits": 8, "backend": "rounding"}}]
+    argv = [
+        "--model",
+        str(tiny_model),
+        "--benchmark",
+        str(REPO / "data" / "muse_embedded"),
+        "--corpus",
+        "news",
+        "--out",
+        str(out),
+        "--limit",
+        "2",
+        "--knowmem_max_new_tokens",
+        "2",
+        "--verbmem_max_new_tokens",
+        "2",
+        "--chunk_length",
+        "32",
+        "--attacks",
+        json.dumps(attacks),
+    ]
+    records = command.muse_main(argv)
+    assert set(records) == {"relearn_forget", "quantize_int8_rounding"}
+    relearn = records["relearn_forget"]
+    assert relearn["meta"]["notes"] and "cannot be held out" in relearn["meta"]["notes"][0]
+    assert set(relearn["recovery"]) == {
+        "forget_knowmem_ROUGE",
+        "forget_verbmem_ROUGE",
+        "retain_knowmem_ROUGE",
+        "privleak",
+    }
+    assert records["quantize_int8_rounding"]["meta"]["details"]["quantization"]["simulated"] is True
+    # Nothing is held out, so the relearning attack's "before" is the unattacked evaluation of every row.
+    held, every = (
+        load_eval_json(out / name / "eval.json")["metrics"] for name in ("unattacked_held_out", "unattacked")
+    )
+    assert held == every
