@@ -287,16 +287,10 @@ def _attack_panel(ax, rows: Sequence[AttackRow], key: str, label: str, log: bool
         sds = np.array([row.values[key][side][1] for row in rows])
         if log:
             means = np.array([_fq(m) if math.isfinite(m) else math.nan for m in means])
-        ax.bar(
-            x + offset,
-            means,
-            width=0.4,
-            alpha=shade,
-            color="C0",
-            yerr=np.where(np.isfinite(sds), sds, 0.0),
-            capsize=2,
-            label="unattacked" if side == "before" else "attacked",
-        )
+        # Error bars only where a method has several runs (the sd over them).
+        errors = np.where(np.isfinite(sds), sds, 0.0) if np.isfinite(sds).any() else None
+        label = "unattacked" if side == "before" else "attacked"
+        ax.bar(x + offset, means, width=0.4, alpha=shade, color="C0", yerr=errors, capsize=2, label=label)
     ax.set_xticks(x, [row.label for row in rows], rotation=30, ha="right", fontsize=7)
     ax.set_ylabel(label)
     if log:

@@ -16,6 +16,7 @@ as for ``evaluate``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, get_args
 
@@ -120,12 +121,15 @@ def _muse(args: Namespace) -> AttackPlan:
 
 def format_records(records: dict[str, dict[str, Any]]) -> str:
     """One line per (attack, metric): the unattacked value, the attacked value and their difference."""
+
+    def cell(value: float | None, sign: str = "") -> str:
+        return f"{value:>{sign}10.4g}" if value is not None and math.isfinite(value) else f"{'n/a':>10}"
+
     lines = [f"{'attack':<22} {'metric':<22} {'before':>10} {'after':>10} {'delta':>10}"]
     for name, record in records.items():
         for key, entry in record["recovery"].items():
-            values = [f"{entry[k]:>10.4g}" if entry[k] == entry[k] else f"{'n/a':>10}" for k in ("before", "after")]
-            delta = entry["delta"]
-            lines.append(f"{name:<22} {key:<22} {values[0]} {values[1]} {delta:>+10.4g}")
+            values = cell(entry["before"]), cell(entry["after"]), cell(entry["delta"], "+")
+            lines.append(f"{name:<22} {key:<22} {' '.join(values)}")
     return "\n".join(lines)
 
 

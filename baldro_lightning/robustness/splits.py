@@ -62,7 +62,8 @@ def rows_with_indices(rows: Sequence[Mapping[str, Any]], indices: Collection[int
 
 def held_out_scores(scores: RowScores, indices: Collection[int]) -> RowScores:
     """``scores`` restricted to the rows in ``indices`` (every column alike), e.g. the held-out forget rows."""
-    keep = [k for k, index in enumerate(scores.indices) if index in set(indices)]
+    wanted = set(indices)
+    keep = [k for k, index in enumerate(scores.indices) if index in wanted]
     return RowScores(
         role=scores.role,
         split=scores.split,
