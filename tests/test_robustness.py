@@ -320,7 +320,7 @@ def test_attack_command_writes_the_records_and_repeats_under_a_seed(
     assert _files(other) != _files(first)
 
 
-def test_attack_command_rejects_repeated_names_before_loading(tiny_model: Path, tiny_benchmark: Path, tmp_path):
+def test_attack_command_rejects_repeated_names_before_loading(tiny_model: Path, tiny_benchmark: Path, tmp_path, capsys):
     argv = [
         "--model",
         str(tiny_model),
@@ -333,7 +333,13 @@ def test_attack_command_rejects_repeated_names_before_loading(tiny_model: Path, 
     ]
     with pytest.raises(SystemExit) as exit_:
         command.main(argv)
-    assert exit_.value.code == 2
+    assert exit_.value.code == 2 and "give each a distinct `label`" in capsys.readouterr().err
+    # The same list from a --config file (YAML with an `attacks:` list) is read and refused the same way.
+    config = tmp_path / "attacks.yaml"
+    config.write_text(json.dumps({"attacks": [ATTACKS[2], ATTACKS[2]]}))
+    with pytest.raises(SystemExit) as exit_:
+        command.main([*argv[:6], "--config", str(config)])
+    assert exit_.value.code == 2 and "give each a distinct `label`" in capsys.readouterr().err
 
 
 class _PolicyAtTrainEnd(Callback):

@@ -7,9 +7,10 @@ Example (the embedded NPO model; the retain reference gives forget quality)::
         --retain_reference runs/embedded/eval/retain90/eval.json --out runs/embedded/npo/attacks
 
 Without ``--attacks`` the four attacks of issue 20 run: relearning on half the forget rows (scored on the other
-half), relearning on as many retain rows, and 8- and 4-bit quantization. Choose others in a config file
-(``--config experiments/attacks/embedded.yaml`` holds the embedded budgets) or on the command line
-(``--attacks+=Relearn --attacks.max_steps=20``). The evaluation flags are the fields of
+half), relearning on as many retain rows, and 8- and 4-bit quantization. Choose others in a YAML file given with
+``--config`` (an ``attacks:`` list as under ``AttackEvaluation`` in ``experiments/attacks/embedded.yaml``, which sets
+the embedded budgets for ``fit``), as JSON (``--attacks '[{"class_path": "Relearn", "init_args": {"max_steps":
+20}}]'``) or flag by flag (``--attacks+=Relearn --attacks.max_steps=20``). The evaluation flags are the fields of
 :class:`~baldro_lightning.evaluation.tofu.TofuSettings` (:class:`~baldro_lightning.evaluation.muse.MuseSettings`),
 as for ``evaluate``.
 """
