@@ -21,6 +21,7 @@ from baldro_lightning import cli
 from baldro_lightning.analysis import report, sweep
 from baldro_lightning.embedded import models, muse_world, quickstart, world
 from baldro_lightning.evaluation import command as evaluate
+from baldro_lightning.robustness import command as attack
 from baldro_lightning.train import export
 from baldro_lightning.train.distributed import release_process_group
 from baldro_lightning.train.module import NonFiniteLossError
@@ -46,6 +47,12 @@ COMMANDS: dict[str, Command] = {
     "evaluate-muse": Command(
         evaluate.muse_main, "evaluate a saved model on one MUSE corpus and write eval.json", evaluate.VOCABULARY
     ),
+    "attack": Command(
+        attack.main,
+        "relearning and quantization attacks on a saved model, scored on TOFU before and after",
+        evaluate.VOCABULARY,
+    ),
+    "attack-muse": Command(attack.muse_main, "the same attacks scored on one MUSE corpus", evaluate.VOCABULARY),
     "export": Command(export.main, "turn a training checkpoint into a Hugging Face model directory", export.VOCABULARY),
     "sweep": Command(sweep.main, "run, resume or script a grid of fit runs"),
     "report": Command(report.main, "the paper's tables and figures from run directories"),

@@ -21,6 +21,7 @@ from shipped_configs import COMBINATIONS, REPO, fit_args, resolved
 from baldro_lightning.cli import cli_main
 from baldro_lightning.evaluation import command as evaluate
 from baldro_lightning.evaluation.callbacks import MuseEvaluation, TofuEvaluation
+from baldro_lightning.robustness.callbacks import AttackEvaluation
 from baldro_lightning.train.export import ExportPretrained
 from baldro_lightning.train.module import UnlearningModule
 
@@ -46,8 +47,9 @@ def retain_references(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path
     """
     made: dict[tuple, Path] = {}
 
-    def reference(callback: TofuEvaluation | MuseEvaluation, data) -> Path:
-        if isinstance(callback, TofuEvaluation):
+    def reference(callback: TofuEvaluation | MuseEvaluation | AttackEvaluation, data) -> Path:
+        # The benchmark decides the reference: the attack callback takes TOFU or MUSE settings by its data module.
+        if not hasattr(data, "corpus"):
             key = ("tofu", data.benchmark, data.forget_split)
             flags = ["--forget_split", data.forget_split, "--limit", str(ROWS), "--max_new_tokens", "4"]
             command = evaluate.main
@@ -120,6 +122,9 @@ def test_config_fast_dev_run(
             short = {"knowmem_max_new_tokens": 4, "verbmem_max_new_tokens": 4}
             callback.settings = dataclasses.replace(callback.settings, limit=ROWS, **short)
             callback.dirpath = str(tmp_path / "eval")
+        if isinstance(callback, AttackEvaluation):
+            callback.settings = dataclasses.replace(callback.settings, limit=ROWS, max_new_tokens=4)
+            callback.dirpath = str(tmp_path / "attacks")
     steps = _Steps()
     cli.trainer.callbacks.append(steps)
 
@@ -133,6 +138,10 @@ def test_config_fast_dev_run(
         assert any(key.startswith("val/") for key in cli.trainer.callback_metrics)
     if isinstance(cli.model, UnlearningModule):
         assert cli.model.forget_weights is not None and torch.isfinite(cli.model.forget_weights).any()
+    if any(isinstance(c, AttackEvaluation) for c in cli.trainer.callbacks):
+        # One relearning step each (fast_dev_run), then every attack's record.
+        records = sorted(p.parent.name for p in (tmp_path / "attacks").glob("*/attack.json"))
+        assert records == ["quantize_int4", "quantize_int8", "relearn_forget", "relearn_retain"]
     exported = [c.directory(cli.trainer) for c in cli.trainer.callbacks if isinstance(c, ExportPretrained)]
     assert exported and all((path / "config.json").is_file() for path in exported)
     if not any(c.dirpath for c in cli.trainer.callbacks if isinstance(c, ExportPretrained)):

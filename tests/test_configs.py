@@ -32,8 +32,10 @@ def test_combinations_are_the_shipped_grid():
     muse = {f"{b}/{m}{o}" for b in MUSE for m in METHODS[2:] for o in MUSE_OBJECTIVES}
     finetune = {f"embedded/finetune_{n}" for n in ("target", "retain90", "retain95", "retain99")}
     finetune |= {"muse_embedded/finetune_target", "muse_embedded/finetune_retain"}
-    assert names == tofu | muse | finetune | {"tofu/npo_dv_fsdp1"}
-    assert len(names) == 40 + 27 + 6 + 1
+    # Issue 20: the embedded NPO runs x {mean, G, DV, DV released} with the attacks at the end of fit.
+    attacked = {f"embedded/npo{o}_attacks" for o in TOFU_OBJECTIVES}
+    assert names == tofu | muse | finetune | attacked | {"tofu/npo_dv_fsdp1"}
+    assert len(names) == 40 + 27 + 6 + 4 + 1
 
 
 def test_every_config_file_exists_and_is_used():
@@ -109,6 +111,11 @@ def test_combination_instantiates(name: str, monkeypatch, tmp_path):
     # run=False parses no subcommand, so only `fit`'s own arguments (ckpt_path, weights_only) are missing.
     assert saved == {k: v for k, v in config.items() if k not in ("ckpt_path", "weights_only")}
     run = name.split("/")[1]
+    if run.endswith("_attacks"):
+        # experiments/attacks/embedded.yaml appends the attack callback to the benchmark's callbacks.
+        classes = [c["class_path"].rsplit(".", 1)[-1] for c in saved["trainer"]["callbacks"]]
+        assert classes == ["TofuEvaluation", "ModelCheckpoint", "ExportPretrained", "AttackEvaluation"]
+        run = run.removesuffix("_attacks")
     if isinstance(cli.model, UnlearningModule):
         method, _, objective = run.partition("_")
         objective_class, objective_args = OBJECTIVE["_" + objective if objective else ""]

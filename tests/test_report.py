@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from baldro_lightning.analysis import report
+from baldro_lightning.evaluation.run_record import write_attack_record
 
 LOSSES = {"NPO": "NPO", "GradAscent": "GradAscent", "SimNPO": "SimNPO"}
 SYNC = {
@@ -371,3 +372,44 @@ def test_utility_at_matched_forgetting(tmp_path):
     dv = rows["NPO + BalDRO-DV"]
     assert (float(dv["MU at matched EM"]), float(dv["step at matched EM"])) == (0.66, 3.0)
     assert (out / "fig_tradeoff_forget01.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_robustness_table_and_figure_from_attack_records(tmp_path):
+    """Two NPO runs (seeds) whose relearn_forget records give forget probability 0.1 -> 0.3 and 0.2 -> 0.6: the
+    row shows the means 0.15 -> 0.45 and the sd of the change, sqrt(((0.2 - 0.3)^2 + (0.4 - 0.3)^2) / 1) = 0.1414;
+    an NPO + BalDRO-DV run attacked once has no sd. A run without attacks adds no row."""
+
+    def attacked(name: str, objective: str, records: dict[str, tuple[float, float]]) -> None:
+        run = make_run(
+            tmp_path / "runs",
+            name,
+            {0: tofu_metrics(0.01, 0.6), 5: tofu_metrics(0.5, 0.55)},
+            objective=objective,
+            tau=2.0,
+        )
+        for attack, (before, after) in records.items():
+            recovery = {
+                "forget_Q_A_Prob": {"before": before, "after": after, "delta": after - before},
+                "forget_quality": {"before": 0.5, "after": None, "delta": None},
+            }
+            write_attack_record(run / "tensorboard" / "attacks", attack, {"meta": {}, "recovery": recovery}, [])
+
+    attacked("npo_s0", "Mean", {"relearn_forget": (0.1, 0.3), "quantize_int4": (0.1, 0.1)})
+    attacked("npo_s1", "Mean", {"relearn_forget": (0.2, 0.6), "quantize_int4": (0.2, 0.25)})
+    attacked("npo_dv", "DV", {"relearn_forget": (0.05, 0.07)})
+    make_run(tmp_path / "runs", "gd", {0: tofu_metrics(0.01, 0.6), 5: tofu_metrics(0.4, 0.5)}, loss="GradAscent")
+    out = tmp_path / "out"
+    report.write_report(report.load_runs([tmp_path / "runs"]), out, report.SelectionRule(rule="fq"))
+    with open(out / "robustness_forget01.csv") as handle:
+        rows = {(r["Method"], r["Attack"]): r for r in csv.DictReader(handle)}
+    assert set(rows) == {("NPO", "relearn_forget"), ("NPO", "quantize_int4"), ("NPO + BalDRO-DV", "relearn_forget")}
+    npo = rows[("NPO", "relearn_forget")]
+    assert npo["runs"] == "2"
+    assert float(npo["forget_Q_A_Prob_before_mean"]) == pytest.approx(0.15)
+    assert float(npo["forget_Q_A_Prob_after_mean"]) == pytest.approx(0.45)
+    assert float(npo["forget_Q_A_Prob_delta_sd"]) == pytest.approx(math.sqrt(0.02))
+    assert rows[("NPO + BalDRO-DV", "relearn_forget")]["forget_Q_A_Prob_delta_sd"] == "nan"
+    text = (out / "report.md").read_text()
+    assert "### Robustness: attacks on the unlearned model (TOFU forget01)" in text
+    assert "| NPO | `relearn_forget` | 2 |" in text and "0.1500 → 0.4500 (±0.1414)" in text
+    assert (out / "fig_robustness_forget01.png").is_file()

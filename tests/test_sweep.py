@@ -419,3 +419,21 @@ def test_missing_required_files_stop_only_the_runs_that_use_them(tmp_path):
     with pytest.raises(sweep.GridError, match="reference.json is missing; make it with: make the reference") as err:
         sweep.main([str(grid)])
     assert "other" not in str(err.value)
+
+
+def test_attack_grid_keeps_the_appended_callback_and_edits_its_reference():
+    """experiments/attacks/embedded.yaml appends AttackEvaluation with `callbacks+`; a grid that edits callbacks
+    passes the whole list on the command line, so the appended one must be in it, with the split's reference."""
+    runs = _expanded(REPO / "experiments/sweeps/embedded_attacks.yaml")
+    assert len(runs) == 4 * 3
+    assert {run.config for run in runs} == {f"npo{v}_attacks" for v in ("", "_g", "_dv", "_dv_released")}
+    for run in runs:
+        callbacks = run.overrides["trainer.callbacks"]
+        names = [cb["class_path"].rsplit(".", 1)[-1] for cb in callbacks]
+        assert names == ["TofuEvaluation", "ModelCheckpoint", "ExportPretrained", "AttackEvaluation"]
+        attack = callbacks[-1]["init_args"]
+        assert attack["settings"]["retain_reference"] == "runs/embedded/eval/retain90/eval.json"
+        assert [a["class_path"].rsplit(".", 1)[-1] for a in attack["attacks"]] == ["Relearn"] * 2 + ["Quantize"] * 2
+    base = [{"trainer": {"callbacks": [{"class_path": "a.A"}]}}, {"trainer": {"callbacks+": [{"class_path": "b.B"}]}}]
+    assert [cb["class_path"] for cb in sweep._base_section(base, "callbacks")] == ["a.A", "b.B"]
+    assert sweep._base_section([*base, {"trainer": {"callbacks": []}}], "callbacks") == []

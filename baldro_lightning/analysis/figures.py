@@ -18,14 +18,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from baldro_lightning.analysis.runs import (
+    AttackRow,
     RunResult,
     SelectionRule,
     SplitSummary,
+    attack_rows,
     metric_value,
     selected_by_method,
     tradeoff_history,
 )
 from baldro_lightning.evaluation.run_record import read_per_sample
+from baldro_lightning.robustness.recovery import TOFU_RECOVERED
 
 MARKERS = {"": "o", "BalDRO-G": "s", "BalDRO-DV": "^", "BalDRO-DV (released sign)": "v"}
 FQ_FLOOR = 1e-30
@@ -271,6 +274,57 @@ def forget_ratio_sweep(summaries: Sequence[SplitSummary], methods: Sequence[str]
     return [_save(fig, out / "fig3_forget_ratio.png")]
 
 
+ROBUSTNESS_PANELS = tuple(
+    m for m in TOFU_RECOVERED if m.key in ("forget_Q_A_ROUGE", "forget_Q_A_Prob", "forget_quality")
+)
+"""The recovered metrics the robustness figure draws, one row of panels each."""
+
+
+def _attack_panel(ax, rows: Sequence[AttackRow], key: str, label: str, log: bool) -> None:
+    x = np.arange(len(rows))
+    for offset, side, shade in ((-0.2, "before", 0.35), (0.2, "after", 1.0)):
+        means = np.array([row.values[key][side][0] for row in rows])
+        sds = np.array([row.values[key][side][1] for row in rows])
+        if log:
+            means = np.array([_fq(m) if math.isfinite(m) else math.nan for m in means])
+        # Error bars only where a method has several runs (the sd over them).
+        errors = np.where(np.isfinite(sds), sds, 0.0) if np.isfinite(sds).any() else None
+        label = "unattacked" if side == "before" else "attacked"
+        ax.bar(x + offset, means, width=0.4, alpha=shade, color="C0", yerr=errors, capsize=2, label=label)
+    ax.set_xticks(x, [row.label for row in rows], rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel(label)
+    if log:
+        ax.set_yscale("log")
+
+
+def robustness(summaries: Sequence[SplitSummary], out: Path) -> list[Path]:
+    """Per forget split: forget ROUGE, probability and FQ of each method unattacked and attacked, one column of
+    panels per attack (means over the method's runs, sd as error bars)."""
+    written = []
+    for summary in summaries:
+        rows = attack_rows(summary.runs, ROBUSTNESS_PANELS)
+        attacks = sorted({row.attack for row in rows})
+        if not attacks:
+            continue
+        fig, axes = plt.subplots(
+            len(ROBUSTNESS_PANELS),
+            len(attacks),
+            figsize=(3.2 * len(attacks), 2.6 * len(ROBUSTNESS_PANELS)),
+            squeeze=False,
+        )
+        for column, attack in enumerate(attacks):
+            chosen = [row for row in rows if row.attack == attack]
+            for line, metric in enumerate(ROBUSTNESS_PANELS):
+                ax = axes[line][column]
+                _attack_panel(ax, chosen, metric.key, metric.label, log=metric.key == "forget_quality")
+                if line == 0:
+                    ax.set_title(attack)
+        axes[0][0].legend(fontsize=7)
+        fig.suptitle(f"Attacks on the unlearned model, TOFU {summary.split}")
+        written.append(_save(fig, out / f"fig_robustness_{summary.split}.png"))
+    return written
+
+
 def draw_all(
     summaries: Sequence[SplitSummary], rule: SelectionRule, out: Path, fig3_methods: Sequence[str]
 ) -> list[Path]:
@@ -283,4 +337,5 @@ def draw_all(
         *forgetting_balance(summaries, out),
         *tradeoff_curves(summaries, out),
         *forget_ratio_sweep(summaries, fig3_methods, out),
+        *robustness(summaries, out),
     ]

@@ -32,10 +32,12 @@ import numpy as np
 
 from baldro_lightning.analysis import figures as report_figures
 from baldro_lightning.analysis.runs import (
+    AttackRow,
     ReportError,
     RunResult,
     SelectionRule,
     SplitSummary,
+    attack_rows,
     group_by_method,
     load_eval,
     load_runs,
@@ -50,6 +52,7 @@ from baldro_lightning.analysis.runs import (
 )
 from baldro_lightning.atomic_files import check_writable
 from baldro_lightning.evaluation import metrics
+from baldro_lightning.robustness.recovery import MUSE_RECOVERED, TOFU_RECOVERED, RecoveredMetric
 from baldro_lightning.user_errors import CommandParser
 
 # (column, eval.json key) in the order of the paper's tables.
@@ -284,6 +287,7 @@ def _tofu_section(summary: SplitSummary, table1: Sequence[tuple[str, str]], out:
         _write_csv(out / f"synchrony_{split}.csv", ["Method", *(k for _, k in SYNCHRONY)], sync_rows)
     md += _balance_section(summary, out)
     md += _tradeoff_section(summary, out)
+    md += robustness_section(summary.runs, f"TOFU {split}", TOFU_RECOVERED, out / f"robustness_{split}.csv")
     config_rows = [
         [run.label, f"`{run.name}`", *(_hparam_text(run.hparams.get(k)) for k in HPARAMS)]
         for run, _ in summary.selected
@@ -356,6 +360,51 @@ def _tradeoff_section(summary: SplitSummary, out: Path) -> list[str]:
     ]
 
 
+def _before_after(entry: Mapping[str, tuple[float, float]]) -> str:
+    """``before → after`` (means); the delta's sd in brackets when there are several runs."""
+    (before, _), (after, _), (_, sd) = entry["before"], entry["after"], entry["delta"]
+    text = f"{fmt(before)} → {fmt(after)}"
+    return text + (f" (±{fmt(sd)})" if math.isfinite(sd) else "")
+
+
+def robustness_section(
+    runs: Sequence[RunResult], title: str, recovered: Sequence[RecoveredMetric], csv_path: Path
+) -> list[str]:
+    """Method x attack: every recovered metric unattacked → attacked (means over the method's runs), and a CSV."""
+    rows: list[AttackRow] = attack_rows(runs, recovered)
+    if not rows:
+        return []
+    header = ["Method", "Attack", "runs", *(f"{m.label} (unattacked → attacked)" for m in recovered)]
+    md = [
+        [row.label, f"`{row.attack}`", str(row.runs), *(_before_after(row.values[m.key]) for m in recovered)]
+        for row in rows
+    ]
+    stats = [
+        f"{m.key}_{side}_{stat}" for m in recovered for side in ("before", "after", "delta") for stat in ("mean", "sd")
+    ]
+    raw = [
+        [
+            row.label,
+            row.attack,
+            row.runs,
+            *(row.values[m.key][side][k] for m in recovered for side in ("before", "after", "delta") for k in (0, 1)),
+        ]
+        for row in rows
+    ]
+    _write_csv(csv_path, ["Method", "Attack", "runs", *stats], raw)
+    return [
+        f"### Robustness: attacks on the unlearned model ({title})",
+        "",
+        "Each attacked run's last model, before and after each attack (relearning attacks are scored on the forget "
+        "rows they did not train on, quantization on every row; see each run's `attacks/<attack>/attack.json`). "
+        "Means over the method's runs; in brackets the sd of the change over runs. Forget ROUGE, probability and "
+        "truth ratio rising (FQ falling) toward the original model's values means forgotten answers came back.",
+        "",
+        _markdown(header, md),
+        "",
+    ]
+
+
 def _muse_section(
     runs: Sequence[RunResult],
     rule: SelectionRule,
@@ -411,6 +460,16 @@ def _muse_section(
         "",
         _markdown(header, rows),
         "",
+        *[
+            line
+            for corpus in corpora
+            for line in robustness_section(
+                [r for r in muse if r.split == corpus],
+                f"MUSE {corpus}",
+                MUSE_RECOVERED,
+                out / f"robustness_{corpus}.csv",
+            )
+        ],
     ]
 
 

@@ -24,9 +24,12 @@ from baldro_lightning.evaluation.run_record import (
     EvalLogError,
     load_eval_json,
     per_sample_of,
+    read_attack_record,
     read_per_sample,
+    run_attack_records,
     run_step_evals,
 )
+from baldro_lightning.robustness.recovery import RecoveredMetric
 from baldro_lightning.user_errors import UserInputError
 
 METHOD_ORDER = ("GradAscent", "GradDiff", "NPO", "SimNPO", "SatImp")
@@ -64,6 +67,8 @@ class RunResult:
     per_sample: Path | None = None
     extra: dict[str, float] = field(default_factory=dict)
     """Metrics computed by the report (Fluency)."""
+    attacks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Attack records (``attack.json``: ``meta`` and ``recovery``) by attack name, when the run was attacked."""
 
     @functools.cached_property
     def balance(self) -> BalanceTrajectory | None:
@@ -201,6 +206,10 @@ def load_run(path: Path) -> RunResult | None:
     muse = _is_muse(final)
     split = final.get("meta", {}).get("corpus" if muse else "forget_split") or "unknown"
     per_sample = per_sample_of(evals[-1])
+    try:
+        attacks = {path.parent.name: read_attack_record(path) for path in run_attack_records(directory)}
+    except EvalLogError as err:
+        raise ReportError(str(err)) from err
     return RunResult(
         name=directory.name,
         directory=directory,
@@ -213,6 +222,7 @@ def load_run(path: Path) -> RunResult | None:
         first=first,
         history=results,
         per_sample=per_sample if per_sample.is_file() else None,
+        attacks=attacks,
     )
 
 
@@ -394,3 +404,50 @@ def tradeoff_history(run: RunResult, forget_key: str = "exact_memorization") -> 
         return None
     forget, utility = zip(*pairs, strict=True)
     return np.array(forget), np.array(utility)
+
+
+@dataclass(frozen=True)
+class AttackRow:
+    """One method under one attack: each recovered metric's unattacked and attacked value over the method's runs."""
+
+    method: tuple[str, str]
+    """``(method, variant)``."""
+    attack: str
+    runs: int
+    """How many runs the means are over (e.g. seeds)."""
+    values: dict[str, dict[str, tuple[float, float]]]
+    """metric key -> ``{"before"|"after"|"delta": (mean, sd)}``; sd is NaN for one run, NaN means no value."""
+
+    @property
+    def label(self) -> str:
+        method, variant = self.method
+        return method if not variant else f"{method} + {variant}"
+
+
+def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    finite = np.array([v for v in values if v is not None and math.isfinite(v)], dtype=float)
+    if finite.size == 0:
+        return math.nan, math.nan
+    return float(finite.mean()), float(finite.std(ddof=1)) if finite.size > 1 else math.nan
+
+
+def attack_rows(runs: Sequence[RunResult], metrics: Sequence[RecoveredMetric]) -> list[AttackRow]:
+    """Method x attack: the mean and sd over each method's attacked runs of every metric's before/after/delta.
+
+    Example: two NPO runs whose ``relearn_forget`` records give forget probability 0.1 -> 0.3 and 0.2 -> 0.6 make
+    one row with before (0.15, 0.071), after (0.45, 0.212) and delta (0.3, 0.141).
+    """
+    rows = []
+    for key, group in group_by_method(r for r in runs if r.attacks).items():
+        names = sorted({name for run in group for name in run.attacks})
+        for name in names:
+            records = [run.attacks[name]["recovery"] for run in group if name in run.attacks]
+            values = {
+                metric.key: {
+                    side: _mean_sd([(record.get(metric.key) or {}).get(side) for record in records])
+                    for side in ("before", "after", "delta")
+                }
+                for metric in metrics
+            }
+            rows.append(AttackRow(key, name, len(records), values))
+    return rows

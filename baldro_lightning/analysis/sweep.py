@@ -253,12 +253,15 @@ _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def _base_section(configs: Sequence[dict[str, Any]], section: str) -> Any:
-    """The value of ``trainer.<section>`` in the last config that sets it (later configs replace lists)."""
+    """The value of ``trainer.<section>`` the configs compose to: a later config replaces it, and a list under
+    ``<section>+`` (jsonargparse's append, e.g. the attack callback of ``experiments/attacks/``) extends it."""
     found = None
     for data in configs:
         trainer = data.get("trainer") or {}
         if section in trainer:
             found = trainer[section]
+        if isinstance(trainer.get(f"{section}+"), list):
+            found = [*(found or []), *trainer[f"{section}+"]]
     return found
 
 

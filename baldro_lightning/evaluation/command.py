@@ -84,18 +84,9 @@ VOCABULARY: dict[str, str] = {
 """The training flags that data and model messages name, as the evaluate commands' flags."""
 
 
-def _parser(
-    prog: str, description: str, benchmark_help: str, max_length: int, max_length_help: str, settings: type
-) -> ArgumentParser:
-    """The flags every evaluation command has (model, data, output, prompt form, dtype, device), then the fields
-    of the benchmark's ``settings`` dataclass as top-level flags (``--batch_size``, not ``--settings.batch_size``)."""
-    # exit_on_error=False: a parse error is raised, and evaluation_main makes it one line (no usage dump).
-    parser = ArgumentParser(prog=prog, description=description, exit_on_error=False)
-    parser.add_argument("--model", required=True, help="model directory (save_pretrained) or Hub id in the cache")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer directory or id; defaults to --model")
-    parser.add_argument("--benchmark", required=True, help=benchmark_help)
-    parser.add_argument("--out", required=True, help="path of the eval.json to write")
-    parser.add_argument("--max_length", type=int, default=max_length, help=max_length_help)
+def add_input_format_arguments(parser: ArgumentParser) -> None:
+    """The prompt-form flags (``--prompt_template``, ``--chat``, the plain-form texts, ``--attention_from``) that
+    :func:`input_format_from` reads: every command that scores a saved model has them."""
     parser.add_argument(
         "--prompt_template",
         default=None,
@@ -121,6 +112,21 @@ def _parser(
         help="attention mask: 'lengths' (each row's tokens) or 'pad_ids' (the reference's ids != pad, methods P-14); "
         "default: the model's saved one, else lengths",
     )
+
+
+def _parser(
+    prog: str, description: str, benchmark_help: str, max_length: int, max_length_help: str, settings: type
+) -> ArgumentParser:
+    """The flags every evaluation command has (model, data, output, prompt form, dtype, device), then the fields
+    of the benchmark's ``settings`` dataclass as top-level flags (``--batch_size``, not ``--settings.batch_size``)."""
+    # exit_on_error=False: a parse error is raised, and evaluation_main makes it one line (no usage dump).
+    parser = ArgumentParser(prog=prog, description=description, exit_on_error=False)
+    parser.add_argument("--model", required=True, help="model directory (save_pretrained) or Hub id in the cache")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory or id; defaults to --model")
+    parser.add_argument("--benchmark", required=True, help=benchmark_help)
+    parser.add_argument("--out", required=True, help="path of the eval.json to write")
+    parser.add_argument("--max_length", type=int, default=max_length, help=max_length_help)
+    add_input_format_arguments(parser)
     parser.add_argument("--dtype", default="float32", choices=get_args(TorchDtype), help="weights dtype")
     parser.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
     parser.add_class_arguments(settings, nested_key=None, as_group=True)

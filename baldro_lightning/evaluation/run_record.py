@@ -6,12 +6,23 @@ An evaluation directory (``<log_dir>/eval`` unless a callback's ``dirpath`` says
     step_000040/eval.json
     per_sample.csv             TOFU forgetting curves: one row per (evaluation, forget sample)
 
-and the evaluate commands write one ``eval.json`` wherever ``--out`` says. Everything that writes or reads these
-files goes through this module: ``eval.json`` (:func:`write_eval_json`, :func:`load_eval_json`), the step layout
-(:func:`step_eval_path`, :func:`run_step_evals`, :func:`remove_steps_after` for a resumed run), ``per_sample.csv``
-(:data:`CURVES`, :func:`write_per_sample`, :func:`read_per_sample`) and the retain model's ``eval.json`` that
-forget quality and privleak compare to (:func:`reference_truth_ratios`, :func:`reference_min_k_auc`,
-:func:`reference_privleak_auc`), with the checks that it fits the evaluation at hand.
+and the evaluate commands write one ``eval.json`` wherever ``--out`` says. Attacks on a finished model (relearning,
+quantization: :mod:`baldro_lightning.robustness`) write an attack directory (``<log_dir>/attacks`` at the end of
+``fit``, or the ``--out`` of the attack commands)::
+
+    unattacked/eval.json               the model before any attack, every forget row
+    unattacked_held_out/eval.json      the same scores restricted to the forget rows relearning attacks hold out
+    <attack>/eval.json                 the attacked model's evaluation
+    <attack>/attack.json               what the attack did and the recovery of each forget metric (before, after)
+    <attack>/per_sample.csv            that recovery per forget row
+
+Everything that writes or reads these files goes through this module: ``eval.json`` (:func:`write_eval_json`,
+:func:`load_eval_json`), the step layout (:func:`step_eval_path`, :func:`run_step_evals`, :func:`remove_steps_after`
+for a resumed run), ``per_sample.csv`` (:data:`CURVES`, :func:`write_per_sample`, :func:`read_per_sample`), the
+attack layout (:func:`attack_paths`,
+:func:`write_attack_record`, :func:`read_attack_record`, :func:`run_attack_records`) and the retain model's
+``eval.json`` that forget quality and privleak compare to (:func:`reference_truth_ratios`,
+:func:`reference_min_k_auc`, :func:`reference_privleak_auc`), with the checks that it fits the evaluation at hand.
 """
 
 from __future__ import annotations
@@ -42,6 +53,18 @@ EVAL_DIR = "eval"
 
 CURVES: tuple[str, ...] = ("log_likelihood_ratio", "truth_ratio", "rougeL_recall", "dro_weight")
 """The per-sample quantities of ``per_sample.csv``, between its ``step, index`` and ``forget_step`` columns."""
+
+
+ATTACKS_DIR = "attacks"
+"""The attack directory under a trainer's log directory when the attack callback sets no ``dirpath``."""
+ATTACK_JSON = "attack.json"
+"""File name of one attack's record."""
+UNATTACKED = "unattacked"
+"""Attack-directory entry of the model's evaluation before any attack (every forget row)."""
+UNATTACKED_HELD_OUT = "unattacked_held_out"
+"""Attack-directory entry of the unattacked evaluation on the forget rows relearning attacks hold out."""
+ATTACK_PER_SAMPLE_COLUMNS: tuple[str, ...] = ("index", "metric", "before", "after", "delta")
+"""Columns of an attack's ``per_sample.csv``: one line per (forget row, recovered metric)."""
 
 
 class EvalLogError(UserInputError):
@@ -298,6 +321,7 @@ def reference_truth_ratios(
     indices: Sequence[int] | None = None,
     questions: Sequence[str] | None = None,
     benchmark: str | None = None,
+    subset: bool = False,
 ) -> np.ndarray:
     """The retain model's raw per-row forget truth ratios, checked against this evaluation's rows (methods §3.4).
 
@@ -309,6 +333,8 @@ def reference_truth_ratios(
         questions: Their questions (of ``<forget_split>_perturbed``), in row order; checked against the
             reference's ``meta.question_digests`` when it records one.
         benchmark: This evaluation's benchmark, named in the message when the questions differ.
+        subset: The evaluation scores only some of the reference's rows (the rows a relearning attack held out):
+            the reference must hold every one of ``indices``, and may hold more.
 
     Returns:
         (n_rows,) truth ratios ordered as ``sorted(indices)``.
@@ -332,7 +358,7 @@ def reference_truth_ratios(
         found = sorted(int(k) for k in by_index)
     except ValueError as err:
         raise EvalLogError(f"retain reference {file}: forget_truth_ratio has a non-integer row key ({err})") from err
-    if found != expected:
+    if (not set(expected) <= set(found)) if subset else found != expected:
         raise EvalLogError(
             f"retain reference {file} holds forget truth ratios for {describe_indices(found)} but this evaluation "
             f"of {forget_split} has {describe_indices(expected)} (a different --limit or split); "
@@ -493,3 +519,81 @@ def reference_row_losses(
             )
         out.append(np.array([_row_value(by_index[str(int(i))]) for i in wanted], dtype=np.float64))
     return out[0], out[1]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Attack records
+
+
+def default_attack_dir(log_dir: str | os.PathLike[str]) -> Path:
+    """``<log_dir>/attacks``: where the attack callback writes when it sets no ``dirpath``."""
+    return Path(log_dir) / ATTACKS_DIR
+
+
+def attack_paths(attack_dir: str | os.PathLike[str], name: str) -> dict[str, Path]:
+    """The files of entry ``name`` of an attack directory: ``eval`` (eval.json), ``record`` (attack.json) and
+    ``per_sample`` (per_sample.csv); the unattacked entries hold an ``eval`` only."""
+    folder = Path(attack_dir) / name
+    return {"eval": folder / EVAL_JSON, "record": folder / ATTACK_JSON, "per_sample": folder / PER_SAMPLE_CSV}
+
+
+def write_attack_record(
+    attack_dir: str | os.PathLike[str],
+    name: str,
+    record: Mapping[str, Any],
+    per_sample: Sequence[Mapping[str, Any]],
+) -> Path:
+    """Write one attack's ``attack.json`` and ``per_sample.csv`` (both atomically); returns the ``attack.json`` path.
+
+    Args:
+        attack_dir: The attack directory.
+        name: The attack's entry (its name).
+        record: ``{"meta": {...}, "recovery": {metric: {"before", "after", "delta"}}}``.
+        per_sample: Rows with the keys of :data:`ATTACK_PER_SAMPLE_COLUMNS`.
+    """
+    paths = attack_paths(attack_dir, name)
+    missing = [key for key in ("meta", "recovery") if key not in record]
+    if missing:
+        raise ValueError(f"attack record {name!r} lacks {missing}; it needs meta and recovery")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(ATTACK_PER_SAMPLE_COLUMNS)
+    for row in per_sample:
+        writer.writerow([_csv_cell(row[column]) for column in ATTACK_PER_SAMPLE_COLUMNS])
+    write_text_atomic(paths["per_sample"], buffer.getvalue())
+    return write_eval_json(record, paths["record"])
+
+
+def _csv_cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "" if not math.isfinite(value) else f"{value:.6g}"
+    return "" if value is None else str(value)
+
+
+def read_attack_record(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """An ``attack.json``: ``{"meta", "recovery"}``.
+
+    Raises:
+        EvalLogError: the file is missing, is not JSON, or lacks ``meta`` or ``recovery``.
+    """
+    file = Path(path)
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise EvalLogError(f"{file} cannot be read as an attack record ({err}); re-run the attack") from err
+    if not isinstance(data, dict) or not all(isinstance(data.get(key), dict) for key in ("meta", "recovery")):
+        raise EvalLogError(f"{file} is not an attack record (no meta/recovery); re-run the attack that wrote it")
+    return data
+
+
+def run_attack_records(run: str | os.PathLike[str]) -> list[Path]:
+    """A run directory's attack records (``attack.json``), by attack name.
+
+    Searched in ``<run>/attacks``, ``<run>/<logger name>/attacks`` and ``<run>/<name>/version_N/attacks``, as
+    :func:`run_step_evals` searches evaluations.
+    """
+    directory = Path(run)
+    found: list[Path] = []
+    for prefix in ("", "*/", "*/version_*/"):
+        found += directory.glob(f"{prefix}{ATTACKS_DIR}/*/{ATTACK_JSON}")
+    return sorted(found, key=lambda p: p.parent.name)

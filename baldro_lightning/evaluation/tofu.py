@@ -151,13 +151,23 @@ class TofuEvaluator(BenchmarkEvaluator):
     """How the evaluation runs: metric groups, retain reference, batch sizes, generation length, row limits."""
     attention_from: AttentionFrom = "lengths"
     """The attention mask, as in training: ``lengths`` or the reference's ``pad_ids`` (methods P-14)."""
+    forget_indices: tuple[int, ...] | None = None
+    """Score only these forget rows (row indices, within ``settings.limit``), e.g. the rows a relearning attack held
+    out; forget quality compares them with the retain reference's same rows. None: every forget row."""
 
     def __post_init__(self) -> None:
         problems = tokenizer_problems(self.tokenizer)
+        if self.forget_indices is not None and "mia" in self.settings.metric_groups:
+            problems.append(
+                "forget_indices scores a subset of the forget rows, but the mia group compares all forget rows with "
+                "the holdout (and the retain reference's AUC); drop mia from metric_groups"
+            )
         if problems:
             raise ValueError("TofuEvaluator inputs are invalid: " + "; ".join(problems))
         self.retain_split, self.holdout_split, self.perturbed_split = split_pairing(self.forget_split)
         self.rows = {plan.role: self._load(plan.split) for plan in self.plans()}
+        if self.forget_indices is not None and "forget" in self.rows:
+            self.rows["forget"] = self._only_rows(self.rows["forget"], self.forget_indices)
         self.notes: list[str] = []
         self.row_notes: list[str] = []
         self._reference_tr: np.ndarray | None = None
@@ -188,6 +198,17 @@ class TofuEvaluator(BenchmarkEvaluator):
         rows = load_split(self.benchmark, split)
         return rows if self.settings.limit is None else rows[: self.settings.limit]
 
+    def _only_rows(self, rows: list[dict[str, Any]], indices: Sequence[int]) -> list[dict[str, Any]]:
+        """The rows of ``rows`` whose index is in ``indices``, in row order; every index must be there."""
+        wanted = {int(i) for i in indices}
+        missing = wanted - {int(row["index"]) for row in rows}
+        if missing:
+            raise ValueError(
+                f"forget_indices {sorted(missing)[:6]} are not rows of {self.perturbed_split} (limit "
+                f"{self.settings.limit}); choose indices among its {len(rows)} rows"
+            )
+        return [row for row in rows if int(row["index"]) in wanted]
+
     def _check_reference(self) -> None:
         """Validate the retain reference now, before any model time is spent."""
         reference, groups = self.settings.retain_reference, self.settings.metric_groups
@@ -204,8 +225,10 @@ class TofuEvaluator(BenchmarkEvaluator):
                 self.forget_split,
                 len(forget_rows),
                 [row["index"] for row in forget_rows],
-                [row["question"] for row in forget_rows],
+                # A digest covers the reference's whole split: a subset's questions cannot be checked against it.
+                None if self.forget_indices is not None else [row["question"] for row in forget_rows],
                 str(self.benchmark),
+                subset=self.forget_indices is not None,
             )
         if "mia" in groups:
             counts = {
@@ -511,6 +534,7 @@ class TofuEvaluator(BenchmarkEvaluator):
                 plan.split: question_digest([row["question"] for row in self.rows[plan.role]]) for plan in self.plans()
             },
             "limit": self.settings.limit,
+            "forget_indices": None if self.forget_indices is None else sorted(self.forget_indices),
             "rouge_rows_limit": self.settings.rouge_rows_limit,
             "metric_groups": list(self.settings.metric_groups),
             "max_length": self.max_length,
