@@ -50,7 +50,8 @@ def test_split_callback_flags_takes_both_value_forms_and_leaves_the_rest():
 def test_edited_callbacks_sets_nested_arguments_of_the_named_class_only():
     edits = {"TofuEvaluation.settings.retain_reference": "r.json", "ExportPretrained.init_args.dirpath": "m"}
     out = edited_callbacks([EVALUATION, EXPORT], edits)
-    assert out[0]["init_args"] == {"criterion": "rouge", "settings": {"max_new_tokens": 48, "retain_reference": "r.json"}}
+    settings = {"max_new_tokens": 48, "retain_reference": "r.json"}
+    assert out[0]["init_args"] == {"criterion": "rouge", "settings": settings}
     assert out[1] == {**EXPORT, "init_args": {"dirpath": "m"}}
     assert "retain_reference" not in EVALUATION["init_args"]["settings"]  # the input is not changed
     with pytest.raises(CallbackEditError, match="names callback 'EarlyStopping', but the composed config has only"):

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
-from baldro_lightning.data.tokenization import load_tokenizer
+from baldro_lightning.data.tokenization import load_tokenizer, save_tokenizer
 from baldro_lightning.train.lora import LoRA, merged_model
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def save_pretrained_atomic(model, tokenizer, out_dir: str | os.PathLike) -> Path
     try:
         model.save_pretrained(staging)
         if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
+            save_tokenizer(tokenizer, staging)
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
