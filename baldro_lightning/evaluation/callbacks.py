@@ -8,6 +8,7 @@ and every rank aggregates the same numbers, so results equal a single-process ev
 from __future__ import annotations
 
 import logging
+import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Literal
@@ -17,9 +18,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
+from tqdm.auto import tqdm
 
 from baldro_lightning.evaluation import metrics
-from baldro_lightning.evaluation.engine import BenchmarkEvaluator, RowScores, shard_rows
+from baldro_lightning.evaluation.engine import BenchmarkEvaluator, RowScores, reporting_progress, shard_rows
 from baldro_lightning.evaluation.muse import MuseEvaluator, MuseSettings
 from baldro_lightning.evaluation.run_record import (
     CURVES,
@@ -50,6 +52,36 @@ def _gather_scores(local: dict[str, RowScores]) -> dict[str, RowScores]:
     return {role: RowScores.concat([p[role] for p in parts if p[role].indices]) for role in local}
 
 
+class EvaluationProgress:
+    """A progress bar for one evaluation, one bar per phase the engine reports (scoring, then generating).
+
+    Called as the engine's ``progress(phase, done, total)`` (:func:`~baldro_lightning.evaluation.engine.
+    reporting_progress`); a new bar starts when the phase changes or its count starts again.
+    """
+
+    def __init__(self, title: str) -> None:
+        """Start with no bar; the first report opens one.
+
+        Args:
+            title: What the bars are labelled with, e.g. ``"evaluation at step 13"``.
+        """
+        self.title = title
+        self._bar: Any = None
+        self._key: tuple[str, int] | None = None
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if (phase, total) != self._key or done < self._bar.n:
+            self.close()
+            self._key = (phase, total)
+            self._bar = tqdm(total=total, desc=f"{self.title}: {phase}", unit=" answers", leave=False)
+        self._bar.update(done - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
 class ScheduledEvaluation(Callback, ABC):
     """Evaluates the policy with a benchmark evaluator at the start of training, every N steps and/or every epoch.
 
@@ -60,6 +92,9 @@ class ScheduledEvaluation(Callback, ABC):
 
     needs_fsdp2 = True
     """Sharded generation needs an FSDP2 device mesh (see ``train.sharding.fsdp1_callback_problems``)."""
+
+    headline: tuple[tuple[str, str], ...] = ()
+    """(label, metric key) pairs printed after each evaluation when the trainer shows a progress bar."""
 
     def __init__(self, every_n_steps: int | None, every_epoch: bool, on_start: bool, dirpath: str | None) -> None:
         """Check and store the schedule every evaluation callback has.
@@ -128,7 +163,16 @@ class ScheduledEvaluation(Callback, ABC):
         world, rank = trainer.world_size, trainer.global_rank
         local = {role: shard_rows(r, rank, world) for role, r in evaluator.rows.items()}
         synced = dist_ops.is_distributed() and getattr(pl_module, "device_mesh", None) is not None
-        scores = _gather_scores(evaluator.score(pl_module.policy, local, synced_gpus=synced))
+        # The trainer's progress bar is on (rank zero only): so is the evaluation's, and a line with its result.
+        shown = trainer.is_global_zero and trainer.progress_bar_callback is not None
+        progress = EvaluationProgress(f"evaluation at step {step}") if shown else None
+        started = time.perf_counter()
+        try:
+            with reporting_progress(progress):
+                scores = _gather_scores(evaluator.score(pl_module.policy, local, synced_gpus=synced))
+        finally:
+            if progress is not None:
+                progress.close()
         result = {"meta": evaluator.meta(pl_module.policy, getattr(pl_module, "model_path", None))}
         result["meta"]["global_step"] = step
         result["metrics"] = evaluator.aggregate(scores)
@@ -136,6 +180,8 @@ class ScheduledEvaluation(Callback, ABC):
         self._log(trainer, result, extra, step)
         if trainer.is_global_zero:
             write_eval_json(result, step_eval_path(self._out_dir(trainer), step))
+        if shown:
+            tqdm.write(headline_text(step, time.perf_counter() - started, result["metrics"], self.headline))
 
     def _log(self, trainer: L.Trainer, result: dict[str, Any], extra: dict[str, float], step: int) -> None:
         values = {f"val/{k}": float(v["agg_value"]) for k, v in result["metrics"].items() if _is_number(v)}
@@ -160,6 +206,8 @@ class TofuEvaluation(ScheduledEvaluation):
     when it is above the ``retain_quantiles[1]`` quantile. ``rouge``: its greedy answer's ROUGE-L recall has
     dropped to ``rouge_threshold`` or below (no over-forgetting is defined).
     """
+
+    headline = (("forget ROUGE", "forget_Q_A_ROUGE"), ("MU", "model_utility"), ("FQ", "forget_quality"))
 
     def __init__(
         self,
@@ -314,6 +362,12 @@ class TofuEvaluation(ScheduledEvaluation):
         return fig
 
 
+def headline_text(step: int, seconds: float, metrics_: dict[str, Any], headline: tuple[tuple[str, str], ...]) -> str:
+    """One line with an evaluation's main numbers, e.g. ``evaluation at step 13 (4 s): forget ROUGE 0.812 | MU 0.7``."""
+    values = [f"{label} {metrics_[key]['agg_value']:.3g}" for label, key in headline if _is_number(metrics_.get(key))]
+    return f"evaluation at step {step} ({seconds:.0f} s): " + " | ".join(values)
+
+
 def _is_number(entry: Any) -> bool:
     value = entry.get("agg_value") if isinstance(entry, dict) else None
     return isinstance(value, int | float) and not isinstance(value, bool)
@@ -328,6 +382,13 @@ class MuseEvaluation(ScheduledEvaluation):
     and the other entries of :class:`baldro_lightning.evaluation.muse.MuseEvaluator`, and writes
     ``<dirpath>/step_<N>/eval.json``.
     """
+
+    headline = (
+        ("VerbMem forget", "forget_verbmem_ROUGE"),
+        ("KnowMem forget", "forget_knowmem_ROUGE"),
+        ("KnowMem retain", "retain_knowmem_ROUGE"),
+        ("PrivLeak", "privleak"),
+    )
 
     def __init__(
         self,

@@ -25,6 +25,7 @@ import lightning as L
 import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
@@ -123,7 +124,8 @@ class ExportPretrained(Callback):
             tokenizer = getattr(trainer.datamodule, "tokenizer", None)
             policy = consolidated_policy(pl_module.policy, state)
             out = save_pretrained_atomic(policy, tokenizer, self.directory(trainer))
-            log.warning("exported the trained model to %s", out)
+            # Lightning's own channel for run news (info level, rank zero): the path is news, not a warning.
+            rank_zero_info(f"exported the trained model to {out}")
         del state
         trainer.strategy.barrier("ExportPretrained")
 
@@ -233,7 +235,7 @@ def export_checkpoint(
         pass  # the base model has no generation_config.json: keep the defaults derived from its config
     policy = merged_model(base, state, None if lora is None else lora.peft_config())
     written = save_pretrained_atomic(policy, load_tokenizer(tokenizer or config_tokenizer or model_path), out)
-    log.warning("exported %s (base %s, LoRA %s) to %s", checkpoint, model_path, lora, written)
+    print(f"exported {checkpoint} (base {model_path}, LoRA {lora}) to {written}")
     return written
 
 
