@@ -141,3 +141,12 @@ def test_config_key_typo_is_rejected(capsys):
     with pytest.raises(SystemExit):
         cli_main([*fit_args("embedded/npo_dv"), "--model.init_args.gama=0.5"], run=False)
     assert "gama" in capsys.readouterr().err
+
+
+def test_tensorboard_loggers_write_no_hp_metric():
+    """LightningCLI logs the hyperparameters; with the default hp_metric TensorBoard would show an empty tag."""
+    files = [path for path in EXPERIMENTS.rglob("*.yaml") if "TensorBoardLogger" in path.read_text()]
+    assert files
+    for path in files:
+        logger = yaml.safe_load(path.read_text())["trainer"]["logger"]
+        assert logger["init_args"]["default_hp_metric"] is False, path

@@ -86,9 +86,9 @@ def make_run(
         out.parent.mkdir(parents=True)
         out.write_text(json.dumps(data))
     if per_sample:
-        lines = ["step,index,log_likelihood_ratio,truth_ratio,rougeL_recall,dro_weight,forget_step"]
+        lines = ["step,index,log_ppl_ratio,truth_ratio,rougeL_recall,dro_weight,forget_step"]
         for step in evals:
-            lines += [f"{step},{i},{-0.1 * step * (i + 1)},{0.1 + 0.05 * step},0.5,0.25,{2 * i}" for i in range(4)]
+            lines += [f"{step},{i},{0.1 * step * (i + 1)},{0.1 + 0.05 * step},0.5,0.25,{2 * i}" for i in range(4)]
         (logdir / "eval" / "per_sample.csv").write_text("\n".join(lines) + "\n")
     return run
 
@@ -299,6 +299,7 @@ def test_forgetting_balance_table_and_figure(tmp_path):
     original = tofu_metrics(0.001, 0.6)
     make_run(root, "npo", {0: original, 3: tofu_metrics(0.2, 0.58)}, per_sample=True)
     dv = make_run(root, "npo_dv", {0: original, 3: tofu_metrics(0.2, 0.58)}, objective="DV", tau=2.0, per_sample=True)
+    # The former layout (log_likelihood_ratio = -log_ppl_ratio) still reads: DV's rows as such a file.
     lines = ["step,index,log_likelihood_ratio,truth_ratio,rougeL_recall,dro_weight,forget_step"]
     lines += [f"{step},{i},{-0.5 * step / 3},0.1,0.5,0.25," for step in (0, 3) for i in range(4)]
     (dv / "tensorboard" / "eval" / "per_sample.csv").write_text("\n".join(lines) + "\n")

@@ -23,8 +23,10 @@ from tqdm.auto import tqdm
 from baldro_lightning.evaluation import metrics
 from baldro_lightning.evaluation.engine import BenchmarkEvaluator, RowScores, reporting_progress, shard_rows
 from baldro_lightning.evaluation.muse import MuseEvaluator, MuseSettings
+from baldro_lightning.evaluation.per_sample_figure import quantile_bands, run_figure
 from baldro_lightning.evaluation.run_record import (
     CURVES,
+    SampleCurves,
     default_eval_dir,
     per_sample_path,
     reference_truth_ratios,
@@ -220,6 +222,7 @@ class TofuEvaluation(ScheduledEvaluation):
         rouge_threshold: float = 0.3,
         dirpath: str | None = None,
         curves: bool = True,
+        per_sample_scalars: bool = False,
     ) -> None:
         """Evaluate the policy on TOFU on a schedule; record per-sample forgetting curves and synchrony.
 
@@ -234,7 +237,12 @@ class TofuEvaluation(ScheduledEvaluation):
             retain_quantiles: The retain model's truth-ratio quantiles that bound forgotten and over-forgotten.
             rouge_threshold: ROUGE-L recall at or below which a sample counts as forgotten (``criterion="rouge"``).
             dirpath: Where ``step_<N>/eval.json`` and ``per_sample.csv`` go; ``<log_dir>/eval`` when null.
-            curves: Record per-sample forgetting curves and synchrony.
+            curves: Record per-sample forgetting curves and synchrony: ``per_sample.csv``, and in TensorBoard the
+                quantiles over samples as ``val_per_sample/<curve>/{q10,q25,median,q75,q90}``, histograms, a
+                custom-scalars layout and a figure (median and bands, a heat map of every sample, DRO weights).
+            per_sample_scalars: Also log one TensorBoard scalar per forget sample and curve
+                (``val_per_sample/<curve>/<row>``; 400 charts for forget10), drawn together in the custom-scalars
+                layout.
         """
         super().__init__(every_n_steps, every_epoch, on_start, dirpath)
         self.settings = settings or TofuSettings()
@@ -248,6 +256,7 @@ class TofuEvaluation(ScheduledEvaluation):
         self.retain_quantiles = retain_quantiles
         self.rouge_threshold = rouge_threshold
         self.curves = curves
+        self.per_sample_scalars = per_sample_scalars
         self.history: list[dict[str, Any]] = []
         self._reference_nll: np.ndarray | None = None
         self._retain_tr: np.ndarray | None = None
@@ -269,7 +278,7 @@ class TofuEvaluation(ScheduledEvaluation):
         return evaluator
 
     def _evaluates_at_start(self) -> bool:
-        # The curves' log-likelihood ratio needs the policy before any update as its reference.
+        # The curves' log perplexity ratio needs the policy before any update as its reference.
         return self.on_start or self.curves
 
     def extend_result(
@@ -296,7 +305,7 @@ class TofuEvaluation(ScheduledEvaluation):
         entry = {
             "step": step,
             "index": list(forget.indices),
-            "log_likelihood_ratio": self._reference_nll - nll,
+            "log_ppl_ratio": nll - self._reference_nll,
             "truth_ratio": truth,
             "rougeL_recall": rouge,
             "dro_weight": weight,
@@ -305,7 +314,7 @@ class TofuEvaluation(ScheduledEvaluation):
         synchrony = self._synchrony()
         if trainer.is_global_zero:
             write_per_sample(per_sample_path(self._out_dir(trainer)), self.history, synchrony["forget_step_by_index"])
-            self._tensorboard_curves(trainer, entry)
+            self._tensorboard_curves(trainer, entry, synchrony)
         return synchrony
 
     def _synchrony(self) -> dict[str, Any]:
@@ -328,38 +337,60 @@ class TofuEvaluation(ScheduledEvaluation):
         return summary
 
     # -- per-sample outputs -------------------------------------------------------------------------------------
-    def _tensorboard_curves(self, trainer: L.Trainer, entry: dict[str, Any]) -> None:
+    def _tensorboard_curves(self, trainer: L.Trainer, entry: dict[str, Any], synchrony: dict[str, Any]) -> None:
         experiment = getattr(trainer.logger, "experiment", None)
         if not hasattr(experiment, "add_scalar"):
             return
         step = entry["step"]
         if len(self.history) == 1:
-            layout = {c: ["Multiline", [rf"curves/{c}/.*"]] for c in CURVES}
-            experiment.add_custom_scalars({"forgetting curves (one line per forget sample)": layout})
+            experiment.add_custom_scalars(per_sample_layout(self.per_sample_scalars))
         for curve in CURVES:
             values = np.asarray(entry[curve], dtype=float)
-            for index, value in zip(entry["index"], values, strict=True):
-                if np.isfinite(value):
-                    experiment.add_scalar(f"curves/{curve}/{index:04d}", value, step)
-            if np.isfinite(values).any():
-                experiment.add_histogram(f"curves_hist/{curve}", values[np.isfinite(values)], step)
-        experiment.add_figure("curves/all_samples", self._figure(), step)
+            finite = np.isfinite(values)
+            if not finite.any():
+                continue
+            bands = quantile_bands(values[None, :])[:, 0]
+            for name, value in zip(QUANTILE_TAGS, bands, strict=True):
+                experiment.add_scalar(f"{PER_SAMPLE_TAG}/{curve}/{name}", value, step)
+            experiment.add_histogram(f"{PER_SAMPLE_TAG}/{curve}", values[finite], step)
+            if self.per_sample_scalars:
+                for index, value in zip(entry["index"], values, strict=True):
+                    if np.isfinite(value):
+                        experiment.add_scalar(f"{PER_SAMPLE_TAG}/{curve}/{index:04d}", value, step)
+        curves = SampleCurves.from_history(self.history, synchrony["forget_step_by_index"])
+        band = None
+        if self._retain_tr is not None:
+            band = tuple(float(q) for q in np.nanquantile(self._retain_tr, self.retain_quantiles))
+        samples = len(curves.indices)
+        title = f"Per-sample forgetting at step {step}: {samples} forget samples, {self.criterion} criterion"
+        experiment.add_figure(f"{PER_SAMPLE_TAG}/figure", run_figure(curves, title, band), step)
 
-    def _figure(self):
-        import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+PER_SAMPLE_TAG = "val_per_sample"
+"""TensorBoard prefix of the per-sample curves: it sorts after ``train/`` and ``val/``, so they come first."""
 
-        steps = [h["step"] for h in self.history]
-        fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2))
-        for ax, curve in zip(axes, CURVES, strict=True):
-            matrix = np.stack([np.asarray(h[curve], dtype=float) for h in self.history])
-            ax.plot(steps, matrix, linewidth=0.6, alpha=0.5)
-            ax.set_title(curve)
-            ax.set_xlabel("step")
-        fig.tight_layout()
-        return fig
+QUANTILE_TAGS = ("q10", "q25", "median", "q75", "q90")
+"""Scalar names of the quantiles over forget samples logged at each evaluation (``per_sample_figure.QUANTILES``)."""
+
+
+def per_sample_layout(samples: bool) -> dict[str, dict[str, list[Any]]]:
+    """TensorBoard's custom-scalars layout of the per-sample curves.
+
+    One chart per curve with its median and the 10-90% band (a "Margin" chart: value, lower, upper); with
+    ``samples``, also one chart per curve with a line per forget sample (``per_sample_scalars``).
+    """
+    margins = {
+        f"{curve}: median, 10-90% of samples": [
+            "Margin",
+            [f"{PER_SAMPLE_TAG}/{curve}/median", f"{PER_SAMPLE_TAG}/{curve}/q10", f"{PER_SAMPLE_TAG}/{curve}/q90"],
+        ]
+        for curve in CURVES
+    }
+    layout = {"per-sample forgetting: median and 10-90% band": margins}
+    if samples:
+        lines = {curve: ["Multiline", [rf"{PER_SAMPLE_TAG}/{curve}/\d+"]] for curve in CURVES}
+        layout["per-sample forgetting: one line per sample"] = lines
+    return layout
 
 
 def headline_text(step: int, seconds: float, metrics_: dict[str, Any], headline: tuple[tuple[str, str], ...]) -> str:
