@@ -32,8 +32,11 @@ def test_combinations_are_the_shipped_grid():
     muse = {f"{b}/{m}{o}" for b in MUSE for m in METHODS[2:] for o in MUSE_OBJECTIVES}
     finetune = {f"embedded/finetune_{n}" for n in ("target", "retain90", "retain95", "retain99")}
     finetune |= {"muse_embedded/finetune_target", "muse_embedded/finetune_retain"}
-    assert names == tofu | muse | finetune | {"tofu/npo_dv_fsdp1"}
-    assert len(names) == 40 + 27 + 6 + 1
+    # Real TOFU on a CPU: tiny target and retain models, NPO x (Mean, G, DV).
+    tofu_cpu = {f"tofu_cpu/finetune_{n}" for n in ("target", "retain90", "retain95", "retain99")}
+    tofu_cpu |= {f"tofu_cpu/npo{o}" for o in ("", "_g", "_dv")}
+    assert names == tofu | muse | finetune | tofu_cpu | {"tofu/npo_dv_fsdp1"}
+    assert len(names) == 40 + 27 + 6 + 7 + 1
 
 
 def test_every_config_file_exists_and_is_used():
