@@ -346,3 +346,27 @@ def test_utility_at_matched_forgetting(tmp_path):
     dv = rows["NPO + BalDRO-DV"]
     assert (float(dv["MU at matched EM"]), float(dv["step at matched EM"])) == (0.66, 3.0)
     assert (out / "fig_tradeoff_forget01.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_zero_utility_input_is_named_with_the_nine_inputs(tmp_path):
+    """A tiny model on real TOFU answers no real-authors question: Ra-ROUGE 0 makes every MU 0."""
+    root = tmp_path / "grid"
+    zero = {**tofu_metrics(0.001, 0.0), "ra_Q_A_ROUGE": 0.0}
+    make_run(root, "npo", {0: zero, 3: {**tofu_metrics(0.2, 0.0), "ra_Q_A_ROUGE": 0.0}})
+    make_run(root, "npo_dv", {0: zero, 3: {**tofu_metrics(0.3, 0.0), "ra_Q_A_ROUGE": 0.0}}, objective="DV", tau=2.0)
+    out = tmp_path / "report"
+    md = report.write_report(report.load_runs([root]), out, report.SelectionRule(), figures=False).read_text()
+    assert "### Model utility's inputs (forget01)" in md
+    assert "Zero here: Ra-ROUGE;" in md
+    section = md.split("### Model utility's inputs (forget01)")[1].split("###")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ")][2:]  # after the header and the rule
+    assert [row.split(" | ")[0].lstrip("| ") for row in rows] == ["Original", "NPO", "NPO + BalDRO-DV"]
+    assert all(row.split(" | ")[5] == "**0.0000**" for row in rows)  # the Ra-ROUGE column, flagged
+    assert set(read_csv(out / "utility_inputs_forget01.csv")) == {"Original", "NPO", "NPO + BalDRO-DV"}
+
+
+def test_no_utility_inputs_table_without_a_zero_input(tmp_path):
+    root = tmp_path / "grid"
+    make_run(root, "npo", {0: tofu_metrics(0.001, 0.6), 3: tofu_metrics(0.2, 0.58)})
+    md = report.write_report(report.load_runs([root]), tmp_path / "report", report.SelectionRule(), figures=False)
+    assert "Model utility's inputs" not in md.read_text()
