@@ -11,37 +11,43 @@ subtypes" dump), a constructor's check as its message with the config key of the
 checks what can be checked without training: output directories, the model's files, ``--ckpt_path``, the data and
 the evaluation callbacks' retain references. Lightning's start-up messages are held until those checks pass, so a
 bad input's error is the first line the command prints.
+
+One callback of the composed list is changed by its class name: ``--trainer.callbacks.ExportPretrained.dirpath=X``
+(or ``...ExportPretrained.init_args.dirpath=X``, the key form sweep grids use) sets that argument of every
+``ExportPretrained`` in the list and leaves the other callbacks as the configs made them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import linecache
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import warnings
 from argparse import ArgumentError
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from logging.handlers import BufferingHandler
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import yaml
-from jsonargparse import set_parsing_settings
+from jsonargparse import ArgumentParser, Namespace, set_parsing_settings
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from baldro_lightning.atomic_files import check_writable
 
 # Imported for their classes (see the module docstring); callbacks and export also for the run-directory check.
 from baldro_lightning.data import datamodule, muse  # noqa: F401
-from baldro_lightning.evaluation import callbacks
+from baldro_lightning.evaluation import callbacks as evaluation_callbacks
 from baldro_lightning.evaluation.callbacks import ScheduledEvaluation
 from baldro_lightning.evaluation.muse import MuseSettings
 from baldro_lightning.evaluation.run_record import PER_SAMPLE_CSV, default_eval_dir
@@ -58,6 +64,7 @@ log = logging.getLogger(__name__)
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 PROGRAM = "python -m baldro_lightning"
+"""How the commands are started; ``--help`` and error messages name it (instead of ``__main__.py``)."""
 
 VOCABULARY: dict[str, str] = {
     # The evaluation settings are the `settings:` block of an evaluation callback in a training config.
@@ -125,6 +132,110 @@ class HeldMessages:
         self._buffer.buffer.clear()
 
 
+CALLBACK_KEY = "trainer.callbacks."
+"""Prefix of an override key that edits one callback of the list by class name: ``trainer.callbacks.<Class>.<arg>``."""
+
+_CALLBACK_FLAG = re.compile(r"--trainer\.callbacks\.(?P<key>[A-Z]\w*\..+)")
+"""A command-line flag ``--trainer.callbacks.<Class>.<arg>[=value]``: a capitalised class name, then its argument.
+
+jsonargparse's own ``--trainer.callbacks.<arg>`` (lower-case, no class) edits the last callback of the list and is
+left to it.
+"""
+
+
+class CallbackEditError(UserInputError):
+    """An edit of the callback list names a class the list lacks, or is not ``<Class>[.init_args].<arg>``."""
+
+
+def callback_class_name(entry: Mapping[str, Any]) -> str:
+    """The class name of a ``class_path`` entry: ``ExportPretrained`` for ``...train.export.ExportPretrained``."""
+    return str(entry.get("class_path", "")).rsplit(".", 1)[-1]
+
+
+def edited_callbacks(callbacks: Sequence[Any], edits: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A copy of ``callbacks`` (``class_path`` entries) with each ``{"<Class>.<arg>": value}`` edit applied.
+
+    ``<arg>`` may start with ``init_args.`` and may be nested (``TofuEvaluation.settings.retain_reference``); every
+    callback of that class in the list gets the value.
+
+    Raises:
+        CallbackEditError: an entry is not a ``class_path`` mapping, a key names no class of the list, or names no
+            argument.
+    """
+    out = []
+    for entry in callbacks:
+        if not isinstance(entry, Mapping) or "class_path" not in entry:
+            raise CallbackEditError(f"callback {entry!r} is not a `class_path:` entry; write it out in the config")
+        out.append(json.loads(json.dumps(entry)))
+    for key, value in edits.items():
+        name, _, arg = key.partition(".")
+        path = arg.split(".")
+        if path[0] == "init_args":
+            path = path[1:]
+        if not name or not path or not all(path):
+            raise CallbackEditError(
+                f"{CALLBACK_KEY}{key}: name a callback and one of its arguments, "
+                f"{CALLBACK_KEY}<Class>.<arg> (e.g. {CALLBACK_KEY}ExportPretrained.dirpath)"
+            )
+        targets = [entry for entry in out if callback_class_name(entry) == name]
+        if not targets:
+            have = ", ".join(sorted({callback_class_name(entry) for entry in out})) or "none"
+            raise CallbackEditError(
+                f"{CALLBACK_KEY}{key} names callback {name!r}, but the composed config has only: {have}; "
+                f"add it with --trainer.callbacks+={name} or fix the class name"
+            )
+        for entry in targets:
+            target = entry["init_args"] = entry.get("init_args") or {}
+            for part in path[:-1]:  # a nested argument, e.g. settings.retain_reference
+                if not isinstance(target.get(part), dict):
+                    target[part] = {}
+                target = target[part]
+            target[path[-1]] = value
+    return out
+
+
+def split_callback_flags(args: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    """The ``--trainer.callbacks.<Class>.<arg>`` flags of a command line, and the other arguments.
+
+    Returns:
+        ``({"<Class>.<arg>": value read as YAML, as jsonargparse reads a flag's value}, the other arguments)``.
+        ``--flag=value`` and ``--flag value`` are both accepted.
+    """
+    edits: dict[str, Any] = {}
+    rest: list[str] = []
+    position = 0
+    while position < len(args):
+        arg = args[position]
+        match = _CALLBACK_FLAG.fullmatch(arg.split("=", 1)[0]) if arg.startswith("--") else None
+        if match is None:
+            rest.append(arg)
+        elif "=" in arg:
+            edits[match["key"]] = yaml.safe_load(arg.split("=", 1)[1])
+        elif position + 1 < len(args):
+            position += 1
+            edits[match["key"]] = yaml.safe_load(args[position])
+        else:
+            raise CallbackEditError(f"{arg} needs a value: {arg}=<value>")
+        position += 1
+    return edits, rest
+
+
+def _check_edited(callbacks: Sequence[Mapping[str, Any]], names: set[str]) -> None:
+    """Validate the edited callbacks against their classes' signatures, so that a bad value is reported on its own.
+
+    Raises:
+        CallbackEditError: naming the callback, the argument and the expected type.
+    """
+    checker = ArgumentParser(exit_on_error=False)
+    checker.add_argument("--callback", type=Callback)
+    for entry in callbacks:
+        if callback_class_name(entry) in names:
+            try:
+                checker.parse_object({"callback": entry})
+            except ArgumentError as err:
+                raise CallbackEditError(f"{CALLBACK_KEY}{callback_class_name(entry)}: {err}") from None
+
+
 class BaldroCLI(LightningCLI):
     """Any LightningModule/DataModule by ``class_path``; the data module's tokenizer is the model's (a link).
 
@@ -188,7 +299,7 @@ class BaldroCLI(LightningCLI):
                 "model directory"
             )
         try:
-            super().parse_arguments(parser, args)
+            self._parse_with_callback_edits(parser, args)
         except ArgumentError as err:
             raise ConfigError(describe_argument_error(err, f"{PROGRAM} {self._subcommand_name}")) from err
         # Before LightningCLI reads the checkpoint's hyperparameters into the config (_parse_ckpt_path).
@@ -196,6 +307,30 @@ class BaldroCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path is not None and str(ckpt_path) not in _CHECKPOINT_ALIASES:
             self._checkpoint_shapes = checkpoint_policy_shapes(ckpt_path, "--ckpt_path")
+
+    def _parse_with_callback_edits(self, parser: LightningArgumentParser, args: Any) -> None:
+        """LightningCLI's parsing, plus edits of one callback by class name (``--trainer.callbacks.<Class>.<arg>``).
+
+        jsonargparse alone applies ``--trainer.callbacks.<arg>`` to the last callback of the list, so an edit by class
+        name is done in two passes: parse without the edits to get the composed callback list, then parse again with
+        the edited list given as ``--trainer.callbacks``, which validates each value against its class's signature
+        and puts it in the saved ``config.yaml``.
+        """
+        if isinstance(args, dict | Namespace) or (args is None and len(sys.argv) <= 1):
+            return super().parse_arguments(parser, args)
+        argv = list(sys.argv[1:] if args is None else args)
+        edits, rest = split_callback_flags(argv)
+        if not edits or any(arg in ("-h", "--help") for arg in rest):
+            self.config = parser.parse_args(argv)
+            return
+        # --print_config would print the unedited config and exit during the first pass.
+        first = parser.parse_args([arg for arg in rest if not arg.startswith("--print_config")])
+        prefix = f"{first.subcommand}." if first.get("subcommand") else ""
+        callbacks = first.get(f"{prefix}trainer.callbacks") or []
+        plain = [entry.as_dict() if hasattr(entry, "as_dict") else entry for entry in callbacks]
+        edited = edited_callbacks(plain, edits)
+        _check_edited(edited, {key.split(".", 1)[0] for key in edits})
+        self.config = parser.parse_args([*rest, f"--trainer.callbacks={json.dumps(edited)}"])
 
     def _subcommand_config(self) -> Any:
         return self.config[self.subcommand] if self.subcommand else self.config
@@ -390,7 +525,7 @@ def run_outputs(trainer: L.Trainer) -> list[Path]:
     for callback in trainer.callbacks:
         if isinstance(callback, ModelCheckpoint):
             found += _listed(Path(callback.dirpath or log_dir / "checkpoints"), ("*.ckpt",))
-        elif isinstance(callback, callbacks.ScheduledEvaluation):
+        elif isinstance(callback, evaluation_callbacks.ScheduledEvaluation):
             eval_dir = Path(callback.dirpath) if callback.dirpath else default_eval_dir(log_dir)
             found += _listed(eval_dir, ("step_*", PER_SAMPLE_CSV))
         elif isinstance(callback, export.ExportPretrained):
@@ -459,4 +594,14 @@ def cli_main(args: list[str] | None = None, run: bool = True, debug: bool = Fals
         run=run,
         auto_configure_optimizers=False,
         debug=debug,
+        parser_kwargs=parser_kwargs(),
     )
+
+
+def parser_kwargs() -> dict[str, Any]:
+    """The main parser's and every subcommand parser's options: named after :data:`PROGRAM`, no option prefixes.
+
+    ``allow_abbrev=False``: argparse would otherwise take ``--trainer.max_epoch=3`` as ``--trainer.max_epochs``.
+    """
+    strict = {"allow_abbrev": False}
+    return {"prog": PROGRAM, **strict, **{name: dict(strict) for name in LightningCLI.subcommands()}}

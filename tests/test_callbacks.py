@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from baldro_lightning.data.datamodule import ForgetRetainDataModule
 from baldro_lightning.data.tokenization import load_tokenizer
-from baldro_lightning.evaluation.callbacks import TofuEvaluation
+from baldro_lightning.evaluation.callbacks import TofuEvaluation, per_sample_layout
 from baldro_lightning.evaluation.run_record import CURVES
 from baldro_lightning.evaluation.tofu import TofuEvaluator, TofuSettings
 from baldro_lightning.train.losses import NLL, NPO
@@ -29,7 +29,7 @@ def _fit(tmp_path: Path, tiny_model: Path, tiny_benchmark: Path, callback: TofuE
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=steps,
-        logger=TensorBoardLogger(tmp_path, name="tb", version=""),
+        logger=TensorBoardLogger(tmp_path, name="tb", version="", default_hp_metric=False),
         callbacks=[callback, checkpoint],
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -64,9 +64,9 @@ def test_evaluates_at_start_and_every_step_with_curves(tmp_path, tiny_model, tin
         table = list(csv.DictReader(handle))
     assert len(table) == 3 * 4  # three evaluations x four forget rows
     assert set(table[0]) == {"step", "index", *CURVES, "forget_step"}
-    # At the first evaluation the policy is the reference: the log-likelihood ratio is exactly 0.
-    assert all(float(r["log_likelihood_ratio"]) == 0.0 for r in table if r["step"] == "0")
-    assert any(float(r["log_likelihood_ratio"]) != 0.0 for r in table if r["step"] == "2")
+    # At the first evaluation the policy is the reference: the log perplexity ratio is exactly 0.
+    assert all(float(r["log_ppl_ratio"]) == 0.0 for r in table if r["step"] == "0")
+    assert any(float(r["log_ppl_ratio"]) != 0.0 for r in table if r["step"] == "2")
     # DRO weights are recorded once training has seen the rows: a distribution over each batch.
     weights = [float(r["dro_weight"]) for r in table if r["step"] == "2"]
     assert all(0.0 <= w <= 1.0 for w in weights)
@@ -78,11 +78,44 @@ def test_evaluates_at_start_and_every_step_with_curves(tmp_path, tiny_model, tin
     accumulator = EventAccumulator(str(events[0]), size_guidance={"scalars": 0, "images": 0})
     accumulator.Reload()
     tags = accumulator.Tags()
-    assert "curves/truth_ratio/0000" in tags["scalars"]
     assert "val/model_utility" in tags["scalars"]
-    assert "curves/all_samples" in tags["images"]
+    # The spread over samples, not one chart per sample (that is opt-in, per_sample_scalars).
+    quantiles = {f"val_per_sample/{c}/{q}" for c in ("log_ppl_ratio", "truth_ratio") for q in ("q10", "median", "q90")}
+    assert quantiles <= set(tags["scalars"])
+    assert not [t for t in tags["scalars"] if t.split("/")[-1].isdigit()]
+    assert "val_per_sample/truth_ratio" in tags["histograms"]
+    assert "val_per_sample/figure" in tags["images"]
+    assert "hp_metric" not in tags["scalars"]
+    # Train and val first: every other tag group sorts after them.
+    groups = {t.split("/")[0] for t in tags["scalars"]} - {"epoch", "train", "val"}
+    assert groups == {"val_per_sample"} and sorted(["train", "val", *groups])[-1] == "val_per_sample"
     # Evaluation restored training mode on the policy and left the module usable.
     assert module.policy.training
+
+
+def test_per_sample_scalars_are_opt_in_and_drawn_in_one_chart_per_curve(tmp_path, tiny_model, tiny_benchmark):
+    callback = TofuEvaluation(
+        TofuSettings(max_new_tokens=4), criterion="rouge", per_sample_scalars=True, dirpath=str(tmp_path / "eval")
+    )
+    _fit(tmp_path, tiny_model, tiny_benchmark, callback, steps=1)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    rows = {t for t in accumulator.Tags()["scalars"] if t.startswith("val_per_sample/truth_ratio/0")}
+    assert rows == {f"val_per_sample/truth_ratio/{i:04d}" for i in range(4)}
+
+
+def test_per_sample_layout_has_a_band_chart_per_curve_and_lines_on_request():
+    layout = per_sample_layout(samples=False)
+    (charts,) = layout.values()
+    assert charts["truth_ratio: median, 10-90% of samples"] == [
+        "Margin",
+        ["val_per_sample/truth_ratio/median", "val_per_sample/truth_ratio/q10", "val_per_sample/truth_ratio/q90"],
+    ]
+    assert len(charts) == len(CURVES)
+    lines = per_sample_layout(samples=True)["per-sample forgetting: one line per sample"]
+    assert lines["dro_weight"] == ["Multiline", [r"val_per_sample/dro_weight/\d+"]]
 
 
 def test_truth_ratio_criterion_reads_the_retain_reference(tmp_path, tiny_model, tiny_benchmark):

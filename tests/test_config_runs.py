@@ -39,6 +39,15 @@ def muse_books_benchmark(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def hub_tofu_benchmark(tmp_path_factory: pytest.TempPathFactory, tiny_benchmark: Path) -> Path:
+    """The tiny benchmark with every retain split the Hub's TOFU has (retain95 and retain99 as retain90's rows)."""
+    root = Path(shutil.copytree(tiny_benchmark, tmp_path_factory.mktemp("hub_tofu") / "tofu"))
+    for split in ("retain95", "retain99"):
+        shutil.copy(root / "retain90.jsonl", root / f"{split}.jsonl")
+    return root
+
+
+@pytest.fixture(scope="module")
 def retain_references(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path):
     """``reference(callback, data) -> eval.json``: the tiny model's own evaluation as the retain reference.
 
@@ -94,7 +103,7 @@ def _data_override(config: dict, tiny_benchmark: Path, muse_books: Path) -> list
 def test_config_fast_dev_run(
     name: str,
     tiny_model: Path,
-    tiny_benchmark: Path,
+    hub_tofu_benchmark: Path,
     muse_books_benchmark: Path,
     retain_references,
     tmp_path: Path,
@@ -107,7 +116,8 @@ def test_config_fast_dev_run(
     # model and reference paths land in tmp_path.
     (tmp_path / "data").symlink_to(REPO / "data")
     monkeypatch.chdir(tmp_path)
-    overrides = [f"--model.init_args.model={tiny_model}", *_data_override(config, tiny_benchmark, muse_books_benchmark)]
+    data = _data_override(config, hub_tofu_benchmark, muse_books_benchmark)
+    overrides = [f"--model.init_args.model={tiny_model}", *data]
     cli = cli_main([*fit_args(name), *overrides, "--trainer.fast_dev_run=true"], run=False)
     for callback in cli.trainer.callbacks:
         reference = getattr(getattr(callback, "settings", None), "retain_reference", None)

@@ -34,8 +34,11 @@ def test_combinations_are_the_shipped_grid():
     finetune |= {"muse_embedded/finetune_target", "muse_embedded/finetune_retain"}
     # Issue 20: the embedded NPO runs x {mean, G, DV, DV released} with the attacks at the end of fit.
     attacked = {f"embedded/npo{o}_attacks" for o in TOFU_OBJECTIVES}
-    assert names == tofu | muse | finetune | attacked | {"tofu/npo_dv_fsdp1"}
-    assert len(names) == 40 + 27 + 6 + 4 + 1
+    # Real TOFU on a CPU: tiny target and retain models, NPO x (Mean, G, DV).
+    tofu_cpu = {f"tofu_cpu/finetune_{n}" for n in ("target", "retain90", "retain95", "retain99")}
+    tofu_cpu |= {f"tofu_cpu/npo{o}" for o in ("", "_g", "_dv")}
+    assert names == tofu | muse | finetune | attacked | tofu_cpu | {"tofu/npo_dv_fsdp1"}
+    assert len(names) == 40 + 27 + 6 + 4 + 7 + 1
 
 
 def test_every_config_file_exists_and_is_used():
@@ -163,3 +166,12 @@ def test_override_and_print_config_round_trip(tmp_path, capsys):
 def test_config_key_typo_is_rejected():
     with pytest.raises(ConfigError, match=r"^--model\.gama: UnlearningModule has no option 'gama'; check its spelling"):
         cli_main([*fit_args("embedded/npo_dv"), "--model.init_args.gama=0.5"], run=False)
+
+
+def test_tensorboard_loggers_write_no_hp_metric():
+    """LightningCLI logs the hyperparameters; with the default hp_metric TensorBoard would show an empty tag."""
+    files = [path for path in EXPERIMENTS.rglob("*.yaml") if "TensorBoardLogger" in path.read_text()]
+    assert files
+    for path in files:
+        logger = yaml.safe_load(path.read_text())["trainer"]["logger"]
+        assert logger["init_args"]["default_hp_metric"] is False, path

@@ -9,6 +9,7 @@ import json
 import math
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,15 @@ from baldro_lightning.data.tokenization import (
 from baldro_lightning.evaluation import tofu
 from baldro_lightning.evaluation.command import main as evaluate_main
 from baldro_lightning.evaluation.command import muse_main as evaluate_muse_main
-from baldro_lightning.evaluation.engine import AnswerExample, RowScores, score_examples, shard_rows
+from baldro_lightning.evaluation.engine import (
+    AnswerExample,
+    RowScores,
+    generate_answers,
+    position_budget_problem,
+    reporting_progress,
+    score_examples,
+    shard_rows,
+)
 from baldro_lightning.evaluation.muse import MuseSettings
 from baldro_lightning.evaluation.run_record import EvalLogError, load_eval_json
 from baldro_lightning.evaluation.tofu import TofuEvaluator, TofuSettings
@@ -493,3 +502,39 @@ def test_answerless_examples_score_nan_not_zero(tokenizer, model):
     with torch.no_grad():
         scores = score_examples(model, items, 2, tokenizer.pad_token_id)
     assert math.isnan(scores[0].nll_mean) and math.isfinite(scores[1].nll_mean)
+
+
+def test_engine_reports_every_batch_to_the_progress_context(tiny_benchmark, tokenizer, model):
+    calls: list[tuple[str, int, int]] = []
+    evaluator = make_evaluator(tiny_benchmark, tokenizer, metric_groups=["forget"])
+    with reporting_progress(lambda phase, done, total: calls.append((phase, done, total))):
+        evaluator.score(model)
+    evaluator.score(model)  # outside the context nothing is reported
+    scoring = [c for c in calls if c[0] == "scoring"]
+    generating = [c for c in calls if c[0] == "generating"]
+    # forget10 of the tiny benchmark: each row's answer, paraphrase and 5 perturbed answers, in batches of 5;
+    # one generation per row, in batches of 3.
+    rows = len(evaluator.rows["forget"])
+    assert [c[1] for c in scoring] == [min(5 * k, 7 * rows) for k in range(1, math.ceil(7 * rows / 5) + 1)]
+    assert [c[1] for c in generating] == [min(3 * k, rows) for k in range(1, math.ceil(rows / 3) + 1)]
+    assert {c[2] for c in scoring} == {7 * rows} and {c[2] for c in generating} == {rows}
+
+
+def test_position_budget_problem_names_the_numbers():
+    # 71 + 200 = 271 > 256: generation would run 15 positions past the model's.
+    problem = position_budget_problem(71, 200, 256)
+    assert "71 tokens) + 200 new tokens = 271 positions" in problem
+    assert "max_position_embeddings=256" in problem and "to at most 185" in problem
+    assert position_budget_problem(56, 200, 256) is None
+    assert position_budget_problem(10_000, 200, None) is None
+
+
+def test_generation_past_the_model_positions_warns(tokenizer, model):
+    prompt = encode_prompt(tokenizer, PromptTemplate(), "Where was AuthorA born?")
+    budget = model.config.max_position_embeddings - len(prompt)
+    with torch.no_grad():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # exactly fits: no warning
+            generate_answers(model, tokenizer, [prompt], 1, budget)
+        with pytest.warns(UserWarning, match="more than the model's max_position_embeddings"):
+            generate_answers(model, tokenizer, [prompt], 1, budget + 1)

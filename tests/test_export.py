@@ -9,7 +9,9 @@ The FSDP2 (distributed checkpoint) path is exercised by tests/test_distributed_r
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import lightning as L
@@ -21,7 +23,8 @@ from torch.testing import assert_close
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaForCausalLM
 
 from baldro_lightning.data.datamodule import ForgetRetainDataModule
-from baldro_lightning.train.export import ExportPretrained, main
+from baldro_lightning.data.tokenization import load_tokenizer
+from baldro_lightning.train.export import ExportPretrained, main, save_pretrained_atomic
 from baldro_lightning.train.lora import LoRA
 from baldro_lightning.train.losses import NLL, NPO
 from baldro_lightning.train.module import UnlearningModule
@@ -122,6 +125,9 @@ def test_callback_export_is_a_plain_model_computing_the_trained_policy(runs, bas
     text = "Where was AuthorI born?"
     assert tokenizer(text).input_ids == original(text).input_ids
     assert tokenizer.pad_token_id == original.pad_token_id
+    # transformers 4.x cannot load a directory whose tokenizer_class is 5's TokenizersBackend.
+    saved = json.loads((run / "model" / "tokenizer_config.json").read_text())
+    assert saved["tokenizer_class"] == "PreTrainedTokenizerFast"
 
 
 def test_lora_export_leaves_the_live_policy_unmerged(runs, base_model):
@@ -174,3 +180,29 @@ def test_command_line_errors_name_the_flag(tmp_path):
     with pytest.raises(UserInputError, match=r"directory without meta\.pt"):
         main(["--checkpoint", str(tmp_path / "not_a_checkpoint"), "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+OLD_TRANSFORMERS = os.environ.get("BALDRO_TRANSFORMERS4_PYTHON")
+"""A Python interpreter with transformers 4.x installed (pyproject's floor is 4.45), for the cross-version check."""
+
+
+@pytest.mark.skipif(not OLD_TRANSFORMERS, reason="set BALDRO_TRANSFORMERS4_PYTHON to a Python with transformers 4.x")
+def test_exported_directory_loads_with_transformers_4(tiny_model, tmp_path):
+    out = save_pretrained_atomic(
+        AutoModelForCausalLM.from_pretrained(str(tiny_model)), load_tokenizer(str(tiny_model)), tmp_path / "model"
+    )
+    text = "Where was AuthorI born?"
+    ids = AutoTokenizer.from_pretrained(str(out))(text).input_ids
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(str(out))(input_ids=torch.tensor([ids])).logits
+    script = (
+        "import sys, json, torch, transformers; from transformers import AutoTokenizer, AutoModelForCausalLM; "
+        "ids = AutoTokenizer.from_pretrained(sys.argv[1])(sys.argv[2]).input_ids; "
+        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); "
+        "print(json.dumps([transformers.__version__, ids, m(input_ids=torch.tensor([ids])).logits.tolist()]))"
+    )
+    run = subprocess.run([OLD_TRANSFORMERS, "-c", script, str(out), text], capture_output=True, text=True, check=True)
+    version, old_ids, old_logits = json.loads(run.stdout.strip().splitlines()[-1])
+    assert version.startswith("4.")
+    assert old_ids == ids
+    assert_close(torch.tensor(old_logits), logits, rtol=1e-5, atol=1e-5)

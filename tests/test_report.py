@@ -87,9 +87,9 @@ def make_run(
         out.parent.mkdir(parents=True)
         out.write_text(json.dumps(data))
     if per_sample:
-        lines = ["step,index,log_likelihood_ratio,truth_ratio,rougeL_recall,dro_weight,forget_step"]
+        lines = ["step,index,log_ppl_ratio,truth_ratio,rougeL_recall,dro_weight,forget_step"]
         for step in evals:
-            lines += [f"{step},{i},{-0.1 * step * (i + 1)},{0.1 + 0.05 * step},0.5,0.25,{2 * i}" for i in range(4)]
+            lines += [f"{step},{i},{0.1 * step * (i + 1)},{0.1 + 0.05 * step},0.5,0.25,{2 * i}" for i in range(4)]
         (logdir / "eval" / "per_sample.csv").write_text("\n".join(lines) + "\n")
     return run
 
@@ -326,6 +326,7 @@ def test_forgetting_balance_table_and_figure(tmp_path):
     original = tofu_metrics(0.001, 0.6)
     make_run(root, "npo", {0: original, 3: tofu_metrics(0.2, 0.58)}, per_sample=True)
     dv = make_run(root, "npo_dv", {0: original, 3: tofu_metrics(0.2, 0.58)}, objective="DV", tau=2.0, per_sample=True)
+    # The former layout (log_likelihood_ratio = -log_ppl_ratio) still reads: DV's rows as such a file.
     lines = ["step,index,log_likelihood_ratio,truth_ratio,rougeL_recall,dro_weight,forget_step"]
     lines += [f"{step},{i},{-0.5 * step / 3},0.1,0.5,0.25," for step in (0, 3) for i in range(4)]
     (dv / "tensorboard" / "eval" / "per_sample.csv").write_text("\n".join(lines) + "\n")
@@ -413,3 +414,27 @@ def test_robustness_table_and_figure_from_attack_records(tmp_path):
     assert "### Robustness: attacks on the unlearned model (TOFU forget01)" in text
     assert "| NPO | `relearn_forget` | 2 |" in text and "0.1500 → 0.4500 (±0.1414)" in text
     assert (out / "fig_robustness_forget01.png").is_file()
+
+
+def test_a_zero_utility_input_is_named_with_the_nine_inputs(tmp_path):
+    """A tiny model on real TOFU answers no real-authors question: Ra-ROUGE 0 makes every MU 0."""
+    root = tmp_path / "grid"
+    zero = {**tofu_metrics(0.001, 0.0), "ra_Q_A_ROUGE": 0.0}
+    make_run(root, "npo", {0: zero, 3: {**tofu_metrics(0.2, 0.0), "ra_Q_A_ROUGE": 0.0}})
+    make_run(root, "npo_dv", {0: zero, 3: {**tofu_metrics(0.3, 0.0), "ra_Q_A_ROUGE": 0.0}}, objective="DV", tau=2.0)
+    out = tmp_path / "report"
+    md = report.write_report(report.load_runs([root]), out, report.SelectionRule(), figures=False).read_text()
+    assert "### Model utility's inputs (forget01)" in md
+    assert "Zero here: Ra-ROUGE;" in md
+    section = md.split("### Model utility's inputs (forget01)")[1].split("###")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ")][2:]  # after the header and the rule
+    assert [row.split(" | ")[0].lstrip("| ") for row in rows] == ["Original", "NPO", "NPO + BalDRO-DV"]
+    assert all(row.split(" | ")[5] == "**0.0000**" for row in rows)  # the Ra-ROUGE column, flagged
+    assert set(read_csv(out / "utility_inputs_forget01.csv")) == {"Original", "NPO", "NPO + BalDRO-DV"}
+
+
+def test_no_utility_inputs_table_without_a_zero_input(tmp_path):
+    root = tmp_path / "grid"
+    make_run(root, "npo", {0: tofu_metrics(0.001, 0.6), 3: tofu_metrics(0.2, 0.58)})
+    md = report.write_report(report.load_runs([root]), tmp_path / "report", report.SelectionRule(), figures=False)
+    assert "Model utility's inputs" not in md.read_text()

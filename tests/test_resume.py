@@ -441,7 +441,7 @@ def _curves_history() -> list[dict]:
             {
                 "step": step,
                 "index": [0, 1],
-                "log_likelihood_ratio": np.array([0.0, -0.5 * step]),
+                "log_ppl_ratio": np.array([0.0, 0.5 * step]),
                 "truth_ratio": np.array([0.4, 0.6]),
                 "rougeL_recall": np.array(rouge),
                 "dro_weight": np.array([0.5, 0.5]),

@@ -13,11 +13,13 @@ from baldro_lightning.evaluation import run_record
 from baldro_lightning.evaluation.run_record import (
     CURVES,
     EvalLogError,
+    SampleCurves,
     default_eval_dir,
     load_eval_json,
     per_sample_of,
     per_sample_path,
     read_per_sample,
+    read_sample_curves,
     reference_privleak_auc,
     reference_row_losses,
     reference_truth_ratios,
@@ -138,7 +140,7 @@ def _history() -> list[dict]:
         {
             "step": 0,
             "index": [3, 7],
-            "log_likelihood_ratio": np.array([0.0, 0.0]),
+            "log_ppl_ratio": np.array([0.0, 0.0]),
             "truth_ratio": np.array([0.123456789, 2.0]),
             "rougeL_recall": np.array([1.0, np.nan]),
             "dro_weight": np.array([np.nan, np.nan]),
@@ -146,7 +148,7 @@ def _history() -> list[dict]:
         {
             "step": 4,
             "index": [3, 7],
-            "log_likelihood_ratio": np.array([-1.5, -0.25]),
+            "log_ppl_ratio": np.array([1.5, 0.25]),
             "truth_ratio": np.array([0.5, 3.0]),
             "rougeL_recall": np.array([0.2, 0.9]),
             "dro_weight": np.array([0.75, 0.25]),
@@ -164,7 +166,7 @@ def test_per_sample_round_trip(tmp_path):
     assert list(table) == ["step", "index", *CURVES, "forget_step"]
     np.testing.assert_array_equal(table["step"], [0, 0, 4, 4])
     np.testing.assert_array_equal(table["index"], [3, 7, 3, 7])
-    np.testing.assert_allclose(table["log_likelihood_ratio"], [0.0, 0.0, -1.5, -0.25])
+    np.testing.assert_allclose(table["log_ppl_ratio"], [0.0, 0.0, 1.5, 0.25])
     np.testing.assert_allclose(table["truth_ratio"], [0.123457, 2.0, 0.5, 3.0])
     np.testing.assert_allclose(table["rougeL_recall"], [1.0, math.nan, 0.2, 0.9])
     np.testing.assert_allclose(table["dro_weight"], [math.nan, math.nan, 0.75, 0.25])
@@ -235,3 +237,27 @@ def test_reference_row_losses_read_both_layouts(tmp_path):
     (tmp_path / "no_mia.json").write_text(json.dumps({"meta": {}, "metrics": {}}))
     with pytest.raises(EvalLogError, match="has no mia_loss, which the Reference attack needs"):
         reference_row_losses(tmp_path / "no_mia.json", [0], [7], forget_split="forget10")
+
+
+def test_former_per_sample_layout_reads_with_the_current_sign(tmp_path):
+    """Files written before the sign was unified held log_likelihood_ratio = NLL_before - NLL_now."""
+    path = tmp_path / "per_sample.csv"
+    header = "step,index,log_likelihood_ratio,truth_ratio,rougeL_recall,dro_weight,forget_step"
+    path.write_text(f"{header}\n4,3,-1.5,0.5,0.2,0.75,4.0\n")
+    table = read_per_sample(path)
+    assert "log_likelihood_ratio" not in table
+    np.testing.assert_allclose(table["log_ppl_ratio"], [1.5])
+
+
+def test_sample_curves_from_the_table_and_from_the_history_agree(tmp_path):
+    path = write_per_sample(per_sample_path(tmp_path), _history(), {"3": 4.0, "7": None})
+    from_file = read_sample_curves(path)
+    from_history = SampleCurves.from_history(_history(), {"3": 4.0, "7": None})
+    for curves in (from_file, from_history):
+        np.testing.assert_array_equal(curves.steps, [0, 4])
+        np.testing.assert_array_equal(curves.indices, [3, 7])
+        np.testing.assert_allclose(curves.values["log_ppl_ratio"], [[0.0, 0.0], [1.5, 0.25]])
+        np.testing.assert_allclose(curves.forget_step, [4.0, math.nan])
+    # Rows in any order land in their (evaluation, sample) cell: (step, index) = (4, 7) first here.
+    shuffled = {key: column[::-1] for key, column in read_per_sample(path).items()}
+    np.testing.assert_allclose(SampleCurves.from_table(shuffled).values["truth_ratio"], [[0.123457, 2.0], [0.5, 3.0]])

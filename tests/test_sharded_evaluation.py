@@ -265,7 +265,7 @@ def test_callback_on_two_ranks_equals_one_process(sharded_out, single_out, strat
     for key, want in want_table.items():
         got = got_table[key]
         assert got["forget_step"] == want["forget_step"], key
-        for column in ("log_likelihood_ratio", "truth_ratio", "rougeL_recall", "dro_weight"):
+        for column in ("log_ppl_ratio", "truth_ratio", "rougeL_recall", "dro_weight"):
             np.testing.assert_allclose(
                 float(got[column]), float(want[column]), rtol=TOLERANCE, atol=TOLERANCE, err_msg=f"{key} {column}"
             )

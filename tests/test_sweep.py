@@ -187,7 +187,7 @@ def test_colliding_labels_and_unknown_callback_are_rejected(tmp_path):
             "set": {"trainer.callbacks.EarlyStopping.init_args.patience": 3},
         },
     )
-    with pytest.raises(sweep.GridError, match="names callback 'EarlyStopping', but the base config has only"):
+    with pytest.raises(sweep.GridError, match="names callback 'EarlyStopping', but the composed config has only"):
         sweep.expand(sweep.load_grid(grid))
 
 

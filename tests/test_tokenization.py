@@ -6,8 +6,11 @@ off the vocabulary.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import pickle
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -26,6 +29,7 @@ from baldro_lightning.data.tokenization import (
     encode_prompt,
     encode_rows,
     load_tokenizer,
+    save_tokenizer,
 )
 from baldro_lightning.user_errors import UserInputError
 
@@ -254,6 +258,33 @@ def test_loaded_tokenizer_keeps_its_own_pad(tmp_path: Path, caplog: pytest.LogCa
         tok = load_tokenizer(str(tmp_path))
     assert tok.pad_token_id == PAD
     assert not caplog.records
+
+
+def test_saved_tokenizer_names_a_class_every_supported_transformers_loads(tmp_path: Path) -> None:
+    save_tokenizer(_build(), tmp_path)
+    # transformers 5 writes "TokenizersBackend" here, a class 4.x does not have.
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    tok = load_tokenizer(str(tmp_path))
+    assert tok("Where is Paris?").input_ids == [BOS, V["Where"], V["is"], V["Paris?"]]
+    assert (tok.pad_token_id, tok.eos_token_id) == (PAD, EOS)
+
+
+OLD_TRANSFORMERS = os.environ.get("BALDRO_TRANSFORMERS4_PYTHON")
+"""A Python interpreter with transformers 4.x installed (pyproject's floor is 4.45), for the cross-version check."""
+
+
+@pytest.mark.skipif(not OLD_TRANSFORMERS, reason="set BALDRO_TRANSFORMERS4_PYTHON to a Python with transformers 4.x")
+def test_saved_tokenizer_loads_with_transformers_4(tmp_path: Path) -> None:
+    save_tokenizer(_build(), tmp_path)
+    script = (
+        "import sys, transformers; from transformers import AutoTokenizer; "
+        "t = AutoTokenizer.from_pretrained(sys.argv[1]); "
+        "print(transformers.__version__, t('Where is Paris?').input_ids, t.pad_token_id)"
+    )
+    out = subprocess.run([OLD_TRANSFORMERS, "-c", script, str(tmp_path)], capture_output=True, text=True, check=True)
+    version, _, rest = out.stdout.strip().partition(" ")
+    assert version.startswith("4.")
+    assert rest == f"{[BOS, V['Where'], V['is'], V['Paris?']]} {PAD}"
 
 
 def test_nested_items_collate_key_by_key() -> None:

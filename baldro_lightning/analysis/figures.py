@@ -2,6 +2,10 @@
 
 Each function draws one figure from already-selected runs and returns the paths it wrote; a figure whose data the
 runs do not hold (one forget split only, no beta/lambda grid, no per-sample table) is skipped, not drawn empty.
+
+Figures are sized for a paper: :data:`PAPER_WIDTH` inches wide (two columns), fonts of 7-9 pt (:data:`PAPER_STYLE`),
+legends outside the data, one colour per DRO variant (:data:`VARIANT_COLORS`) or per base method, and medians drawn
+wherever a distribution is.
 """
 
 from __future__ import annotations
@@ -27,12 +31,34 @@ from baldro_lightning.analysis.runs import (
     selected_by_method,
     tradeoff_history,
 )
-from baldro_lightning.evaluation.run_record import read_per_sample
+from baldro_lightning.evaluation.per_sample_figure import LABELS, color_limit, draw_bands, draw_heatmap
+from baldro_lightning.evaluation.run_record import SampleCurves, read_sample_curves
 from baldro_lightning.robustness.recovery import TOFU_RECOVERED
 
 MARKERS = {"": "o", "BalDRO-G": "s", "BalDRO-DV": "^", "BalDRO-DV (released sign)": "v"}
+VARIANT_COLORS = {
+    "": "tab:blue",
+    "BalDRO-G": "tab:orange",
+    "BalDRO-DV": "tab:green",
+    "BalDRO-DV (released sign)": "tab:red",
+}
+"""One colour per DRO variant, the same in every figure (the default cycle's first four, as in the balance figure)."""
+SHORT_VARIANT = {"": "Mean", "BalDRO-G": "G", "BalDRO-DV": "DV", "BalDRO-DV (released sign)": "DV rel."}
+"""Variant names where a tick label has little room."""
 FQ_FLOOR = 1e-30
 """FQ is drawn on a log axis; a p-value of exactly 0 is drawn here."""
+PAPER_WIDTH = 7.0
+"""Inches: the text width of a two-column paper, the width of the redrawn figures."""
+PAPER_STYLE = {
+    "font.size": 8,
+    "axes.titlesize": 9,
+    "axes.labelsize": 8,
+    "xtick.labelsize": 7,
+    "ytick.labelsize": 7,
+    "legend.fontsize": 7,
+    "figure.titlesize": 10,
+}
+"""Font sizes that stay readable when a :data:`PAPER_WIDTH` figure is printed at that width."""
 
 
 def _colors(methods: Sequence[str]) -> dict[str, str]:
@@ -40,11 +66,16 @@ def _colors(methods: Sequence[str]) -> dict[str, str]:
     return {m: cycle[k % len(cycle)] for k, m in enumerate(dict.fromkeys(methods))}
 
 
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+def _save(fig, path: Path, dpi: int = 120) -> Path:
+    if not fig.get_layout_engine():
+        fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
+
+
+def _variant_label(variant: str) -> str:
+    return variant or "Mean"
 
 
 def _fq(value: float | None) -> float:
@@ -52,39 +83,55 @@ def _fq(value: float | None) -> float:
 
 
 def fq_vs_mu(summaries: Sequence[SplitSummary], out: Path) -> list[Path]:
-    """Every run's final FQ (log) against MU, one panel per forget split; Original, Retain and the MU threshold."""
+    """Every run's final FQ (log) against MU, one panel per forget split; Original, Retain and the MU threshold.
+
+    Colour is the base method, the marker the DRO variant; points are translucent with white edges so that
+    coinciding runs stay visible, and the legend sits below the panels, off the data.
+    """
 
     if not summaries:
         return []
     colors = _colors([r.method for s in summaries for r in s.runs])
-    fig, axes = plt.subplots(1, len(summaries), figsize=(5.5 * len(summaries), 4.5), squeeze=False)
-    for ax, summary in zip(axes[0], summaries, strict=True):
-        for run in summary.runs:
-            ax.scatter(
-                run.metric("model_utility") or math.nan,
-                _fq(run.metric("forget_quality")),
-                color=colors[run.method],
-                marker=MARKERS.get(run.variant, "x"),
-                alpha=0.8,
-            )
-        for name, result, color in (("Original", summary.original, "black"), ("Retain", summary.retain, "green")):
-            mu = metric_value(result, "model_utility")
-            fq = metric_value(result, "forget_quality") if name == "Original" else 1.0
-            if mu is not None:
-                ax.scatter(mu, _fq(fq), color=color, marker="*", s=160, label=name)
-        if summary.threshold is not None:
-            ax.axvline(summary.threshold, color="grey", linestyle="--", linewidth=1, label="MU threshold")
-        ax.set_yscale("log")
-        ax.set_xlabel("model utility (MU)")
-        ax.set_ylabel("forget quality (FQ)")
-        ax.set_title(f"TOFU {summary.split}")
-    handles = [plt.Line2D([], [], color=c, marker="o", linestyle="", label=m) for m, c in colors.items()]
-    handles += [
-        plt.Line2D([], [], color="grey", marker=mk, linestyle="", label=v or "Mean") for v, mk in MARKERS.items()
-    ]
-    handles += axes[0][-1].get_legend_handles_labels()[0]
-    axes[0][-1].legend(handles=handles, fontsize=7, loc="best")
-    return [_save(fig, out / "fig_fq_vs_mu.png")]
+    with plt.rc_context(PAPER_STYLE):
+        fig, axes = plt.subplots(
+            1, len(summaries), figsize=(PAPER_WIDTH, 2.7), squeeze=False, layout="constrained", sharey=True
+        )
+        for ax, summary in zip(axes[0], summaries, strict=True):
+            for run in summary.runs:
+                ax.scatter(
+                    run.metric("model_utility") or math.nan,
+                    _fq(run.metric("forget_quality")),
+                    color=colors[run.method],
+                    marker=MARKERS.get(run.variant, "x"),
+                    s=22,
+                    alpha=0.7,
+                    edgecolors="white",
+                    linewidths=0.4,
+                )
+            for name, result, color in (("Original", summary.original, "black"), ("Retain", summary.retain, "green")):
+                mu = metric_value(result, "model_utility")
+                fq = metric_value(result, "forget_quality") if name == "Original" else 1.0
+                if mu is not None:
+                    ax.scatter(mu, _fq(fq), color=color, marker="*", s=90, zorder=3, edgecolors="white", linewidths=0.5)
+            if summary.threshold is not None:
+                ax.axvline(summary.threshold, color="grey", linestyle="--", linewidth=0.8)
+            ax.set_yscale("log")
+            ax.set_xlabel("model utility (MU)")
+            ax.set_title(f"TOFU {summary.split}")
+            ax.grid(alpha=0.3, linewidth=0.5)
+        axes[0][0].set_ylabel("forget quality (FQ)")
+        handles = [plt.Line2D([], [], color=c, marker="o", linestyle="", label=m) for m, c in colors.items()]
+        handles += [
+            plt.Line2D([], [], color="grey", marker=mk, linestyle="", label=_variant_label(v))
+            for v, mk in MARKERS.items()
+        ]
+        handles += [
+            plt.Line2D([], [], color="black", marker="*", markersize=9, linestyle="", label="Original"),
+            plt.Line2D([], [], color="green", marker="*", markersize=9, linestyle="", label="Retain"),
+            plt.Line2D([], [], color="grey", linestyle="--", label="MU threshold"),
+        ]
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6), frameon=False)
+        return [_save(fig, out / "fig_fq_vs_mu.png", dpi=200)]
 
 
 def beta_lambda_heatmaps(summaries: Sequence[SplitSummary], rule: SelectionRule, out: Path) -> list[Path]:
@@ -129,31 +176,60 @@ def beta_lambda_heatmaps(summaries: Sequence[SplitSummary], rule: SelectionRule,
 
 
 def per_sample_curves(summaries: Sequence[SplitSummary], out: Path) -> list[Path]:
-    """Fig. 1a: per-sample log perplexity ratio to the original model and truth ratio over training steps.
+    """Fig. 1a: how the forget samples' forgetting spreads out over training, per DRO variant.
 
-    One figure per (forget split, base method), one column per DRO variant of that method's selected runs.
+    One figure per (forget split, base method). Top: the median over samples with the 25-75% band of each
+    selected variant, overlaid, for the log perplexity ratio to the model before unlearning (> 0: forgotten), the
+    truth ratio (log scale) and the DRO weight. Bottom: one heat map per variant, every sample a row sorted by its
+    forget step, on one colour scale.
     """
-
     paths = []
     for summary in summaries:
         for method, entries in selected_by_method(summary, lambda run: run.per_sample).items():
-            runs = [run for run, _ in entries]
-            fig, axes = plt.subplots(2, len(runs), figsize=(4 * len(runs), 6), squeeze=False, sharey="row")
-            for k, run in enumerate(runs):
-                table = read_per_sample(run.per_sample)
-                for row, (key, ylabel, sign) in enumerate(
-                    (("log_likelihood_ratio", "log(PPL / PPL before unlearning)", -1.0), ("truth_ratio", "TR", 1.0))
-                ):
-                    ax = axes[row][k]
-                    for index in np.unique(table["index"]):
-                        mask = table["index"] == index
-                        ax.plot(table["step"][mask], sign * table[key][mask], linewidth=0.7, alpha=0.6)
-                    ax.set_xlabel("step")
-                    ax.set_ylabel(ylabel)
-                    ax.set_title(run.label, fontsize=9)
-            fig.suptitle(f"Per-sample forgetting curves, TOFU {summary.split}")
-            paths.append(_save(fig, out / f"fig1a_curves_{summary.split}_{method}.png"))
+            curves = [(run, read_sample_curves(path)) for run, path in entries]
+            paths.append(_per_sample_figure(summary.split, method, curves, out))
     return paths
+
+
+def _per_sample_figure(split: str, method: str, runs: Sequence[tuple[RunResult, SampleCurves]], out: Path) -> Path:
+    overlay = ((1, 3, 0.2),)  # the 25-75% band only: four variants' 10-90% bands would cover each other
+    limit = color_limit([c.values["log_ppl_ratio"] for _, c in runs])
+    with plt.rc_context(PAPER_STYLE):
+        fig = plt.figure(figsize=(PAPER_WIDTH, 5.2), layout="constrained")
+        top, bottom = fig.subfigures(2, 1, height_ratios=(1.0, 1.15))
+        axes = top.subplots(1, 3)
+        for run, curves in runs:
+            color = VARIANT_COLORS.get(run.variant, "black")
+            for ax, curve in zip(axes, ("log_ppl_ratio", "truth_ratio", "dro_weight"), strict=True):
+                if curve in curves.values:
+                    draw_bands(
+                        ax,
+                        curves.steps,
+                        curves.values[curve],
+                        color,
+                        _variant_label(run.variant),
+                        log=curve == "truth_ratio",
+                        bands=overlay,
+                    )
+        for ax, curve in zip(axes, ("log_ppl_ratio", "truth_ratio", "dro_weight"), strict=True):
+            ax.set_xlabel("step")
+            ax.set_ylabel(LABELS[curve])
+            ax.grid(alpha=0.3, linewidth=0.5)
+        axes[0].axhline(0.0, color="grey", linewidth=0.6)
+        axes[0].set_title("forgetting (median, 25-75%)")
+        axes[1].set_title("truth ratio")
+        axes[2].set_title("DRO weight")
+        top.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", frameon=False)
+        maps = bottom.subplots(1, len(runs), sharey=True, squeeze=False)[0]
+        image = None
+        for ax, (run, curves) in zip(maps, runs, strict=True):
+            image = draw_heatmap(ax, curves, limit=limit)
+            ax.set_title(_variant_label(run.variant), color=VARIANT_COLORS.get(run.variant, "black"), fontsize=8)
+            if ax is not maps[0]:
+                ax.set_ylabel("")
+        bottom.colorbar(image, ax=list(maps), label="log(PPL / PPL before)", shrink=0.9)
+        fig.suptitle(f"Per-sample forgetting, {method}, TOFU {split}")
+        return _save(fig, out / f"fig1a_curves_{split}_{method}.png", dpi=200)
 
 
 def _trajectory_figure(
@@ -222,56 +298,115 @@ def tradeoff_curves(summaries: Sequence[SplitSummary], out: Path) -> list[Path]:
 
 
 def forget_step_spread(summaries: Sequence[SplitSummary], out: Path) -> list[Path]:
-    """Fig. 1b: the distribution of per-sample forget steps of each selected run (never-forgotten counted apart)."""
+    """Fig. 1b: the distribution of per-sample forget steps of each selected run, one panel per base method.
+
+    Within a panel each DRO variant is a box (quartiles, whiskers at 10% and 90%) over the samples that were
+    forgotten, with the samples as jittered dots and the median as a thick line with its value; the share never
+    forgotten, which a box cannot show, is written at the foot of each variant's column.
+    """
     paths = []
     for summary in summaries:
-        runs = [run for run, _ in summary.selected if "forget_step_by_index" in run.final.get("synchrony", {})]
-        if not runs:
+        groups = selected_by_method(summary, lambda run: run.final.get("synchrony", {}).get("forget_step_by_index"))
+        if not groups:
             continue
-        fig, ax = plt.subplots(figsize=(1.2 * len(runs) + 2, 4.5))
-        data, labels = [], []
-        for run in runs:
-            steps = [v for v in run.final["synchrony"]["forget_step_by_index"].values()]
-            finite = [float(v) for v in steps if v is not None]
-            data.append(finite or [math.nan])
-            never = len(steps) - len(finite)
-            labels.append(f"{run.label}\n(never: {never}/{len(steps)})")
-        ax.boxplot(data, showfliers=False)
-        rng = np.random.default_rng(0)  # jitter only; fixed so the figure is reproducible
-        for k, values in enumerate(data, 1):
-            ax.scatter(k + rng.uniform(-0.15, 0.15, len(values)), values, s=8, alpha=0.5, color="black")
-        ax.set_xticks(range(1, len(runs) + 1), labels, rotation=60, ha="right", fontsize=7)
-        ax.set_ylabel("forget step")
-        ax.set_title(f"Forget-step spread, TOFU {summary.split}")
-        paths.append(_save(fig, out / f"fig1b_forget_steps_{summary.split}.png"))
+        columns = min(3, len(groups))
+        rows = math.ceil(len(groups) / columns)
+        with plt.rc_context(PAPER_STYLE):
+            fig, axes = plt.subplots(
+                rows, columns, figsize=(PAPER_WIDTH, 2.3 * rows + 0.4), squeeze=False, sharey=True, layout="constrained"
+            )
+            rng = np.random.default_rng(0)  # jitter only; fixed so the figure is reproducible
+            for ax, (method, entries) in zip(axes.flat, groups.items(), strict=False):
+                _forget_step_panel(ax, method, entries, rng)
+            for ax in axes.flat[len(groups) :]:
+                ax.set_visible(False)
+            low, high = axes.flat[0].get_ylim()
+            axes.flat[0].set_ylim(low - 0.2 * (high - low), high)  # room for the "never" shares under the data
+            for row in axes:
+                row[0].set_ylabel("forget step")
+            fig.suptitle(f"Forget-step spread, TOFU {summary.split} (narrower = forgotten more together)")
+            paths.append(_save(fig, out / f"fig1b_forget_steps_{summary.split}.png", dpi=200))
     return paths
 
 
+def _forget_step_panel(ax, method: str, entries: Sequence[tuple[RunResult, dict]], rng: np.random.Generator) -> None:
+    labels = []
+    for k, (run, by_index) in enumerate(entries, 1):
+        steps = [float(v) for v in by_index.values() if v is not None]
+        color = VARIANT_COLORS.get(run.variant, "black")
+        never = 1 - len(steps) / max(len(by_index), 1)
+        labels.append(SHORT_VARIANT.get(run.variant, run.variant))
+        # Inside the axes, under the box: the share a box of forget steps cannot show.
+        ax.text(k, 0.02, f"{never:.0%}\nnever", transform=ax.get_xaxis_transform(), ha="center", fontsize=6)
+        if not steps:
+            continue
+        ax.boxplot(
+            [steps],
+            positions=[k],
+            widths=0.55,
+            whis=(10, 90),
+            showfliers=False,
+            patch_artist=True,
+            boxprops={"facecolor": color, "alpha": 0.25, "edgecolor": color},
+            whiskerprops={"color": color},
+            capprops={"color": color},
+            medianprops={"color": "black", "linewidth": 2},
+        )
+        ax.scatter(k + rng.uniform(-0.18, 0.18, len(steps)), steps, s=4, alpha=0.45, color=color, linewidths=0)
+        median = float(np.median(steps))
+        ax.annotate(f"{median:g}", (k + 0.3, median), fontsize=6.5, va="center")
+    ax.set_xticks(range(1, len(entries) + 1), labels)
+    ax.set_xlim(0.4, len(entries) + 0.7)
+    ax.set_title(method)
+    ax.grid(axis="y", alpha=0.3, linewidth=0.5)
+
+
 def forget_ratio_sweep(summaries: Sequence[SplitSummary], methods: Sequence[str], out: Path) -> list[Path]:
-    """Fig. 3: FQ and MU of the selected runs against the forget split, for the base methods in ``methods``."""
+    """Fig. 3: FQ and MU of the selected runs against the forget split, for the base methods in ``methods``.
+
+    Colour is the base method, marker and line style the DRO variant; each variant is shifted a little along x so
+    that runs with equal values do not hide each other, and the legend sits below the panels.
+    """
     if len(summaries) < 2:
         return []
-    series: dict[str, dict[str, tuple[float, float]]] = defaultdict(dict)
+    series: dict[tuple[str, str], dict[str, tuple[float | None, float | None]]] = defaultdict(dict)
     for summary in summaries:
         for run, _ in summary.selected:
             if run.method in methods:
-                series[run.label][summary.split] = (run.metric("forget_quality"), run.metric("model_utility"))
+                series[(run.method, run.variant)][summary.split] = (
+                    run.metric("forget_quality"),
+                    run.metric("model_utility"),
+                )
     if not series:
         return []
     splits = [s.split for s in summaries]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for label, points in series.items():
-        x = [k for k, s in enumerate(splits) if s in points]
-        axes[0].plot(x, [_fq(points[splits[k]][0]) for k in x], marker="o", label=label)
-        axes[1].plot(x, [points[splits[k]][1] or math.nan for k in x], marker="o", label=label)
-    for ax, name in ((axes[0], "FQ"), (axes[1], "MU")):
-        ax.set_xticks(range(len(splits)), splits)
-        ax.set_xlabel("forget split")
-        ax.set_ylabel(name)
-    axes[0].set_yscale("log")
-    axes[1].legend(fontsize=7)
-    fig.suptitle("Forget-ratio sweep (selected run per split)")
-    return [_save(fig, out / "fig3_forget_ratio.png")]
+    colors = _colors([method for method, _ in series])
+    variants = list(MARKERS)
+    styles = dict(zip(variants, ("-", "--", "-.", ":"), strict=True))
+    with plt.rc_context(PAPER_STYLE):
+        fig, axes = plt.subplots(1, 2, figsize=(PAPER_WIDTH, 3.0), layout="constrained")
+        for (method, variant), points in series.items():
+            shift = 0.06 * (variants.index(variant) - 1.5) if variant in variants else 0.0
+            x = [k for k, s in enumerate(splits) if s in points]
+            style = {
+                "color": colors[method],
+                "marker": MARKERS.get(variant, "x"),
+                "linestyle": styles.get(variant, "-"),
+                "markersize": 4,
+                "linewidth": 1.2,
+                "label": f"{method} + {variant}" if variant else method,
+            }
+            axes[0].plot([k + shift for k in x], [_fq(points[splits[k]][0]) for k in x], **style)
+            axes[1].plot([k + shift for k in x], [points[splits[k]][1] or math.nan for k in x], **style)
+        for ax, name in ((axes[0], "forget quality (FQ)"), (axes[1], "model utility (MU)")):
+            ax.set_xticks(range(len(splits)), splits)
+            ax.set_xlabel("forget split")
+            ax.set_ylabel(name)
+            ax.grid(alpha=0.3, linewidth=0.5)
+        axes[0].set_yscale("log")
+        fig.legend(*axes[1].get_legend_handles_labels(), loc="outside lower center", ncol=4, frameon=False)
+        fig.suptitle("Forget-ratio sweep (selected run per split)")
+        return [_save(fig, out / "fig3_forget_ratio.png", dpi=200)]
 
 
 ROBUSTNESS_PANELS = tuple(

@@ -89,6 +89,18 @@ BALANCE = (
     ("CV", "forgetting_cv"),
     ("bottom-10% share", "forgetting_bottom_share"),
 )
+UTILITY_INPUTS = (
+    ("R-Prob", "retain_Q_A_Prob"),
+    ("R-ROUGE", "retain_Q_A_ROUGE"),
+    ("R-TR", "retain_Truth_Ratio"),
+    ("Ra-Prob", "ra_Q_A_Prob_normalised"),
+    ("Ra-ROUGE", "ra_Q_A_ROUGE"),
+    ("Ra-TR", "ra_Truth_Ratio"),
+    ("Rw-Prob", "wf_Q_A_Prob_normalised"),
+    ("Rw-ROUGE", "wf_Q_A_ROUGE"),
+    ("Rw-TR", "wf_Truth_Ratio"),
+)
+"""Model utility's nine inputs (``metrics.MODEL_UTILITY_KEYS``), named as Table 1 names its truth-ratio columns."""
 HPARAMS = ("lr", "batch_size", "accumulate", "beta", "lambda", "gamma", "epochs")
 CORPUS_NAMES = {"news": "News", "books": "Books"}
 
@@ -264,6 +276,7 @@ def _tofu_section(summary: SplitSummary, table1: Sequence[tuple[str, str]], out:
     header, rows, raw = table_rows(summary, table1, retain_fq=True)
     md += [f"### Table 1 ({split})", "", _markdown(header, rows), ""]
     _write_csv(out / f"table1_{split}.csv", [*header, "run"], raw)
+    md += _utility_inputs_section(summary, out)
     header, rows, raw = table_rows(summary, table3_columns(summary), retain_fq=False)
     md += [f"### Table 3: MIA AUC ({split})", "", _markdown(header, rows), ""]
     _write_csv(out / f"table3_{split}.csv", [*header, "run"], raw)
@@ -301,6 +314,32 @@ def _tofu_section(summary: SplitSummary, table1: Sequence[tuple[str, str]], out:
         "",
     ]
     return md
+
+
+def _utility_inputs_section(summary: SplitSummary, out: Path) -> list[str]:
+    """MU's nine inputs, shown only where one of them is 0: a harmonic mean with a zero input is 0 whatever the
+    other eight are, so a column of MU = 0 says nothing until the zero is named (a tiny model on real TOFU answers
+    none of the real-authors questions, for instance)."""
+    header, rows, raw = table_rows(summary, UTILITY_INPUTS, retain_fq=False)
+    zeros = sorted(
+        {name for line in raw for (name, _), value in zip(UTILITY_INPUTS, line[1:10], strict=True) if value == 0}
+    )
+    if not zeros:
+        return []
+    flagged = [
+        [row[0], *(f"**{cell}**" if value == 0 else cell for cell, value in zip(row[1:], line[1:10], strict=True))]
+        for row, line in zip(rows, raw, strict=True)
+    ]
+    _write_csv(out / f"utility_inputs_{summary.split}.csv", [*header, "run"], raw)
+    return [
+        f"### Model utility's inputs ({summary.split})",
+        "",
+        f"MU is the harmonic mean of these nine values, so a single 0 makes it 0. Zero here: {', '.join(zeros)}; "
+        "read MU from the other inputs rather than as no utility at all.",
+        "",
+        _markdown(header, flagged),
+        "",
+    ]
 
 
 def _balance_section(summary: SplitSummary, out: Path) -> list[str]:

@@ -181,11 +181,10 @@ class BalanceTrajectory:
 def balance_trajectory(per_sample: Path) -> BalanceTrajectory | None:
     """The run's forgetting balance per evaluation, from its ``per_sample.csv``; None without log-likelihoods."""
     table = read_per_sample(per_sample)
-    if "log_likelihood_ratio" not in table or "step" not in table:
+    if "log_ppl_ratio" not in table or "step" not in table:
         return None
     steps = np.unique(table["step"])
-    # The curves store log(p_now / p_before) per token; forgetting is its negation, the log perplexity ratio.
-    stats = [metrics.forgetting_balance(-table["log_likelihood_ratio"][table["step"] == step]) for step in steps]
+    stats = [metrics.forgetting_balance(table["log_ppl_ratio"][table["step"] == step]) for step in steps]
     return BalanceTrajectory(steps, stats)
 
 

@@ -56,7 +56,7 @@ from typing import Any
 import yaml
 
 from baldro_lightning.atomic_files import write_text_atomic
-from baldro_lightning.cli import cli_main
+from baldro_lightning.cli import CALLBACK_KEY, CallbackEditError, callback_class_name, cli_main, edited_callbacks
 from baldro_lightning.evaluation.run_record import load_eval_json, run_step_evals
 from baldro_lightning.user_errors import CommandParser, UserInputError
 
@@ -64,7 +64,6 @@ DONE = "DONE.json"
 FAILED = "FAILED.json"
 RUN_INFO = "sweep_run.json"
 LOG = "sweep.log"
-CALLBACK_KEY = "trainer.callbacks."
 GRID_KEYS = {"root", "configs", "axes", "set", "requires"}
 AXIS_KEYS = {"key", "values", "configs"}
 
@@ -265,41 +264,18 @@ def _base_section(configs: Sequence[dict[str, Any]], section: str) -> Any:
     return found
 
 
-def _class_name(entry: dict[str, Any]) -> str:
-    return str(entry.get("class_path", "")).rsplit(".", 1)[-1]
-
-
 def _edited_callbacks(callbacks: list[Any], edits: dict[str, Any], where: str) -> list[Any]:
     """The base callback list with ``edits`` (``trainer.callbacks.<Class>.init_args.<arg>: value``) applied."""
-    out = []
-    for entry in callbacks:
-        if not isinstance(entry, dict) or "class_path" not in entry:
-            raise GridError(f"{where}: callback {entry!r} is not a `class_path:` entry; write it out in the config")
-        out.append(json.loads(json.dumps(entry)))
-    for key, value in edits.items():
-        parts = key[len(CALLBACK_KEY) :].split(".")
-        if len(parts) < 3 or parts[1] != "init_args":
-            raise GridError(
-                f"{where}: override key {key!r} must look like trainer.callbacks.<Class>.init_args.<arg>[.<field>...]"
-            )
-        targets = [e for e in out if _class_name(e) == parts[0]]
-        if not targets:
-            have = sorted({_class_name(e) for e in out})
-            raise GridError(f"{where}: {key!r} names callback {parts[0]!r}, but the base config has only {have}")
-        for entry in targets:
-            target = entry.setdefault("init_args", {})
-            for name in parts[2:-1]:  # a nested argument, e.g. init_args.settings.retain_reference
-                if not isinstance(target.get(name), dict):
-                    target[name] = {}
-                target = target[name]
-            target[parts[-1]] = value
-    return out
+    try:
+        return edited_callbacks(callbacks, {key[len(CALLBACK_KEY) :]: value for key, value in edits.items()})
+    except CallbackEditError as err:
+        raise GridError(f"{where}: {err}") from None
 
 
 def _pinned_outputs(callbacks: list[Any], logger: Any) -> list[str]:
     """Outputs that would not follow ``--trainer.default_root_dir``, so that every run of a grid would share them."""
     pinned = [
-        f"{_class_name(entry)}.init_args.dirpath={entry['init_args']['dirpath']}"
+        f"{callback_class_name(entry)}.init_args.dirpath={entry['init_args']['dirpath']}"
         for entry in callbacks
         if isinstance(entry, dict) and (entry.get("init_args") or {}).get("dirpath") is not None
     ]

@@ -132,6 +132,29 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+PORTABLE_TOKENIZER_CLASS = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+"""``tokenizer_class`` names that only transformers 5 knows -> the name every version since 4.x loads.
+
+transformers 5 saves a tokenizer built on a bare ``tokenizers`` object as ``TokenizersBackend``; 4.x has no such
+class and refuses the directory. ``PreTrainedTokenizerFast`` is the same tokenizer in both (5 keeps the name).
+"""
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike[str]) -> None:
+    """``save_pretrained`` the tokenizer so that every transformers version the package supports loads it.
+
+    The files are the ones ``save_pretrained`` writes; only a ``tokenizer_class`` of
+    :data:`PORTABLE_TOKENIZER_CLASS` in ``tokenizer_config.json`` is renamed.
+    """
+    tokenizer.save_pretrained(out_dir)
+    config_file = Path(out_dir) / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    portable = PORTABLE_TOKENIZER_CLASS.get(config.get("tokenizer_class"))
+    if portable is not None:
+        config["tokenizer_class"] = portable
+        config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def _ids(tokenizer: PreTrainedTokenizerBase, text: str, add_special_tokens: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 

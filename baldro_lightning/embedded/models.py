@@ -22,6 +22,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from baldro_lightning.data.tokenization import save_tokenizer
+
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 SPECIAL_TOKENS = (UNK, BOS, EOS, PAD)
 """Ids 0..3, in Llama's order for unk/bos/eos; pad is its own token, never EOS (methods P-14)."""
@@ -135,7 +137,7 @@ def train_tokenizer(
         clean_up_tokenization_spaces=False,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(out_dir)
+    save_tokenizer(tokenizer, out_dir)
     return tokenizer
 
 
@@ -242,7 +244,7 @@ def init_tiny_llama(
     model.generation_config.pad_token_id = ids["pad"]
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    save_tokenizer(tokenizer, out_dir)
     return model
 
 

@@ -8,6 +8,7 @@ and every rank aggregates the same numbers, so results equal a single-process ev
 from __future__ import annotations
 
 import logging
+import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Literal
@@ -17,13 +18,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
+from tqdm.auto import tqdm
 
 from baldro_lightning.data.tofu import check_perturbed_alignment, load_split
 from baldro_lightning.evaluation import metrics
-from baldro_lightning.evaluation.engine import BenchmarkEvaluator, RowScores, shard_rows
+from baldro_lightning.evaluation.engine import BenchmarkEvaluator, RowScores, reporting_progress, shard_rows
 from baldro_lightning.evaluation.muse import MuseEvaluator, MuseSettings
+from baldro_lightning.evaluation.per_sample_figure import quantile_bands, run_figure
 from baldro_lightning.evaluation.run_record import (
     CURVES,
+    SampleCurves,
     default_eval_dir,
     per_sample_path,
     reference_truth_ratios,
@@ -54,6 +58,36 @@ def _gather_scores(local: dict[str, RowScores]) -> dict[str, RowScores]:
     return {role: RowScores.concat([p[role] for p in parts if p[role].indices]) for role in local}
 
 
+class EvaluationProgress:
+    """A progress bar for one evaluation, one bar per phase the engine reports (scoring, then generating).
+
+    Called as the engine's ``progress(phase, done, total)`` (:func:`~baldro_lightning.evaluation.engine.
+    reporting_progress`); a new bar starts when the phase changes or its count starts again.
+    """
+
+    def __init__(self, title: str) -> None:
+        """Start with no bar; the first report opens one.
+
+        Args:
+            title: What the bars are labelled with, e.g. ``"evaluation at step 13"``.
+        """
+        self.title = title
+        self._bar: Any = None
+        self._key: tuple[str, int] | None = None
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if (phase, total) != self._key or done < self._bar.n:
+            self.close()
+            self._key = (phase, total)
+            self._bar = tqdm(total=total, desc=f"{self.title}: {phase}", unit=" answers", leave=False)
+        self._bar.update(done - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
 class ScheduledEvaluation(Callback, ABC):
     """Evaluates the policy with a benchmark evaluator at the start of training, every N steps and/or every epoch.
 
@@ -68,6 +102,9 @@ class ScheduledEvaluation(Callback, ABC):
 
     needs_fsdp2 = True
     """Sharded generation needs an FSDP2 device mesh (see ``train.sharding.fsdp1_callback_problems``)."""
+
+    headline: tuple[tuple[str, str], ...] = ()
+    """(label, metric key) pairs printed after each evaluation when the trainer shows a progress bar."""
 
     def __init__(self, every_n_steps: int | None, every_epoch: bool, on_start: bool, dirpath: str | None) -> None:
         """Check and store the schedule every evaluation callback has.
@@ -180,7 +217,16 @@ class ScheduledEvaluation(Callback, ABC):
         world, rank = trainer.world_size, trainer.global_rank
         local = {role: shard_rows(r, rank, world) for role, r in evaluator.rows.items()}
         synced = dist_ops.is_distributed() and getattr(pl_module, "device_mesh", None) is not None
-        scores = _gather_scores(evaluator.score(pl_module.policy, local, synced_gpus=synced))
+        # The trainer's progress bar is on (rank zero only): so is the evaluation's, and a line with its result.
+        shown = trainer.is_global_zero and trainer.progress_bar_callback is not None
+        progress = EvaluationProgress(f"evaluation at step {step}") if shown else None
+        started = time.perf_counter()
+        try:
+            with reporting_progress(progress):
+                scores = _gather_scores(evaluator.score(pl_module.policy, local, synced_gpus=synced))
+        finally:
+            if progress is not None:
+                progress.close()
         aggregated = evaluator.aggregate(scores)  # before meta, which records the notes of this aggregation
         result = {"meta": evaluator.meta(pl_module.policy, getattr(pl_module, "model_path", None))}
         result["meta"]["global_step"] = step
@@ -189,6 +235,8 @@ class ScheduledEvaluation(Callback, ABC):
         self._log(trainer, result, extra, step)
         if trainer.is_global_zero:
             write_eval_json(result, step_eval_path(self._out_dir(trainer), step))
+        if shown:
+            tqdm.write(headline_text(step, time.perf_counter() - started, result["metrics"], self.headline))
 
     def _log(self, trainer: L.Trainer, result: dict[str, Any], extra: dict[str, float], step: int) -> None:
         values = {f"val/{k}": float(v["agg_value"]) for k, v in result["metrics"].items() if _is_number(v)}
@@ -215,6 +263,8 @@ class TofuEvaluation(ScheduledEvaluation):
     dropped to ``rouge_threshold`` or below (no over-forgetting is defined).
     """
 
+    headline = (("forget ROUGE", "forget_Q_A_ROUGE"), ("MU", "model_utility"), ("FQ", "forget_quality"))
+
     def __init__(
         self,
         settings: TofuSettings | None = None,
@@ -226,6 +276,7 @@ class TofuEvaluation(ScheduledEvaluation):
         rouge_threshold: float = 0.3,
         dirpath: str | None = None,
         curves: bool = True,
+        per_sample_scalars: bool = False,
     ) -> None:
         """Evaluate the policy on TOFU on a schedule; record per-sample forgetting curves and synchrony.
 
@@ -240,7 +291,12 @@ class TofuEvaluation(ScheduledEvaluation):
             retain_quantiles: The retain model's truth-ratio quantiles that bound forgotten and over-forgotten.
             rouge_threshold: ROUGE-L recall at or below which a sample counts as forgotten (``criterion="rouge"``).
             dirpath: Where ``step_<N>/eval.json`` and ``per_sample.csv`` go; ``<log_dir>/eval`` when null.
-            curves: Record per-sample forgetting curves and synchrony.
+            curves: Record per-sample forgetting curves and synchrony: ``per_sample.csv``, and in TensorBoard the
+                quantiles over samples as ``val_per_sample/<curve>/{q10,q25,median,q75,q90}``, histograms, a
+                custom-scalars layout and a figure (median and bands, a heat map of every sample, DRO weights).
+            per_sample_scalars: Also log one TensorBoard scalar per forget sample and curve
+                (``val_per_sample/<curve>/<row>``; 400 charts for forget10), drawn together in the custom-scalars
+                layout.
         """
         super().__init__(every_n_steps, every_epoch, on_start, dirpath)
         self.settings = settings or TofuSettings()
@@ -254,6 +310,7 @@ class TofuEvaluation(ScheduledEvaluation):
         self.retain_quantiles = retain_quantiles
         self.rouge_threshold = rouge_threshold
         self.curves = curves
+        self.per_sample_scalars = per_sample_scalars
         self.history: list[dict[str, Any]] = []
         self._reference_nll: np.ndarray | None = None
         self._retain_tr: np.ndarray | None = None
@@ -289,7 +346,7 @@ class TofuEvaluation(ScheduledEvaluation):
         return evaluator
 
     def _evaluates_at_start(self) -> bool:
-        # The curves' log-likelihood ratio needs the policy before any update as its reference.
+        # The curves' log perplexity ratio needs the policy before any update as its reference.
         return self.on_start or self.curves
 
     # -- the record in the checkpoint ---------------------------------------------------------------------------
@@ -364,7 +421,7 @@ class TofuEvaluation(ScheduledEvaluation):
         entry = {
             "step": step,
             "index": list(forget.indices),
-            "log_likelihood_ratio": self._reference_nll - nll,
+            "log_ppl_ratio": nll - self._reference_nll,
             "truth_ratio": truth,
             "rougeL_recall": rouge,
             "dro_weight": weight,
@@ -373,7 +430,7 @@ class TofuEvaluation(ScheduledEvaluation):
         synchrony = self._synchrony()
         if trainer.is_global_zero:
             write_per_sample(per_sample_path(self._out_dir(trainer)), self.history, synchrony["forget_step_by_index"])
-            self._tensorboard_curves(trainer, entry)
+            self._tensorboard_curves(trainer, entry, synchrony)
         return synchrony
 
     def _synchrony(self) -> dict[str, Any]:
@@ -396,38 +453,66 @@ class TofuEvaluation(ScheduledEvaluation):
         return summary
 
     # -- per-sample outputs -------------------------------------------------------------------------------------
-    def _tensorboard_curves(self, trainer: L.Trainer, entry: dict[str, Any]) -> None:
+    def _tensorboard_curves(self, trainer: L.Trainer, entry: dict[str, Any], synchrony: dict[str, Any]) -> None:
         experiment = getattr(trainer.logger, "experiment", None)
         if not hasattr(experiment, "add_scalar"):
             return
         step = entry["step"]
         if len(self.history) == 1:
-            layout = {c: ["Multiline", [rf"curves/{c}/.*"]] for c in CURVES}
-            experiment.add_custom_scalars({"forgetting curves (one line per forget sample)": layout})
+            experiment.add_custom_scalars(per_sample_layout(self.per_sample_scalars))
         for curve in CURVES:
             values = np.asarray(entry[curve], dtype=float)
-            for index, value in zip(entry["index"], values, strict=True):
-                if np.isfinite(value):
-                    experiment.add_scalar(f"curves/{curve}/{index:04d}", value, step)
-            if np.isfinite(values).any():
-                experiment.add_histogram(f"curves_hist/{curve}", values[np.isfinite(values)], step)
-        experiment.add_figure("curves/all_samples", self._figure(), step)
+            finite = np.isfinite(values)
+            if not finite.any():
+                continue
+            bands = quantile_bands(values[None, :])[:, 0]
+            for name, value in zip(QUANTILE_TAGS, bands, strict=True):
+                experiment.add_scalar(f"{PER_SAMPLE_TAG}/{curve}/{name}", value, step)
+            experiment.add_histogram(f"{PER_SAMPLE_TAG}/{curve}", values[finite], step)
+            if self.per_sample_scalars:
+                for index, value in zip(entry["index"], values, strict=True):
+                    if np.isfinite(value):
+                        experiment.add_scalar(f"{PER_SAMPLE_TAG}/{curve}/{index:04d}", value, step)
+        curves = SampleCurves.from_history(self.history, synchrony["forget_step_by_index"])
+        band = None
+        if self._retain_tr is not None:
+            band = tuple(float(q) for q in np.nanquantile(self._retain_tr, self.retain_quantiles))
+        samples = len(curves.indices)
+        title = f"Per-sample forgetting at step {step}: {samples} forget samples, {self.criterion} criterion"
+        experiment.add_figure(f"{PER_SAMPLE_TAG}/figure", run_figure(curves, title, band), step)
 
-    def _figure(self):
-        import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+PER_SAMPLE_TAG = "val_per_sample"
+"""TensorBoard prefix of the per-sample curves: it sorts after ``train/`` and ``val/``, so they come first."""
 
-        steps = [h["step"] for h in self.history]
-        fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2))
-        for ax, curve in zip(axes, CURVES, strict=True):
-            matrix = np.stack([np.asarray(h[curve], dtype=float) for h in self.history])
-            ax.plot(steps, matrix, linewidth=0.6, alpha=0.5)
-            ax.set_title(curve)
-            ax.set_xlabel("step")
-        fig.tight_layout()
-        return fig
+QUANTILE_TAGS = ("q10", "q25", "median", "q75", "q90")
+"""Scalar names of the quantiles over forget samples logged at each evaluation (``per_sample_figure.QUANTILES``)."""
+
+
+def per_sample_layout(samples: bool) -> dict[str, dict[str, list[Any]]]:
+    """TensorBoard's custom-scalars layout of the per-sample curves.
+
+    One chart per curve with its median and the 10-90% band (a "Margin" chart: value, lower, upper); with
+    ``samples``, also one chart per curve with a line per forget sample (``per_sample_scalars``).
+    """
+    margins = {
+        f"{curve}: median, 10-90% of samples": [
+            "Margin",
+            [f"{PER_SAMPLE_TAG}/{curve}/median", f"{PER_SAMPLE_TAG}/{curve}/q10", f"{PER_SAMPLE_TAG}/{curve}/q90"],
+        ]
+        for curve in CURVES
+    }
+    layout = {"per-sample forgetting: median and 10-90% band": margins}
+    if samples:
+        lines = {curve: ["Multiline", [rf"{PER_SAMPLE_TAG}/{curve}/\d+"]] for curve in CURVES}
+        layout["per-sample forgetting: one line per sample"] = lines
+    return layout
+
+
+def headline_text(step: int, seconds: float, metrics_: dict[str, Any], headline: tuple[tuple[str, str], ...]) -> str:
+    """One line with an evaluation's main numbers, e.g. ``evaluation at step 13 (4 s): forget ROUGE 0.812 | MU 0.7``."""
+    values = [f"{label} {metrics_[key]['agg_value']:.3g}" for label, key in headline if _is_number(metrics_.get(key))]
+    return f"evaluation at step {step} ({seconds:.0f} s): " + " | ".join(values)
 
 
 def _tensor(values: np.ndarray | None) -> torch.Tensor | None:
@@ -452,6 +537,13 @@ class MuseEvaluation(ScheduledEvaluation):
     and the other entries of :class:`baldro_lightning.evaluation.muse.MuseEvaluator`, and writes
     ``<dirpath>/step_<N>/eval.json``.
     """
+
+    headline = (
+        ("VerbMem forget", "forget_verbmem_ROUGE"),
+        ("KnowMem forget", "forget_knowmem_ROUGE"),
+        ("KnowMem retain", "retain_knowmem_ROUGE"),
+        ("PrivLeak", "privleak"),
+    )
 
     def __init__(
         self,

@@ -4,6 +4,7 @@ r"""The batched scoring engine every evaluator shares: likelihoods, generations,
   length-sorted examples and returns an :class:`ExampleScore` each (mean NLL, and on request the per-token values
   MinK, MinK++, ES and EM need).
 - :func:`generate_answers` generates greedily for many prompts in left-padded, length-sorted batches.
+- :func:`reporting_progress` lets a caller watch both, batch by batch (the in-training evaluation's progress bar).
 - :class:`RowScores` holds an evaluator's per-row values of one split (plain numbers and strings, nothing
   model-sized), so ranks can score disjoint rows (:func:`shard_rows`) and join them (:meth:`RowScores.concat`).
 - :func:`nan_mean`, :func:`values_by_index` and :func:`mia_entries` build ``eval.json`` entries from per-row values;
@@ -19,13 +20,16 @@ and only per-position numbers are kept.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import math
 import os
 import platform
 import time
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -111,6 +115,31 @@ def _batches(order: Sequence[int], size: int) -> list[list[int]]:
     return [list(order[start : start + size]) for start in range(0, len(order), size)]
 
 
+Progress = Callable[[str, int, int], None]
+"""``progress(phase, done, total)``: called after every batch of a phase (``"scoring"`` or ``"generating"``)."""
+
+_PROGRESS: ContextVar[Progress | None] = ContextVar("baldro_evaluation_progress", default=None)
+
+
+@contextlib.contextmanager
+def reporting_progress(progress: Progress | None) -> Iterator[None]:
+    """Within the block, :func:`score_examples` and :func:`generate_answers` report each batch to ``progress``.
+
+    A context rather than an argument, so that the evaluators between the caller and the engine need not pass it on.
+    """
+    token = _PROGRESS.set(progress)
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
+
+
+def _report(phase: str, done: int, total: int) -> None:
+    progress = _PROGRESS.get()
+    if progress is not None:
+        progress(phase, done, total)
+
+
 def score_examples(
     model: nn.Module,
     examples: Sequence[AnswerExample],
@@ -147,6 +176,7 @@ def score_examples(
     # Agreed before any forward: a rank asking later would meet the others' FSDP all-gathers and deadlock.
     forwards = _synced_count(len(batches), device, synced_gpus)
     results: list[ExampleScore | None] = [None] * len(examples)
+    done = 0
     for batch_rows in batches:
         items = [{"input_ids": examples[i].input_ids, "labels": examples[i].labels} for i in batch_rows]
         batch = collate(items, pad_token_id, padding_side="right", attention_from=attention_from)
@@ -164,6 +194,8 @@ def score_examples(
             extra = token_parts[position] if token_parts is not None and examples[i].token_stats else {}
             results[i] = ExampleScore(nll_mean=float(nll[position]), **extra)
         del logits, stats
+        done += len(batch_rows)
+        _report("scoring", done, len(examples))
     for _ in range(forwards - len(batches)):
         dummy = torch.full((1, 2), pad_token_id, dtype=torch.long, device=device)
         model(input_ids=dummy, attention_mask=torch.ones_like(dummy), use_cache=False)
@@ -205,6 +237,23 @@ def _token_statistics(
     splits = np.cumsum(lengths)[:-1]
     per_row = {name: np.split(values, splits) for name, values in columns.items()}
     return [{name: per_row[name][row] for name in columns} for row in range(len(lengths))]
+
+
+def position_budget_problem(longest_prompt: int, max_new_tokens: int, max_positions: int | None) -> str | None:
+    """Why a generation would run past the model's positions, or None when it fits (or the model sets no limit).
+
+    Example: a 71-token prompt + 200 new tokens = 271 positions > a tiny Llama's 256, so generated answers would
+    reach positions the model never saw in training.
+    """
+    if max_positions is None or longest_prompt + max_new_tokens <= max_positions:
+        return None
+    return (
+        f"max_new_tokens={max_new_tokens}: the longest prompt ({longest_prompt} tokens) + {max_new_tokens} new tokens "
+        f"= {longest_prompt + max_new_tokens} positions, more than the model's max_position_embeddings="
+        f"{max_positions}, so answers run past the lengths it was trained on; lower --max_new_tokens (in-training "
+        f"evaluation: settings.max_new_tokens) to at most {max(max_positions - longest_prompt, 0)}, or use a model "
+        "made for longer sequences (python -m baldro_lightning embedded-models --max-position-embeddings N)"
+    )
 
 
 def generate_answers(
@@ -249,6 +298,15 @@ def generate_answers(
     texts: list[str] = [""] * len(prompts)
     options = {"do_sample": False, "max_new_tokens": max_new_tokens, "pad_token_id": pad, "use_cache": True}
     calls = _synced_count(len(batches), device, synced_gpus)  # before any generate, as in score_examples
+    config = getattr(model, "config", None)
+    problem = position_budget_problem(
+        max((len(p) for p in prompts), default=0), max_new_tokens, getattr(config, "max_position_embeddings", None)
+    )
+    if problem:
+        # A warning, not an error: rotary models still generate there (MUSE's verbatim prompts alone can exceed an
+        # embedded model's positions), but the answers leave the lengths the model was trained on.
+        warnings.warn(problem, stacklevel=2)
+    done = 0
     for batch_rows in batches:
         items = [{"input_ids": list(prompts[i])} for i in batch_rows]
         batch = collate(items, pad, padding_side="left", attention_from=attention_from)
@@ -262,6 +320,8 @@ def generate_answers(
         decoded = tokenizer.batch_decode(output[:, input_ids.shape[1] :], skip_special_tokens=True)
         for i, text in zip(batch_rows, decoded, strict=True):
             texts[i] = metrics.clean_generation(text, stop_strings)
+        done += len(batch_rows)
+        _report("generating", done, len(prompts))
     for _ in range(calls - len(batches)):
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         dummy = torch.tensor([[start]], dtype=torch.long, device=device)

@@ -777,7 +777,7 @@ def forgetting_balance(log_ppl_ratio: ArrayOrTensor, bottom: float = 0.1) -> dic
     """How evenly the forget samples have been forgotten at one evaluation (a continuous view of synchrony).
 
     A sample's forgetting is its log perplexity ratio to the model before unlearning, ``NLL_now - NLL_before``
-    (mean NLL per answer token; the negated ``log_likelihood_ratio`` of the per-sample curves). Unlike the forget
+    (mean NLL per answer token; the ``log_ppl_ratio`` of the per-sample curves). Unlike the forget
     step, it needs no threshold, and samples the threshold never catches still count.
 
     Args:

@@ -18,8 +18,8 @@ quantization: :mod:`baldro_lightning.robustness`) write an attack directory (``<
 
 Everything that writes or reads these files goes through this module: ``eval.json`` (:func:`write_eval_json`,
 :func:`load_eval_json`), the step layout (:func:`step_eval_path`, :func:`run_step_evals`, :func:`remove_steps_after`
-for a resumed run), ``per_sample.csv`` (:data:`CURVES`, :func:`write_per_sample`, :func:`read_per_sample`), the
-attack layout (:func:`attack_paths`,
+for a resumed run), ``per_sample.csv`` (:data:`CURVES`, :func:`write_per_sample`, :func:`read_per_sample`,
+:class:`SampleCurves`), the attack layout (:func:`attack_paths`,
 :func:`write_attack_record`, :func:`read_attack_record`, :func:`run_attack_records`) and the retain model's
 ``eval.json`` that forget quality and privleak compare to (:func:`reference_truth_ratios`,
 :func:`reference_min_k_auc`, :func:`reference_privleak_auc`), with the checks that it fits the evaluation at hand.
@@ -36,6 +36,7 @@ import os
 import re
 import shutil
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +52,17 @@ PER_SAMPLE_CSV = "per_sample.csv"
 EVAL_DIR = "eval"
 """The evaluation directory under a trainer's log directory when no ``dirpath`` is given."""
 
-CURVES: tuple[str, ...] = ("log_likelihood_ratio", "truth_ratio", "rougeL_recall", "dro_weight")
-"""The per-sample quantities of ``per_sample.csv``, between its ``step, index`` and ``forget_step`` columns."""
+CURVES: tuple[str, ...] = ("log_ppl_ratio", "truth_ratio", "rougeL_recall", "dro_weight")
+"""The per-sample quantities of ``per_sample.csv``, between its ``step, index`` and ``forget_step`` columns.
+
+``log_ppl_ratio`` is a sample's forgetting: its answer's mean NLL per token now minus before the first update, the
+log of its perplexity ratio (0 at the start, > 0 once forgotten). TensorBoard, this file and the report all use it
+with this sign. ``truth_ratio`` is wrong/correct answer likelihood (rises as a sample is forgotten),
+``rougeL_recall`` its greedy answer's ROUGE-L recall, ``dro_weight`` the weight its last forget batch gave it.
+"""
+
+LEGACY_LOG_LIKELIHOOD_RATIO = "log_likelihood_ratio"
+"""The column files written before the sign was unified held: ``NLL_before - NLL_now``, i.e. ``-log_ppl_ratio``."""
 
 
 ATTACKS_DIR = "attacks"
@@ -215,7 +225,8 @@ def write_per_sample(
 def read_per_sample(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """``per_sample.csv`` as columns: ``step``, ``index`` and each curve, one value per (evaluation, sample).
 
-    Empty cells and ``None`` (a sample never forgotten) read as NaN.
+    Empty cells and ``None`` (a sample never forgotten) read as NaN. A file of the former layout, with
+    ``log_likelihood_ratio`` instead of ``log_ppl_ratio``, reads as the current one (the column negated).
     """
     with open(path, newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -223,7 +234,64 @@ def read_per_sample(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     for key in rows[0] if rows else []:
         values = [row[key] for row in rows]
         columns[key] = np.array([math.nan if v in ("", "None", "nan") else float(v) for v in values])
+    if LEGACY_LOG_LIKELIHOOD_RATIO in columns and "log_ppl_ratio" not in columns:
+        columns["log_ppl_ratio"] = -columns.pop(LEGACY_LOG_LIKELIHOOD_RATIO)
     return columns
+
+
+@dataclass(frozen=True)
+class SampleCurves:
+    """One run's per-sample forgetting curves as matrices: what ``per_sample.csv`` holds, one row per evaluation."""
+
+    steps: np.ndarray
+    """(E,) the step of each evaluation, ascending."""
+    indices: np.ndarray
+    """(N,) the forget rows' indices, ascending."""
+    values: dict[str, np.ndarray]
+    """Each of :data:`CURVES` present -> (E, N); NaN where a sample has no value (e.g. no DRO weight yet)."""
+    forget_step: np.ndarray
+    """(N,) the step at which each sample counted as forgotten; NaN if it never did."""
+
+    @classmethod
+    def from_history(
+        cls, history: Sequence[Mapping[str, Any]], forget_step_by_index: Mapping[str, Any]
+    ) -> SampleCurves:
+        """From the in-training history (:func:`write_per_sample`'s arguments); every entry has the same rows."""
+        order = np.argsort(np.asarray(history[0]["index"]))
+        indices = np.asarray(history[0]["index"])[order]
+        values = {c: np.stack([np.asarray(h[c], dtype=float)[order] for h in history]) for c in CURVES}
+        forget = [forget_step_by_index.get(str(int(i))) for i in indices]
+        return cls(
+            steps=np.array([h["step"] for h in history], dtype=float),
+            indices=indices,
+            values=values,
+            forget_step=np.array([math.nan if f is None else float(f) for f in forget]),
+        )
+
+    @classmethod
+    def from_table(cls, table: Mapping[str, np.ndarray]) -> SampleCurves:
+        """From :func:`read_per_sample`'s columns (one row per evaluation and sample, in any order).
+
+        Example: rows (step, index) = (0, 7), (0, 3), (5, 3), (5, 7) give steps [0, 5], indices [3, 7] and 2 x 2
+        matrices.
+        """
+        steps, step_at = np.unique(table["step"], return_inverse=True)
+        indices, index_at = np.unique(table["index"], return_inverse=True)
+        values = {}
+        for curve in CURVES:
+            if curve in table:
+                matrix = np.full((len(steps), len(indices)), np.nan)
+                matrix[step_at, index_at] = table[curve]
+                values[curve] = matrix
+        forget = np.full(len(indices), np.nan)
+        if "forget_step" in table:
+            forget[index_at] = table["forget_step"]  # the same on every evaluation of a row
+        return cls(steps=steps, indices=indices.astype(int), values=values, forget_step=forget)
+
+
+def read_sample_curves(path: str | os.PathLike[str]) -> SampleCurves:
+    """``per_sample.csv`` as :class:`SampleCurves`."""
+    return SampleCurves.from_table(read_per_sample(path))
 
 
 # --------------------------------------------------------------------------------------------------------------

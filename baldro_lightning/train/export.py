@@ -28,12 +28,19 @@ import lightning as L
 import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 from baldro_lightning.atomic_files import check_writable, replace_path, staging_directory
-from baldro_lightning.data.tokenization import InputFormat, PromptTemplate, load_tokenizer, write_input_format
+from baldro_lightning.data.tokenization import (
+    InputFormat,
+    PromptTemplate,
+    load_tokenizer,
+    save_tokenizer,
+    write_input_format,
+)
 from baldro_lightning.train.lora import LoRA, merged_model
 from baldro_lightning.train.models import ModelLoadError, Shapes, check_model_files, shape_mismatch
 from baldro_lightning.user_errors import CommandParser, UserInputError
@@ -61,7 +68,7 @@ def save_pretrained_atomic(
     try:
         model.save_pretrained(staging)
         if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
+            save_tokenizer(tokenizer, staging)
         if input_format is not None:
             write_input_format(staging, input_format)
         replace_path(staging, out)
@@ -128,7 +135,8 @@ class ExportPretrained(Callback):
             policy = consolidated_policy(pl_module.policy, state)
             inputs = datamodule_input_format(trainer.datamodule)
             out = save_pretrained_atomic(policy, tokenizer, self.directory(trainer), inputs)
-            log.warning("exported the trained model to %s", out)
+            # Lightning's own channel for run news (info level, rank zero): the path is news, not a warning.
+            rank_zero_info(f"exported the trained model to {out}")
         del state
         trainer.strategy.barrier("ExportPretrained")
 
@@ -383,7 +391,7 @@ def export_checkpoint(
         )
     tokenizer_path = tokenizer or config_tokenizer or model_path
     written = save_pretrained_atomic(policy, load_tokenizer(tokenizer_path), out, inputs)
-    log.warning("exported %s (base %s, LoRA %s) to %s", checkpoint, model_path, lora, written)
+    print(f"exported {checkpoint} (base {model_path}, LoRA {lora}) to {written}")
     return written
 
 
