@@ -103,10 +103,14 @@ def test_padded_repeats_are_marked():
 
 @pytest.fixture(scope="module")
 def forty_rows(tmp_path_factory) -> Path:
-    """The tiny benchmark with 40 forget rows (forget01's size), reusing its QA pairs under new row ids."""
+    """The tiny benchmark with 40 forget rows (forget01's size), reusing its QA pairs under new row ids; a reused
+    question gets a numbered suffix (hence max_length 48), since a forget split must not repeat a question."""
     root = write_tiny_benchmark(tmp_path_factory.mktemp("forty_rows"))
     rows = [json.loads(line) for line in (root / "full.jsonl").read_text().splitlines()]
     forget = [{**rows[i % len(rows)], "idx": i} for i in range(40)]
+    for i, row in enumerate(forget):
+        if i >= len(rows):
+            row["question"] = f"{row['question']} ({i})"
     (root / "forget10.jsonl").write_text("\n".join(json.dumps(row) for row in forget) + "\n")
     return root
 
@@ -143,7 +147,7 @@ def fit_forget01(model: Path, benchmark: Path, accounting: str) -> tuple[L.Train
         warmup_epochs=1.0,
         optimizer=lambda params: torch.optim.SGD(params, lr=1e-3),
     )
-    data = ForgetRetainDataModule(str(model), str(benchmark), batch_size=8, max_length=32, update_accounting=accounting)
+    data = ForgetRetainDataModule(str(model), str(benchmark), batch_size=8, max_length=48, update_accounting=accounting)
     log = UpdateLog()
     trainer = L.Trainer(
         accelerator="cpu",

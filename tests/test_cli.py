@@ -6,8 +6,9 @@ import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
 from shipped_configs import fit_args, resolved
 
-from baldro_lightning.cli import CallbackEditError, cli_main, edited_callbacks, split_callback_flags
+from baldro_lightning.cli import CallbackEditError, ConfigError, cli_main, edited_callbacks, split_callback_flags
 from baldro_lightning.evaluation.callbacks import TofuEvaluation
+from baldro_lightning.train.checkpointing import LatestCheckpoint
 from baldro_lightning.train.export import ExportPretrained
 
 EXPORT = {"class_path": "baldro_lightning.train.export.ExportPretrained"}
@@ -30,10 +31,9 @@ def test_fit_help_names_the_command(capsys):
     assert "__main__.py" not in out
 
 
-def test_a_prefix_of_an_option_is_refused(capsys):
-    with pytest.raises(SystemExit):
+def test_a_prefix_of_an_option_is_refused():
+    with pytest.raises(ConfigError, match=r"unrecognized arguments: --trainer\.max_epoch=3"):
         cli_main([*fit_args("embedded/npo_dv"), "--trainer.max_epoch=3"], run=False)
-    assert "unrecognized arguments: --trainer.max_epoch=3" in capsys.readouterr().err
 
 
 def test_split_callback_flags_takes_both_value_forms_and_leaves_the_rest():
@@ -77,7 +77,10 @@ def test_fit_sets_any_callback_option_by_class_name(tmp_path):
     assert (evaluation.criterion, evaluation.every_n_steps) == ("truth_ratio", 2)
     assert evaluation.settings.max_new_tokens == 48  # what the configs set is kept
     assert evaluation.every_epoch and evaluation.on_start
-    assert _one(cli.trainer.callbacks, ModelCheckpoint).monitor == "val/model_utility"
+    # The class named, not its subclass LatestCheckpoint (class_path LatestCheckpoint), whose monitor stays unset.
+    (checkpoint,) = [c for c in cli.trainer.callbacks if type(c) is ModelCheckpoint]
+    assert checkpoint.monitor == "val/model_utility"
+    assert _one(cli.trainer.callbacks, LatestCheckpoint).monitor is None
 
 
 def test_callback_edits_reach_the_saved_config():
@@ -87,6 +90,7 @@ def test_callback_edits_reach_the_saved_config():
     assert [c["class_path"].rsplit(".", 1)[1] for c in config["trainer"]["callbacks"]] == [
         "TofuEvaluation",
         "ModelCheckpoint",
+        "LatestCheckpoint",
         "ExportPretrained",
     ]
 
@@ -99,7 +103,7 @@ def test_callback_edits_reach_the_saved_config():
         ("--trainer.callbacks.ExportPretrained.no_such_arg=1", "no_such_arg"),
     ],
 )
-def test_bad_callback_edits_are_refused_with_the_key(flag, message, capsys):
-    with pytest.raises(SystemExit):
+def test_bad_callback_edits_are_refused_with_the_key(flag, message):
+    with pytest.raises(CallbackEditError) as refused:
         cli_main([*fit_args("embedded/npo_dv"), flag], run=False)
-    assert message in capsys.readouterr().err
+    assert str(refused.value).startswith("trainer.callbacks.") and message in str(refused.value)

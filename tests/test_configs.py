@@ -117,7 +117,13 @@ def test_combination_instantiates(name: str, monkeypatch, tmp_path):
     if run.endswith("_attacks"):
         # experiments/attacks/embedded.yaml appends the attack callback to the benchmark's callbacks.
         classes = [c["class_path"].rsplit(".", 1)[-1] for c in saved["trainer"]["callbacks"]]
-        assert classes == ["TofuEvaluation", "ModelCheckpoint", "ExportPretrained", "AttackEvaluation"]
+        assert classes == [
+            "TofuEvaluation",
+            "ModelCheckpoint",
+            "LatestCheckpoint",
+            "ExportPretrained",
+            "AttackEvaluation",
+        ]
         run = run.removesuffix("_attacks")
     if isinstance(cli.model, UnlearningModule):
         method, _, objective = run.partition("_")

@@ -46,6 +46,7 @@ from baldro_lightning.robustness.quantization import (
 from baldro_lightning.robustness.recovery import RecoveredMetric, recovery
 from baldro_lightning.robustness.splits import leaked_questions, split_forget_rows
 from baldro_lightning.robustness.suite import tofu_plan
+from baldro_lightning.user_errors import UserInputError
 
 REPO = Path(__file__).resolve().parents[1]
 FORGET_ONLY = TofuSettings(metric_groups=("forget",), max_new_tokens=4)
@@ -99,11 +100,15 @@ def test_plan_scores_only_rows_no_attack_trained_on(tiny_model: Path, tiny_bench
 
 
 def test_a_question_on_both_sides_of_the_split_is_refused(tiny_model: Path, tiny_benchmark: Path, tmp_path: Path):
+    """Benign relearning's retain rows that ask the forget questions: whichever rows are held out, one leaks."""
     benchmark = Path(shutil.copytree(tiny_benchmark, tmp_path / "dup"))
-    file = benchmark / "forget10_perturbed.jsonl"
-    rows = [json.loads(line) for line in file.read_text().splitlines()]
-    file.write_text("".join(json.dumps({**row, "question": rows[0]["question"]}) + "\n" for row in rows))
-    assert leaked_questions(rows[:1], rows[:1]) == [rows[0]["question"]]
+    forget = [json.loads(line) for line in (benchmark / "forget10_perturbed.jsonl").read_text().splitlines()]
+    file = benchmark / "retain90.jsonl"
+    retain = [json.loads(line) for line in file.read_text().splitlines()]
+    assert len(retain) >= len(forget)
+    asked = [{**row, "question": forget[i]["question"]} if i < len(forget) else row for i, row in enumerate(retain)]
+    file.write_text("".join(json.dumps(row) + "\n" for row in asked))
+    assert leaked_questions(forget[:1], forget[:1]) == [forget[0]["question"]]
     with pytest.raises(ValueError, match="held-out forget question"):
         tofu_plan(str(benchmark), load_tokenizer(str(tiny_model)), "forget10", FORGET_ONLY, 0.5, 0, "m")
 
@@ -320,7 +325,7 @@ def test_attack_command_writes_the_records_and_repeats_under_a_seed(
     assert _files(other) != _files(first)
 
 
-def test_attack_command_rejects_repeated_names_before_loading(tiny_model: Path, tiny_benchmark: Path, tmp_path, capsys):
+def test_attack_command_rejects_repeated_names_before_loading(tiny_model: Path, tiny_benchmark: Path, tmp_path):
     argv = [
         "--model",
         str(tiny_model),
@@ -331,15 +336,13 @@ def test_attack_command_rejects_repeated_names_before_loading(tiny_model: Path, 
         "--attacks",
         json.dumps([ATTACKS[2], ATTACKS[2]]),
     ]
-    with pytest.raises(SystemExit) as exit_:
+    with pytest.raises(UserInputError, match="give each a distinct `label`"):
         command.main(argv)
-    assert exit_.value.code == 2 and "give each a distinct `label`" in capsys.readouterr().err
     # The same list from a --config file (YAML with an `attacks:` list) is read and refused the same way.
     config = tmp_path / "attacks.yaml"
     config.write_text(json.dumps({"attacks": [ATTACKS[2], ATTACKS[2]]}))
-    with pytest.raises(SystemExit) as exit_:
+    with pytest.raises(UserInputError, match="give each a distinct `label`"):
         command.main([*argv[:6], "--config", str(config)])
-    assert exit_.value.code == 2 and "give each a distinct `label`" in capsys.readouterr().err
 
 
 class _PolicyAtTrainEnd(Callback):

@@ -430,7 +430,13 @@ def test_attack_grid_keeps_the_appended_callback_and_edits_its_reference():
     for run in runs:
         callbacks = run.overrides["trainer.callbacks"]
         names = [cb["class_path"].rsplit(".", 1)[-1] for cb in callbacks]
-        assert names == ["TofuEvaluation", "ModelCheckpoint", "ExportPretrained", "AttackEvaluation"]
+        assert names == [
+            "TofuEvaluation",
+            "ModelCheckpoint",
+            "LatestCheckpoint",
+            "ExportPretrained",
+            "AttackEvaluation",
+        ]
         attack = callbacks[-1]["init_args"]
         assert attack["settings"]["retain_reference"] == "runs/embedded/eval/retain90/eval.json"
         assert [a["class_path"].rsplit(".", 1)[-1] for a in attack["attacks"]] == ["Relearn"] * 2 + ["Quantize"] * 2
