@@ -184,7 +184,7 @@ class _Batch:
         self.mask = mask.to(device)
         positions = (self.mask.cumsum(-1) - 1).clamp_min(0)
         self.calls, self.model, self.stops = calls, model, stops
-        logits, self.cache = calls.start(model, ids.to(device), self.mask, positions)
+        logits, self.cache = calls.start(model, ids.to(device), self.mask, positions, max(budgets))
         self.next_position = positions[:, -1] + 1
         self.rows = list(range(len(starts)))  # batch row -> caller's row, for the rows still generating
         self.budgets = budgets

@@ -18,6 +18,11 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedModel
 
+try:  # transformers >= 4.56 builds caches from layer objects; before, only the concatenating DynamicCache exists.
+    from transformers.cache_utils import Cache, DynamicLayer
+except ImportError:  # pragma: no cover - older transformers
+    Cache = DynamicLayer = None
+
 ATTENTION_LAYERS = ("full_attention", "sliding_attention")
 """Layer types whose state is a plain key/value cache; any other layer (recurrent, compressed, ...) is not."""
 
@@ -53,6 +58,64 @@ def _cache_layers(cache: DynamicCache) -> list[tuple[Tensor, Tensor]]:
     return list(zip(cache.key_cache, cache.value_cache, strict=True))
 
 
+if DynamicLayer is not None:
+
+    class _BufferLayer(DynamicLayer):
+        """A cache layer over a preallocated (B, H_kv, capacity, D) buffer: new keys and values are written in place.
+
+        ``DynamicLayer`` concatenates past and new at every call, copying the whole past each time: for scoring
+        after a gathered past, and for every decoding step, a copy as large as the cache itself.
+        """
+
+        def __init__(self, keys: Tensor, values: Tensor, length: int) -> None:
+            super().__init__()
+            self._keys, self._values, self._length = keys, values, length
+            self.is_initialized = True
+            self.device, self.dtype = keys.device, keys.dtype
+            self._expose()
+
+        def _expose(self) -> None:
+            self.keys = self._keys[:, :, : self._length]
+            self.values = self._values[:, :, : self._length]
+
+        def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+            end = self._length + key_states.shape[-2]
+            if end > self._keys.shape[2]:  # out of room: grow to twice the size (amortised)
+                grown = max(end, 2 * self._keys.shape[2])
+                self._keys = torch.cat([self._keys, self._keys.new_empty(self._shape(grown))], dim=2)
+                self._values = torch.cat([self._values, self._values.new_empty(self._shape(grown))], dim=2)
+            self._keys[:, :, self._length : end] = key_states
+            self._values[:, :, self._length : end] = value_states
+            self._length = end
+            self._expose()
+            return self.keys, self.values
+
+        def _shape(self, capacity: int) -> tuple[int, ...]:
+            b, h, c, d = self._keys.shape
+            return (b, h, capacity - c, d)
+
+        def get_seq_length(self) -> int:
+            return self._length
+
+        def batch_select_indices(self, indices: Tensor) -> None:
+            self._keys, self._values = self._keys[indices], self._values[indices]
+            self._expose()
+
+
+def buffer_cache(buffers: Sequence[tuple[Tensor, Tensor]], length: int):
+    """A cache over per-layer (B, H_kv, capacity, D) key and value buffers whose first ``length`` slots are filled.
+
+    With transformers older than 4.56 it is a plain ``DynamicCache`` of those slots (same values, more copying).
+    """
+    if DynamicLayer is None:  # pragma: no cover - older transformers
+        cache = DynamicCache()
+        for layer, (keys, values) in enumerate(buffers):
+            if length:
+                cache.update(keys[:, :, :length], values[:, :, :length], layer)
+        return cache
+    return Cache(layers=[_BufferLayer(keys, values, length) for keys, values in buffers])
+
+
 @dataclass(frozen=True)
 class ModelCalls:
     """Forward calls with an explicit cache, explicit positions and, where the model allows it, no unused logits."""
@@ -63,13 +126,22 @@ class ModelCalls:
     """``logits_to_keep``, ``num_logits_to_keep`` or ``None`` (the model always returns every position's logits)."""
     window: int | None
     """The shortest sliding attention window, or ``None`` without one."""
+    layers: int
+    """Decoder layers (each with its keys and values)."""
+    kv_heads: int
+    """Key/value heads per layer."""
+    head_dim: int
+    """Size of a key or value head."""
 
     @staticmethod
     def of(model: nn.Module) -> ModelCalls:
         """The calls for ``model``; raises ``ValueError`` naming the fix when :func:`prompt_cache_problem` applies."""
         problem = prompt_cache_problem(model)
         if problem is not None:
-            raise ValueError(f"prompt-cached evaluation cannot run this model: {problem}; set prompt_cache: false")
+            raise ValueError(
+                f"prompt-cached evaluation cannot run this model: {problem}; set engine: per_example "
+                "(--engine per_example)"
+            )
         hf = _hf_model(model)
         parameters = inspect.signature(type(hf).forward).parameters
         keep = next((name for name in ("logits_to_keep", "num_logits_to_keep") if name in parameters), None)
@@ -78,14 +150,34 @@ class ModelCalls:
             getattr(config, "use_sliding_window", True) and getattr(config, "sliding_window", None)
         )
         window = getattr(config, "sliding_window", None) if sliding else None
-        return ModelCalls("cache" if "cache" in parameters else "past_key_values", keep, window)
+        heads = getattr(config, "num_attention_heads", 1)
+        return ModelCalls(
+            cache_argument="cache" if "cache" in parameters else "past_key_values",
+            keep_argument=keep,
+            window=window,
+            layers=config.num_hidden_layers,
+            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        )
+
+    def kv_bytes_per_token(self, model: nn.Module) -> int:
+        """Bytes of keys and values one token holds in a cache: 2 x layers x key/value heads x head size x dtype."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * next(model.parameters()).element_size()
+
+    def buffers(self, model: nn.Module, batch: int, capacity: int) -> list[tuple[Tensor, Tensor]]:
+        """Empty per-layer (batch, H_kv, capacity, D) key and value buffers in the model's dtype and device."""
+        parameter = next(model.parameters())
+        shape = (batch, self.kv_heads, capacity, self.head_dim)
+        # A sharded (FSDP2) parameter is a DTensor; its local shard names the device and dtype.
+        local = parameter.to_local() if hasattr(parameter, "to_local") else parameter
+        return [(local.new_empty(shape), local.new_empty(shape)) for _ in range(self.layers)]
 
     def check_span(self, slots: int) -> None:
         """Fail when a batch spans more cached slots than the sliding window (padding would shift the window)."""
         if self.window is not None and slots > self.window:
             raise ValueError(
                 f"a batch spans {slots} cached positions, beyond the model's sliding window {self.window}; "
-                "set prompt_cache: false for this model"
+                "set engine: per_example (--engine per_example) for this model"
             )
 
     def _call(self, model: nn.Module, ids: Tensor, mask: Tensor, positions: Tensor, cache, keep: int | None) -> Tensor:
@@ -95,39 +187,43 @@ class ModelCalls:
             options[self.keep_argument] = keep
         return model(input_ids=ids, attention_mask=mask, position_ids=positions, **options).logits
 
-    def forward(
+    def run(
         self,
         model: nn.Module,
         ids: Tensor,
         mask: Tensor,
         positions: Tensor,
         past: Sequence[tuple[Tensor, Tensor]] | None = None,
-    ) -> Tensor:
-        """(B, T, V) logits of ``ids`` after the cached ``past``.
+        past_length: int = 0,
+        keep_all: bool = True,
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """Logits of ``ids`` after ``past_length`` cached slots, and every layer's keys and values.
 
         Args:
             model: The causal LM.
             ids: (B, T) input ids.
             mask: (B, P + T) attention mask over the past slots and then ``ids`` (1 = attend).
             positions: (B, T) position ids of ``ids``.
-            past: Per layer, (B, H_kv, P, D) keys and values; ``None``: no past (``mask`` is (B, T)).
+            past: Per layer, (B, H_kv, >= P + T, D) key and value buffers (:meth:`buffers`) whose first ``P`` slots
+                hold the past; ``ids``' keys and values are written after them. ``None``: new buffers, no past.
+            past_length: ``P``.
+            keep_all: Logits of every position, (B, T, V); False: the last position's only where the model lets
+                (the language-model head is skipped elsewhere).
+
+        Returns:
+            ``(logits, layers)``; ``layers`` holds per layer the (B, H_kv, P + T, D) keys and values.
         """
-        cache = None
-        if past is not None:
-            cache = DynamicCache()
-            for layer, (keys, values) in enumerate(past):
-                cache.update(keys, values, layer)
-        return self._call(model, ids, mask, positions, cache, keep=None)
+        if past is None:
+            past = self.buffers(model, ids.shape[0], ids.shape[1])
+        cache = buffer_cache(past, past_length)
+        logits = self._call(model, ids, mask, positions, cache, keep=None if keep_all else 1)
+        return logits, _cache_layers(cache)
 
-    def prefill(self, model: nn.Module, ids: Tensor, mask: Tensor, positions: Tensor) -> list[tuple[Tensor, Tensor]]:
-        """Per layer, the (B, H_kv, T, D) keys and values of ``ids``; the logits are skipped where the model lets."""
-        cache = DynamicCache()
-        self._call(model, ids, mask, positions, cache, keep=1)
-        return _cache_layers(cache)
-
-    def start(self, model: nn.Module, ids: Tensor, mask: Tensor, positions: Tensor) -> tuple[Tensor, DynamicCache]:
-        """(B, V) logits of the last position of ``ids`` and the cache to continue from (greedy decoding)."""
-        cache = DynamicCache()
+    def start(
+        self, model: nn.Module, ids: Tensor, mask: Tensor, positions: Tensor, room: int
+    ) -> tuple[Tensor, DynamicCache]:
+        """(B, V) logits of the last position of ``ids``, and the cache to continue from with ``room`` free slots."""
+        cache = buffer_cache(self.buffers(model, ids.shape[0], ids.shape[1] + room), 0)
         logits = self._call(model, ids, mask, positions, cache, keep=1)
         return logits[:, -1], cache
 

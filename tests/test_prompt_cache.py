@@ -1,0 +1,254 @@
+"""The prompt-cache engine: shared-prefix scoring and verified-draft greedy decoding equal the per-example path.
+
+Values are compared on the tiny model with its matrices redrawn 10x wider (so that greedy answers differ from row to
+row): per-item likelihoods within 1e-5, token statistics within 1e-5, argmax predictions and every generation
+identical. The planning functions are checked on hand-made inputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from baldro_lightning.data.tokenization import PromptTemplate, encode_example, encode_prompt, load_tokenizer
+from baldro_lightning.evaluation import greedy, prefix_scoring
+from baldro_lightning.evaluation.engine import AnswerExample, ExampleScore, generate_answers, score_examples
+from baldro_lightning.evaluation.greedy import Draft, draft_of, greedy_generate, verified_tokens
+from baldro_lightning.evaluation.model_calls import ModelCalls, prompt_cache_problem
+from baldro_lightning.evaluation.prefix_scoring import plan_chunks, prefix_cut, score_groups
+from baldro_lightning.evaluation.tofu import TofuEvaluator, TofuSettings
+from baldro_lightning.train.models import load_causal_lm
+
+TOLERANCE = 1e-5
+NEW_TOKENS = 8
+
+
+def example(ids: list[int], first_label: int, token_stats: bool = False, draft: bool = False) -> AnswerExample:
+    labels = [-100] * first_label + ids[first_label:]
+    return AnswerExample(ids, labels, token_stats=token_stats, draft=draft)
+
+
+# -- planning ---------------------------------------------------------------------------------------------------
+def test_prefix_cut_stops_one_token_before_the_first_target_or_divergence():
+    """[1,5,6,7,2] and [1,5,6,9,9,2], labels from 3: shared 3 tokens, first target 3 -> cut min(3, 3) - 1 = 2."""
+    assert prefix_cut([example([1, 5, 6, 7, 2], 3), example([1, 5, 6, 9, 9, 2], 3)]) == 2
+    # The ids part at position 2 (a token merged across the prompt border): cut 2 - 1 = 1.
+    assert prefix_cut([example([1, 5, 6, 7, 2], 3), example([1, 5, 8, 9, 2], 3)]) == 1
+    # One example shares nothing; labels from position 1 leave no prompt to share.
+    assert prefix_cut([example([1, 5, 6, 7, 2], 3)]) == 0
+    assert prefix_cut([example([1, 5, 6], 1), example([1, 5, 7], 1)]) == 0
+
+
+def test_plan_scores_every_example_once_in_batches_of_at_most_batch_size():
+    cuts = [3, 0, 5, 2, 4]
+    suffix_lengths = [[4, 9, 2], [7], [3, 3, 3, 3], [1, 8], [6, 5]]
+    chunks = plan_chunks(cuts, suffix_lengths, batch_size=2)
+    planned = [item for chunk in chunks for batch in chunk.suffix_batches for item in batch]
+    assert sorted(planned) == sorted((g, k) for g, lengths in enumerate(suffix_lengths) for k in range(len(lengths)))
+    assert all(len(batch) <= 2 for chunk in chunks for batch in chunk.suffix_batches + chunk.prefix_batches)
+    for chunk in chunks:
+        # Prefix forwards hold only the chunk's groups that have a prefix, each once.
+        prefixed = [chunk.groups[p] for batch in chunk.prefix_batches for p in batch]
+        assert sorted(prefixed) == sorted(g for g in chunk.groups if cuts[g] > 0)
+        # Inside a chunk, suffixes run longest first.
+        lengths = [suffix_lengths[g][k] for batch in chunk.suffix_batches for g, k in batch]
+        assert lengths == sorted(lengths, reverse=True)
+        assert sum(len(suffix_lengths[g]) for g in chunk.groups) <= max(
+            prefix_scoring.CHUNK_BATCHES * 2, max(len(suffix_lengths[g]) for g in chunk.groups)
+        )
+
+
+def test_verified_tokens_follow_the_argmax_until_the_draft_departs_or_stops():
+    """The docstring's cases: argmax [7, 9, 4] on draft [7, 8, 2] proves [7, 9]; argmax [7, 8, 2] proves all."""
+    departs = Draft([7, 8, 2], np.array([7, 9, 4]))
+    agrees = Draft([7, 8, 2], np.array([7, 8, 2]))
+    assert verified_tokens([departs], {2}, 10) == ([7, 9], False)
+    assert verified_tokens([agrees], {2}, 10) == ([7, 8, 2], True)
+    assert verified_tokens([departs, agrees], {2}, 10) == ([7, 8, 2], True)  # the longest proof wins
+    assert verified_tokens([agrees], {2}, 2) == ([7, 8], True)  # max_new_tokens ends the generation
+    assert verified_tokens([Draft([7, 8], np.array([7, 8]))], {2}, 10) == ([7, 8], False)  # no stop yet
+    assert verified_tokens([], {2}, 10) == ([], False)
+
+
+def test_a_draft_needs_the_prompt_and_labels_on_everything_after_it():
+    ex = example([1, 5, 6, 7, 2], 3, draft=True)
+    score = ExampleScore(nll_mean=0.0, greedy_ids=np.array([7, 2]))
+    assert draft_of([1, 5, 6], ex, score) == Draft([7, 2], score.greedy_ids)
+    assert draft_of([1, 5, 9], ex, score) is None  # another prompt
+    assert draft_of([1, 5], ex, score) is None  # position 2 is unlabelled: its argmax is unknown
+    assert draft_of([1, 5, 6], ex, ExampleScore(nll_mean=0.0)) is None  # no draft asked
+
+
+# -- equality with the per-example path on a model ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def varied(tmp_path_factory, tiny_model):
+    """The tiny model with matrices redrawn 10x wider (std 0.2): greedy answers differ from row to row."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    out = tmp_path_factory.mktemp("varied")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer(varied):
+    return load_tokenizer(str(varied))
+
+
+@pytest.fixture(scope="module")
+def model(varied):
+    return load_causal_lm(str(varied), "float32").eval()
+
+
+def groups_of(tokenizer, tiny_benchmark) -> list[list[AnswerExample]]:
+    """Per forget/retain row: answer (token statistics), paraphrase, 5 perturbed answers; holdout rows alone."""
+    import json
+
+    groups = []
+    for split in ("forget10_perturbed", "retain_perturbed", "holdout10"):
+        for line in (tiny_benchmark / f"{split}.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            answers = [row["answer"]] if split == "holdout10" else [row["answer"], row["paraphrased_answer"]]
+            answers += [] if split == "holdout10" else row["perturbed_answer"]
+            encoded = [encode_example(tokenizer, PromptTemplate(), row["question"], a, 64) for a in answers]
+            groups.append(
+                [AnswerExample(e.input_ids, e.labels, token_stats=k == 0, draft=True) for k, e in enumerate(encoded)]
+            )
+    return groups
+
+
+@pytest.mark.parametrize("batch_size", [3, 32])
+def test_shared_prefix_scores_equal_whole_examples(model, tokenizer, tiny_benchmark, batch_size):
+    groups = groups_of(tokenizer, tiny_benchmark)
+    flat = [e for group in groups for e in group]
+    with torch.no_grad():
+        want = score_examples(model, flat, batch_size, tokenizer.pad_token_id)
+        got = [s for group in score_groups(model, groups, batch_size, tokenizer.pad_token_id) for s in group]
+        logits = [model(input_ids=torch.tensor([e.input_ids])).logits[0, :-1] for e in flat]
+    assert sum(prefix_cut(group) > 0 for group in groups) == 8  # forget and retain rows share their prompt
+    for e, a, b, row_logits in zip(flat, got, want, logits, strict=True):
+        assert a.nll_mean == pytest.approx(b.nll_mean, abs=TOLERANCE)
+        if e.token_stats:
+            for name in ("token_logps", "mu", "sigma2"):
+                np.testing.assert_allclose(getattr(a, name), getattr(b, name), atol=TOLERANCE, rtol=TOLERANCE)
+            np.testing.assert_array_equal(a.pred_ids, b.pred_ids)
+            np.testing.assert_array_equal(a.target_ids, b.target_ids)
+        labelled = torch.tensor(e.labels[1:]) != -100
+        np.testing.assert_array_equal(a.greedy_ids, row_logits[labelled].argmax(-1).numpy())
+
+
+def test_greedy_generation_equals_generate_with_and_without_drafts(model, tokenizer, tiny_benchmark):
+    import json
+
+    questions = [
+        json.loads(line)["question"]
+        for split in ("forget10_perturbed", "retain_perturbed", "holdout10")
+        for line in (tiny_benchmark / f"{split}.jsonl").read_text().splitlines()
+    ]
+    prompts = [encode_prompt(tokenizer, PromptTemplate(), q) for q in questions]
+    with torch.no_grad():
+        want = generate_answers(model, tokenizer, prompts, 5, NEW_TOKENS)
+        assert len(set(want)) >= 4, f"rows generate alike: {want}"
+        assert greedy_generate(model, tokenizer, prompts, 5, NEW_TOKENS) == want
+        assert greedy_generate(model, tokenizer, prompts, 1, NEW_TOKENS) == want
+        # Drafts from the model's own greedy tokens: right ones, and ones corrupted after their second token.
+        drafts = []
+        for prompt in prompts:
+            ids = model.generate(
+                input_ids=torch.tensor([prompt]), do_sample=False, max_new_tokens=NEW_TOKENS, pad_token_id=0
+            )[0, len(prompt) :].tolist()
+            corrupt = ids[:2] + [(t + 1) % len(tokenizer) for t in ids[2:]]
+            drafts.append([Draft(corrupt, np.array(ids[:3] + [0] * (len(ids) - 3))), Draft(ids, np.array(ids))])
+        forwards = []
+        hook = model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+        try:
+            assert greedy_generate(model, tokenizer, prompts, 5, NEW_TOKENS, drafts=drafts) == want
+        finally:
+            hook.remove()
+    # Every draft proves NEW_TOKENS tokens (or a stop), so nothing is decoded.
+    assert forwards == []
+
+
+def evaluator(benchmark, tokenizer, **settings) -> TofuEvaluator:
+    options = {"batch_size": 5, "generation_batch_size": 3, "max_new_tokens": NEW_TOKENS} | settings
+    return TofuEvaluator(str(benchmark), tokenizer, "forget10", max_length=64, settings=TofuSettings(**options))
+
+
+def assert_same_metrics(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for name, entry in want.items():
+        for field in ("value_by_index", "holdout_value_by_index"):
+            for key, value in entry.get(field, {}).items():
+                if name.endswith("_ROUGE"):
+                    assert got[name][field][key] == value, f"{name}[{key}]"
+                else:
+                    np.testing.assert_allclose(got[name][field][key], value, atol=TOLERANCE, rtol=TOLERANCE)
+        if entry["agg_value"] is not None:
+            np.testing.assert_allclose(got[name]["agg_value"], entry["agg_value"], atol=TOLERANCE, rtol=TOLERANCE)
+
+
+def test_evaluator_engines_agree(model, tokenizer, tiny_benchmark):
+    new = evaluator(tiny_benchmark, tokenizer).evaluate(model)
+    old = evaluator(tiny_benchmark, tokenizer, engine="per_example").evaluate(model)
+    assert new["meta"]["engine"] == "prompt_cache" and old["meta"]["engine"] == "per_example"
+    assert_same_metrics(new["metrics"], old["metrics"])
+    generations = {r["generation"] for r in new["metrics"]["forget_Q_A_ROUGE"]["value_by_index"].values()}
+    assert len(generations) >= 2, "every row generates the same text; the comparison would prove little"
+
+
+def test_argmax_changing_generation_settings_fall_back_to_generate(tiny_model, tiny_benchmark, tokenizer):
+    model = load_causal_lm(str(tiny_model), "float32")
+    model.generation_config.repetition_penalty = 1.3
+    assert "repetition_penalty=1.3" in greedy.plain_greedy_problem(model)
+    run = evaluator(tiny_benchmark, tokenizer, metric_groups=("ra",))
+    new = run.evaluate(model)
+    assert any(
+        n.startswith("generation with model.generate: its generation config sets repetition_penalty=1.3")
+        for n in new["meta"]["notes"]
+    )
+    old = evaluator(tiny_benchmark, tokenizer, metric_groups=("ra",), engine="per_example").evaluate(model)
+    assert_same_metrics(new["metrics"], old["metrics"])
+
+
+def test_models_without_plain_key_value_caches_are_refused_with_the_fix(tiny_model):
+    model = load_causal_lm(str(tiny_model), "float32")
+    assert prompt_cache_problem(model) is None
+    model.config.layer_types = ["full_attention", "linear_attention"]
+    assert "linear_attention layers" in prompt_cache_problem(model)
+    with pytest.raises(ValueError, match=r"--engine per_example"):
+        ModelCalls.of(model)
+
+
+@pytest.mark.parametrize("phase", ["likelihood", "generation"])
+def test_ranks_agree_on_the_number_of_forwards_before_the_first(model, tokenizer, tiny_benchmark, monkeypatch, phase):
+    """As tests/test_sharded_evaluation.py checks for the per-example path: the count is agreed before any forward
+    (a rank asking later meets another rank's FSDP all-gathers and both wait forever), then padded with dummies."""
+    events: list[str] = []
+
+    def synced_count(count: int, device, synced_gpus: bool) -> int:
+        events.append("agree")
+        return count + 1  # another rank has one batch more
+
+    monkeypatch.setattr(prefix_scoring if phase == "likelihood" else greedy, "_synced_count", synced_count)
+    hook = model.register_forward_pre_hook(lambda module, args: events.append("forward"))
+    try:
+        with torch.no_grad():
+            if phase == "likelihood":
+                groups = groups_of(tokenizer, tiny_benchmark)[:2]
+                score_groups(model, groups, 32, tokenizer.pad_token_id)
+                # One chunk: a prefix forward and a suffix forward, then the dummy.
+                assert events == ["agree", "forward", "forward", "forward"]
+            else:
+                prompts = [encode_prompt(tokenizer, PromptTemplate(), "Where was AuthorA born?")]
+                greedy_generate(model, tokenizer, prompts, 2, 2)
+                # Agreed first; the batch's prefill and one step, then the missing batch's dummy forward.
+                assert events == ["agree", "forward", "forward", "forward"]
+    finally:
+        hook.remove()
