@@ -17,7 +17,7 @@ from baldro_lightning.evaluation import greedy, prefix_scoring
 from baldro_lightning.evaluation.engine import AnswerExample, ExampleScore, generate_answers, score_examples
 from baldro_lightning.evaluation.greedy import Draft, draft_of, greedy_generate, verified_tokens
 from baldro_lightning.evaluation.model_calls import ModelCalls, prompt_cache_problem
-from baldro_lightning.evaluation.prefix_scoring import plan_chunks, prefix_cut, score_groups
+from baldro_lightning.evaluation.prefix_scoring import batch_bounds, plan_chunk, prefix_cut, score_groups
 from baldro_lightning.evaluation.tofu import TofuEvaluator, TofuSettings
 from baldro_lightning.train.models import load_causal_lm
 
@@ -41,23 +41,40 @@ def test_prefix_cut_stops_one_token_before_the_first_target_or_divergence():
     assert prefix_cut([example([1, 5, 6], 1), example([1, 5, 7], 1)]) == 0
 
 
-def test_plan_scores_every_example_once_in_batches_of_at_most_batch_size():
-    cuts = [3, 0, 5, 2, 4]
-    suffix_lengths = [[4, 9, 2], [7], [3, 3, 3, 3], [1, 8], [6, 5]]
-    chunks = plan_chunks(cuts, suffix_lengths, batch_size=2)
-    planned = [item for chunk in chunks for batch in chunk.suffix_batches for item in batch]
-    assert sorted(planned) == sorted((g, k) for g, lengths in enumerate(suffix_lengths) for k in range(len(lengths)))
-    assert all(len(batch) <= 2 for chunk in chunks for batch in chunk.suffix_batches + chunk.prefix_batches)
-    for chunk in chunks:
-        # Prefix forwards hold only the chunk's groups that have a prefix, each once.
-        prefixed = [chunk.groups[p] for batch in chunk.prefix_batches for p in batch]
-        assert sorted(prefixed) == sorted(g for g in chunk.groups if cuts[g] > 0)
-        # Inside a chunk, suffixes run longest first.
-        lengths = [suffix_lengths[g][k] for batch in chunk.suffix_batches for g, k in batch]
-        assert lengths == sorted(lengths, reverse=True)
-        assert sum(len(suffix_lengths[g]) for g in chunk.groups) <= max(
-            prefix_scoring.CHUNK_BATCHES * 2, max(len(suffix_lengths[g]) for g in chunk.groups)
-        )
+def test_plan_computes_each_shared_stretch_once_and_parents_first():
+    """Labels from 3, so the prompt segment is [1, 5] (cut 2). From position 2 all three share only [6], fewer than
+    4 tokens, so they split at position 3: the first two share [6, 7, 8, 9] (4 tokens: one segment), then end in
+    [10, 2] and [11, 2]; the third is [6, 12, 2]. Nodes: 2 + 4 + 2 + 2 + 3 = 13 instead of 8 + 8 + 5 = 21."""
+    group = [
+        example([1, 5, 6, 7, 8, 9, 10, 2], 3),
+        example([1, 5, 6, 7, 8, 9, 11, 2], 3),
+        example([1, 5, 6, 12, 2], 3),
+    ]
+    plan = plan_chunk([group], [0], batch_size=2, min_shared=4)
+    assert sorted(seg.tokens for seg in plan.segments) == [[1, 5], [6, 7, 8, 9], [6, 12, 2], [10, 2], [11, 2]]
+    assert plan.node_count - 1 == 13
+    assert [seg.logits for seg in plan.segments] == [False, True, True, True, True]
+    token_of = {int(n): t for seg in plan.segments for n, t in zip(seg.nodes, seg.tokens, strict=True)}
+    assert sorted(token_of) == list(range(1, plan.node_count))  # every node computed exactly once
+    for k, ex in enumerate(group):
+        assert [token_of[int(n)] for n in plan.paths[(0, k)]] == ex.input_ids
+    done: set[int] = set()
+    for batch in plan.batches:
+        assert all(set(plan.segments[s].past.tolist()) <= done for s in batch)  # its past ran in an earlier forward
+        done |= {int(n) for s in batch for n in plan.segments[s].nodes}
+    # With no sharing below the prompt (min_shared beyond every answer) each answer is its own segment.
+    alone = plan_chunk([group], [0], batch_size=2, min_shared=100)
+    assert alone.node_count - 1 == 2 + 6 + 6 + 3
+
+
+def test_batch_bounds_weigh_padding_against_a_forward():
+    """The docstring's cases: [10, 9, 2, 2] make one forward (40 + 32 < 20 + 4 + 64); [100, 2, 2, 2] two."""
+    big = 10**6
+    assert batch_bounds([10, 9, 2, 2], [10, 9, 2, 2], big) == [(0, 4)]
+    assert batch_bounds([100, 2, 2, 2], [100, 2, 2, 2], big) == [(0, 1), (1, 4)]
+    # The budget of key/value slots caps a forward's rows: 3 rows spanning 10 need 30 > 25.
+    assert batch_bounds([10, 10, 10], [10, 10, 10], 25) == [(0, 2), (2, 3)]
+    assert batch_bounds([5], [50], 10) == [(0, 1)]  # a row wider than the budget still runs, alone
 
 
 def test_verified_tokens_follow_the_argmax_until_the_draft_departs_or_stops():
@@ -133,6 +150,8 @@ def test_shared_prefix_scores_equal_whole_examples(model, tokenizer, tiny_benchm
         got = [s for group in score_groups(model, groups, batch_size, tokenizer.pad_token_id) for s in group]
         logits = [model(input_ids=torch.tensor([e.input_ids])).logits[0, :-1] for e in flat]
     assert sum(prefix_cut(group) > 0 for group in groups) == 8  # forget and retain rows share their prompt
+    nodes = sum(p.node_count - 1 for p in prefix_scoring.plan_chunks(groups, batch_size, 10**6))
+    assert nodes < 0.6 * len([t for e in flat for t in e.input_ids])  # each distinct prefix is computed once
     for e, a, b, row_logits in zip(flat, got, want, logits, strict=True):
         assert a.nll_mean == pytest.approx(b.nll_mean, abs=TOLERANCE)
         if e.token_stats:
@@ -243,8 +262,9 @@ def test_ranks_agree_on_the_number_of_forwards_before_the_first(model, tokenizer
             if phase == "likelihood":
                 groups = groups_of(tokenizer, tiny_benchmark)[:2]
                 score_groups(model, groups, 32, tokenizer.pad_token_id)
-                # One chunk: a prefix forward and a suffix forward, then the dummy.
-                assert events == ["agree", "forward", "forward", "forward"]
+                nodes = prefix_scoring.POOL_BYTES // ModelCalls.of(model).kv_bytes_per_token(model)
+                planned = sum(len(p.batches) for p in prefix_scoring.plan_chunks(groups, 32, nodes))
+                assert events == ["agree", *["forward"] * planned, "forward"]  # the plan's forwards, then the dummy
             else:
                 prompts = [encode_prompt(tokenizer, PromptTemplate(), "Where was AuthorA born?")]
                 greedy_generate(model, tokenizer, prompts, 2, 2)
