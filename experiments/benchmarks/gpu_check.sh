@@ -38,8 +38,43 @@ step() {
     fi
 }
 
+# Not a shipped experiment (experiments/combinations.yaml): the fits' overrides are written here, next to the results.
+cat > "$OUT/gpu_check.yaml" <<'YAML'
+# The GPU check's fit, written by experiments/benchmarks/gpu_check.sh; composed after tofu/defaults.yaml,
+# methods/npo.yaml and objectives/dv.yaml (and, for FSDP1, before tofu/fsdp1.yaml): the TOFU NPO + BalDRO-DV
+# recipe (bf16 weights) on the embedded benchmark's files, one GPU, a few steps, a live frozen reference, no
+# checkpoints. The script names the model (--model.init_args.model, a random ~1B Llama) and the strategy.
+trainer:
+  devices: 1
+  max_epochs: 1
+  max_steps: 12
+  enable_checkpointing: false
+  logger: false
+  # One evaluation at the last step, on 16 rows per split: the in-training path (sharded under
+  # ModelParallelStrategy, generating with synced_gpus) on a GPU. tofu/fsdp1.yaml replaces this list.
+  callbacks:
+  - class_path: baldro_lightning.evaluation.callbacks.TofuEvaluation
+    init_args:
+      every_epoch: false
+      every_n_steps: 12
+      on_start: false
+      curves: false
+      criterion: rouge
+      settings:
+        limit: 16
+        max_new_tokens: 32
+        batch_size: 16
+model:
+  init_args:
+    reference: live
+data:
+  init_args:
+    benchmark: data/tofu_embedded
+    batch_size: 4
+    max_length: 256
+YAML
 NPO_DV=(--config experiments/tofu/defaults.yaml --config experiments/methods/npo.yaml
-        --config experiments/objectives/dv.yaml --config experiments/benchmarks/gpu_check.yaml)
+        --config experiments/objectives/dv.yaml --config "$OUT/gpu_check.yaml")
 if [[ $DRY_RUN == 1 ]]; then
     ACCELERATOR=cpu
     SIZE=(--hidden-size 64 --num-hidden-layers 2 --intermediate-size 128 --num-attention-heads 4)
