@@ -50,7 +50,7 @@ def test_fit_configs_resolve_to_one_device_bf16_npo_dv(tmp_path, strategy):
         ]
     config = resolved(args)
     trainer, model = config["trainer"], config["model"]["init_args"]
-    assert trainer["devices"] == 1 and trainer["precision"] == "bf16-true" and trainer["max_steps"] == 12
+    assert str(trainer["devices"]) == "1" and trainer["precision"] == "bf16-true" and trainer["max_steps"] == 12
     assert model["torch_dtype"] == "bfloat16" and model["reference"] == "live"
     assert model["forget_loss"]["class_path"].endswith("NPO") and model["forget_objective"]["class_path"].endswith("DV")
     assert config["data"]["init_args"]["benchmark"] == "data/tofu_embedded"

@@ -436,6 +436,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1 (timed passes of each path), got {args.repeats}")
     paths = ["new", *[p for p in args.paths if p != "new"]]
+    # The tokenizers library's batch calls use a thread pool whose idle threads spin; CPU time would count them.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and "naive" in paths:
         parser.error("--paths naive runs in one process only; drop it under torchrun")
