@@ -98,7 +98,12 @@ if DynamicLayer is not None:
             return self._length
 
         def batch_select_indices(self, indices: Tensor) -> None:
-            self._keys, self._values = self._keys[indices], self._values[indices]
+            # Copy only the filled slots: the free room is as large as the longest generation still to come.
+            keys = self._keys.new_empty((len(indices), *self._keys.shape[1:]))
+            values = self._values.new_empty((len(indices), *self._values.shape[1:]))
+            keys[:, :, : self._length] = self._keys[indices, :, : self._length]
+            values[:, :, : self._length] = self._values[indices, :, : self._length]
+            self._keys, self._values = keys, values
             self._expose()
 
 

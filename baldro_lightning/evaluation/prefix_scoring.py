@@ -40,9 +40,9 @@ from baldro_lightning.evaluation import metrics
 from baldro_lightning.evaluation.engine import AnswerExample, ExampleScore, _input_device, _synced_count
 from baldro_lightning.evaluation.model_calls import ModelCalls
 
-POOL_BYTES = 2**30
-"""Memory for a chunk's node pool (the keys and values of every distinct token of its groups): the larger the
-chunk, the better its segments' lengths match in forwards."""
+POOL_BYTES = 2**28
+"""Memory for a chunk's key/value pool (every token that later forwards attend to, once): the larger the chunk,
+the better its segments' lengths match in forwards."""
 
 
 def prefix_cut(examples: Sequence[AnswerExample]) -> int:
@@ -109,6 +109,9 @@ class ChunkPlan:
     segments: list[Segment] = field(default_factory=list)
     batches: list[list[int]] = field(default_factory=list)
     """Segment numbers per forward, in running order (level by level, longest first)."""
+    pool_row: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int64))
+    """Each node's row in the key/value pool: only nodes that other segments attend to (those of segments with
+    kids) have one; 0 (the dummy row) for the rest."""
 
     def add(self, tokens: Sequence[int], start: int, past: np.ndarray, logits: bool, parent: Segment | None) -> Segment:
         level = 0 if not logits else (1 if parent is None or not parent.logits else parent.level + 1)
@@ -147,6 +150,9 @@ def plan_chunk(
         _branch(plan, ids, list(range(len(ids))), cut, past, parent, paths, min_shared)
         for k, path in enumerate(paths):
             plan.paths[(g, k)] = np.concatenate(path) if path else np.zeros(0, dtype=np.int64)
+    plan.pool_row = np.zeros(plan.node_count, dtype=np.int64)
+    pooled = np.concatenate([seg.nodes for seg in plan.segments if seg.kids] or [np.zeros(0, dtype=np.int64)])
+    plan.pool_row[pooled] = np.arange(1, len(pooled) + 1)
     budget = batch_size * longest
     levels: dict[int, list[int]] = {}
     for number, segment in enumerate(plan.segments):
@@ -239,16 +245,15 @@ def _branch(
 def plan_chunks(groups: Sequence[Sequence[AnswerExample]], batch_size: int, nodes: int) -> list[ChunkPlan]:
     """Chunks of whole groups, longest examples first (a batch that does not fit in memory fails at once).
 
-    A chunk takes groups while their tokens (counting a shared prompt once) fit in ``nodes`` pool slots, and at
-    least ``batch_size`` times its longest example (one batch of whole examples).
+    A chunk takes groups while the tokens other segments attend to (estimated by each group's longest example: its
+    prompt and shared stretches) fit in ``nodes`` pool rows, and at least ``batch_size`` times its longest example.
     """
     order = sorted(range(len(groups)), key=lambda g: max((len(e.input_ids) for e in groups[g]), default=0))
     order.reverse()
     chunks, current, size = [], [], 0
     longest = max((len(e.input_ids) for group in groups for e in group), default=1)
     for g in order:
-        cut = prefix_cut(groups[g])
-        tokens = cut + sum(len(e.input_ids) - cut for e in groups[g])
+        tokens = max((len(e.input_ids) for e in groups[g]), default=0)
         if current and size + tokens > max(nodes, batch_size * longest):
             chunks.append(plan_chunk(groups, current, batch_size))
             current, size = [], 0
@@ -308,6 +313,7 @@ class _NodeValues:
     def __init__(self, chunk: ChunkPlan, groups: Sequence[Sequence[AnswerExample]], device: torch.device) -> None:
         self.chunk, self.device = chunk, device
         n = chunk.node_count
+        self.pool_row = torch.as_tensor(chunk.pool_row, device=device)
         self.keys: list[Tensor] = []
         self.values: list[Tensor] = []
         self.lse = torch.full((n,), float("nan"), device=device)
@@ -341,7 +347,7 @@ class _NodeValues:
         buffers = calls.buffers(model, len(segments), past_length + length)
         if past_length:
             mask = torch.cat([(past_ids > 0).long(), mask], dim=1)
-            flat = past_ids.flatten()
+            flat = self.pool_row[past_ids.flatten()]
             for (keys, values), pool_keys, pool_values in zip(buffers, self.keys, self.values, strict=True):
                 # One gather per layer from the (nodes, H, D) pool into the buffer's first slots: (N, H, P, D).
                 shape = (len(segments), past_length, *pool_keys.shape[1:])
@@ -350,7 +356,7 @@ class _NodeValues:
         needs_logits = segments[0].logits
         logits, layers = calls.run(model, ids, mask, positions, buffers, past_length, keep_all=needs_logits)
         if not self.keys:
-            n = self.chunk.node_count
+            n = int(self.chunk.pool_row.max()) + 1
             self.keys = [k.new_empty((n, k.shape[1], k.shape[3])) for k, _ in layers]
             self.values = [v.new_empty((n, v.shape[1], v.shape[3])) for _, v in layers]
             for pool in self.keys + self.values:
@@ -360,7 +366,7 @@ class _NodeValues:
         if continued:
             rows = torch.as_tensor(continued, device=device)
             keep = real[rows]
-            where = node_ids[rows][keep]
+            where = self.pool_row[node_ids[rows][keep]]
             for layer, (k, v) in enumerate(layers):
                 self.keys[layer].index_copy_(0, where, k[rows, :, past_length:].transpose(1, 2)[keep])
                 self.values[layer].index_copy_(0, where, v[rows, :, past_length:].transpose(1, 2)[keep])
