@@ -520,17 +520,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             failures.append(f"new vs {path}: per-item NLL differs by {nll:.2e} > --atol {args.atol}")
         failures += [f"new vs {path}: {line}" for line in metric_failures[:5] + differing[:5]]
 
-    _say(
-        f"{'path':8s} {'wall median (s)':>15s} {'items/s':>8s} {'x new (wall)':>13s} {'per pass [min, max]':>22s}"
-        f" {'cpu median (s)':>15s} {'x new (cpu)':>12s} {'per pass [min, max]':>22s}"
-    )
+    header = ("path", "wall med s", "items/s", "x new", "per pass [min, max]", "cpu med s", "x new", "per pass")
+    _say("{:8s} {:>10s} {:>8s} {:>6s} {:>20s} {:>10s} {:>6s} {:>20s}".format(*header))
     for path in paths:
         w, c = wall_ratios[path], cpu_ratios[path]
+        spread = [
+            f"{r['pass_ratio_median']:.2f} [{r['pass_ratio_min']:.2f}, {r['pass_ratio_max']:.2f}]" for r in (w, c)
+        ]
         _say(
-            f"{path:8s} {w['median_s']:15.2f} {items / w['median_s']:8.1f} {w['ratio_of_medians']:13.2f} "
-            f"{w['pass_ratio_median']:6.2f} [{w['pass_ratio_min']:.2f}, {w['pass_ratio_max']:.2f}]".ljust(84)
-            + f" {c['median_s']:15.2f} {c['ratio_of_medians']:12.2f} "
-            f"{c['pass_ratio_median']:6.2f} [{c['pass_ratio_min']:.2f}, {c['pass_ratio_max']:.2f}]"
+            f"{path:8s} {w['median_s']:10.2f} {items / w['median_s']:8.1f} {w['ratio_of_medians']:6.2f} "
+            f"{spread[0]:>20s} {c['median_s']:10.2f} {c['ratio_of_medians']:6.2f} {spread[1]:>20s}"
         )
     _say("x new: how many times longer than the new evaluator (ratio of medians; per pass: median and range)")
     for path, check in checks.items():
