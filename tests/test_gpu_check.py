@@ -7,6 +7,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,7 @@ def test_dry_run_runs_every_step_on_cpu(tmp_path):
     env = {
         **os.environ,
         "DRY_RUN": "1",
+        "PYTHON": sys.executable,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
         "OMP_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",

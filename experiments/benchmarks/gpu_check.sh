@@ -48,6 +48,8 @@ trainer:
   devices: 1
   max_epochs: 1
   max_steps: 12
+  # One batch per step, so that step 12 comes within the first epoch (25 batches of 4 forget rows).
+  accumulate_grad_batches: 1
   enable_checkpointing: false
   logger: false
   # One evaluation at the last step, on 16 rows per split: the in-training path (sharded under
