@@ -52,9 +52,9 @@ GENERATION_NOTE = "greedy, left-padded prompts, new tokens decoded without speci
 """How every evaluator generates (recorded in ``meta.generation``)."""
 
 Engine = Literal["prompt_cache", "per_example"]
-"""How an evaluator runs the model. ``prompt_cache``: examples grouped by prompt, each prompt's key/value cache
-computed once for all its answers (:mod:`~baldro_lightning.evaluation.prefix_scoring`), and greedy generation that
-takes the tokens the scored answers prove and decodes the rest dropping finished rows
+"""How an evaluator runs the model. ``prompt_cache``: examples grouped by prompt, each distinct prefix (the prompt,
+a stretch several answers share) computed once (:mod:`~baldro_lightning.evaluation.prefix_scoring`), and greedy
+generation that takes the tokens the scored answers prove and decodes the rest dropping finished rows
 (:mod:`~baldro_lightning.evaluation.greedy`). ``per_example``: :func:`score_examples` and :func:`generate_answers`,
 one padded forward per batch of whole examples and ``model.generate`` per batch of prompts (the evaluator before
 issue 18, kept as the reference the other is checked against)."""

@@ -3,9 +3,11 @@ r"""Likelihood scoring of examples that share prefixes: every distinct prefix is
 A TOFU row is scored on up to seven answers to one question (answer, paraphrase, five perturbed answers), and
 :func:`~baldro_lightning.evaluation.engine.score_examples` runs the prompt seven times, and again every stretch the
 answers share ("The author's father was a ..."). :func:`score_groups` takes the examples grouped by question and
-builds the token tree (trie) of each group: one node per distinct prefix. Each node is computed once; its keys and
-values go into a pool, from which every later forward gathers the ones it attends to (its "past"). Chains of nodes
-without a branch are one *segment*, the unit of a forward; a segment runs once its parent segment has.
+builds the token tree (trie) of each group: one node per distinct prefix. Each node is computed once; the keys and
+values of the nodes that other segments continue go into a pool, from which every later forward gathers the ones
+it attends to (its "past"). Chains of nodes without a branch are one *segment*, the unit of a forward; a segment
+runs once its parent segment has. A stretch shared by several answers gets a segment of its own only when it is at
+least :data:`MIN_SHARED` tokens long.
 
 - The prompt before the first target (``input_ids[:cut]``, :func:`prefix_cut`) is a segment of its own whose
   logits are never computed (the language-model head is skipped there).
@@ -19,8 +21,8 @@ rounding (other matmul shapes, padded key slots that are masked), plus on reques
 labelled position, which :mod:`~baldro_lightning.evaluation.greedy` uses as a verified draft of the greedy
 generation.
 
-Batching: groups are ordered by their longest example and cut into chunks whose node pool (the keys and values of
-each distinct token once) fits in :data:`POOL_BYTES`; inside a chunk, segments run level by level (a segment's
+Batching: groups are ordered by their longest example and cut into chunks whose key/value pool fits in
+:data:`POOL_BYTES`; inside a chunk, segments run level by level (a segment's
 level is one more than its parent's), each level sorted by length and cut into forwards by :func:`batch_bounds`,
 none attending to more key/value slots than ``batch_size`` whole examples would.
 """

@@ -97,9 +97,9 @@ class TofuSettings:
     limit: int | None = None
     """Evaluate only the first N rows of each split (smoke runs); a retain reference must use the same limit."""
     engine: Engine = "prompt_cache"
-    """prompt_cache: each question's prompt runs once for all its answers, and greedy tokens that the scored answers
-    already prove are not decoded again; per_example: whole examples and model.generate, the evaluator before issue
-    18, kept as the reference. Values agree within float rounding."""
+    """prompt_cache: each question's prompt (and any stretch its answers share) runs once for all its answers, and
+    greedy tokens that the scored answers already prove are not decoded again; per_example: whole examples and
+    model.generate, the evaluator before issue 18, kept as the reference. Values agree within float rounding."""
 
     def __post_init__(self) -> None:
         # One order-preserving copy of each group: a tuple whatever sequence was given (YAML gives lists).

@@ -3,9 +3,9 @@
 Every path computes every metric group (forget, retain_perturbed, real authors, world facts, MIA with the holdout
 split) on the same rows, then :meth:`TofuEvaluator.aggregate` turns its per-row values into metrics:
 
-- ``new``: :meth:`TofuEvaluator.score` with its default engine (``prompt_cache``: each question's prompt runs once
-  for all its answers; greedy tokens that the scored answers prove are taken, the rest decoded dropping finished
-  rows). This is what ``python -m baldro_lightning evaluate`` and the in-training callbacks run.
+- ``new``: :meth:`TofuEvaluator.score` with its default engine (``prompt_cache``: each distinct prefix of a
+  question's answers, the prompt first, runs once; greedy tokens that the scored answers prove are taken, the rest
+  decoded dropping finished rows). This is what ``python -m baldro_lightning evaluate`` and the in-training callbacks run.
 - ``current``: :func:`pinned_current_scores`, the evaluator's scoring as of commit f56ffc7 (before issue 18), pinned
   here as the baseline: one padded forward per batch of whole examples, one ``model.generate`` per batch of prompts,
   each example tokenised on its own, ROUGE with rouge_score's own stemmer.
