@@ -280,7 +280,9 @@ def test_failure_midway_leaves_no_file(tiny_benchmark, tokenizer, model, tmp_pat
     def broken(*args, **kwargs):
         raise RuntimeError("generation failed")
 
+    # Both engines' generation (prompt_cache: greedy_generate; per_example: generate_answers).
     monkeypatch.setattr(tofu, "generate_answers", broken)
+    monkeypatch.setattr(tofu, "greedy_generate", broken)
     out = tmp_path / "eval.json"
     with pytest.raises(RuntimeError, match="generation failed"):
         make_evaluator(tiny_benchmark, tokenizer, metric_groups=("wf",)).run(model, out)

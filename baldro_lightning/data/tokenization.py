@@ -155,13 +155,14 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLik
         config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _ids(tokenizer: PreTrainedTokenizerBase, text: str, add_special_tokens: bool) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+def _texts_ids(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], add_special_tokens: bool) -> list[list[int]]:
+    # One call for many texts: a fast tokenizer's per-call overhead is most of the cost of a short text.
+    if not texts:
+        return []
+    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]]
 
 
-def _chat_ids(
-    tokenizer: PreTrainedTokenizerBase, template: PromptTemplate, question: str, answer: str | None
-) -> list[int]:
+def _chat_text(tokenizer: PreTrainedTokenizerBase, template: PromptTemplate, question: str, answer: str | None) -> str:
     if tokenizer.chat_template is None:
         raise UserInputError(
             f"tokenizer {tokenizer.name_or_path!r} has no chat template, but --data.template.chat asks for one; "
@@ -173,10 +174,37 @@ def _chat_ids(
     if answer is not None:
         messages.append({"role": "assistant", "content": answer})
     extra = {} if template.date_string is None else {"date_string": template.date_string}
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=answer is None, **extra)
-    # Chat templates write their own BOS, so the rendered text is encoded without adding special tokens; this is
-    # what apply_chat_template(tokenize=True) does internally.
-    return _ids(tokenizer, text, add_special_tokens=False)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=answer is None, **extra)
+
+
+def _rendered_ids(
+    tokenizer: PreTrainedTokenizerBase, template: PromptTemplate, pairs: Sequence[tuple[str, str | None]]
+) -> list[list[int]]:
+    """Ids of each (question, answer) rendered by ``template``; an answer of ``None`` renders the prompt only."""
+    if template.chat:
+        # Chat templates write their own BOS, so the rendered text is encoded without adding special tokens; this
+        # is what apply_chat_template(tokenize=True) does internally.
+        texts = [_chat_text(tokenizer, template, question, answer) for question, answer in pairs]
+        return _texts_ids(tokenizer, texts, add_special_tokens=False)
+    texts = [
+        template.question_prefix
+        + question
+        + template.answer_prefix
+        + ("" if answer is None else template.answer_separator + answer)
+        for question, answer in pairs
+    ]
+    return _texts_ids(tokenizer, texts, add_special_tokens=True)
+
+
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase, template: PromptTemplate, questions: Sequence[str]
+) -> list[list[int]]:
+    """:func:`encode_prompt` of many questions, tokenised in one call."""
+    out = _rendered_ids(tokenizer, template, [(question, None) for question in questions])
+    if not template.chat:
+        # Tokenizers configured to append EOS (add_eos_token) would end the prompt with EOS; a prompt must stay open.
+        out = [ids[:-1] if ids and ids[-1] == tokenizer.eos_token_id else ids for ids in out]
+    return out
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, template: PromptTemplate, question: str) -> list[int]:
@@ -191,13 +219,7 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, template: PromptTemplate, 
         (P,) ids: BOS (if the tokenizer adds one), question and answer prefix; for chat templates, everything up
         to and including the assistant header.
     """
-    if template.chat:
-        return _chat_ids(tokenizer, template, question, answer=None)
-    ids = _ids(tokenizer, template.question_prefix + question + template.answer_prefix, add_special_tokens=True)
-    # Tokenizers configured to append EOS (add_eos_token) would end the prompt with EOS; a prompt must stay open.
-    if ids and ids[-1] == tokenizer.eos_token_id:
-        ids = ids[:-1]
-    return ids
+    return encode_prompts(tokenizer, template, [question])[0]
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
@@ -237,17 +259,54 @@ def encode_example(
         NoAnswerTokenError: the prompt leaves no room within ``max_length`` for one answer token and EOS, or the
             template renders no answer token.
     """
+    return encode_examples(tokenizer, template, [(question, answer)], max_length)[0]
+
+
+def encode_examples(
+    tokenizer: PreTrainedTokenizerBase,
+    template: PromptTemplate,
+    pairs: Sequence[tuple[str, str]],
+    max_length: int,
+    for_scoring: bool = False,
+) -> list[EncodedExample]:
+    """:func:`encode_example` of many (question, answer) pairs: each distinct prompt and every full text tokenised
+    in one call each.
+
+    Args:
+        tokenizer: The model's tokenizer (must have an EOS token).
+        template: How the questions and answers are rendered.
+        pairs: ``(question, answer)`` texts.
+        max_length: Most tokens per example, EOS included.
+        for_scoring: Encode a pair that leaves no answer token as :func:`encode_for_scoring` does instead of
+            raising :class:`NoAnswerTokenError`.
+
+    Raises:
+        ValueError, UserInputError, NoAnswerTokenError: as :func:`encode_example`, for the first pair that fails.
+    """
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token; load it with load_tokenizer()")
     if max_length < 2:
         raise UserInputError(f"--data.max_length={max_length} leaves no room for a prompt and EOS; use at least 2")
-    prompt_ids = encode_prompt(tokenizer, template, question)
-    if template.chat:
-        full_ids = _chat_ids(tokenizer, template, question, answer)
-    else:
-        text = template.question_prefix + question + template.answer_prefix + template.answer_separator + answer
-        full_ids = _ids(tokenizer, text, add_special_tokens=True)
+    questions = list(dict.fromkeys(question for question, _ in pairs))
+    prompts = dict(zip(questions, encode_prompts(tokenizer, template, questions), strict=True))
+    fulls = _rendered_ids(tokenizer, template, pairs)
+    out = []
+    for (question, answer), full_ids in zip(pairs, fulls, strict=True):
+        try:
+            out.append(_masked_example(prompts[question], full_ids, eos, question, answer, max_length))
+        except NoAnswerTokenError:
+            if not for_scoring:
+                raise
+            # Scored, not refused: the prompt (cut to max_length) with every label -100 (encode_for_scoring).
+            prompt = prompts[question][:max_length]
+            out.append(EncodedExample(prompt, [IGNORE_INDEX] * len(prompt), prompt_length=len(prompt), truncated=True))
+    return out
+
+
+def _masked_example(
+    prompt_ids: list[int], full_ids: list[int], eos: int, question: str, answer: str, max_length: int
+) -> EncodedExample:
     if not full_ids or full_ids[-1] != eos:
         full_ids.append(eos)
     prompt_length = common_prefix_length(prompt_ids, full_ids)
@@ -280,11 +339,7 @@ def encode_for_scoring(
     Returns:
         The example; ``labels`` are all ``-100`` when :func:`encode_example` raises :class:`NoAnswerTokenError`.
     """
-    try:
-        return encode_example(tokenizer, template, question, answer, max_length)
-    except NoAnswerTokenError:
-        prompt = encode_prompt(tokenizer, template, question)[:max_length]
-        return EncodedExample(prompt, [IGNORE_INDEX] * len(prompt), prompt_length=len(prompt), truncated=True)
+    return encode_examples(tokenizer, template, [(question, answer)], max_length, for_scoring=True)[0]
 
 
 def encode_rows(

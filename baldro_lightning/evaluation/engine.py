@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import logging
 import math
 import os
 import platform
@@ -31,7 +32,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Literal, cast, get_args
 
 import numpy as np
 import torch
@@ -46,11 +47,21 @@ from baldro_lightning.evaluation import metrics
 from baldro_lightning.evaluation.run_record import write_eval_json
 from baldro_lightning.train.logprobs import sequence_logprobs
 
+log = logging.getLogger(__name__)
+
 MINK_FRACTION = 0.4
 """Fraction k of lowest-scoring tokens kept by MinK and MinK++ (methods §3.6)."""
 
 GENERATION_NOTE = "greedy, left-padded prompts, new tokens decoded without special tokens, stripped"
 """How every evaluator generates (recorded in ``meta.generation``)."""
+
+Engine = Literal["prompt_cache", "per_example"]
+"""How an evaluator runs the model. ``prompt_cache``: examples grouped by prompt, each distinct prefix (the prompt,
+a stretch several answers share) computed once (:mod:`~baldro_lightning.evaluation.prefix_scoring`), and greedy
+generation that takes the tokens the scored answers prove and decodes the rest dropping finished rows
+(:mod:`~baldro_lightning.evaluation.greedy`). ``per_example``: :func:`score_examples` and :func:`generate_answers`,
+one padded forward per batch of whole examples and ``model.generate`` per batch of prompts (the evaluator before
+issue 18, kept as the reference the other is checked against)."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -67,6 +78,10 @@ class AnswerExample:
     """(T,) ``-100`` on the prompt, the token ids on the answer and EOS."""
     token_stats: bool = False
     """Also return per-token log-probs, argmax predictions and MinK++ moments of the answer."""
+    draft: bool = False
+    """Also return the teacher-forced argmax at every labelled position (``ExampleScore.greedy_ids``), a verified
+    draft of the greedy generation from the prompt; computed by
+    :func:`~baldro_lightning.evaluation.prefix_scoring.score_groups` only."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +105,8 @@ class ExampleScore:
     """(n,) mean of log p under the model's next-token distribution (MinK++)."""
     sigma2: np.ndarray | None = None
     """(n,) variance of log p under that distribution (MinK++)."""
+    greedy_ids: np.ndarray | None = None
+    """(m,) teacher-forced argmax at every labelled position, EOS included (for examples that asked for a draft)."""
 
 
 def _input_device(model: nn.Module) -> torch.device:
@@ -456,7 +473,7 @@ def settings_problems(
     """What is wrong with the options every benchmark's settings have, each naming its flag and bad value.
 
     Args:
-        settings: A settings dataclass with ``metric_groups`` and the fields named in the counts.
+        settings: A settings dataclass with ``metric_groups``, ``engine`` and the fields named in the counts.
         allowed_groups: The benchmark's metric groups; ``metric_groups`` must be a non-empty subset.
         counts: Fields that must be at least 1.
         optional_counts: Fields that must be at least 1 or unset (``None``).
@@ -471,6 +488,8 @@ def settings_problems(
     for flag in optional_counts:
         if getattr(settings, flag) is not None and getattr(settings, flag) < 1:
             problems.append(f"--{flag} must be >= 1 or unset, got {getattr(settings, flag)}")
+    if settings.engine not in get_args(Engine):
+        problems.append(f"--engine {settings.engine!r}: choose from {', '.join(get_args(Engine))}")
     return problems
 
 
@@ -548,6 +567,12 @@ class BenchmarkEvaluator:
             },
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
+
+    def _note(self, note: str | None) -> None:
+        """Record ``note`` in ``meta.notes`` (once) and log it; ``None`` is no note."""
+        if note is not None and note not in self.notes:
+            log.warning("%s", note)
+            self.notes.append(note)
 
     def evaluate(self, model: nn.Module, model_name: str | None = None, synced_gpus: bool = False) -> dict[str, Any]:
         """Score every loaded row and aggregate: ``{"meta": ..., "metrics": ...}``."""

@@ -53,6 +53,7 @@ from baldro_lightning.evaluation.engine import (
     MINK_FRACTION,
     AnswerExample,
     BenchmarkEvaluator,
+    Engine,
     ExampleScore,
     RowScores,
     extra_attack_problems,
@@ -65,6 +66,8 @@ from baldro_lightning.evaluation.engine import (
     values_by_index,
 )
 from baldro_lightning.evaluation.gradient_norms import GRADNORM_P, gradient_norms
+from baldro_lightning.evaluation.greedy import Draft, choose_engines, draft_of, greedy_generate
+from baldro_lightning.evaluation.prefix_scoring import score_groups
 from baldro_lightning.evaluation.run_record import EvalLogError, reference_privleak_auc, reference_row_losses
 from baldro_lightning.train.models import eval_mode
 
@@ -116,6 +119,10 @@ class MuseSettings:
     limit: int | None = None
     """Evaluate only the first N rows of each split (smoke runs; the KnowMem in-context shots are always all
     used); a retain reference must use the same limit."""
+    engine: Engine = "prompt_cache"
+    """prompt_cache: greedy tokens that the scored VerbMem continuation already proves are not decoded again, and
+    the decode loop drops finished rows; per_example: model.generate per batch, the evaluator before issue 18, kept
+    as the reference. Values agree within float rounding."""
 
     def __post_init__(self) -> None:
         # One order-preserving copy of each group: a tuple whatever sequence was given (YAML gives lists).
@@ -230,6 +237,7 @@ class MuseEvaluator(BenchmarkEvaluator):
         self.notes: list[str] = []
         self._reference_auc: float | None = None
         self._reference_losses: tuple[dict[int, float], dict[int, float]] | None = None
+        self._cached = (False, False)  # (scoring, generation) on the prompt-cache engine; set by each score()
         self._check_reference()
 
     def _has(self, group: MuseMetricGroup) -> bool:
@@ -306,18 +314,18 @@ class MuseEvaluator(BenchmarkEvaluator):
     def _score(
         self, model: nn.Module, rows: dict[str, list[Mapping[str, Any]]], synced_gpus: bool
     ) -> dict[str, RowScores]:
+        scoring, generation, note = choose_engines(self.settings.engine, model, self.attention_from)
+        self._cached = (scoring, generation)
+        self._note(note)
         teacher_forced = [name for name in (VERBMEM_SPLIT, *PRIVLEAK_SPLITS) if name in rows]
         examples = [(name, self._likelihood_example(name, row)) for name in teacher_forced for row in rows[name]]
         if examples:
             log.info("scoring %d texts (max_length=%d)", len(examples), self.max_length)
-        scored = score_examples(
-            model,
-            [e for _, e in examples],
-            self.settings.batch_size,
-            self.tokenizer.pad_token_id,
-            synced_gpus,
-            self.attention_from,
-        )
+        size, pad = self.settings.batch_size, self.tokenizer.pad_token_id
+        if self._cached[0]:
+            scored = [group[0] for group in score_groups(model, [[e] for _, e in examples], size, pad, synced_gpus)]
+        else:
+            scored = score_examples(model, [e for _, e in examples], size, pad, synced_gpus, self.attention_from)
         by_split: dict[str, list[tuple[AnswerExample, ExampleScore]]] = {name: [] for name in teacher_forced}
         for (name, example), score in zip(examples, scored, strict=True):
             by_split[name].append((example, score))
@@ -338,7 +346,7 @@ class MuseEvaluator(BenchmarkEvaluator):
             out[VERBMEM_SPLIT] = row_scores(
                 VERBMEM_SPLIT,
                 {
-                    "generation": self._verbmem_generations(model, rows[VERBMEM_SPLIT], synced_gpus),
+                    "generation": self._verbmem_generations(model, rows[VERBMEM_SPLIT], items, synced_gpus),
                     "pred_ids": [score.pred_ids for _, score in items],
                     "target_ids": [score.target_ids for _, score in items],
                 },
@@ -353,7 +361,34 @@ class MuseEvaluator(BenchmarkEvaluator):
             encoded = encode_completion(self.tokenizer, row["prompt"], row["gt"], self.max_length, insert_space=True)
         else:
             encoded = encode_completion(self.tokenizer, "", row["text"], self.max_length)
-        return AnswerExample(encoded.input_ids, encoded.labels, token_stats=True)
+        # VerbMem's scored continuation is also a draft of its greedy generation (see greedy.draft_of).
+        draft = name == VERBMEM_SPLIT and self._cached[1]
+        return AnswerExample(encoded.input_ids, encoded.labels, token_stats=True, draft=draft)
+
+    def _generate(
+        self,
+        model: nn.Module,
+        prompts: Sequence[Sequence[int]],
+        batch_size: int,
+        max_new_tokens: int,
+        synced_gpus: bool,
+        stop_strings: Sequence[str] = (),
+        drafts: Sequence[Sequence[Draft]] | None = None,
+    ) -> list[str]:
+        if self._cached[1]:
+            return greedy_generate(
+                model, self.tokenizer, prompts, batch_size, max_new_tokens, synced_gpus, stop_strings, drafts
+            )
+        return generate_answers(
+            model,
+            self.tokenizer,
+            prompts,
+            batch_size,
+            max_new_tokens,
+            synced_gpus,
+            stop_strings,
+            attention_from=self.attention_from,
+        )
 
     def _knowmem_generations(
         self, model: nn.Module, side: str, rows: Sequence[Mapping[str, Any]], synced_gpus: bool
@@ -361,30 +396,37 @@ class MuseEvaluator(BenchmarkEvaluator):
         shots = self.shots[side]
         prompts = [encode_knowmem_prompt(self.tokenizer, self.template, shots, row["question"]) for row in rows]
         log.info("KnowMem %s: generating %d answers after %d shots", side, len(prompts), len(shots))
-        return generate_answers(
+        return self._generate(
             model,
-            self.tokenizer,
             prompts,
             self.settings.knowmem_batch_size,
             self.settings.knowmem_max_new_tokens,
             synced_gpus,
             stop_strings=KNOWMEM_STOP_STRINGS,
-            attention_from=self.attention_from,
         )
 
-    def _verbmem_generations(self, model: nn.Module, rows: Sequence[Mapping[str, Any]], synced_gpus: bool) -> list[str]:
+    def _verbmem_generations(
+        self,
+        model: nn.Module,
+        rows: Sequence[Mapping[str, Any]],
+        scored: Sequence[tuple[AnswerExample, ExampleScore]],
+        synced_gpus: bool,
+    ) -> list[str]:
         prompts = [encode_prefix(self.tokenizer, row["prompt"]) for row in rows]
+        drafts = [
+            [d] if (d := draft_of(prompt, example, score)) is not None else []
+            for prompt, (example, score) in zip(prompts, scored, strict=True)
+        ]
         log.info(
             "VerbMem: generating %d continuations of %d tokens", len(prompts), self.settings.verbmem_max_new_tokens
         )
-        return generate_answers(
+        return self._generate(
             model,
-            self.tokenizer,
             prompts,
             self.settings.verbmem_batch_size,
             self.settings.verbmem_max_new_tokens,
             synced_gpus,
-            attention_from=self.attention_from,
+            drafts=drafts,
         )
 
     def _attack_scores(self, items: Sequence[tuple[AnswerExample, ExampleScore]]) -> dict[str, list[float]]:
@@ -479,4 +521,5 @@ class MuseEvaluator(BenchmarkEvaluator):
             "batch_size": self.settings.batch_size,
             "attention_from": self.attention_from,
             **({"gradnorm_p": GRADNORM_P} if self._has("mia_gradnorm") else {}),
+            "engine": self.settings.engine,
         }

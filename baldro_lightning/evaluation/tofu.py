@@ -23,7 +23,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -34,9 +34,10 @@ from baldro_lightning.data.tofu import load_split, split_pairing
 from baldro_lightning.data.tokenization import (
     IGNORE_INDEX,
     AttentionFrom,
+    EncodedExample,
     PromptTemplate,
-    encode_for_scoring,
-    encode_prompt,
+    encode_examples,
+    encode_prompts,
 )
 from baldro_lightning.evaluation import metrics
 from baldro_lightning.evaluation.engine import (
@@ -45,6 +46,7 @@ from baldro_lightning.evaluation.engine import (
     MINK_FRACTION,
     AnswerExample,
     BenchmarkEvaluator,
+    Engine,
     ExampleScore,
     RowScores,
     extra_attack_problems,
@@ -57,6 +59,8 @@ from baldro_lightning.evaluation.engine import (
     values_by_index,
 )
 from baldro_lightning.evaluation.gradient_norms import GRADNORM_P, gradient_norms
+from baldro_lightning.evaluation.greedy import choose_engines, draft_of, greedy_generate
+from baldro_lightning.evaluation.prefix_scoring import score_groups
 from baldro_lightning.evaluation.run_record import (
     EvalLogError,
     describe_indices,
@@ -103,6 +107,10 @@ class TofuSettings:
     however the rows are sharded across ranks."""
     limit: int | None = None
     """Evaluate only the first N rows of each split (smoke runs); a retain reference must use the same limit."""
+    engine: Engine = "prompt_cache"
+    """prompt_cache: each question's prompt (and any stretch its answers share) runs once for all its answers, and
+    greedy tokens that the scored answers already prove are not decoded again; per_example: whole examples and
+    model.generate, the evaluator before issue 18, kept as the reference. Values agree within float rounding."""
 
     def __post_init__(self) -> None:
         # One order-preserving copy of each group: a tuple whatever sequence was given (YAML gives lists).
@@ -170,6 +178,8 @@ class TofuEvaluator(BenchmarkEvaluator):
             self.rows["forget"] = self._only_rows(self.rows["forget"], self.forget_indices)
         self.notes: list[str] = []
         self.row_notes: list[str] = []
+        self._encoded: dict[tuple[str, str], EncodedExample] = {}
+        self._prompts: dict[str, list[int]] = {}
         self._reference_tr: np.ndarray | None = None
         self._reference_auc: float | None = None
         self._reference_losses: tuple[dict[int, float], dict[int, float]] | None = None
@@ -285,7 +295,8 @@ class TofuEvaluator(BenchmarkEvaluator):
             )
         for role in ("forget", "holdout"):
             if role in scores:
-                examples = [self._encode(row, row["answer"], False) for row in rows[role]]
+                pairs = [(row["question"], row["answer"]) for row in rows[role]]
+                examples = encode_examples(self.tokenizer, self.template, pairs, self.max_length, for_scoring=True)
                 norms = gradient_norms(
                     model, [(e.input_ids, e.labels) for e in examples], self.tokenizer.pad_token_id, self.attention_from
                 )
@@ -301,67 +312,93 @@ class TofuEvaluator(BenchmarkEvaluator):
             return None
         return {int(row["index"]) for row in self.rows[role][: self.settings.rouge_rows_limit]}
 
-    def _encode(self, row: Mapping[str, Any], answer: str, token_stats: bool) -> AnswerExample:
+    @staticmethod
+    def _answers(plan: RolePlan, row: Mapping[str, Any]) -> list[tuple[str, bool]]:
+        """A row's scored answers, each with whether it needs token statistics: the answer, the paraphrase, then
+        the perturbed answers."""
+        answers = [(row["answer"], plan.token_stats)]
+        if plan.paraphrased:
+            answers.append((row["paraphrased_answer"], False))
+        if plan.perturbed:
+            answers += [(wrong, False) for wrong in row["perturbed_answer"]]
+        return answers
+
+    def _encode(self, tasks: Sequence[tuple[RolePlan, Sequence[Mapping[str, Any]]]]) -> None:
+        """Tokenise what ``tasks`` score and prompt that is not cached yet, in one tokenizer call per kind.
+
+        The cache lives as long as the evaluator: an in-training evaluation scores the same rows every time.
+        """
+        pairs = [
+            (row["question"], text) for plan, rows in tasks for row in rows for text, _ in self._answers(plan, row)
+        ]
+        missing = list(dict.fromkeys(pair for pair in pairs if pair not in self._encoded))
         # A question that leaves no answer token is scored as NaN and left out, not refused (encode_for_scoring).
-        example = encode_for_scoring(self.tokenizer, self.template, row["question"], answer, self.max_length)
-        return AnswerExample(example.input_ids, example.labels, token_stats)
+        encoded = encode_examples(self.tokenizer, self.template, missing, self.max_length, for_scoring=True)
+        self._encoded.update(zip(missing, encoded, strict=True))
+        questions = list(dict.fromkeys(question for question, _ in pairs if question not in self._prompts))
+        self._prompts.update(zip(questions, encode_prompts(self.tokenizer, self.template, questions), strict=True))
+
+    def _examples(self, plan: RolePlan, row: Mapping[str, Any], draft: bool) -> list[AnswerExample]:
+        """A row's scored examples (see :meth:`_answers`), all on its question."""
+        encoded = [(self._encoded[(row["question"], text)], stats) for text, stats in self._answers(plan, row)]
+        # An example without a labelled token proves no greedy token: it asks for no draft.
+        return [
+            AnswerExample(
+                e.input_ids, e.labels, token_stats=stats, draft=draft and any(t != IGNORE_INDEX for t in e.labels)
+            )
+            for e, stats in encoded
+        ]
 
     def _score(
         self, model: nn.Module, tasks: Sequence[tuple[RolePlan, list[Mapping[str, Any]]]], synced_gpus: bool
     ) -> dict[Role, RowScores]:
         started = time.perf_counter()
-        examples: list[AnswerExample] = []
-        slots: list[tuple[int, int, str, int]] = []  # (task, row position, variant, perturbed answer number)
+        cached_scoring, cached_generation, note = choose_engines(self.settings.engine, model, self.attention_from)
+        self._note(note)
+        generating: list[list[int]] = []  # per task, the row positions that get a generation
+        for plan, rows in tasks:
+            chosen = self._generated_indices(plan.role) if plan.generate else set()
+            generating.append([p for p, row in enumerate(rows) if chosen is None or int(row["index"]) in chosen])
+        self._encode(tasks)
+        groups: list[list[AnswerExample]] = []
+        first_group = []  # per task, its first row's group number
         for task, (plan, rows) in enumerate(tasks):
-            for position, row in enumerate(rows):
-                examples.append(self._encode(row, row["answer"], plan.token_stats))
-                slots.append((task, position, "answer", 0))
-                if plan.paraphrased:
-                    examples.append(self._encode(row, row["paraphrased_answer"], False))
-                    slots.append((task, position, "para", 0))
-                if plan.perturbed:
-                    for j, wrong in enumerate(row["perturbed_answer"]):
-                        examples.append(self._encode(row, wrong, False))
-                        slots.append((task, position, "pert", j))
-        log.info("scoring %d answers of %d rows", len(examples), sum(len(rows) for _, rows in tasks))
-        scored = score_examples(
-            model, examples, self.settings.batch_size, self.tokenizer.pad_token_id, synced_gpus, self.attention_from
-        )
+            first_group.append(len(groups))
+            drafts = set(generating[task]) if cached_generation else set()
+            groups += [self._examples(plan, row, p in drafts) for p, row in enumerate(rows)]
+        examples = sum(len(group) for group in groups)
+        log.info("scoring %d answers of %d rows", examples, len(groups))
+        size, pad = self.settings.batch_size, self.tokenizer.pad_token_id
+        if cached_scoring:
+            scored = score_groups(model, groups, size, pad, synced_gpus)
+        else:
+            flat = [e for group in groups for e in group]
+            flat = iter(score_examples(model, flat, size, pad, synced_gpus, self.attention_from))
+            scored = [[next(flat) for _ in group] for group in groups]
 
-        answers: list[list[ExampleScore | None]] = [[None] * len(rows) for _, rows in tasks]
-        answer_labels: list[list[list[int]]] = [[[] for _ in rows] for _, rows in tasks]
-        para: list[list[float]] = [[math.nan] * len(rows) for _, rows in tasks]
-        pert: list[list[list[float]]] = [[[] for _ in rows] for _, rows in tasks]
-        for (task, position, variant, _), example, result in zip(slots, examples, scored, strict=True):
-            if variant == "answer":
-                answers[task][position] = result
-                answer_labels[task][position] = example.labels
-            elif variant == "para":
-                para[task][position] = result.nll_mean
-            else:
-                pert[task][position].append(result.nll_mean)
-
-        prompts = []
-        prompt_slots = []
-        for task, (plan, rows) in enumerate(tasks):
-            if plan.generate:
-                chosen = self._generated_indices(plan.role)
-                for position, row in enumerate(rows):
-                    if chosen is None or int(row["index"]) in chosen:
-                        prompts.append(encode_prompt(self.tokenizer, self.template, row["question"]))
-                        prompt_slots.append((task, position))
+        prompts, prompt_slots, drafts = [], [], []
+        for task, (_, rows) in enumerate(tasks):
+            for position in generating[task]:
+                prompt = self._prompts[rows[position]["question"]]
+                group = first_group[task] + position
+                prompts.append(prompt)
+                prompt_slots.append((task, position))
+                pairs = zip(groups[group], scored[group], strict=True)
+                drafts.append([d for e, score in pairs if (d := draft_of(prompt, e, score)) is not None])
         if prompts:
             log.info(
                 "generating answers for %d prompts (max_new_tokens=%d)", len(prompts), self.settings.max_new_tokens
             )
-        texts = generate_answers(
+        generate = greedy_generate if cached_generation else generate_answers
+        options = {"drafts": drafts} if cached_generation else {"attention_from": self.attention_from}
+        texts = generate(
             model,
             self.tokenizer,
             prompts,
             self.settings.generation_batch_size or self.settings.batch_size,
             self.settings.max_new_tokens,
             synced_gpus,
-            attention_from=self.attention_from,
+            **options,
         )
         generations: list[dict[int, str]] = [{} for _ in tasks]
         for (task, position), text in zip(prompt_slots, texts, strict=True):
@@ -370,18 +407,21 @@ class TofuEvaluator(BenchmarkEvaluator):
         out: dict[Role, RowScores] = {}
         for task, (plan, rows) in enumerate(tasks):
             scores = RowScores(plan.role, plan.split, [int(row["index"]) for row in rows])
-            row_answers = cast(list[ExampleScore], answers[task])
-            scores.columns["answer_nll"] = [a.nll_mean for a in row_answers]
+            row_scores = scored[first_group[task] : first_group[task] + len(rows)]
+            answers = [row[0] for row in row_scores]
+            scores.columns["answer_nll"] = [a.nll_mean for a in answers]
             if plan.paraphrased:
-                scores.columns["para_nll"] = para[task]
+                scores.columns["para_nll"] = [row[1].nll_mean for row in row_scores]
             if plan.perturbed:
-                scores.columns["pert_nll"] = pert[task]
+                skip = 2 if plan.paraphrased else 1
+                scores.columns["pert_nll"] = [[s.nll_mean for s in row[skip:]] for row in row_scores]
             if plan.token_stats:
-                self._token_columns(scores, row_answers, answer_labels[task])
+                labels = [groups[first_group[task] + p][0].labels for p in range(len(rows))]
+                self._token_columns(scores, answers, labels)
             if plan.generate:
                 self._rouge_columns(scores, rows, generations[task])
             out[plan.role] = scores
-        log.info("scored %d examples in %.1f s", len(examples), time.perf_counter() - started)
+        log.info("scored %d examples in %.1f s", examples, time.perf_counter() - started)
         return out
 
     def _token_columns(
@@ -545,6 +585,7 @@ class TofuEvaluator(BenchmarkEvaluator):
             "batch_size": self.settings.batch_size,
             "attention_from": self.attention_from,
             **({"gradnorm_p": GRADNORM_P} if "mia_gradnorm" in self.settings.metric_groups else {}),
+            "engine": self.settings.engine,
         }
 
 

@@ -12,6 +12,14 @@ difference is noise.
 Memory, per variant: the bytes of model state it holds (policy weights, gradients, optimizer state, the frozen
 reference or the cached reference log-probs), counted exactly, and the peak resident set during training (Linux:
 ``VmHWM`` after resetting it when training starts) of a fresh subprocess.
+
+Model FLOPs utilisation (MFU), on a GPU whose bf16 peak is known (:data:`PEAK_TFLOPS`, or ``--peak-tflops``): model
+FLOPs per step over the median step time and the peak. Model FLOPs count 6N per trained token (the policy's forward
+and backward over the forget and retain rows) and 2N per token of the live reference's forward, N the policy's
+parameters, tokens without padding; attention's own FLOPs are left out, so the figure is a lower bound. On a GPU::
+
+    python experiments/benchmarks/step_time.py --model MODEL --benchmark data/tofu_embedded --accelerator gpu \
+        --precision bf16-true --torch-dtype bfloat16 --variants npo npo_dv npo_cached --no-memory
 """
 
 from __future__ import annotations
@@ -30,6 +38,9 @@ from baldro_lightning.data.datamodule import ForgetRetainDataModule
 from baldro_lightning.train.losses import NLL, NPO
 from baldro_lightning.train.module import UnlearningModule
 from baldro_lightning.train.objectives import DV, Group, Mean
+
+PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0, "A10G": 70.0}
+"""Dense bf16 tensor-core peak (TFLOP/s) by a part of the device name, from the vendors' data sheets (SXM parts)."""
 
 VARIANTS = {
     "npo": dict(forget_objective=Mean(), reference="live"),
@@ -53,6 +64,7 @@ class StepTimer(L.Callback):
     def __init__(self) -> None:
         self.times: list[float] = []
         self.reference_times: list[float] = []
+        self.model_flops: list[float] = []
         self._reference_time = 0.0
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -67,12 +79,35 @@ class StepTimer(L.Callback):
         self._reference_time += time.perf_counter() - self._reference_started
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.model_flops.append(model_flops(pl_module, batch))
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize(trainer.strategy.root_device)
         self._reference_time = 0.0
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize(trainer.strategy.root_device)
         self.times.append(time.perf_counter() - self._start)
         self.reference_times.append(self._reference_time)
+
+
+def model_flops(pl_module, batch: dict) -> float:
+    """6N per trained (forget and retain) token plus 2N per live-reference token; tokens without padding."""
+    parameters = sum(p.numel() for p in pl_module.policy.parameters())
+    forget = int(batch["forget"]["attention_mask"].sum())
+    retain = int(batch["retain"]["attention_mask"].sum()) if "retain" in batch else 0
+    reference = forget if pl_module.reference is not None else 0
+    return 6.0 * parameters * (forget + retain) + 2.0 * parameters * reference
+
+
+def peak_tflops(device_name: str, precision: str, given: float | None) -> float | None:
+    """``given``, else the bf16 peak of a known GPU when training in bf16 or fp16; ``None``: no MFU."""
+    if given is not None:
+        return given
+    if not precision.startswith(("bf16", "16")):
+        return None
+    return next((peak for part, peak in PEAK_TFLOPS.items() if part in device_name), None)
 
 
 class StateBytes(L.Callback):
@@ -117,13 +152,21 @@ class PeakRSS(L.Callback):
                     self.mib = int(line.split()[1]) / 1024
 
 
-def run_variant(name: str, args: argparse.Namespace, extra: list[L.Callback] = ()) -> tuple[list[float], list[float]]:
-    """Step times and reference-forward times of ``name``'s steps after the warm-up."""
-    module = UnlearningModule(args.model, NPO(beta=0.1), NLL(), lr_schedule="constant", **VARIANTS[name])
-    data = ForgetRetainDataModule(args.model, args.benchmark, batch_size=args.batch_size, max_length=128)
+def run_variant(
+    name: str, args: argparse.Namespace, extra: list[L.Callback] = (), flops: list[float] | None = None
+) -> tuple[list[float], list[float]]:
+    """Step times and reference-forward times of ``name``'s steps after the warm-up (their model FLOPs go to
+    ``flops``)."""
+    flops = [] if flops is None else flops
+    module = UnlearningModule(
+        args.model, NPO(beta=0.1), NLL(), lr_schedule="constant", torch_dtype=args.torch_dtype, **VARIANTS[name]
+    )
+    data = ForgetRetainDataModule(args.model, args.benchmark, batch_size=args.batch_size, max_length=args.max_length)
     timer = StepTimer()
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator=args.accelerator,
+        devices=1,
+        precision=args.precision,
         max_steps=args.warmup + args.steps,
         logger=False,
         enable_checkpointing=False,
@@ -132,6 +175,7 @@ def run_variant(name: str, args: argparse.Namespace, extra: list[L.Callback] = (
         callbacks=[timer, *extra],
     )
     trainer.fit(module, data)
+    flops.extend(timer.model_flops[args.warmup :])
     return timer.times[args.warmup :], timer.reference_times[args.warmup :]
 
 
@@ -158,6 +202,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
     parser.add_argument("--no-memory", dest="memory", action="store_false")
+    parser.add_argument("--accelerator", default="cpu", help="cpu or gpu (one device)")
+    parser.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-true on a GPU")
+    parser.add_argument("--torch-dtype", dest="torch_dtype", default="float32", help="weights dtype")
+    parser.add_argument("--max-length", dest="max_length", type=int, default=128, help="most tokens per row")
+    parser.add_argument(
+        "--peak-tflops", dest="peak_tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)"
+    )
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
     if "npo" not in args.variants:
@@ -165,18 +216,21 @@ def main() -> None:
     torch.manual_seed(0)
 
     times: dict[str, list[float]] = {name: [] for name in args.variants}
+    flops: dict[str, list[float]] = {name: [] for name in args.variants}
     reference_shares: dict[str, list[float]] = {name: [] for name in args.variants}
     round_medians: list[dict[str, float]] = []
     for round_index in range(args.rounds):
         shift = round_index % len(args.variants)
         medians = {}
         for name in args.variants[shift:] + args.variants[:shift]:
-            steps, reference = run_variant(name, args)
+            steps, reference = run_variant(name, args, flops=flops[name])
             times[name] += steps
             reference_shares[name] += [r / t for r, t in zip(reference, steps, strict=True)]
             medians[name] = statistics.median(steps)
         round_medians.append(medians)
     baseline = statistics.median(times["npo"])
+    device = torch.cuda.get_device_name() if args.accelerator == "gpu" else "cpu"
+    peak = peak_tflops(device, args.precision, args.peak_tflops)
     rows = []
     for name in args.variants:
         median = statistics.median(times[name])
@@ -194,23 +248,34 @@ def main() -> None:
                 "state_mib": sum(memory["state"].values()) / 2**20 if memory["state"] else float("nan"),
                 "state_bytes": memory["state"],
                 "peak_rss_mib": memory["peak_rss_mib"],
+                "model_tflops_per_s": statistics.median(flops[name]) / median / 1e12,
+                "mfu": statistics.median(flops[name]) / median / (peak * 1e12) if peak else None,
             }
         )
     print(
         f"{'variant':26s} {'median step (s)':>15s} {'/ npo':>7s} {'rounds: median [min, max]':>26s}"
-        f" {'ref share':>9s} {'state (MiB)':>11s} {'train peak RSS (MiB)':>20s}"
+        f" {'ref share':>9s} {'state (MiB)':>11s} {'train peak RSS (MiB)':>20s} {'TFLOP/s':>8s} {'MFU':>6s}"
     )
     for row in rows:
         spread = f"{row['round_ratio_median']:.3f} [{row['round_ratio_min']:.3f}, {row['round_ratio_max']:.3f}]"
         print(
             f"{row['variant']:26s} {row['median_step_s']:15.4f} {row['ratio_vs_npo']:7.3f} {spread:>26s}"
             f" {row['reference_share']:9.3f} {row['state_mib']:11.2f} {row['peak_rss_mib']:20.1f}"
+            f" {row['model_tflops_per_s']:8.3f} {'-' if row['mfu'] is None else format(row['mfu'], '6.3f'):>6s}"
         )
     print(f"steps per variant: {len(times['npo'])} ({args.rounds} rounds x {args.steps}); batch {args.batch_size}")
     print("ref share: median fraction of a step spent in the live reference's forward (0 when cached)")
+    print(
+        f"device {device}, precision {args.precision}; model TFLOP/s: 6N per trained token + 2N per reference token; "
+        f"MFU against {peak} TFLOP/s"
+        if peak
+        else f"device {device}, precision {args.precision}; no MFU (peak unknown)"
+    )
     if args.out:
         with open(args.out, "w") as handle:
-            json.dump({"settings": vars(args), "results": rows}, handle, indent=2)
+            json.dump(
+                {"settings": vars(args), "device": device, "peak_tflops": peak, "results": rows}, handle, indent=2
+            )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,430 @@
+r"""Likelihood scoring of examples that share prefixes: every distinct prefix is run through the model once.
+
+A TOFU row is scored on up to seven answers to one question (answer, paraphrase, five perturbed answers), and
+:func:`~baldro_lightning.evaluation.engine.score_examples` runs the prompt seven times, and again every stretch the
+answers share ("The author's father was a ..."). :func:`score_groups` takes the examples grouped by question and
+builds the token tree (trie) of each group: one node per distinct prefix. Each node is computed once; the keys and
+values of the nodes that other segments continue go into a pool, from which every later forward gathers the ones
+it attends to (its "past"). Chains of nodes without a branch are one *segment*, the unit of a forward; a segment
+runs once its parent segment has. A stretch shared by several answers gets a segment of its own only when it is at
+least :data:`MIN_SHARED` tokens long.
+
+- The prompt before the first target (``input_ids[:cut]``, :func:`prefix_cut`) is a segment of its own whose
+  logits are never computed (the language-model head is skipped there).
+- Every other node's logits are reduced right after its forward to what the metrics read: the log-sum-exp over
+  the vocabulary, the argmax, the logit of each child's token (so a child's log-probability is that logit minus
+  its parent's log-sum-exp, the formula of :func:`~baldro_lightning.train.logprobs.token_logprobs`), and the
+  MinK++ moments where an example asks for token statistics. No (T, V) tensor outlives its batch.
+
+Per example this gives what :func:`~baldro_lightning.evaluation.engine.score_examples` gives, equal within float
+rounding (other matmul shapes, padded key slots that are masked), plus on request the teacher-forced argmax at every
+labelled position, which :mod:`~baldro_lightning.evaluation.greedy` uses as a verified draft of the greedy
+generation.
+
+Batching: groups are ordered by their longest example and cut into chunks whose key/value pool fits in
+:data:`POOL_BYTES`; inside a chunk, segments run level by level (a segment's
+level is one more than its parent's), each level sorted by length and cut into forwards by :func:`batch_bounds`,
+none attending to more key/value slots than ``batch_size`` whole examples would.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import cast
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from baldro_lightning.data.tokenization import IGNORE_INDEX, common_prefix_length
+from baldro_lightning.evaluation import metrics
+from baldro_lightning.evaluation.engine import AnswerExample, ExampleScore, _input_device, _synced_count
+from baldro_lightning.evaluation.model_calls import ModelCalls
+
+POOL_BYTES = 2**28
+"""Memory for a chunk's key/value pool (every token that later forwards attend to, once): the larger the chunk,
+the better its segments' lengths match in forwards."""
+
+
+def prefix_cut(examples: Sequence[AnswerExample]) -> int:
+    """Length of the prompt part a group shares before any target: its segment's logits are never computed.
+
+    The cut is one less than the shortest of: the common prefix of all ``input_ids`` and each example's first
+    target position (the first ``t >= 1`` with a label; position 0 is never a target). Ending one token early
+    leaves the last shared token in the next segment, where its logits predict the first target.
+
+    Example: ``[1, 5, 6, 7, 2]`` and ``[1, 5, 6, 9, 9, 2]`` with labels from position 3 share ``[1, 5, 6]``
+    (3 tokens) and first target 3, so the cut is ``min(3, 3) - 1 = 2``: the prompt segment is ``[1, 5]``.
+    """
+    if len(examples) < 2:
+        return 0
+    shared = len(examples[0].input_ids)
+    for example in examples[1:]:
+        shared = min(shared, common_prefix_length(examples[0].input_ids, example.input_ids))
+    for example in examples:
+        first_target = next((t for t in range(1, len(example.labels)) if example.labels[t] != IGNORE_INDEX), None)
+        if first_target is not None:
+            shared = min(shared, first_target)
+    return max(shared - 1, 0)
+
+
+MIN_SHARED = 4
+"""Fewest tokens a stretch of answers must share to be computed once in a segment of its own; a shorter shared
+stretch is recomputed in each branch (one more forward row for a few tokens does not pay)."""
+
+
+@dataclass
+class Segment:
+    """A run of tokens computed in one row of one forward; its nodes are consecutive ids from ``first_node``."""
+
+    tokens: list[int]
+    """Its token ids."""
+    first_node: int
+    """Node id of its first token."""
+    start: int
+    """Position of its first token in the sequence."""
+    past: np.ndarray
+    """Node ids of positions ``0 .. start-1`` (its ancestors), whose keys and values it attends to."""
+    logits: bool
+    """Whether its logits are needed (False only for a prompt before any target)."""
+    level: int
+    """0 for a prompt segment, then one more than the parent segment's."""
+    kids: list[tuple[int, int]] = field(default_factory=list)
+    """(first node, token) of each segment that continues after this one's last token."""
+
+    @property
+    def nodes(self) -> np.ndarray:
+        return np.arange(self.first_node, self.first_node + len(self.tokens))
+
+
+@dataclass
+class ChunkPlan:
+    """The token tree of a chunk of groups and the forwards that compute it."""
+
+    groups: list[int]
+    """Group numbers in this chunk."""
+    node_count: int = 1
+    """Nodes so far; node 0 is a dummy (zero keys and values, always masked) that pads pasts."""
+    paths: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
+    """(group, example position) -> node id of each of its positions."""
+    segments: list[Segment] = field(default_factory=list)
+    batches: list[list[int]] = field(default_factory=list)
+    """Segment numbers per forward, in running order (level by level, longest first)."""
+    pool_row: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int64))
+    """Each node's row in the key/value pool: only nodes that other segments attend to (those of segments with
+    kids) have one; 0 (the dummy row) for the rest."""
+
+    def add(self, tokens: Sequence[int], start: int, past: np.ndarray, logits: bool, parent: Segment | None) -> Segment:
+        level = 0 if not logits else (1 if parent is None or not parent.logits else parent.level + 1)
+        segment = Segment(list(tokens), self.node_count, start, past, logits, level)
+        self.node_count += len(tokens)
+        self.segments.append(segment)
+        if parent is not None:
+            parent.kids.append((segment.first_node, segment.tokens[0]))
+        return segment
+
+
+def plan_chunk(
+    groups: Sequence[Sequence[AnswerExample]], members: list[int], batch_size: int, min_shared: int = MIN_SHARED
+) -> ChunkPlan:
+    """The token tree of ``members`` (group numbers) and the forwards that compute it.
+
+    Each group's prompt before its first target (:func:`prefix_cut`) is one segment without logits; below it, a
+    stretch shared by several answers becomes a segment of its own when it is at least ``min_shared`` tokens long
+    (:func:`_branch`). Segments run level by level, each level longest first; a forward attends to no more
+    key/value slots than ``batch_size`` of the chunk's longest examples would (:func:`batch_bounds` places the
+    cuts), so it needs no more memory than a batch of whole examples.
+    """
+    plan = ChunkPlan(groups=list(members))
+    longest = 1
+    for g in members:
+        ids = [list(example.input_ids) for example in groups[g]]
+        longest = max([longest, *map(len, ids)])
+        cut = prefix_cut(groups[g])
+        paths: list[list[np.ndarray]] = [[] for _ in ids]
+        past, parent = np.zeros(0, dtype=np.int64), None
+        if cut > 0:
+            parent = plan.add(ids[0][:cut], 0, past, logits=False, parent=None)
+            past = parent.nodes
+            for path in paths:
+                path.append(past)
+        _branch(plan, ids, list(range(len(ids))), cut, past, parent, paths, min_shared)
+        for k, path in enumerate(paths):
+            plan.paths[(g, k)] = np.concatenate(path) if path else np.zeros(0, dtype=np.int64)
+    plan.pool_row = np.zeros(plan.node_count, dtype=np.int64)
+    pooled = np.concatenate([seg.nodes for seg in plan.segments if seg.kids] or [np.zeros(0, dtype=np.int64)])
+    plan.pool_row[pooled] = np.arange(1, len(pooled) + 1)
+    budget = batch_size * longest
+    levels: dict[int, list[int]] = {}
+    for number, segment in enumerate(plan.segments):
+        levels.setdefault(segment.level, []).append(number)
+    for level in sorted(levels):
+        order = sorted(levels[level], key=lambda s: len(plan.segments[s].tokens), reverse=True)
+        lengths = [len(plan.segments[s].tokens) for s in order]
+        spans = [len(plan.segments[s].past) + len(plan.segments[s].tokens) for s in order]
+        plan.batches += [order[i:j] for i, j in batch_bounds(lengths, spans, budget)]
+    return plan
+
+
+FORWARD_COST = 32
+"""What one more forward costs, in padded token positions (its fixed overhead: Python, kernel launches); the
+batching of :func:`batch_bounds` weighs padding against it."""
+
+
+def batch_bounds(lengths: Sequence[int], spans: Sequence[int], budget: int) -> list[tuple[int, int]]:
+    """Cut length-sorted rows into forwards with the fewest padded positions plus :data:`FORWARD_COST` per forward.
+
+    A forward of rows ``i .. j-1`` (sorted longest first) costs ``(j - i) * lengths[i] + FORWARD_COST``. It may hold
+    ``budget`` key/value slots: ``rows * max(spans)`` (a row's span is its past plus its length) must stay within
+    it, or the forward holds one row. Dynamic programming over the cut points.
+
+    Example (large budget): lengths ``[10, 9, 2, 2]`` cost 40 + 32 in one forward and 20 + 4 + 64 in two, so they
+    make one; ``[100, 2, 2, 2]`` cost 400 + 32 in one and 100 + 6 + 64 in two, so they make two.
+    """
+    n = len(lengths)
+    best = [0.0] * (n + 1)
+    cut = [n] * (n + 1)
+    for i in range(n - 1, -1, -1):
+        best[i], cut[i] = lengths[i] + FORWARD_COST + best[i + 1], i + 1
+        widest = spans[i]
+        for j in range(i + 2, n + 1):
+            widest = max(widest, spans[j - 1])
+            if (j - i) * widest > budget:
+                break
+            cost = (j - i) * lengths[i] + FORWARD_COST + best[j]
+            if cost < best[i]:
+                best[i], cut[i] = cost, j
+    bounds, i = [], 0
+    while i < n:
+        bounds.append((i, cut[i]))
+        i = cut[i]
+    return bounds
+
+
+def _branch(
+    plan: ChunkPlan,
+    ids: list[list[int]],
+    members: list[int],
+    start: int,
+    past: np.ndarray,
+    parent: Segment | None,
+    paths: list[list[np.ndarray]],
+    min_shared: int,
+) -> None:
+    """Segments for ``members`` (examples that share ``ids[:start]``) from position ``start`` on.
+
+    Members that share at least ``min_shared`` more tokens (or all that is left of them) get one segment for that
+    stretch, and branch below it; otherwise they are split by their first differing token and each part branches
+    from ``start`` again, recomputing the short shared stretch. A single member gets the rest of its ids.
+    """
+    members = [k for k in members if len(ids[k]) > start]
+    if not members:
+        return
+    if len(members) == 1:
+        k = members[0]
+        paths[k].append(plan.add(ids[k][start:], start, past, logits=True, parent=parent).nodes)
+        return
+    head = ids[members[0]]
+    shared = min(common_prefix_length(head[start:], ids[k][start:]) for k in members[1:])
+    if shared >= min_shared or all(len(ids[k]) == start + shared for k in members):
+        segment = plan.add(head[start : start + shared], start, past, logits=True, parent=parent)
+        for k in members:
+            paths[k].append(segment.nodes)
+        _branch(plan, ids, members, start + shared, np.concatenate([past, segment.nodes]), segment, paths, min_shared)
+        return
+    parts: dict[int | None, list[int]] = {}
+    for k in members:
+        parts.setdefault(ids[k][start + shared] if len(ids[k]) > start + shared else None, []).append(k)
+    for token, part in parts.items():
+        if token is None:
+            for k in part:  # ends within the short shared stretch: a segment of its own
+                _branch(plan, ids, [k], start, past, parent, paths, min_shared)
+        else:
+            _branch(plan, ids, part, start, past, parent, paths, min_shared)
+
+
+def plan_chunks(groups: Sequence[Sequence[AnswerExample]], batch_size: int, nodes: int) -> list[ChunkPlan]:
+    """Chunks of whole groups, longest examples first (a batch that does not fit in memory fails at once).
+
+    A chunk takes groups while the tokens other segments attend to (estimated by each group's longest example: its
+    prompt and shared stretches) fit in ``nodes`` pool rows, and at least ``batch_size`` times its longest example.
+    """
+    order = sorted(range(len(groups)), key=lambda g: max((len(e.input_ids) for e in groups[g]), default=0))
+    order.reverse()
+    chunks, current, size = [], [], 0
+    longest = max((len(e.input_ids) for group in groups for e in group), default=1)
+    for g in order:
+        tokens = max((len(e.input_ids) for e in groups[g]), default=0)
+        if current and size + tokens > max(nodes, batch_size * longest):
+            chunks.append(plan_chunk(groups, current, batch_size))
+            current, size = [], 0
+        current.append(g)
+        size += tokens
+    if current:
+        chunks.append(plan_chunk(groups, current, batch_size))
+    return chunks
+
+
+def score_groups(
+    model: nn.Module,
+    groups: Sequence[Sequence[AnswerExample]],
+    batch_size: int,
+    pad_token_id: int,
+    synced_gpus: bool = False,
+) -> list[list[ExampleScore]]:
+    """Likelihood statistics of grouped examples, each distinct prefix run once (see the module docstring).
+
+    The caller puts the model in eval mode under ``torch.no_grad()``.
+
+    Args:
+        model: A causal LM whose layers all keep key/value caches (:func:`~baldro_lightning.evaluation.model_calls.
+            prompt_cache_problem`); may be FSDP2-sharded, in which case every rank calls this with
+            ``synced_gpus=True``.
+        groups: Examples grouped by shared prompt (any grouping is correct; only shared prefixes save time).
+        batch_size: Most segments (prompts or answer parts) per forward.
+        pad_token_id: Id written into padded positions (masked by the attention mask).
+        synced_gpus: Pad this rank's number of forwards to the largest over ranks with dummy forwards.
+
+    Returns:
+        Per group, one :class:`ExampleScore` per example, in the given order; ``greedy_ids`` is set for examples
+        that asked for a draft.
+    """
+    if batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
+    calls = ModelCalls.of(model)
+    device = _input_device(model)
+    chunks = plan_chunks(groups, batch_size, POOL_BYTES // calls.kv_bytes_per_token(model))
+    planned = sum(len(chunk.batches) for chunk in chunks)
+    # Agreed before any forward: a rank asking later would meet the others' FSDP all-gathers and deadlock.
+    forwards = _synced_count(planned, device, synced_gpus)
+    results: list[list[ExampleScore | None]] = [[None] * len(group) for group in groups]
+    for chunk in chunks:
+        values = _NodeValues(chunk, groups, device)
+        for batch in chunk.batches:
+            values.run(calls, model, [chunk.segments[s] for s in batch], pad_token_id)
+        values.scores(groups, results)
+    for _ in range(forwards - planned):
+        calls.dummy_forward(model, pad_token_id, device)
+    return cast(list[list[ExampleScore]], results)
+
+
+class _NodeValues:
+    """A chunk's node pool (keys and values per layer) and what each node's logits were reduced to."""
+
+    def __init__(self, chunk: ChunkPlan, groups: Sequence[Sequence[AnswerExample]], device: torch.device) -> None:
+        self.chunk, self.device = chunk, device
+        n = chunk.node_count
+        self.pool_row = torch.as_tensor(chunk.pool_row, device=device)
+        self.keys: list[Tensor] = []
+        self.values: list[Tensor] = []
+        self.lse = torch.full((n,), float("nan"), device=device)
+        self.child_logit = torch.full((n,), float("nan"), device=device)
+        self.argmax = torch.zeros(n, dtype=torch.long, device=device)
+        self.mu = torch.full((n,), float("nan"), device=device)
+        self.sigma2 = torch.full((n,), float("nan"), device=device)
+        # Nodes whose next-token distribution feeds MinK++ (positions of token-statistics examples).
+        stats = np.zeros(n, dtype=bool)
+        for (g, k), path in chunk.paths.items():
+            if groups[g][k].token_stats:
+                stats[path] = True
+        self.needs_stats = torch.as_tensor(stats, device=device)
+
+    def run(self, calls: ModelCalls, model: nn.Module, segments: list[Segment], pad: int) -> None:
+        device = self.device
+        length = max(len(s.tokens) for s in segments)
+        past_length = max(len(s.past) for s in segments)
+        ids = torch.full((len(segments), length), pad, dtype=torch.long)
+        node_ids = torch.zeros((len(segments), length), dtype=torch.long)
+        past_ids = torch.zeros((len(segments), past_length), dtype=torch.long)
+        for row, segment in enumerate(segments):
+            ids[row, : len(segment.tokens)] = torch.as_tensor(segment.tokens)
+            node_ids[row, : len(segment.tokens)] = torch.as_tensor(segment.nodes)
+            past_ids[row, : len(segment.past)] = torch.as_tensor(segment.past)
+        ids, node_ids, past_ids = ids.to(device), node_ids.to(device), past_ids.to(device)
+        real = node_ids > 0
+        starts = torch.as_tensor([s.start for s in segments], device=device).unsqueeze(1)
+        positions = starts + torch.arange(length, device=device)
+        mask = real.long()
+        buffers = calls.buffers(model, len(segments), past_length + length)
+        if past_length:
+            mask = torch.cat([(past_ids > 0).long(), mask], dim=1)
+            flat = self.pool_row[past_ids.flatten()]
+            for (keys, values), pool_keys, pool_values in zip(buffers, self.keys, self.values, strict=True):
+                # One gather per layer from the (nodes, H, D) pool into the buffer's first slots: (N, H, P, D).
+                shape = (len(segments), past_length, *pool_keys.shape[1:])
+                keys[:, :, :past_length] = pool_keys.index_select(0, flat).view(shape).transpose(1, 2)
+                values[:, :, :past_length] = pool_values.index_select(0, flat).view(shape).transpose(1, 2)
+        needs_logits = segments[0].logits
+        logits, layers = calls.run(model, ids, mask, positions, buffers, past_length, keep_all=needs_logits)
+        if not self.keys:
+            n = int(self.chunk.pool_row.max()) + 1
+            self.keys = [k.new_empty((n, k.shape[1], k.shape[3])) for k, _ in layers]
+            self.values = [v.new_empty((n, v.shape[1], v.shape[3])) for _, v in layers]
+            for pool in self.keys + self.values:
+                pool[0] = 0  # the dummy node that pads pasts: finite, and always masked
+        # Only segments that others continue are attended to again; a leaf's keys and values are dropped.
+        continued = [row for row, segment in enumerate(segments) if segment.kids]
+        if continued:
+            rows = torch.as_tensor(continued, device=device)
+            keep = real[rows]
+            where = self.pool_row[node_ids[rows][keep]]
+            for layer, (k, v) in enumerate(layers):
+                self.keys[layer].index_copy_(0, where, k[rows, :, past_length:].transpose(1, 2)[keep])
+                self.values[layer].index_copy_(0, where, v[rows, :, past_length:].transpose(1, 2)[keep])
+        if needs_logits:
+            self._reduce(logits, segments, ids, node_ids, real)
+
+    def _reduce(self, logits: Tensor, segments: list[Segment], ids: Tensor, node_ids: Tensor, real: Tensor) -> None:
+        """Log-sum-exp, argmax, children's token logits and MinK++ moments of every real position."""
+        where = node_ids[real]
+        self.lse[where] = torch.logsumexp(logits.float(), dim=-1)[real]
+        self.argmax[where] = logits.argmax(-1)[real]
+        # Inside a segment, the child of the node at column c is the node at c + 1 and its token is ids[:, c + 1].
+        inner = real[:, 1:]
+        picked = logits[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        self.child_logit[node_ids[:, 1:][inner]] = picked[inner].float()
+        # After a segment's last token come the first tokens of the segments that continue it.
+        rows, cols, tokens, kids = [], [], [], []
+        for row, segment in enumerate(segments):
+            for kid, token in segment.kids:
+                rows.append(row)
+                cols.append(len(segment.tokens) - 1)
+                tokens.append(token)
+                kids.append(kid)
+        if kids:
+            at = [torch.as_tensor(x, device=logits.device) for x in (rows, cols, tokens, kids)]
+            self.child_logit[at[3]] = logits[at[0], at[1], at[2]].float()
+        stats = real & self.needs_stats[node_ids]
+        if bool(stats.any()):
+            mu, sigma2 = metrics.min_k_plus_plus_stats(logits[stats], from_logits=True)
+            self.mu[node_ids[stats]] = mu
+            self.sigma2[node_ids[stats]] = sigma2
+
+    def scores(self, groups: Sequence[Sequence[AnswerExample]], results: list[list[ExampleScore | None]]) -> None:
+        lse, child_logit = self.lse.cpu().numpy(), self.child_logit.cpu().numpy()
+        argmax, mu, sigma2 = self.argmax.cpu().numpy(), self.mu.cpu().numpy(), self.sigma2.cpu().numpy()
+        for (g, k), path in self.chunk.paths.items():
+            example = groups[g][k]
+            path_ids = np.asarray(path)
+            labelled = [t for t in range(1, len(path)) if example.labels[t] != IGNORE_INDEX]
+            targets = np.asarray(labelled, dtype=np.int64)
+            # log p(token t | prefix) = its logit at t-1 minus the log-sum-exp at t-1 (fp32, as token_logprobs).
+            logps = child_logit[path_ids[targets]] - lse[path_ids[targets - 1]]
+            # No target (a question that fills max_length): NaN, as score_examples gives it, left out of aggregates.
+            nll = -float(logps.astype(np.float64).sum()) / len(targets) if len(targets) else math.nan
+            extra = {}
+            if example.token_stats:
+                # The last labelled position (the EOS) is left out of the token statistics (methods §3.1b).
+                keep = targets[:-1]
+                before = path_ids[keep - 1]
+                extra = {
+                    "token_logps": logps[:-1],
+                    "pred_ids": argmax[before],
+                    "target_ids": np.asarray(example.input_ids, dtype=np.int64)[keep],
+                    "mu": mu[before],
+                    "sigma2": sigma2[before],
+                }
+            greedy_ids = argmax[path_ids[targets - 1]] if example.draft else None
+            results[g][k] = ExampleScore(nll_mean=nll, greedy_ids=greedy_ids, **extra)

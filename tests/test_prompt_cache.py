@@ -1,0 +1,309 @@
+"""The prompt-cache engine: shared-prefix scoring and verified-draft greedy decoding equal the per-example path.
+
+Values are compared on the tiny model with its matrices redrawn 10x wider (so that greedy answers differ from row to
+row): per-item likelihoods within 1e-5, token statistics within 1e-5, argmax predictions and every generation
+identical. The planning functions are checked on hand-made inputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from baldro_lightning.data.tokenization import PromptTemplate, encode_example, encode_prompt, load_tokenizer
+from baldro_lightning.evaluation import greedy, prefix_scoring
+from baldro_lightning.evaluation.engine import AnswerExample, ExampleScore, generate_answers, score_examples
+from baldro_lightning.evaluation.greedy import Draft, draft_of, greedy_generate, verified_tokens
+from baldro_lightning.evaluation.model_calls import ModelCalls, prompt_cache_problem
+from baldro_lightning.evaluation.prefix_scoring import batch_bounds, plan_chunk, prefix_cut, score_groups
+from baldro_lightning.evaluation.tofu import TofuEvaluator, TofuSettings
+from baldro_lightning.train.models import load_causal_lm
+
+TOLERANCE = 1e-5
+NEW_TOKENS = 8
+
+
+def example(ids: list[int], first_label: int, token_stats: bool = False, draft: bool = False) -> AnswerExample:
+    labels = [-100] * first_label + ids[first_label:]
+    return AnswerExample(ids, labels, token_stats=token_stats, draft=draft)
+
+
+# -- planning ---------------------------------------------------------------------------------------------------
+def test_prefix_cut_stops_one_token_before_the_first_target_or_divergence():
+    """[1,5,6,7,2] and [1,5,6,9,9,2], labels from 3: shared 3 tokens, first target 3 -> cut min(3, 3) - 1 = 2."""
+    assert prefix_cut([example([1, 5, 6, 7, 2], 3), example([1, 5, 6, 9, 9, 2], 3)]) == 2
+    # The ids part at position 2 (a token merged across the prompt border): cut 2 - 1 = 1.
+    assert prefix_cut([example([1, 5, 6, 7, 2], 3), example([1, 5, 8, 9, 2], 3)]) == 1
+    # One example shares nothing; labels from position 1 leave no prompt to share.
+    assert prefix_cut([example([1, 5, 6, 7, 2], 3)]) == 0
+    assert prefix_cut([example([1, 5, 6], 1), example([1, 5, 7], 1)]) == 0
+
+
+def test_plan_computes_each_shared_stretch_once_and_parents_first():
+    """Labels from 3, so the prompt segment is [1, 5] (cut 2). From position 2 all three share only [6], fewer than
+    4 tokens, so they split at position 3: the first two share [6, 7, 8, 9] (4 tokens: one segment), then end in
+    [10, 2] and [11, 2]; the third is [6, 12, 2]. Nodes: 2 + 4 + 2 + 2 + 3 = 13 instead of 8 + 8 + 5 = 21."""
+    group = [
+        example([1, 5, 6, 7, 8, 9, 10, 2], 3),
+        example([1, 5, 6, 7, 8, 9, 11, 2], 3),
+        example([1, 5, 6, 12, 2], 3),
+    ]
+    plan = plan_chunk([group], [0], batch_size=2, min_shared=4)
+    assert sorted(seg.tokens for seg in plan.segments) == [[1, 5], [6, 7, 8, 9], [6, 12, 2], [10, 2], [11, 2]]
+    assert plan.node_count - 1 == 13
+    assert [seg.logits for seg in plan.segments] == [False, True, True, True, True]
+    token_of = {int(n): t for seg in plan.segments for n, t in zip(seg.nodes, seg.tokens, strict=True)}
+    assert sorted(token_of) == list(range(1, plan.node_count))  # every node computed exactly once
+    for k, ex in enumerate(group):
+        assert [token_of[int(n)] for n in plan.paths[(0, k)]] == ex.input_ids
+    done: set[int] = set()
+    for batch in plan.batches:
+        assert all(set(plan.segments[s].past.tolist()) <= done for s in batch)  # its past ran in an earlier forward
+        done |= {int(n) for s in batch for n in plan.segments[s].nodes}
+    # With no sharing below the prompt (min_shared beyond every answer) each answer is its own segment.
+    alone = plan_chunk([group], [0], batch_size=2, min_shared=100)
+    assert alone.node_count - 1 == 2 + 6 + 6 + 3
+
+
+def test_batch_bounds_weigh_padding_against_a_forward():
+    """The docstring's cases: [10, 9, 2, 2] make one forward (40 + 32 < 20 + 4 + 64); [100, 2, 2, 2] two."""
+    big = 10**6
+    assert batch_bounds([10, 9, 2, 2], [10, 9, 2, 2], big) == [(0, 4)]
+    assert batch_bounds([100, 2, 2, 2], [100, 2, 2, 2], big) == [(0, 1), (1, 4)]
+    # The budget of key/value slots caps a forward's rows: 3 rows spanning 10 need 30 > 25.
+    bounds = batch_bounds([10, 10, 10], [10, 10, 10], 25)
+    assert len(bounds) == 2 and all(j - i <= 2 for i, j in bounds)
+    assert batch_bounds([5], [50], 10) == [(0, 1)]  # a row wider than the budget still runs, alone
+
+
+def test_verified_tokens_follow_the_argmax_until_the_draft_departs_or_stops():
+    """The docstring's cases: argmax [7, 9, 4] on draft [7, 8, 2] proves [7, 9]; argmax [7, 8, 2] proves all."""
+    departs = Draft([7, 8, 2], np.array([7, 9, 4]))
+    agrees = Draft([7, 8, 2], np.array([7, 8, 2]))
+    assert verified_tokens([departs], {2}, 10) == ([7, 9], False)
+    assert verified_tokens([agrees], {2}, 10) == ([7, 8, 2], True)
+    assert verified_tokens([departs, agrees], {2}, 10) == ([7, 8, 2], True)  # the longest proof wins
+    assert verified_tokens([agrees], {2}, 2) == ([7, 8], True)  # max_new_tokens ends the generation
+    assert verified_tokens([Draft([7, 8], np.array([7, 8]))], {2}, 10) == ([7, 8], False)  # no stop yet
+    assert verified_tokens([], {2}, 10) == ([], False)
+
+
+def test_a_draft_needs_the_prompt_and_labels_on_everything_after_it():
+    ex = example([1, 5, 6, 7, 2], 3, draft=True)
+    score = ExampleScore(nll_mean=0.0, greedy_ids=np.array([7, 2]))
+    assert draft_of([1, 5, 6], ex, score) == Draft([7, 2], score.greedy_ids)
+    assert draft_of([1, 5, 9], ex, score) is None  # another prompt
+    assert draft_of([1, 5], ex, score) is None  # position 2 is unlabelled: its argmax is unknown
+    assert draft_of([1, 5, 6], ex, ExampleScore(nll_mean=0.0)) is None  # no draft asked
+
+
+# -- equality with the per-example path on a model ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def varied(tmp_path_factory, tiny_model):
+    """The tiny model with matrices redrawn 10x wider (std 0.2): greedy answers differ from row to row."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    out = tmp_path_factory.mktemp("varied")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer(varied):
+    return load_tokenizer(str(varied))
+
+
+@pytest.fixture(scope="module")
+def model(varied):
+    return load_causal_lm(str(varied), "float32").eval()
+
+
+def groups_of(tokenizer, tiny_benchmark) -> list[list[AnswerExample]]:
+    """Per forget/retain row: answer (token statistics), paraphrase, 5 perturbed answers; holdout rows alone."""
+    import json
+
+    groups = []
+    for split in ("forget10_perturbed", "retain_perturbed", "holdout10"):
+        for line in (tiny_benchmark / f"{split}.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            answers = [row["answer"]] if split == "holdout10" else [row["answer"], row["paraphrased_answer"]]
+            answers += [] if split == "holdout10" else row["perturbed_answer"]
+            encoded = [encode_example(tokenizer, PromptTemplate(), row["question"], a, 64) for a in answers]
+            groups.append(
+                [AnswerExample(e.input_ids, e.labels, token_stats=k == 0, draft=True) for k, e in enumerate(encoded)]
+            )
+    return groups
+
+
+@pytest.mark.parametrize("batch_size", [3, 32])
+def test_shared_prefix_scores_equal_whole_examples(model, tokenizer, tiny_benchmark, batch_size):
+    groups = groups_of(tokenizer, tiny_benchmark)
+    flat = [e for group in groups for e in group]
+    with torch.no_grad():
+        want = score_examples(model, flat, batch_size, tokenizer.pad_token_id)
+        got = [s for group in score_groups(model, groups, batch_size, tokenizer.pad_token_id) for s in group]
+        logits = [model(input_ids=torch.tensor([e.input_ids])).logits[0, :-1] for e in flat]
+    assert sum(prefix_cut(group) > 0 for group in groups) == 8  # forget and retain rows share their prompt
+    nodes = sum(p.node_count - 1 for p in prefix_scoring.plan_chunks(groups, batch_size, 10**6))
+    assert nodes < 0.6 * len([t for e in flat for t in e.input_ids])  # each distinct prefix is computed once
+    for e, a, b, row_logits in zip(flat, got, want, logits, strict=True):
+        assert a.nll_mean == pytest.approx(b.nll_mean, abs=TOLERANCE)
+        if e.token_stats:
+            for name in ("token_logps", "mu", "sigma2"):
+                np.testing.assert_allclose(getattr(a, name), getattr(b, name), atol=TOLERANCE, rtol=TOLERANCE)
+            np.testing.assert_array_equal(a.pred_ids, b.pred_ids)
+            np.testing.assert_array_equal(a.target_ids, b.target_ids)
+        labelled = torch.tensor(e.labels[1:]) != -100
+        np.testing.assert_array_equal(a.greedy_ids, row_logits[labelled].argmax(-1).numpy())
+
+
+def test_greedy_generation_equals_generate_with_and_without_drafts(model, tokenizer, tiny_benchmark):
+    import json
+
+    questions = [
+        json.loads(line)["question"]
+        for split in ("forget10_perturbed", "retain_perturbed", "holdout10")
+        for line in (tiny_benchmark / f"{split}.jsonl").read_text().splitlines()
+    ]
+    prompts = [encode_prompt(tokenizer, PromptTemplate(), q) for q in questions]
+    with torch.no_grad():
+        want = generate_answers(model, tokenizer, prompts, 5, NEW_TOKENS)
+        assert len(set(want)) >= 4, f"rows generate alike: {want}"
+        assert greedy_generate(model, tokenizer, prompts, 5, NEW_TOKENS) == want
+        assert greedy_generate(model, tokenizer, prompts, 1, NEW_TOKENS) == want
+        # Drafts from the model's own greedy tokens: right ones, and ones corrupted after their second token.
+        drafts = []
+        for prompt in prompts:
+            ids = model.generate(
+                input_ids=torch.tensor([prompt]), do_sample=False, max_new_tokens=NEW_TOKENS, pad_token_id=0
+            )[0, len(prompt) :].tolist()
+            corrupt = ids[:2] + [(t + 1) % len(tokenizer) for t in ids[2:]]
+            drafts.append([Draft(corrupt, np.array(ids[:3] + [0] * (len(ids) - 3))), Draft(ids, np.array(ids))])
+        forwards = []
+        hook = model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+        try:
+            assert greedy_generate(model, tokenizer, prompts, 5, NEW_TOKENS, drafts=drafts) == want
+        finally:
+            hook.remove()
+    # Every draft proves NEW_TOKENS tokens (or a stop), so nothing is decoded.
+    assert forwards == []
+
+
+def evaluator(benchmark, tokenizer, **settings) -> TofuEvaluator:
+    options = {"batch_size": 5, "generation_batch_size": 3, "max_new_tokens": NEW_TOKENS} | settings
+    return TofuEvaluator(str(benchmark), tokenizer, "forget10", max_length=64, settings=TofuSettings(**options))
+
+
+def assert_same_metrics(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for name, entry in want.items():
+        for field in ("value_by_index", "holdout_value_by_index"):
+            for key, value in entry.get(field, {}).items():
+                if name.endswith("_ROUGE"):
+                    assert got[name][field][key] == value, f"{name}[{key}]"
+                else:
+                    np.testing.assert_allclose(got[name][field][key], value, atol=TOLERANCE, rtol=TOLERANCE)
+        if entry["agg_value"] is not None:
+            np.testing.assert_allclose(got[name]["agg_value"], entry["agg_value"], atol=TOLERANCE, rtol=TOLERANCE)
+
+
+def test_evaluator_engines_agree(model, tokenizer, tiny_benchmark):
+    new = evaluator(tiny_benchmark, tokenizer).evaluate(model)
+    old = evaluator(tiny_benchmark, tokenizer, engine="per_example").evaluate(model)
+    assert new["meta"]["engine"] == "prompt_cache" and old["meta"]["engine"] == "per_example"
+    assert_same_metrics(new["metrics"], old["metrics"])
+    generations = {r["generation"] for r in new["metrics"]["forget_Q_A_ROUGE"]["value_by_index"].values()}
+    assert len(generations) >= 2, "every row generates the same text; the comparison would prove little"
+
+
+def test_argmax_changing_generation_settings_fall_back_to_generate(tiny_model, tiny_benchmark, tokenizer):
+    model = load_causal_lm(str(tiny_model), "float32")
+    model.generation_config.repetition_penalty = 1.3
+    assert "repetition_penalty=1.3" in greedy.plain_greedy_problem(model)
+    run = evaluator(tiny_benchmark, tokenizer, metric_groups=("ra",))
+    new = run.evaluate(model)
+    assert any(
+        n.startswith("generation with model.generate: its generation config sets repetition_penalty=1.3")
+        for n in new["meta"]["notes"]
+    )
+    old = evaluator(tiny_benchmark, tokenizer, metric_groups=("ra",), engine="per_example").evaluate(model)
+    assert_same_metrics(new["metrics"], old["metrics"])
+
+
+def test_models_without_plain_key_value_caches_are_refused_with_the_fix(tiny_model):
+    model = load_causal_lm(str(tiny_model), "float32")
+    assert prompt_cache_problem(model) is None
+    model.config.layer_types = ["full_attention", "linear_attention"]
+    assert "linear_attention layers" in prompt_cache_problem(model)
+    with pytest.raises(ValueError, match=r"--engine per_example"):
+        ModelCalls.of(model)
+
+
+@pytest.mark.parametrize("phase", ["likelihood", "generation"])
+def test_ranks_agree_on_the_number_of_forwards_before_the_first(model, tokenizer, tiny_benchmark, monkeypatch, phase):
+    """As tests/test_sharded_evaluation.py checks for the per-example path: the count is agreed before any forward
+    (a rank asking later meets another rank's FSDP all-gathers and both wait forever), then padded with dummies."""
+    events: list[str] = []
+
+    def synced_count(count: int, device, synced_gpus: bool) -> int:
+        events.append("agree")
+        return count + 1  # another rank has one batch more
+
+    monkeypatch.setattr(prefix_scoring if phase == "likelihood" else greedy, "_synced_count", synced_count)
+    hook = model.register_forward_pre_hook(lambda module, args: events.append("forward"))
+    try:
+        with torch.no_grad():
+            if phase == "likelihood":
+                groups = groups_of(tokenizer, tiny_benchmark)[:2]
+                score_groups(model, groups, 32, tokenizer.pad_token_id)
+                nodes = prefix_scoring.POOL_BYTES // ModelCalls.of(model).kv_bytes_per_token(model)
+                planned = sum(len(p.batches) for p in prefix_scoring.plan_chunks(groups, 32, nodes))
+                assert events == ["agree", *["forward"] * planned, "forward"]  # the plan's forwards, then the dummy
+            else:
+                prompts = [encode_prompt(tokenizer, PromptTemplate(), "Where was AuthorA born?")]
+                greedy_generate(model, tokenizer, prompts, 2, 2)
+                # Agreed first; the batch's prefill and one step, then the missing batch's dummy forward.
+                assert events == ["agree", "forward", "forward", "forward"]
+    finally:
+        hook.remove()
+
+
+def test_muse_engines_agree(tmp_path):
+    """MUSE: VerbMem's scored continuation is its generation's draft, KnowMem decodes with the loop; values equal
+    the per-example path's and every generation is identical."""
+    from pathlib import Path
+
+    from baldro_lightning.embedded.models import init_tiny_llama, train_tokenizer
+    from baldro_lightning.evaluation.muse import MuseEvaluator, MuseSettings
+
+    embedded = Path(__file__).resolve().parents[1] / "data" / "muse_embedded"
+    train_tokenizer(embedded, tmp_path / "tokenizer", vocab_size=512, model_max_length=256)
+    shape = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
+    init_tiny_llama(tmp_path / "tokenizer", tmp_path / "model", seed=0, **shape)
+    model = load_causal_lm(str(tmp_path / "model"), "float32")
+    with torch.no_grad():  # wider weights, so that rows generate different texts
+        generator = torch.Generator().manual_seed(0)
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    tokenizer = load_tokenizer(str(tmp_path / "model"))
+    sizes = {"batch_size": 3, "knowmem_batch_size": 2, "verbmem_batch_size": 2}
+    results = {
+        engine: MuseEvaluator(
+            str(embedded),
+            tokenizer,
+            max_length=64,
+            settings=MuseSettings(limit=5, knowmem_max_new_tokens=6, verbmem_max_new_tokens=6, engine=engine, **sizes),
+        ).evaluate(model)
+        for engine in ("prompt_cache", "per_example")
+    }
+    assert_same_metrics(results["prompt_cache"]["metrics"], results["per_example"]["metrics"])
+    verbmem = results["prompt_cache"]["metrics"]["forget_verbmem_ROUGE"]["value_by_index"]
+    assert len({row["generation"] for row in verbmem.values()}) >= 2
