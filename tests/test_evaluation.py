@@ -508,7 +508,7 @@ def test_answerless_examples_score_nan_not_zero(tokenizer, model):
 
 def test_engine_reports_every_batch_to_the_progress_context(tiny_benchmark, tokenizer, model):
     calls: list[tuple[str, int, int]] = []
-    evaluator = make_evaluator(tiny_benchmark, tokenizer, metric_groups=["forget"])
+    evaluator = make_evaluator(tiny_benchmark, tokenizer, metric_groups=["forget"], engine="per_example")
     with reporting_progress(lambda phase, done, total: calls.append((phase, done, total))):
         evaluator.score(model)
     evaluator.score(model)  # outside the context nothing is reported
@@ -520,6 +520,20 @@ def test_engine_reports_every_batch_to_the_progress_context(tiny_benchmark, toke
     assert [c[1] for c in scoring] == [min(5 * k, 7 * rows) for k in range(1, math.ceil(7 * rows / 5) + 1)]
     assert [c[1] for c in generating] == [min(3 * k, rows) for k in range(1, math.ceil(rows / 3) + 1)]
     assert {c[2] for c in scoring} == {7 * rows} and {c[2] for c in generating} == {rows}
+
+
+def test_prompt_cache_engine_reports_progress_to_the_end(tiny_benchmark, tokenizer, model):
+    """The prompt cache counts scoring in forwards (each serves parts of many examples) and generation in prompts,
+    those its drafts finish at once included; each phase ends at its total."""
+    calls: list[tuple[str, int, int]] = []
+    evaluator = make_evaluator(tiny_benchmark, tokenizer, metric_groups=["forget"])
+    with reporting_progress(lambda phase, done, total: calls.append((phase, done, total))):
+        evaluator.score(model)
+    for phase in ("scoring", "generating"):
+        done = [c[1] for c in calls if c[0] == phase]
+        totals = {c[2] for c in calls if c[0] == phase}
+        assert done and done == sorted(done) and len(totals) == 1 and done[-1] == totals.pop(), phase
+    assert [c[2] for c in calls if c[0] == "generating"][0] == len(evaluator.rows["forget"])
 
 
 def test_position_budget_problem_names_the_numbers():

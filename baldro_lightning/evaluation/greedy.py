@@ -33,7 +33,14 @@ from transformers import PreTrainedTokenizerBase
 
 from baldro_lightning.data.tokenization import AttentionFrom
 from baldro_lightning.evaluation import metrics
-from baldro_lightning.evaluation.engine import AnswerExample, Engine, ExampleScore, _input_device, _synced_count
+from baldro_lightning.evaluation.engine import (
+    AnswerExample,
+    Engine,
+    ExampleScore,
+    _input_device,
+    _report,
+    _synced_count,
+)
 from baldro_lightning.evaluation.model_calls import ModelCalls, prompt_cache_problem
 
 ARGMAX_CHANGING_SETTINGS: dict[str, object] = {
@@ -279,6 +286,8 @@ def greedy_generate(
             open_rows.append(i)
     open_rows.sort(key=lambda i: len(prompts[i]) + len(generated[i]), reverse=True)
     batches = [open_rows[k : k + batch_size] for k in range(0, len(open_rows), batch_size)]
+    done = len(prompts) - len(open_rows)  # the drafts finished these
+    _report("generating", done, len(prompts))
     count = _synced_count(len(batches), device, synced_gpus)  # before any forward, as in score_examples
     for b in range(count):
         batch = None
@@ -303,5 +312,7 @@ def greedy_generate(
         if batch is not None:
             for k, i in enumerate(batches[b]):
                 generated[i] += batch.generated[k]
+            done += len(batches[b])
+            _report("generating", done, len(prompts))
     texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
     return [metrics.clean_generation(text, stop_strings) for text in texts]

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from baldro_lightning.data.tokenization import IGNORE_INDEX, common_prefix_length
 from baldro_lightning.evaluation import metrics
-from baldro_lightning.evaluation.engine import AnswerExample, ExampleScore, _input_device, _synced_count
+from baldro_lightning.evaluation.engine import AnswerExample, ExampleScore, _input_device, _report, _synced_count
 from baldro_lightning.evaluation.model_calls import ModelCalls
 
 POOL_BYTES = 2**28
@@ -300,10 +300,13 @@ def score_groups(
     # Agreed before any forward: a rank asking later would meet the others' FSDP all-gathers and deadlock.
     forwards = _synced_count(planned, device, synced_gpus)
     results: list[list[ExampleScore | None]] = [[None] * len(group) for group in groups]
+    done = 0
     for chunk in chunks:
         values = _NodeValues(chunk, groups, device)
         for batch in chunk.batches:
             values.run(calls, model, [chunk.segments[s] for s in batch], pad_token_id)
+            done += 1
+            _report("scoring", done, planned)  # in forwards: a forward serves parts of many examples
         values.scores(groups, results)
     for _ in range(forwards - planned):
         calls.dummy_forward(model, pad_token_id, device)
