@@ -137,7 +137,19 @@ def test_truth_ratio_criterion_reads_the_retain_reference(tmp_path, tiny_model, 
     assert {"forget_step_iqr", "forget_step_std", "fraction_never_forgotten", "fraction_over_forgotten"} <= set(
         synchrony
     )
+    # Forget steps count from each sample's start: against its own truth ratios, the 2 of 4 samples at or above the
+    # retain median are already "forgotten" before any update. They get no step and are counted apart.
+    assert synchrony["fraction_forgotten_at_start"] == pytest.approx(0.5)
+    fractions = ("fraction_forgotten_at_start", "fraction_forgotten_later", "fraction_never_forgotten")
+    assert sum(synchrony[key] for key in fractions) == pytest.approx(1.0)
+    assert list(synchrony["forget_step_by_index"].values()) == [None] * 4
     assert "val/forget_quality" in trainer.callback_metrics
+    assert "val/fraction_forgotten_at_start" in trainer.callback_metrics
+
+
+def test_retain_quantiles_must_be_ordered():
+    with pytest.raises(ValueError, match=r"retain_quantiles must be \(forgotten, over-forgotten\)"):
+        TofuEvaluation(criterion="rouge", retain_quantiles=(0.9, 0.5))
 
 
 def test_truth_ratio_criterion_without_reference_is_an_error():

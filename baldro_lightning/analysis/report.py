@@ -80,6 +80,7 @@ SYNCHRONY = (
     ("median step", "forget_step_median"),
     ("IQR", "forget_step_iqr"),
     ("std", "forget_step_std"),
+    ("forgotten at start", "fraction_forgotten_at_start"),
     ("never forgotten", "fraction_never_forgotten"),
     ("over-forgotten", "fraction_over_forgotten"),
 )

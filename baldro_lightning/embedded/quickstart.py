@@ -222,7 +222,13 @@ def _final_metrics(run_dir: Path) -> str:
         value = values.get(key)
         lines.append(f"    {key:22s} {value:.4g}" if isinstance(value, float) else f"    {key:22s} -")
     synchrony = result.get("synchrony", {})
-    for key in ("forget_step_median", "forget_step_iqr", "fraction_never_forgotten", "fraction_over_forgotten"):
+    synchrony_keys = (
+        "forget_step_median",
+        "forget_step_iqr",
+        "fraction_forgotten_at_start",
+        "fraction_never_forgotten",
+    )
+    for key in (*synchrony_keys, "fraction_over_forgotten"):
         if isinstance(synchrony.get(key), float):
             lines.append(f"    {key:22s} {synchrony[key]:.4g}")
     lines.append("  against the range measured so far (EXPECTED_FINAL, baldro_lightning/embedded/quickstart.py):")

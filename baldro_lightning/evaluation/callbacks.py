@@ -256,11 +256,15 @@ class TofuEvaluation(ScheduledEvaluation):
     checkpoint), writes ``<dirpath>/step_<N>/eval.json``, per-sample forgetting curves to TensorBoard and
     ``<dirpath>/per_sample.csv``, and the synchrony of forgetting.
 
-    A forget sample counts as *forgotten* at the first evaluation at which it meets ``criterion``:
-    ``truth_ratio``: its truth ratio (wrong/correct) has risen to at least the ``retain_quantiles[0]`` quantile of
-    the retain model's per-sample forget truth ratios (read from ``retain_reference``); it is *over-forgotten*
-    when it is above the ``retain_quantiles[1]`` quantile. ``rouge``: its greedy answer's ROUGE-L recall has
-    dropped to ``rouge_threshold`` or below (no over-forgetting is defined).
+    A forget sample's *forget step* is counted from its own start: the first evaluation at which it has moved from
+    where it was before the first update to where the retain model is (``criterion``). ``truth_ratio``: its truth
+    ratio (wrong/correct) has risen to at least the ``retain_quantiles[0]`` quantile of the retain model's
+    per-sample forget truth ratios (read from ``retain_reference``; the median by default); it is *over-forgotten*
+    when it is above the ``retain_quantiles[1]`` quantile. ``rouge``: its greedy answer's ROUGE-L recall has dropped
+    to ``rouge_threshold`` or below (no over-forgetting is defined). A sample already there at the first evaluation
+    never showed that it was remembered: it gets no forget step, is left out of the median, IQR and std, and is
+    counted in ``val/fraction_forgotten_at_start`` (on real TOFU models most samples are past the retain model's 5th
+    percentile before any update, so a step of 0 for them would swamp the spread).
     """
 
     headline = (("forget ROUGE", "forget_Q_A_ROUGE"), ("MU", "model_utility"), ("FQ", "forget_quality"))
@@ -272,7 +276,7 @@ class TofuEvaluation(ScheduledEvaluation):
         every_epoch: bool = True,
         on_start: bool = True,
         criterion: Literal["truth_ratio", "rouge"] = "truth_ratio",
-        retain_quantiles: tuple[float, float] = (0.05, 0.95),
+        retain_quantiles: tuple[float, float] = (0.5, 0.95),
         rouge_threshold: float = 0.3,
         dirpath: str | None = None,
         curves: bool = True,
@@ -288,7 +292,8 @@ class TofuEvaluation(ScheduledEvaluation):
             every_epoch: Evaluate at the end of every epoch.
             on_start: Evaluate before the first update (the curves evaluate then anyway: it is their reference).
             criterion: When a forget sample counts as forgotten: ``truth_ratio`` or ``rouge`` (see the class).
-            retain_quantiles: The retain model's truth-ratio quantiles that bound forgotten and over-forgotten.
+            retain_quantiles: The retain model's truth-ratio quantiles at which a sample counts as forgotten (its
+                median by default) and over-forgotten.
             rouge_threshold: ROUGE-L recall at or below which a sample counts as forgotten (``criterion="rouge"``).
             dirpath: Where ``step_<N>/eval.json`` and ``per_sample.csv`` go; ``<log_dir>/eval`` when null.
             curves: Record per-sample forgetting curves and synchrony: ``per_sample.csv``, and in TensorBoard the
@@ -307,6 +312,12 @@ class TofuEvaluation(ScheduledEvaluation):
                 "<retain model> --out <path>), or use criterion='rouge'"
             )
         self.criterion = criterion
+        lo, hi = retain_quantiles
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(
+                f"TofuEvaluation retain_quantiles must be (forgotten, over-forgotten) with 0 <= lo < hi <= 1, got "
+                f"{retain_quantiles}; the default is [0.5, 0.95]"
+            )
         self.retain_quantiles = retain_quantiles
         self.rouge_threshold = rouge_threshold
         self.curves = curves
@@ -437,15 +448,15 @@ class TofuEvaluation(ScheduledEvaluation):
         steps = np.array([h["step"] for h in self.history], dtype=float)
         if self.criterion == "truth_ratio":
             tr = np.stack([h["truth_ratio"] for h in self.history])
-            forgotten, over = metrics.forgotten_by_truth_ratio(tr, self._retain_tr, self.retain_quantiles)
-            step_of = metrics.forget_steps(tr, steps, forgotten)
-            summary = metrics.synchrony_summary(step_of, over[-1])
+            level = metrics.retain_level(self._retain_tr, self.retain_quantiles[0])
+            found = metrics.forget_steps_from_start(tr, steps, level, "up")
+            over = metrics.past_level(tr[-1], metrics.retain_level(self._retain_tr, self.retain_quantiles[1]), "up")
+            summary = metrics.synchrony_summary_from_start(found.step, found.forgotten_at_start, over)
         else:
             rouge = np.stack([h["rougeL_recall"] for h in self.history])
-            forgotten = rouge <= self.rouge_threshold
-            step_of = metrics.forget_steps(rouge, steps, forgotten)
-            summary = metrics.synchrony_summary(step_of, np.zeros(rouge.shape[1], dtype=bool))
-            summary.pop("fraction_over_forgotten", None)
+            found = metrics.forget_steps_from_start(rouge, steps, self.rouge_threshold, "down")
+            summary = metrics.synchrony_summary_from_start(found.step, found.forgotten_at_start)
+        step_of = found.step
         summary["criterion"] = self.criterion
         summary["forget_step_by_index"] = {
             str(i): (None if np.isnan(s) else float(s)) for i, s in zip(self.history[-1]["index"], step_of, strict=True)
