@@ -7,10 +7,13 @@ import json
 import math
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pytest
 import yaml
 
 from baldro_lightning.analysis import report
+from baldro_lightning.analysis.figures import _attack_panel
+from baldro_lightning.analysis.runs import AttackRow
 from baldro_lightning.evaluation.run_record import write_attack_record
 
 LOSSES = {"NPO": "NPO", "GradAscent": "GradAscent", "SimNPO": "SimNPO"}
@@ -438,3 +441,15 @@ def test_no_utility_inputs_table_without_a_zero_input(tmp_path):
     make_run(root, "npo", {0: tofu_metrics(0.001, 0.6), 3: tofu_metrics(0.2, 0.58)})
     md = report.write_report(report.load_runs([root]), tmp_path / "report", report.SelectionRule(), figures=False)
     assert "Model utility's inputs" not in md.read_text()
+
+
+def test_robustness_panels_are_labelled_by_their_metric():
+    """Each panel's y axis names the metric it shows; the bars' legend says unattacked/attacked."""
+    row = AttackRow(
+        ("NPO", ""), "relearn_forget", 2, {"forget_Q_A_Prob": {"before": (0.1, 0.01), "after": (0.3, 0.02)}}
+    )
+    fig, ax = plt.subplots()
+    _attack_panel(ax, [row], "forget_Q_A_Prob", "forget probability", log=False)
+    assert ax.get_ylabel() == "forget probability"
+    assert ax.get_legend_handles_labels()[1] == ["unattacked", "attacked"]
+    plt.close(fig)

@@ -424,8 +424,8 @@ def _attack_panel(ax, rows: Sequence[AttackRow], key: str, label: str, log: bool
             means = np.array([_fq(m) if math.isfinite(m) else math.nan for m in means])
         # Error bars only where a method has several runs (the sd over them).
         errors = np.where(np.isfinite(sds), sds, 0.0) if np.isfinite(sds).any() else None
-        label = "unattacked" if side == "before" else "attacked"
-        ax.bar(x + offset, means, width=0.4, alpha=shade, color="C0", yerr=errors, capsize=2, label=label)
+        legend = "unattacked" if side == "before" else "attacked"
+        ax.bar(x + offset, means, width=0.4, alpha=shade, color="C0", yerr=errors, capsize=2, label=legend)
     ax.set_xticks(x, [row.label for row in rows], rotation=30, ha="right", fontsize=7)
     ax.set_ylabel(label)
     if log:
