@@ -34,10 +34,16 @@ def _rows(author: str, k: int) -> list[dict]:
     return rows
 
 
+def tiny_full_rows() -> list[dict]:
+    """The tiny benchmark's ``full`` rows with their paraphrased and perturbed answers (what ``*_perturbed`` holds)."""
+    authors = [f"Author{chr(65 + k)}" for k in range(8)]
+    return [row for k, a in enumerate(authors) for row in _rows(a, k)]
+
+
 def write_tiny_benchmark(root: Path) -> Path:
     """Eight authors × two QA rows; the last two authors are the forget set (``forget10``)."""
     authors = [f"Author{chr(65 + k)}" for k in range(10)]
-    full = [row for k, a in enumerate(authors[:8]) for row in _rows(a, k)]
+    full = tiny_full_rows()
     holdout = [row for k, a in enumerate(authors[8:]) for row in _rows(a, k + 8)]
     plain = [{"question": r["question"], "answer": r["answer"]} for r in full]
     general = [{**r, "perturbed_answer": r["perturbed_answer"][:3]} for r in full[:4]]

@@ -12,15 +12,20 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from conftest import tiny_full_rows
+
 from baldro_lightning.evaluation.command import main as evaluate_main
 
 
 def benchmark_with_forget_rows(tiny_benchmark: Path, root: Path, rows: int) -> Path:
-    """A copy of the tiny benchmark whose forget10 is the last ``rows`` rows of ``full`` and retain90 the rest."""
+    """A copy of the tiny benchmark whose forget10 is the last ``rows`` rows of ``full`` and retain90 the rest;
+    forget10_perturbed holds the same questions in the same order, as the data checks require."""
     benchmark = Path(shutil.copytree(tiny_benchmark, root))
     lines = (benchmark / "full.jsonl").read_text().splitlines()
     (benchmark / "forget10.jsonl").write_text("\n".join(lines[-rows:]) + "\n")
     (benchmark / "retain90.jsonl").write_text("\n".join(lines[:-rows]) + "\n")
+    perturbed = [json.dumps({**row, "idx": i}) for i, row in enumerate(tiny_full_rows()[-rows:])]
+    (benchmark / "forget10_perturbed.jsonl").write_text("\n".join(perturbed) + "\n")
     return benchmark
 
 
