@@ -189,7 +189,7 @@ def record_runs(tiny_model, tiny_benchmark, tmp_path_factory) -> dict[str, Path]
     """An uninterrupted FSDP2 run and one killed (SIGKILL, every process) at step 10 and resumed from last.ckpt."""
     root = tmp_path_factory.mktemp("distributed_record")
     benchmark = benchmark_with_forget_rows(tiny_benchmark, root / "benchmark", RECORD_ROWS)
-    reference = make_retain_reference(tiny_model, tiny_benchmark, root / "retain" / "eval.json")
+    reference = make_retain_reference(tiny_model, benchmark, root / "retain" / "eval.json")
     live = {"reference": "live"}  # as the other FSDP2 runs here
     full = write_record_config(root / "full", tiny_model, benchmark, reference, trainer=FSDP2, model_args=live)
     fit_record(full)

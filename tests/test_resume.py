@@ -145,11 +145,6 @@ RECORD_ROWS = 6  # batch 1: six steps per epoch, twelve in all
 PAUSE_AT = 10  # killed after the evaluation of step 10, with last.ckpt at step 8 (the second epoch's second step)
 
 
-@pytest.fixture(scope="module")
-def retain_reference(tiny_model, tiny_benchmark, tmp_path_factory) -> Path:
-    return make_retain_reference(tiny_model, tiny_benchmark, tmp_path_factory.mktemp("retain") / "eval.json")
-
-
 def kill_when_paused(process: subprocess.Popen, config: Path) -> None:
     marker = config.parent / "paused"
     deadline = time.monotonic() + DEADLINE_S
@@ -163,10 +158,12 @@ def kill_when_paused(process: subprocess.Popen, config: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_continues_the_record(tiny_model, tiny_benchmark, retain_reference, tmp_path):
+def test_sigkill_then_resume_continues_the_record(tiny_model, tiny_benchmark, tmp_path):
     """Evaluations, per_sample.csv, synchrony and TensorBoard scalars of a run killed in its second epoch and
     resumed from last.ckpt equal those of an uninterrupted run, and so do the final weights."""
     benchmark = benchmark_with_forget_rows(tiny_benchmark, tmp_path / "benchmark", RECORD_ROWS)
+    # The reference scores the same forget rows (the tiny model stands in for a retain model).
+    retain_reference = make_retain_reference(tiny_model, benchmark, tmp_path / "retain" / "eval.json")
     full = write_record_config(tmp_path / "full", tiny_model, benchmark, retain_reference)
     finish(launch(full), full)
     killed = write_record_config(tmp_path / "killed", tiny_model, benchmark, retain_reference, pause_at=PAUSE_AT)
