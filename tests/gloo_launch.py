@@ -20,12 +20,50 @@ import pytest
 TESTS = Path(__file__).resolve().parent
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid``, read from ``/proc`` (children first found, then theirs)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                # Field 4 of /proc/<pid>/stat is the parent; the command name before it may hold spaces.
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, queue = [], [pid]
+    while queue:
+        for child in children.get(queue.pop(), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+def kill_launch(process: subprocess.Popen) -> None:
+    """SIGKILL a launch and every worker it started, and reap the launcher.
+
+    torchrun's workers may run in sessions of their own, which a kill of the launch's process group misses; they
+    would sleep on (a paused run) after the test. They are found through ``/proc`` before anything is killed.
+    """
+    workers = _descendants(process.pid)
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for pid in workers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait()
+
+
 def start_torchrun(
     program: list[str], processes: int = 2, cwd: Path | None = None, log: Path | None = None
 ) -> subprocess.Popen:
     """Start ``python -m torch.distributed.run --standalone`` on ``program`` in a session of its own, without waiting.
 
-    Stop it with ``os.killpg(process.pid, signal.SIGKILL)`` (the workers too). Its stdout and stderr go to ``log``,
+    Stop it with :func:`kill_launch` (the workers too). Its stdout and stderr go to ``log``,
     or to pipes (text) when there is none: read those, or a chatty run blocks on a full pipe.
     """
     command = [
@@ -63,7 +101,7 @@ def torchrun(program: list[str], what: str, timeout: int, processes: int = 2, cw
     try:
         _, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        kill_launch(process)
         _, stderr = process.communicate()
         pytest.fail(f"{what} did not finish in {timeout} s (a deadlock?): {' '.join(command)}\n{stderr[-6000:]}")
     if process.returncode != 0:

@@ -15,9 +15,7 @@ from ``last.ckpt``: the resumed record must equal the uninterrupted one.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from fit_configs import benchmark_with_forget_rows, make_retain_reference, write_npo_fit_config, write_record_config
-from gloo_launch import start_torchrun, torchrun
+from gloo_launch import kill_launch, start_torchrun, torchrun
 from run_records import assert_same_record, stray_files, tensorboard_scalars
 from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
@@ -203,11 +201,10 @@ def record_runs(tiny_model, tiny_benchmark, tmp_path_factory) -> dict[str, Path]
     deadline = time.monotonic() + TIMEOUT_S
     while not (killed.parent / "paused").exists():
         if process.poll() is not None or time.monotonic() > deadline:
-            os.killpg(process.pid, signal.SIGKILL)
+            kill_launch(process)
             pytest.fail(f"the 2-process run ended or stalled before step {PAUSE_AT}:\n{log.read_text()[-6000:]}")
         time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_launch(process)
 
     logs = killed.parent / "tensorboard"
     before = {

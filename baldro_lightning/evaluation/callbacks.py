@@ -403,10 +403,10 @@ class TofuEvaluation(ScheduledEvaluation):
         if not (self.curves and self.history and trainer.is_global_zero):
             return
         # per_sample.csv as of the checkpoint; the interrupted run may have written rows of later evaluations.
-        forget_steps = self._synchrony()["forget_step_by_index"]
-        write_per_sample(per_sample_path(self._out_dir(trainer)), self.history, forget_steps)
+        synchrony = self._synchrony()
+        write_per_sample(per_sample_path(self._out_dir(trainer)), self.history, synchrony["forget_step_by_index"])
         if self.history[-1]["step"] == trainer.global_step:
-            self._tensorboard_curves(trainer, self.history[-1])
+            self._tensorboard_curves(trainer, self.history[-1], synchrony)
 
     def extend_result(
         self, trainer: L.Trainer, pl_module: L.LightningModule, scores: dict[str, RowScores], result: dict[str, Any]
