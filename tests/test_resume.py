@@ -184,7 +184,11 @@ def test_sigkill_then_resume_continues_the_record(tiny_model, tiny_benchmark, tm
         env=fit_env(),
         cwd=run,
     )
-    assert again.returncode == 1 and "holds another run's outputs" in again.stderr, again.stderr[-2000:]
+    # A user error: exit status 2 and one line that names the flag.
+    assert again.returncode == 2, again.stderr[-2000:]
+    assert (
+        again.stderr.startswith("error: --trainer.default_root_dir=") and "holds another run's outputs" in again.stderr
+    )
 
     finish(launch(killed, ckpt_path=last), killed)
 
