@@ -273,6 +273,21 @@ def position_budget_problem(longest_prompt: int, max_new_tokens: int, max_positi
     )
 
 
+def generation_pad_id(tokenizer: PreTrainedTokenizerBase, batch_size: int, max_new_tokens: int) -> int:
+    """The pad id a greedy generation pads prompts with, after checking the generation's sizes.
+
+    Raises:
+        ValueError: ``batch_size`` or ``max_new_tokens`` below 1, or a tokenizer without a pad token.
+    """
+    if batch_size < 1:
+        raise ValueError(f"--generation_batch_size must be >= 1, got {batch_size}")
+    if max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
+    if tokenizer.pad_token_id is None:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no pad token; load it with load_tokenizer()")
+    return int(tokenizer.pad_token_id)
+
+
 def generate_answers(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -302,13 +317,7 @@ def generate_answers(
     Returns:
         One cleaned text per prompt, in the order of ``prompts``.
     """
-    if batch_size < 1:
-        raise ValueError(f"--generation_batch_size must be >= 1, got {batch_size}")
-    if max_new_tokens < 1:
-        raise ValueError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no pad token; load it with load_tokenizer()")
+    pad = generation_pad_id(tokenizer, batch_size, max_new_tokens)
     device = _input_device(model)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     batches = _batches(order, batch_size)

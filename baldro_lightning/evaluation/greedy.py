@@ -40,6 +40,7 @@ from baldro_lightning.evaluation.engine import (
     _input_device,
     _report,
     _synced_count,
+    generation_pad_id,
 )
 from baldro_lightning.evaluation.model_calls import ModelCalls, prompt_cache_problem
 
@@ -267,13 +268,7 @@ def greedy_generate(
     Returns:
         One cleaned text per prompt, in the order of ``prompts``.
     """
-    if batch_size < 1:
-        raise ValueError(f"--generation_batch_size must be >= 1, got {batch_size}")
-    if max_new_tokens < 1:
-        raise ValueError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no pad token; load it with load_tokenizer()")
+    pad = generation_pad_id(tokenizer, batch_size, max_new_tokens)
     calls = ModelCalls.of(model)
     device = _input_device(model)
     stops = stop_token_ids(model, tokenizer)
