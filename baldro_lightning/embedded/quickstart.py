@@ -203,10 +203,10 @@ def within_expected(metrics: Mapping[str, float | None]) -> list[str]:
     for key, (low, high) in EXPECTED_FINAL.items():
         value = metrics.get(key)
         if not isinstance(value, float):
-            lines.append(f"    {key:22s} -        expected {low:g}..{high:g}: not evaluated")
+            lines.append(f"    {key:27s} -        expected {low:g}..{high:g}: not evaluated")
             continue
         verdict = "inside" if low <= value <= high else "OUTSIDE"
-        lines.append(f"    {key:22s} {value:<8.3g} expected {low:g}..{high:g}: {verdict}")
+        lines.append(f"    {key:27s} {value:<8.3g} expected {low:g}..{high:g}: {verdict}")
     return lines
 
 
@@ -220,7 +220,7 @@ def _final_metrics(run_dir: Path) -> str:
     lines = [f"  final evaluation ({evals[-1].parent.name}):"]
     for key in keys:
         value = values.get(key)
-        lines.append(f"    {key:22s} {value:.4g}" if isinstance(value, float) else f"    {key:22s} -")
+        lines.append(f"    {key:27s} {value:.4g}" if isinstance(value, float) else f"    {key:27s} -")
     synchrony = result.get("synchrony", {})
     synchrony_keys = (
         "forget_step_median",
@@ -230,7 +230,7 @@ def _final_metrics(run_dir: Path) -> str:
     )
     for key in (*synchrony_keys, "fraction_over_forgotten"):
         if isinstance(synchrony.get(key), float):
-            lines.append(f"    {key:22s} {synchrony[key]:.4g}")
+            lines.append(f"    {key:27s} {synchrony[key]:.4g}")
     lines.append("  against the range measured so far (EXPECTED_FINAL, baldro_lightning/embedded/quickstart.py):")
     lines += within_expected(values)
     return "\n".join(lines)
