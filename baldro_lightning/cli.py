@@ -174,14 +174,14 @@ def edited_callbacks(callbacks: Sequence[Any], edits: Mapping[str, Any]) -> list
             path = path[1:]
         if not name or not path or not all(path):
             raise CallbackEditError(
-                f"{CALLBACK_KEY}{key}: name a callback and one of its arguments, "
-                f"{CALLBACK_KEY}<Class>.<arg> (e.g. {CALLBACK_KEY}ExportPretrained.dirpath)"
+                f"--{CALLBACK_KEY}{key}: name a callback and one of its arguments, "
+                f"--{CALLBACK_KEY}<Class>.<arg> (e.g. --{CALLBACK_KEY}ExportPretrained.dirpath)"
             )
         targets = [entry for entry in out if callback_class_name(entry) == name]
         if not targets:
             have = ", ".join(sorted({callback_class_name(entry) for entry in out})) or "none"
             raise CallbackEditError(
-                f"{CALLBACK_KEY}{key} names callback {name!r}, but the composed config has only: {have}; "
+                f"--{CALLBACK_KEY}{key} names callback {name!r}, but the composed config has only: {have}; "
                 f"add it with --trainer.callbacks+={name} or fix the class name"
             )
         for entry in targets:
@@ -233,7 +233,12 @@ def _check_edited(callbacks: Sequence[Mapping[str, Any]], names: set[str]) -> No
             try:
                 checker.parse_object({"callback": entry})
             except ArgumentError as err:
-                raise CallbackEditError(f"{CALLBACK_KEY}{callback_class_name(entry)}: {err}") from None
+                # One line naming the edited flag, as for any other bad value (user_errors.describe_argument_error).
+                flag = f"--{CALLBACK_KEY}{callback_class_name(entry)}."
+                text = describe_argument_error(err, f"{PROGRAM} fit")
+                raise CallbackEditError(
+                    text.replace("--callback.help", "--trainer.callbacks.help").replace("--callback.", flag)
+                ) from None
 
 
 class BaldroCLI(LightningCLI):
