@@ -374,6 +374,86 @@ def test_synchrony_summary_nobody_forgotten_and_shape_errors():
         M.forget_steps(np.zeros((2, 2)), [5, 1], np.zeros((2, 2), dtype=bool))
 
 
+# Forget steps from each sample's own start. Retain TRs [1, 2, 3, 4, 5]: median 3.0, 5th percentile
+# 1 + 0.05 * 4 = 1.2 (linear, position 0.2), 95th 4.8. Evaluations at steps [0, 10, 20, 30], 10 samples; 8 of them
+# (all but 7 and 9) start past the 5th percentile, so the old criterion calls them forgotten before any update.
+RETAIN_TR = [1.0, 2.0, 3.0, 4.0, 5.0]
+STEPS = [0, 10, 20, 30]
+TRAJECTORIES = np.array(
+    [
+        # s0   s1   s2   s3   s4   s5   s6   s7   s8   s9
+        [1.5, 2.0, 2.5, 2.9, 1.5, 2.0, 1.8, 1.0, 3.5, 0.5],
+        [3.0, 3.1, 3.5, 3.0, 2.0, 2.5, 2.0, 1.1, 3.6, 0.8],
+        [3.2, 3.0, 4.0, 3.1, 3.0, 3.2, 2.2, 1.1, 3.7, 1.5],
+        [3.4, 3.3, 4.5, 3.2, 3.5, 3.3, 3.6, 1.1, 3.8, 3.1],
+    ]
+)
+
+
+def test_forget_steps_from_start_when_most_samples_start_past_the_retain_5th_percentile():
+    """Level = retain median 3.0, truth ratio rises. s0-s3 reach it at step 10, s4-s5 at 20, s6 and s9 at 30; s7
+    never does; s8 starts at 3.5, already past it (flagged, no step).
+
+    Moved: [10, 10, 10, 10, 20, 20, 30, 30]: median 15; 25th percentile at position 1.75 → 10, 75th at 5.25 →
+    20 + 0.25 * 10 = 22.5, IQR 12.5; mean 17.5, population variance (4 * 7.5² + 2 * 2.5² + 2 * 12.5²) / 8 = 68.75.
+    The old criterion (TR ≥ 5th percentile 1.2) puts 8 of the 10 samples at step 0: median and IQR 0.
+    """
+    level = M.retain_level(RETAIN_TR)
+    assert level == 3.0
+    result = M.forget_steps_from_start(TRAJECTORIES, STEPS, level, direction="up")
+    assert_allclose(result.step, [10, 10, 10, 10, 20, 20, 30, np.nan, np.nan, 30])
+    np.testing.assert_array_equal(result.forgotten_at_start, [False] * 8 + [True, False])
+    _, over = M.forgotten_by_truth_ratio(TRAJECTORIES, RETAIN_TR)
+    summary = M.synchrony_summary_from_start(result.step, result.forgotten_at_start, over[-1])
+    assert summary == pytest.approx(
+        {
+            "forget_step_iqr": 12.5,
+            "forget_step_std": math.sqrt(68.75),
+            "forget_step_median": 15.0,
+            "fraction_forgotten_at_start": 0.1,
+            "fraction_forgotten_later": 0.8,
+            "fraction_never_forgotten": 0.1,
+            "fraction_over_forgotten": 0.0,  # the 95th percentile is 4.8; s2 ends at 4.5
+        }
+    )
+
+    old_forgotten, _ = M.forgotten_by_truth_ratio(TRAJECTORIES, RETAIN_TR)
+    assert old_forgotten[0].mean() == pytest.approx(0.8)
+    old = M.synchrony_summary(M.forget_steps(TRAJECTORIES, STEPS, old_forgotten), over[-1])
+    assert (old["forget_step_median"], old["forget_step_iqr"]) == (0.0, 0.0)
+
+
+def test_forget_steps_from_start_downwards_with_per_sample_levels():
+    """ROUGE falls to the retain median 0.2: [0.9, 0.1] starts remembered → step 5; [0.15, 0.5] starts past it.
+    Log-likelihood ratio nll_0 - nll with per-sample levels nll_0 - retain_nll = [-1, -3]: sample 0 reaches -1 at
+    step 5; sample 1 gets to -2 only (never). Persistent: sample 0 of [[0.9], [0.1], [0.5], [0.1]] counts from 15."""
+    rouge = M.forget_steps_from_start([[0.9, 0.15], [0.1, 0.5]], [0, 5], M.retain_level([0.1, 0.2, 0.3]), "down")
+    assert_allclose(rouge.step, [5, np.nan])
+    np.testing.assert_array_equal(rouge.forgotten_at_start, [False, True])
+    llr = M.forget_steps_from_start([[0.0, 0.0], [-1.5, -2.0]], [0, 5], np.array([-1.0, -3.0]), "down")
+    assert_allclose(llr.step, [5, np.nan])
+    assert not llr.forgotten_at_start.any()
+    late = M.forget_steps_from_start([[0.9], [0.1], [0.5], [0.1]], [0, 5, 10, 15], 0.2, "down", persistent=True)
+    assert_allclose(late.step, [15])
+    summary = M.synchrony_summary_from_start(llr.step, llr.forgotten_at_start)
+    assert summary["fraction_never_forgotten"] == 0.5 and "fraction_over_forgotten" not in summary
+    nobody = M.synchrony_summary_from_start(rouge.step * np.nan, [True, True])
+    assert math.isnan(nobody["forget_step_median"]) and nobody["fraction_forgotten_at_start"] == 1.0
+
+
+def test_forget_steps_from_start_rejects_bad_input():
+    with pytest.raises(M.MetricInputError, match="'up' or 'down'"):
+        M.forget_steps_from_start(TRAJECTORIES, STEPS, 3.0, direction="sideways")
+    with pytest.raises(M.MetricInputError, match="one value per sample"):
+        M.forget_steps_from_start(TRAJECTORIES, STEPS, [1.0, 2.0])
+    with pytest.raises(M.MetricInputError, match=r"\(E, N\)"):
+        M.forget_steps_from_start([1.0, 2.0], [0, 1], 1.0)
+    with pytest.raises(M.MetricInputError, match="no finite value"):
+        M.retain_level([np.nan])
+    with pytest.raises(M.MetricInputError, match="like `forget_step`"):
+        M.synchrony_summary_from_start([1.0, 2.0], [True])
+
+
 def test_forgetting_balance_by_hand():
     out = M.forgetting_balance([1.0, 2.0, 3.0, 6.0])
     assert out["forgetting_mean"] == pytest.approx(3.0)

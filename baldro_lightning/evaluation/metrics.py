@@ -24,7 +24,7 @@ import functools
 import math
 import zlib
 from collections.abc import Callable, Mapping, Sequence, Sized
-from typing import TypeAlias
+from typing import Literal, NamedTuple, TypeAlias
 
 import numpy as np
 import scipy.stats
@@ -713,6 +713,139 @@ def synchrony_summary(forget_step: ArrayOrTensor, over_forgotten_mask: ArrayOrTe
         "fraction_never_forgotten": float(np.mean(~np.isfinite(step))),
         "fraction_over_forgotten": float(np.mean(over)),
     }
+
+
+ForgetDirection: TypeAlias = Literal["up", "down"]
+"""Which way a per-sample value moves as the sample is forgotten: truth ratio ``up``; ROUGE and the log-likelihood
+ratio to the model before unlearning ``down``."""
+
+
+def retain_level(retain_values: ArrayOrTensor, quantile: float = 0.5) -> float:
+    """Where the retain model is: the ``quantile`` of its per-sample values on the same forget set (NaN ignored).
+
+    The default, the median, is the typical value of a model that never saw the samples. Use it as the ``level`` of
+    :func:`forget_steps_from_start` (a low quantile such as the 5th percentile counts a sample as forgotten when it
+    is barely inside the retain model's range, which most samples of a real TOFU model are before any update).
+
+    Raises:
+        MetricInputError: ``quantile`` is outside [0, 1], or ``retain_values`` holds no finite value.
+    """
+    if not 0.0 <= quantile <= 1.0:
+        raise MetricInputError(f"`quantile` must be in [0, 1], got {quantile}")
+    ref = _vector(retain_values, "retain_values")
+    ref = ref[np.isfinite(ref)]
+    if ref.size == 0:
+        raise MetricInputError("`retain_values` holds no finite value; pass the retain model's per-sample values")
+    return float(np.quantile(ref, quantile))
+
+
+def past_level(values: ArrayOrTensor, level: ArrayOrTensor, direction: ForgetDirection) -> np.ndarray:
+    """Boolean, shaped like ``values``: at or past ``level`` in the forgetting ``direction`` (NaN is never past).
+
+    Args:
+        values: (E, N) or (N,) per-sample values.
+        level: a scalar, or (N,) per-sample levels (e.g. the retain model's own value of each sample).
+        direction: ``up``: ``value >= level``; ``down``: ``value <= level``.
+    """
+    if direction not in ("up", "down"):
+        raise MetricInputError(f"`direction` must be 'up' or 'down', got {direction!r}")
+    arr, lvl = _to_numpy(values, "values"), _to_numpy(level, "level")
+    if lvl.ndim > 1 or (lvl.ndim == 1 and lvl.shape[0] != arr.shape[-1]):
+        raise MetricInputError(
+            f"`level` must be a scalar or one value per sample ({arr.shape[-1]}), got shape {lvl.shape}"
+        )
+    with np.errstate(invalid="ignore"):
+        return arr >= lvl if direction == "up" else arr <= lvl
+
+
+class ForgetStepsFromStart(NamedTuple):
+    """Per-sample forget steps counted from each sample's own start (:func:`forget_steps_from_start`)."""
+
+    step: np.ndarray
+    """(N,) fp64 training step at which the sample reached the level after starting short of it; NaN for a sample
+    that never did and for one that was already past the level at the first evaluation."""
+    forgotten_at_start: np.ndarray
+    """(N,) bool: already at or past the level at the first evaluation (it cannot show when it was forgotten)."""
+
+
+def forget_steps_from_start(
+    values: ArrayOrTensor,
+    steps: ArrayOrTensor,
+    level: ArrayOrTensor,
+    direction: ForgetDirection = "up",
+    persistent: bool = False,
+) -> ForgetStepsFromStart:
+    """Each sample's forget step: the first evaluation at which it has moved from where it started to the retain level.
+
+    A sample is forgotten once its value is at or past ``level`` in the forgetting ``direction``. A sample that is
+    already past it at the first evaluation (step 0, before any update) looks forgotten without having moved: it
+    gets no step and is flagged, so that spread statistics describe samples that were seen remembered and then
+    forgotten. Examples: truth ratio, ``direction="up"``, ``level=retain_level(retain_tr)`` (it crosses the retain
+    model's median after starting below it); ROUGE-L recall, ``"down"``, the retain model's median ROUGE; the
+    log-likelihood ratio to step 0 (``nll_0 - nll``, 0 at the start), ``"down"``, with per-sample levels
+    ``nll_0 - retain_nll`` (each sample's NLL has risen to the retain model's NLL on it).
+
+    Args:
+        values: (E, N) per-sample values at E evaluations; the first evaluation is the start.
+        steps: (E,) the training step of each evaluation, non-decreasing.
+        level: a scalar or (N,) per-sample levels.
+        direction: which way forgetting moves the value.
+        persistent: count the step from which the sample stays past the level through the last evaluation.
+
+    Returns:
+        :class:`ForgetStepsFromStart`.
+    """
+    arr = _to_numpy(values, "values")
+    if arr.ndim != 2 or arr.shape[0] == 0:
+        raise MetricInputError(f"`values` must be (E, N) with at least one evaluation, got shape {arr.shape}")
+    forgotten = past_level(arr, level, direction)
+    at_start = forgotten[0].copy()
+    step = forget_steps(arr, steps, forgotten, persistent=persistent)
+    return ForgetStepsFromStart(step=np.where(at_start, np.nan, step), forgotten_at_start=at_start)
+
+
+def synchrony_summary_from_start(
+    forget_step: ArrayOrTensor, forgotten_at_start: ArrayOrTensor, over_forgotten_mask: ArrayOrTensor | None = None
+) -> dict[str, float]:
+    """How synchronously the samples that were remembered at the start are forgotten.
+
+    Spread statistics are over the samples that started short of the level and reached it (finite ``forget_step``
+    and not ``forgotten_at_start``); samples already past the level at the start are counted in
+    ``fraction_forgotten_at_start`` and nowhere else. The three fractions ``fraction_forgotten_at_start``,
+    ``fraction_forgotten_later`` and ``fraction_never_forgotten`` are of all samples and add up to 1. IQR and std as
+    in :func:`synchrony_summary` (numpy linear percentiles, population std); NaN when no sample moved.
+
+    Args:
+        forget_step: (N,) from :func:`forget_steps_from_start` (NaN: never forgotten, or forgotten at the start).
+        forgotten_at_start: (N,) bool from :func:`forget_steps_from_start`.
+        over_forgotten_mask: optional (N,) bool (e.g. over-forgotten at the final evaluation); adds
+            ``fraction_over_forgotten``.
+
+    Returns:
+        ``forget_step_iqr``, ``forget_step_std``, ``forget_step_median``, ``fraction_forgotten_at_start``,
+        ``fraction_forgotten_later``, ``fraction_never_forgotten`` and, with a mask, ``fraction_over_forgotten``.
+    """
+    step = _vector(forget_step, "forget_step")
+    at_start = np.atleast_1d(_to_numpy(forgotten_at_start, "forgotten_at_start", bool))
+    if at_start.shape != step.shape:
+        raise MetricInputError(
+            f"`forgotten_at_start` must be (N,) like `forget_step` {step.shape}, got {at_start.shape}"
+        )
+    moved = np.isfinite(step) & ~at_start
+    # synchrony_summary gives the spread of the finite steps; the at-start samples are taken out first.
+    summary = synchrony_summary(np.where(moved, step, np.nan), np.zeros(step.shape, dtype=bool))
+    summary.pop("fraction_over_forgotten")
+    summary["fraction_forgotten_at_start"] = float(np.mean(at_start))
+    summary["fraction_forgotten_later"] = float(np.mean(moved))
+    summary["fraction_never_forgotten"] = float(np.mean(~moved & ~at_start))
+    if over_forgotten_mask is not None:
+        over = np.atleast_1d(_to_numpy(over_forgotten_mask, "over_forgotten_mask", bool))
+        if over.shape != step.shape:
+            raise MetricInputError(
+                f"`over_forgotten_mask` must be (N,) like `forget_step` {step.shape}, got {over.shape}"
+            )
+        summary["fraction_over_forgotten"] = float(np.mean(over))
+    return summary
 
 
 def forgetting_balance(log_ppl_ratio: ArrayOrTensor, bottom: float = 0.1) -> dict[str, float]:
