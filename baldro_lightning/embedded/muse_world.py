@@ -8,16 +8,17 @@ so the tokenizer trained on the TOFU-shaped files already knows every name, plac
 - **raw**: four articles per author (a profile, a family story, an award report, a book review), each ending
   with a "Question: ...\\nAnswer: ..." fact box. ``forget`` is about the forget10 authors of the TOFU world,
   ``retain1`` about the first retain authors, ``holdout`` about the holdout authors (never in ``full``).
-- **knowmem**: the fact-box QA pairs (``forget_qa``, ``retain_qa``) and in-context shots (``*_qa_icl``): the
+- **knowmem**: one question per boxed fact (``forget_qa``, ``retain_qa``) and in-context shots (``*_qa_icl``):
   fact-box pairs about writing habits, an attribute that no evaluation question asks about.
 - **verbmem**: for every forget article, its headline and first two sentences (``prompt``) and the next three
   sentences (``gt``); ``prompt + " " + gt`` is a contiguous passage of the article.
 - **privleak**: whole articles; ``forget`` = the forget articles (members), ``holdout`` = the holdout articles
   (non-members), ``retain`` = the retain articles of the authors that ``retain_qa`` asks about.
 
-KnowMem questions appear verbatim in the fact boxes on purpose: a model of a few million parameters cannot answer
-a question about a fact it has only read in prose, so the fact box is what lets the embedded benchmark tell a
-model that saw an author's articles from one that did not. Files use the flat local layout
+Each boxed fact is asked in the fact boxes of two articles, in the two phrasings the TOFU world trains it in
+(``PHRASINGS_PER_FACT``); a box never asks about a fact its own article states. The KnowMem question is the fact's
+TOFU ``paraphrased_question``: a phrasing the boxes use for other authors but never for this fact, so KnowMem
+asks for the fact, not for a sentence of the corpus; the answer is the bare value. Files use the flat local layout
 ``news_{config}_{split}.jsonl`` (load them with ``corpus="news"``).
 
 Run ``python -m baldro_lightning embedded-muse --out data/muse_embedded``; the files are byte-identical for a given
@@ -281,7 +282,6 @@ def _article(world: EmbeddedWorld, author: int, kind: str, seed: int) -> dict[st
     headline = _capitalise(rng.choice(spec["headlines"]).format(**slots))
     first = [_capitalise(rng.choice(options).format(**slots)) for options in spec["first"]]
     second = [_capitalise(rng.choice(options).format(**slots)) for options in spec["second"]]
-    box = [_box_item(world, author, kind, attribute) for attribute in spec["box"]]
     prompt = headline + "\n\n" + " ".join(first[:VERBMEM_PROMPT_SENTENCES])
     gt = " ".join(first[VERBMEM_PROMPT_SENTENCES:])
     prose = prompt + " " + gt + "\n\n" + " ".join(second)
@@ -293,6 +293,7 @@ def _article(world: EmbeddedWorld, author: int, kind: str, seed: int) -> dict[st
                 f"the {kind} article of author {author} states {stated} in its prose, but its fact box asks about "
                 f"{attribute!r}; remove that slot from ARTICLE_KINDS[{kind!r}] or ask about another attribute"
             )
+    box = [_box_item(world, author, kind, attribute) for attribute in spec["box"]]
     text = "\n\n".join([prose, _fact_box(box)])
     return {"author": author, "kind": kind, "text": text, "box": box, "prompt": prompt, "gt": gt}
 
