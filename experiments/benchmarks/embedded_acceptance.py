@@ -43,7 +43,7 @@ EMBEDDED = Path("experiments/embedded")
 RECIPE: dict[str, dict[str, Any]] = {
     "finetune_target.yaml": {"trainer.max_epochs": 10},
     "finetune_retain90.yaml": {"trainer.max_epochs": 10},
-    "npo_dv.yaml": {},
+    "npo_dv.yaml": {"model.init_args.optimizer.init_args.lr": 3e-4, "model.init_args.alpha": 5.0},
 }
 """Config file -> dotted key -> value, applied to the copies in the work folder (the recommended recipe)."""
 
