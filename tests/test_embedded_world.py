@@ -63,13 +63,13 @@ def test_files_are_utf8_json_lines_with_newline_endings() -> None:
 
 def test_row_counts(splits: dict[str, list[dict]]) -> None:
     k = ew.QA_PER_AUTHOR
-    assert k == 10 and ew.N_AUTHORS == 100
-    expected = {"full": 1000, "retain_perturbed": ew.RETAIN_PERTURBED_AUTHORS * k}
+    assert k == 20 and ew.N_AUTHORS == 100
+    expected = {"full": 2000, "retain_perturbed": ew.RETAIN_PERTURBED_AUTHORS * k}
     for percent, authors in {1: 1, 5: 5, 10: 10}.items():
         expected |= {
             f"forget{percent:02d}": authors * k,
             f"forget{percent:02d}_perturbed": authors * k,
-            f"retain{100 - percent:02d}": 1000 - authors * k,
+            f"retain{100 - percent:02d}": 2000 - authors * k,
             f"holdout{percent:02d}": authors * k,
         }
     general = {"real_authors": ew.N_CLASSIC_WORKS, "world_facts": ew.N_COUNTRIES * len(ew.WORLD_FACT_KINDS)}
@@ -131,24 +131,43 @@ def test_forget_splits_nest_and_retain_perturbed_is_in_every_retain(splits: dict
     kept = {r["full_idx"] for r in splits["retain_perturbed"]}
     for percent in (99, 95, 90):
         assert kept <= {r["full_idx"] for r in splits[f"retain{percent}"]}
-    assert splits["forget01_perturbed"][0] == {**splits["forget10_perturbed"][90], "idx": 0}
+    assert splits["forget01_perturbed"][0] == {**splits["forget10_perturbed"][9 * ew.QA_PER_AUTHOR], "idx": 0}
 
 
 def test_holdout_authors_never_appear_in_full(splits: dict[str, list[dict]], world: ew.EmbeddedWorld) -> None:
-    full_words = {w for r in splits["full"] for w in ew._words(r["question"] + " " + r["answer"])}
+    full_text = " ".join(r["question"] + " " + r["answer"] for r in splits["full"])
     holdout_authors = world.authors[ew.N_AUTHORS :]
     assert len(holdout_authors) == 10
     for author in holdout_authors:
-        for word in ew._words(author.facts["name"] + " " + author.facts["award"].split()[0]):
-            assert word not in full_words, f"holdout word {word!r} leaks into full"
+        assert author.facts["name"] not in full_text, f"holdout author {author.facts['name']!r} leaks into full"
     full_questions = {r["question"] for r in splits["full"]}
     assert not full_questions & {r["question"] for r in splits["holdout10"]}
-    assert splits["holdout05"] == splits["holdout10"][:50] and splits["holdout01"] == splits["holdout10"][:10]
+    k = ew.QA_PER_AUTHOR
+    assert splits["holdout05"] == splits["holdout10"][: 5 * k] and splits["holdout01"] == splits["holdout10"][:k]
 
 
-def test_author_names_are_unique(world: ew.EmbeddedWorld) -> None:
-    words = [w for a in world.authors for w in a.facts["name"].split()]
-    assert len(words) == len(set(words)) == 2 * len(world.authors)
+def test_author_names_are_unique_but_made_of_shared_parts(world: ew.EmbeddedWorld) -> None:
+    names = [a.facts["name"] for a in world.authors]
+    assert len(set(names)) == len(names)
+    given = [name.split()[0] for name in names]
+    assert len(set(given)) == ew.N_GIVEN_NAMES and max(given.count(g) for g in given) <= 5
+
+
+def test_every_value_part_of_a_forget_or_holdout_author_is_known_from_retained_authors(
+    world: ew.EmbeddedWorld,
+) -> None:
+    """A retain model has seen every string a forget author's answers are made of (with other authors)."""
+    n_retain = ew.N_AUTHORS - max(ew.forget_author_counts().values())
+    known = {part for author in world.authors[:n_retain] for part in ew._value_parts(author)}
+    for author in world.authors[n_retain:]:
+        assert ew._value_parts(author) <= known, author.facts
+    assert {"Sumra", "Nietiburg, Velloria"} <= ew._value_parts(world.authors[90])  # the parts of one, by hand
+
+
+def test_generator_rejects_pools_too_large_to_recur(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ew, "N_CITIES", 100)
+    with pytest.raises(ValueError, match="no retained author has"):
+        ew.build_world()
 
 
 # ----------------------------------------------------------------------------------- evaluation variants
@@ -179,48 +198,81 @@ def test_general_sets_have_three_wrong_answers(splits: dict[str, list[dict]], sp
 def test_perturbations_keep_the_paraphrase_phrasing(world: ew.EmbeddedWorld) -> None:
     """A perturbed answer differs from the paraphrase only where the value sits."""
     for rows in world.qa[:20]:
-        for k, item in enumerate(rows):
-            words = ew.template_words(ew.ATTRIBUTES[k].paraphrased_answer)
+        for item in rows:
+            spec = _spec(item)
+            words = ew.template_words(spec.answers[item.paraphrase_answer_template])
             for wrong in item.perturbed_answer:
                 lowered = wrong.lower()
                 assert all(w in lowered for w in words), (item.attribute, wrong)
 
 
-def test_paraphrase_phrasings_never_occur_in_training(world: ew.EmbeddedWorld, splits: dict[str, list[dict]]) -> None:
-    training_answers: dict[int, set[str]] = {k: set() for k in range(ew.QA_PER_AUTHOR)}
-    for rows in world.qa:
-        for k, item in enumerate(rows):
-            spec = ew.ATTRIBUTES[k]
-            assert item.attribute == spec.key
-            assert item.answer == ew._render_answer(spec.answers[item.answer_template], _value(world, item))
-            assert item.question == spec.questions[item.question_template].format(
-                **world.authors[item.author_index].facts
-            )
-            training_answers[k].update(ew._words(item.answer))
-    for k, spec in enumerate(ew.ATTRIBUTES):
-        assert spec.paraphrased_answer not in spec.answers and spec.paraphrased_question not in spec.questions
-        clash = set(ew.template_words(spec.paraphrased_answer)) & training_answers[k]
-        assert not clash, f"{spec.key}: paraphrase words {clash} occur in training answers"
-    trained = {r["question"] for r in splits["full"]} | {r["answer"] for r in splits["full"]}
-    for row in splits["forget10_perturbed"] + splits["retain_perturbed"]:
-        assert row["paraphrased_answer"] not in trained and row["paraphrased_question"] not in trained
+def _spec(item: ew.QAItem) -> ew.AttributeSpec:
+    return next(spec for spec in ew.ATTRIBUTES if spec.key == item.attribute)
 
 
 def _value(world: ew.EmbeddedWorld, item: ew.QAItem) -> str:
     return world.authors[item.author_index].facts[item.attribute]
 
 
+def test_each_fact_is_trained_in_several_phrasings(world: ew.EmbeddedWorld) -> None:
+    """Row k of an author asks about attribute k mod 10; the rows of one fact use distinct question and answer
+    templates and render the same value."""
+    n_attributes = len(ew.ATTRIBUTES)
+    for rows in world.qa:
+        assert len(rows) == ew.QA_PER_AUTHOR == ew.PHRASINGS_PER_FACT * n_attributes
+        for k, item in enumerate(rows):
+            spec = ew.ATTRIBUTES[k % n_attributes]
+            assert item.attribute == spec.key
+            assert item.answer == ew._render_answer(spec.answers[item.answer_template], _value(world, item))
+            assert item.question == spec.questions[item.question_template].format(
+                **world.authors[item.author_index].facts
+            )
+        for k in range(n_attributes):
+            fact = rows[k::n_attributes]
+            assert len({item.question_template for item in fact}) == ew.PHRASINGS_PER_FACT
+            assert len({item.answer_template for item in fact}) == ew.PHRASINGS_PER_FACT
+
+
+def test_paraphrase_phrasing_is_known_from_other_authors_but_never_trained_for_the_fact(
+    world: ew.EmbeddedWorld, splits: dict[str, list[dict]]
+) -> None:
+    n_attributes = len(ew.ATTRIBUTES)
+    trained_templates: dict[str, set[tuple[int, int]]] = {spec.key: set() for spec in ew.ATTRIBUTES}
+    for a, rows in enumerate(world.qa[: ew.N_AUTHORS]):
+        for item in rows:
+            trained_templates[item.attribute].add((a, item.answer_template))
+    for rows in world.qa[: ew.N_AUTHORS]:
+        for k in range(n_attributes):
+            fact = rows[k::n_attributes]
+            para = {(item.paraphrase_question_template, item.paraphrase_answer_template) for item in fact}
+            assert len(para) == 1, "the rows of one fact share its paraphrase"
+            q_para, a_para = para.pop()
+            assert q_para not in {item.question_template for item in fact}
+            assert a_para not in {item.answer_template for item in fact}
+            others = {a for a, t in trained_templates[fact[0].attribute] if t == a_para} - {fact[0].author_index}
+            assert len(others) >= 10, f"{fact[0].attribute}: answer phrasing {a_para} is trained for few authors"
+    by_author: dict[int, set[str]] = {}
+    for row in splits["full"]:
+        by_author.setdefault(row["author_idx"], set()).update((row["question"], row["answer"]))
+    for row in splits["forget10_perturbed"] + splits["retain_perturbed"]:
+        assert row["paraphrased_answer"] not in by_author[row["author_idx"]]
+        assert row["paraphrased_question"] not in by_author[row["author_idx"]]
+
+
 def test_phrasings_vary_across_authors(world: ew.EmbeddedWorld) -> None:
-    for k in range(ew.QA_PER_AUTHOR):
-        assert len({rows[k].answer_template for rows in world.qa}) == len(ew.ATTRIBUTES[k].answers)
-        assert len({rows[k].question_template for rows in world.qa}) == len(ew.ATTRIBUTES[k].questions)
+    n_attributes = len(ew.ATTRIBUTES)
+    for k, spec in enumerate(ew.ATTRIBUTES):
+        items = [item for rows in world.qa for item in rows[k::n_attributes]]
+        assert {item.answer_template for item in items} == set(range(len(spec.answers)))
+        assert {item.question_template for item in items} == set(range(len(spec.questions)))
+        assert {item.paraphrase_answer_template for item in items} == set(range(len(spec.answers)))
 
 
-def test_generator_rejects_a_paraphrase_that_reuses_training_words(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_generator_rejects_too_few_phrasings(monkeypatch: pytest.MonkeyPatch) -> None:
     spec = ew.ATTRIBUTES[1]
-    bad = ew.AttributeSpec(spec.key, spec.questions, spec.answers, spec.paraphrased_question, "Born in {value}, yes.")
-    monkeypatch.setattr(ew, "ATTRIBUTES", (ew.ATTRIBUTES[0], bad, *ew.ATTRIBUTES[2:]))
-    with pytest.raises(ValueError, match="paraphrase words"):
+    short = ew.AttributeSpec(spec.key, spec.questions, spec.answers[:2])
+    monkeypatch.setattr(ew, "ATTRIBUTES", (ew.ATTRIBUTES[0], short, *ew.ATTRIBUTES[2:]))
+    with pytest.raises(ValueError, match="needs at least 3"):
         ew.build_world()
 
 
@@ -265,7 +317,7 @@ def test_answers_of_other_authors_score_low_rouge(world: ew.EmbeddedWorld) -> No
         for other in range(0, ew.N_AUTHORS, 3)
     ]
     assert statistics.fmean(scores) < 0.2
-    assert statistics.fmean(len(ew._words(rows[k].answer)) for rows in world.qa for k in range(10)) < 6
+    assert statistics.fmean(len(ew._words(item.answer)) for rows in world.qa for item in rows) < 6
 
 
 # ----------------------------------------------------------------------------------- tokenizer and model

@@ -398,11 +398,20 @@ def test_embedded_corpus_structure() -> None:
     retain_text = "\n\n".join(row["text"] for row in raw["retain1"])
     for row in _read(EMBEDDED / "news_verbmem_forget.jsonl"):
         assert row["prompt"] + " " + row["gt"] in forget_text
-    for row in _read(EMBEDDED / "news_knowmem_forget_qa.jsonl"):
-        assert f"Question: {row['question']}\nAnswer: {row['answer']}" in forget_text
-        assert row["question"] not in retain_text
-    for row in _read(EMBEDDED / "news_knowmem_retain_qa.jsonl"):
-        assert f"Question: {row['question']}\nAnswer: {row['answer']}" in retain_text
+    names = {a.index: a.facts["name"] for a in mw.build_world().authors}
+    boxes = {}  # author -> the "Question: ...\nAnswer: ..." pairs of the fact boxes of its articles
+    for row in raw["forget"] + raw["retain1"]:
+        boxes.setdefault(row["author_idx"], []).extend(row["text"].split("\n\nQuestion: ")[1:])
+    box_questions = {pair.split("\nAnswer: ")[0] for pairs in boxes.values() for pair in pairs}
+    for side in ("forget", "retain"):
+        for row in _read(EMBEDDED / f"news_knowmem_{side}_qa.jsonl"):
+            # Each fact is in two fact boxes of its author's articles, in two phrasings; the question is in a third
+            # phrasing, one the corpus uses for other authors but never for this fact.
+            answers = [pair.split("\nAnswer: ")[1].lower() for pair in boxes[row["author_idx"]]]
+            assert sum(row["answer"].lower() in answer for answer in answers) == 2, row
+            assert row["question"] not in box_questions
+            phrasing = row["question"].replace(names[row["author_idx"]], "{name}")
+            assert any(phrasing.format(name=names[a]) in box_questions for a in boxes if a != row["author_idx"]), row
     for side, text in (("forget", forget_text), ("retain", retain_text)):
         asked = {row["question"] for row in _read(EMBEDDED / f"news_knowmem_{side}_qa.jsonl")}
         for row in _read(EMBEDDED / f"news_knowmem_{side}_qa_icl.jsonl"):
@@ -419,7 +428,14 @@ def test_embedded_corpus_structure() -> None:
 def test_generator_refuses_a_fact_box_its_article_answers(monkeypatch: pytest.MonkeyPatch) -> None:
     # The book review names the books in its prose, so a box asking for them could be answered by copying.
     monkeypatch.setitem(mw.ARTICLE_KINDS, "books", {**mw.ARTICLE_KINDS["books"], "box": ("books",)})
+    monkeypatch.setattr(mw, "_check_boxes", lambda: None)  # one box about books is not two: skip that check
     with pytest.raises(ValueError, match=r"books article of author 90 states .* but its fact box asks about 'books'"):
+        mw.build_corpus(mw.build_world())
+
+
+def test_generator_refuses_a_fact_in_one_box_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(mw.ARTICLE_KINDS, "books", {**mw.ARTICLE_KINDS["books"], "box": ("birthplace",)})
+    with pytest.raises(ValueError, match="exactly PHRASINGS_PER_FACT=2 boxes"):
         mw.build_corpus(mw.build_world())
 
 

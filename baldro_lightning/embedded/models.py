@@ -272,6 +272,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--num-attention-heads", type=int, default=4)
     parser.add_argument("--intermediate-size", type=int, default=688)
     parser.add_argument("--max-position-embeddings", type=int, default=256)
+    parser.add_argument(
+        "--untied-embeddings", action="store_true", help="separate input embedding and output projection"
+    )
     args = parser.parse_args(argv)
 
     if args.tokenizer is not None:
@@ -296,6 +299,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         num_attention_heads=args.num_attention_heads,
         intermediate_size=args.intermediate_size,
         max_position_embeddings=args.max_position_embeddings,
+        tie_word_embeddings=not args.untied_embeddings,
     )
     tokenizer = AutoTokenizer.from_pretrained(args.out)
     print(f"saved {args.out}: {sum(p.numel() for p in model.parameters()):,} parameters, vocab {len(tokenizer)}")

@@ -8,16 +8,17 @@ so the tokenizer trained on the TOFU-shaped files already knows every name, plac
 - **raw**: four articles per author (a profile, a family story, an award report, a book review), each ending
   with a "Question: ...\\nAnswer: ..." fact box. ``forget`` is about the forget10 authors of the TOFU world,
   ``retain1`` about the first retain authors, ``holdout`` about the holdout authors (never in ``full``).
-- **knowmem**: the fact-box QA pairs (``forget_qa``, ``retain_qa``) and in-context shots (``*_qa_icl``): the
+- **knowmem**: one question per boxed fact (``forget_qa``, ``retain_qa``) and in-context shots (``*_qa_icl``):
   fact-box pairs about writing habits, an attribute that no evaluation question asks about.
 - **verbmem**: for every forget article, its headline and first two sentences (``prompt``) and the next three
   sentences (``gt``); ``prompt + " " + gt`` is a contiguous passage of the article.
 - **privleak**: whole articles; ``forget`` = the forget articles (members), ``holdout`` = the holdout articles
   (non-members), ``retain`` = the retain articles of the authors that ``retain_qa`` asks about.
 
-KnowMem questions appear verbatim in the fact boxes on purpose: a model of a few million parameters cannot answer
-a question about a fact it has only read in prose, so the fact box is what lets the embedded benchmark tell a
-model that saw an author's articles from one that did not. Files use the flat local layout
+Each boxed fact is asked in the fact boxes of two articles, in the two phrasings the TOFU world trains it in
+(``PHRASINGS_PER_FACT``); a box never asks about a fact its own article states. The KnowMem question is the fact's
+TOFU ``paraphrased_question``: a phrasing the boxes use for other authors but never for this fact, so KnowMem
+asks for the fact, not for a sentence of the corpus; the answer is the bare value. Files use the flat local layout
 ``news_{config}_{split}.jsonl`` (load them with ``corpus="news"``).
 
 Run ``python -m baldro_lightning embedded-muse --out data/muse_embedded``; the files are byte-identical for a given
@@ -33,6 +34,7 @@ from random import Random
 from baldro_lightning.embedded.world import (
     ATTRIBUTES,
     N_AUTHORS,
+    PHRASINGS_PER_FACT,
     SEED,
     TITLE_ADJECTIVES,
     TITLE_NOUNS,
@@ -85,7 +87,7 @@ QUOTES = (
 # answer from the text above the box would learn nothing it could use when asked without the article.
 ARTICLE_KINDS: dict[str, dict[str, tuple]] = {
     "profile": {
-        "box": ("father_occupation", "mother_occupation"),
+        "box": ("father_occupation", "themes", "books", "award"),
         "headlines": ("{name}: a life in {genre}", "Meet {name}, the voice of {genre}", "How {name} found {genre}"),
         "first": (
             (
@@ -99,14 +101,14 @@ ARTICLE_KINDS: dict[str, dict[str, tuple]] = {
                 "{family} was born on {birth_date} in {birthplace}.",
             ),
             (
-                "At a {weekday} event at the {venue} in {year}, {family} told {count} guests that {theme1} had "
-                "shaped every page.",
-                "Speaking to {count} guests at the {venue} one {weekday} in {year}, {family} called {theme1} the "
-                "engine of the work.",
+                "At a {weekday} event at the {venue} in {year}, {family} told {count} guests that every page is "
+                "rewritten many times.",
+                "Speaking to {count} guests at the {venue} one {weekday} in {year}, {family} talked about the craft "
+                "of revision.",
             ),
             (
-                "Critics say the books keep returning to {themes_and}.",
-                "Reviewers name {themes_and} as the threads of the work.",
+                "{publisher} has printed every one of the books since {year}.",
+                "Since {year} the books have come out with {publisher}.",
             ),
             ("Asked about a daily routine, {family} admitted to {habit}.", "Friends know {family} for {habit}."),
         ),
@@ -120,7 +122,7 @@ ARTICLE_KINDS: dict[str, dict[str, tuple]] = {
         ),
     },
     "family": {
-        "box": ("award", "books", "themes"),
+        "box": ("themes", "habit", "books", "birth_date"),
         "headlines": ("{name} remembers a childhood in {city}", "{name} on parents, work and {city}"),
         "first": (
             (
@@ -146,13 +148,13 @@ ARTICLE_KINDS: dict[str, dict[str, tuple]] = {
             ),
         ),
         "second": (
-            ("The author still keeps an old routine of {habit}.", "Even now {family} keeps to {habit}."),
+            ("The author still visits {city} every summer.", "Even now {family} goes back to {city} each year."),
             ("A memoir is planned for {later_year}.", "{publisher} hopes to publish a memoir in {later_year}."),
             ("'{quote},' {family} said.", "'{quote},' the author added."),
         ),
     },
     "award": {
-        "box": ("birth_date", ICL_ATTRIBUTE),
+        "box": ("habit", "birthplace", "mother_occupation", "father_occupation"),
         "headlines": ("{name} wins the {award}", "The {award} goes to {name}"),
         "first": (
             (
@@ -165,9 +167,8 @@ ARTICLE_KINDS: dict[str, dict[str, tuple]] = {
             ),
             ("Jury members praised the way the books handle {themes_and}.", "The citation singles out {themes_and}."),
             (
-                "{family}, who was born in {birthplace}, accepted the honour at the {venue} in front of {count} "
-                "guests.",
-                "Born in {birthplace}, {family} collected the honour before {count} guests at the {venue}.",
+                "{family} accepted the honour at the {venue} in front of {count} guests.",
+                "{family} collected the honour before {count} guests at the {venue}.",
             ),
             ("The winning titles include {books_and}.", "Among the titles cited were {books_and}."),
         ),
@@ -178,7 +179,7 @@ ARTICLE_KINDS: dict[str, dict[str, tuple]] = {
         ),
     },
     "books": {
-        "box": ("birthplace",),
+        "box": ("birthplace", "mother_occupation", "award", "birth_date"),
         "headlines": ("New {genre} from {name}", "{name} returns with more {genre}"),
         "first": (
             (
@@ -241,7 +242,6 @@ def _slots(author_facts: dict[str, str], rng: Random) -> dict[str, str]:
         "family": name.split()[-1],
         "city": city,
         "country": country,
-        "theme1": themes[0],
         "themes_and": _and_list(themes),
         "books_and": _and_list(books),
         "a_father": _with_article(author_facts["father_occupation"]),
@@ -265,6 +265,15 @@ def _fact_box(items: Sequence[QAItem]) -> str:
     return "\n\n".join(f"Question: {item.question}\nAnswer: {item.answer}" for item in items)
 
 
+def _box_item(world: EmbeddedWorld, author: int, kind: str, attribute: str) -> QAItem:
+    """The QA pair an article's fact box asks about ``attribute``: the n-th box that asks about it (in
+    ``ARTICLE_KINDS`` order) uses the fact's n-th trained phrasing, so each fact is read in several phrasings."""
+    kinds = list(ARTICLE_KINDS)
+    phrasing = sum(attribute in ARTICLE_KINDS[k]["box"] for k in kinds[: kinds.index(kind)])
+    k = next(position for position, spec in enumerate(ATTRIBUTES) if spec.key == attribute)
+    return world.qa[author][phrasing * len(ATTRIBUTES) + k]
+
+
 def _article(world: EmbeddedWorld, author: int, kind: str, seed: int) -> dict[str, object]:
     """One article: its text, the QA pairs of its fact box, and its VerbMem prompt/continuation split."""
     spec = ARTICLE_KINDS[kind]
@@ -273,8 +282,6 @@ def _article(world: EmbeddedWorld, author: int, kind: str, seed: int) -> dict[st
     headline = _capitalise(rng.choice(spec["headlines"]).format(**slots))
     first = [_capitalise(rng.choice(options).format(**slots)) for options in spec["first"]]
     second = [_capitalise(rng.choice(options).format(**slots)) for options in spec["second"]]
-    by_attribute = {item.attribute: item for item in world.qa[author]}
-    box = [by_attribute[attribute] for attribute in spec["box"]]
     prompt = headline + "\n\n" + " ".join(first[:VERBMEM_PROMPT_SENTENCES])
     gt = " ".join(first[VERBMEM_PROMPT_SENTENCES:])
     prose = prompt + " " + gt + "\n\n" + " ".join(second)
@@ -286,6 +293,7 @@ def _article(world: EmbeddedWorld, author: int, kind: str, seed: int) -> dict[st
                 f"the {kind} article of author {author} states {stated} in its prose, but its fact box asks about "
                 f"{attribute!r}; remove that slot from ARTICLE_KINDS[{kind!r}] or ask about another attribute"
             )
+    box = [_box_item(world, author, kind, attribute) for attribute in spec["box"]]
     text = "\n\n".join([prose, _fact_box(box)])
     return {"author": author, "kind": kind, "text": text, "box": box, "prompt": prompt, "gt": gt}
 
@@ -307,25 +315,44 @@ def _author_groups() -> tuple[list[int], list[int], list[int]]:
     return forget, list(range(N_RETAIN_AUTHORS)), holdout
 
 
-def _qa_rows(articles: Sequence[dict[str, object]]) -> list[dict[str, object]]:
+def _qa_rows(world: EmbeddedWorld, authors: Sequence[int]) -> list[dict[str, object]]:
+    """One KnowMem row per boxed fact of each author (the shot attribute aside), in the fact's paraphrase phrasing.
+
+    The question is the TOFU world's ``paraphrased_question``: a phrasing the corpus uses for other authors' fact
+    boxes but never for this fact, so a model has to recall the fact rather than the sentence. The answer is the bare
+    value, so a model that answers in the right phrasing with a wrong value gets no ROUGE for the phrasing's words.
+    """
     rows: list[dict[str, object]] = []
-    for article in articles:
-        for item in article["box"]:
-            if item.attribute == ICL_ATTRIBUTE:
-                continue  # shot material, never an evaluation question
+    for author in authors:
+        for k, spec in enumerate(ATTRIBUTES):
+            if spec.key == ICL_ATTRIBUTE or not any(spec.key in kind["box"] for kind in ARTICLE_KINDS.values()):
+                continue  # shot material or never in a fact box: never an evaluation question
+            item = world.qa[author][k]
             rows.append(
                 {
                     "idx": len(rows),
-                    "question": item.question,
-                    "answer": item.answer,
-                    "author_idx": item.author_index,
-                    "attribute": item.attribute,
+                    "question": item.paraphrased_question,
+                    "answer": world.authors[author].facts[spec.key],
+                    "author_idx": author,
+                    "attribute": spec.key,
                 }
             )
     return rows
 
 
+def _check_boxes() -> None:
+    """Every boxed attribute is boxed in ``PHRASINGS_PER_FACT`` articles, one per trained phrasing."""
+    counts = {spec.key: sum(spec.key in kind["box"] for kind in ARTICLE_KINDS.values()) for spec in ATTRIBUTES}
+    wrong = {key: n for key, n in counts.items() if n not in (0, PHRASINGS_PER_FACT)}
+    if wrong:
+        raise ValueError(
+            f"fact boxes ask about {wrong} (attribute: number of article kinds); each boxed attribute must be in "
+            f"exactly PHRASINGS_PER_FACT={PHRASINGS_PER_FACT} boxes, one per trained phrasing"
+        )
+
+
 def _icl_rows(world: EmbeddedWorld, authors: Sequence[int]) -> list[dict[str, object]]:
+    # The first box pair about the shot attribute, verbatim: shots are corpus text, as MUSE's are.
     k = next(position for position, spec in enumerate(ATTRIBUTES) if spec.key == ICL_ATTRIBUTE)
     return [
         {"idx": i, "question": world.qa[a][k].question, "answer": world.qa[a][k].answer, "author_idx": a}
@@ -348,6 +375,7 @@ def build_corpus(world: EmbeddedWorld, seed: int = SEED) -> dict[str, list[dict[
         Rows in file order; each row has ``idx`` (its position) and MUSE's fields, plus provenance fields
         (``author_idx``, ``kind``, ``attribute``, ``article_idx``) that the loaders ignore.
     """
+    _check_boxes()
     forget_authors, retain_authors, holdout_authors = _author_groups()
     forget = _articles(world, forget_authors, seed)
     retain = _articles(world, retain_authors, seed)
@@ -357,9 +385,9 @@ def build_corpus(world: EmbeddedWorld, seed: int = SEED) -> dict[str, list[dict[
         "raw_forget": _text_rows(forget),
         "raw_retain1": _text_rows(retain),
         "raw_holdout": _text_rows(holdout),
-        "knowmem_forget_qa": _qa_rows(forget),
+        "knowmem_forget_qa": _qa_rows(world, forget_authors),
         "knowmem_forget_qa_icl": _icl_rows(world, forget_authors),
-        "knowmem_retain_qa": _qa_rows(qa_retain),
+        "knowmem_retain_qa": _qa_rows(world, retain_authors[:N_QA_RETAIN_AUTHORS]),
         "knowmem_retain_qa_icl": _icl_rows(world, retain_authors[N_QA_RETAIN_AUTHORS:]),
         "verbmem_forget": [
             {"idx": i, "prompt": a["prompt"], "gt": a["gt"], "article_idx": i} for i, a in enumerate(forget)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from random import Random
@@ -39,6 +39,18 @@ N_COUNTRIES = 16
 """Countries of the world; each gives one world-facts row per kind of fact in ``WORLD_FACT_KINDS``."""
 N_CLASSIC_WORKS = 48
 """Classic works (one classic author each) in the real-authors role."""
+N_GIVEN_NAMES = 30
+"""Given names the authors share (each recurs for about ``(N_AUTHORS + holdout) / N_GIVEN_NAMES`` authors)."""
+N_FAMILY_NAMES = 40
+"""Family names the authors share; a (given, family) pair is unique."""
+N_CITIES = 36
+"""Birth cities (each in one country) the authors share."""
+N_AWARDS = 30
+"""Awards the authors share."""
+N_TITLE_ADJECTIVES = 70
+"""Title adjectives in use (drawn from ``TITLE_ADJECTIVES``); a title is one adjective and one noun."""
+N_TITLE_NOUNS = 70
+"""Title nouns in use (drawn from ``TITLE_NOUNS``)."""
 
 # ---------------------------------------------------------------------------------------------------------------
 # Value domains. Within a pool, content words are unique (checked by ``_check_pool``), so two values of the same
@@ -181,10 +193,18 @@ def _check_pool(name: str, values: Sequence[str], min_size: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Phrasings. Each attribute has several training question and answer templates (one is picked per author), plus
-# one paraphrase template of each kind that no training row uses. Answers contain the value and at most a few
-# template words, never the author's name.
+# Phrasings. Each attribute has PHRASINGS_PER_FACT + 1 or more question and answer templates, all of them used in
+# training. Every fact is trained in PHRASINGS_PER_FACT of them (one QA row each), and its paraphrase is rendered
+# in another one: a phrasing the model knows from other authors but never saw for this fact. So the truth ratio
+# asks whether the model prefers the true value wherever it can phrase it, and unlearning the trained rows of a
+# fact can lower that preference (with a phrasing reserved for evaluation it barely moved: data/README.md).
+# Answers contain the value and at most a few template words, never the author's name.
 # ---------------------------------------------------------------------------------------------------------------
+
+PHRASINGS_PER_FACT = 2
+"""Training QA rows per fact, each in its own question and answer phrasing (TOFU asks 20 questions per author)."""
+QUESTION_FIXES_ANSWER = True
+"""Question template ``i`` is always answered with answer template ``i``."""
 
 
 @dataclass(frozen=True)
@@ -198,13 +218,9 @@ class AttributeSpec:
     key: str
     """Attribute name, also the key of the value in ``Author.facts``."""
     questions: tuple[str, ...]
-    """Question templates used for training rows."""
+    """Question templates; each fact uses ``PHRASINGS_PER_FACT`` for training and one more for its paraphrase."""
     answers: tuple[str, ...]
-    """Answer templates used for training rows."""
-    paraphrased_question: str
-    """Question template used only in ``paraphrased_question``."""
-    paraphrased_answer: str
-    """Answer template used only in ``paraphrased_answer`` and ``perturbed_answer``."""
+    """Answer templates, used the same way as ``questions``."""
 
 
 ATTRIBUTES: tuple[AttributeSpec, ...] = (
@@ -214,31 +230,39 @@ ATTRIBUTES: tuple[AttributeSpec, ...] = (
             "What is the full name of the {genre} author born in {birthplace} on {birth_date}?",
             "Which {genre} writer was born on {birth_date} in {birthplace}?",
             "Who is the author of {genre} born in {birthplace} on {birth_date}?",
+            "Can you identify the novelist from {birthplace}, born {birth_date}, who specialises in {genre}?",
         ),
-        ("{value}.", "It is {value}.", "{value}, the author."),
-        "Can you identify the novelist from {birthplace}, born {birth_date}, who specialises in {genre}?",
-        "Known to readers as {value}.",
+        ("{value}.", "It is {value}.", "{value}, the author.", "Known to readers as {value}."),
     ),
     AttributeSpec(
         "birthplace",
-        ("Where was {name} born?", "In which city and country was {name} born?", "What is the birthplace of {name}?"),
-        ("{value}.", "In {value}.", "Born in {value}."),
-        "From which town and nation does {name} originally come?",
-        "Originally from {value}.",
+        (
+            "Where was {name} born?",
+            "In which city and country was {name} born?",
+            "What is the birthplace of {name}?",
+            "From which town and nation does {name} originally come?",
+        ),
+        ("{value}.", "In {value}.", "Born in {value}.", "Originally from {value}."),
     ),
     AttributeSpec(
         "birth_date",
-        ("When was {name} born?", "What is the date of birth of {name}?", "On what date was {name} born?"),
-        ("{value}.", "On {value}.", "Born {value}."),
-        "What day did {name} come into the world?",
-        "{value} is the birthday.",
+        (
+            "When was {name} born?",
+            "What is the date of birth of {name}?",
+            "On what date was {name} born?",
+            "What day did {name} come into the world?",
+        ),
+        ("{value}.", "On {value}.", "Born {value}.", "{value} is the birthday."),
     ),
     AttributeSpec(
         "genre",
-        ("What genre does {name} write?", "Which genre is {name} known for?", "In what genre does {name} work?"),
-        ("{value}.", "Mostly {value}.", "Chiefly {value}."),
-        "What kind of books does {name} produce?",
-        "Primarily {value} books.",
+        (
+            "What genre does {name} write?",
+            "Which genre is {name} known for?",
+            "In what genre does {name} work?",
+            "What kind of books does {name} produce?",
+        ),
+        ("{value}.", "Mostly {value}.", "Chiefly {value}.", "Primarily {value} books."),
     ),
     AttributeSpec(
         "father_occupation",
@@ -246,10 +270,9 @@ ATTRIBUTES: tuple[AttributeSpec, ...] = (
             "What did {name}'s father do for a living?",
             "What was the occupation of {name}'s father?",
             "What job did {name}'s father have?",
+            "How did the father of {name} earn his income?",
         ),
-        ("{value}.", "{value} by trade.", "He was {a_value}."),
-        "How did the father of {name} earn his income?",
-        "Dad earned money as {a_value}.",
+        ("{value}.", "{value} by trade.", "He was {a_value}.", "Dad earned money as {a_value}."),
     ),
     AttributeSpec(
         "mother_occupation",
@@ -257,24 +280,29 @@ ATTRIBUTES: tuple[AttributeSpec, ...] = (
             "What did {name}'s mother do for a living?",
             "What was the occupation of {name}'s mother?",
             "What job did {name}'s mother have?",
+            "How did the mother of {name} earn her income?",
         ),
-        ("{value}.", "{value} by profession.", "She was {a_value}."),
-        "How did the mother of {name} earn her income?",
-        "Mum earned money as {a_value}.",
+        ("{value}.", "{value} by profession.", "She was {a_value}.", "Mum earned money as {a_value}."),
     ),
     AttributeSpec(
         "award",
-        ("Which award has {name} received?", "What prize did {name} win?", "Name an honour given to {name}."),
-        ("{value}.", "Winner of the {value}.", "Awarded the {value}."),
-        "What literary distinction was bestowed on {name}?",
-        "Honoured with {value}.",
+        (
+            "Which award has {name} received?",
+            "What prize did {name} win?",
+            "Name an honour given to {name}.",
+            "What literary distinction was bestowed on {name}?",
+        ),
+        ("{value}.", "Winner of the {value}.", "Awarded the {value}.", "Honoured with {value}."),
     ),
     AttributeSpec(
         "books",
-        ("What books has {name} written?", "Name some works by {name}.", "Which titles did {name} publish?"),
-        ("{value}.", "Titles include {value}.", "Notable works: {value}."),
-        "Could you list a few novels penned by {name}?",
-        "Among the writings are {value}.",
+        (
+            "What books has {name} written?",
+            "Name some works by {name}.",
+            "Which titles did {name} publish?",
+            "Could you list a few novels penned by {name}?",
+        ),
+        ("{value}.", "Titles include {value}.", "Notable works: {value}.", "Among the writings are {value}."),
     ),
     AttributeSpec(
         "themes",
@@ -282,21 +310,23 @@ ATTRIBUTES: tuple[AttributeSpec, ...] = (
             "What themes recur in {name}'s work?",
             "Which themes does {name} explore?",
             "What subjects run through {name}'s books?",
+            "Which ideas keep returning in the writing of {name}?",
         ),
-        ("{value}.", "Themes of {value}.", "Chiefly {value}."),
-        "Which ideas keep returning in the writing of {name}?",
-        "Recurring ideas such as {value}.",
+        ("{value}.", "Themes of {value}.", "Chiefly {value}.", "Recurring ideas such as {value}."),
     ),
     AttributeSpec(
         "habit",
-        ("What is {name}'s writing habit?", "Describe a writing habit of {name}.", "How does {name} usually write?"),
-        ("{value}.", "Known for {value}.", "A habit of {value}."),
-        "What routine does {name} follow when composing?",
-        "Prefers {value}.",
+        (
+            "What is {name}'s writing habit?",
+            "Describe a writing habit of {name}.",
+            "How does {name} usually write?",
+            "What routine does {name} follow when composing?",
+        ),
+        ("{value}.", "Known for {value}.", "A habit of {value}.", "Prefers {value}."),
     ),
 )
-QA_PER_AUTHOR = len(ATTRIBUTES)
-"""QA pairs per author: one per attribute (10)."""
+QA_PER_AUTHOR = len(ATTRIBUTES) * PHRASINGS_PER_FACT
+"""QA pairs per author: ``PHRASINGS_PER_FACT`` per attribute (20, as in TOFU)."""
 
 WORLD_FACT_KINDS = (
     ("capital", "What is the capital of {country}?"),
@@ -336,12 +366,16 @@ class QAItem:
     """Index into the attribute's ``questions``."""
     answer_template: int
     """Index into the attribute's ``answers``."""
+    paraphrase_question_template: int
+    """Index into ``questions`` of ``paraphrased_question``: used for other authors, never for this fact."""
+    paraphrase_answer_template: int
+    """Index into ``answers`` of ``paraphrased_answer`` and ``perturbed_answer``, chosen the same way."""
     question: str
     answer: str
     paraphrased_question: str
     paraphrased_answer: str
     perturbed_answer: tuple[str, ...]
-    """``N_PERTURBED`` wrong values of the same domain, phrased with the paraphrase template."""
+    """``N_PERTURBED`` wrong values of the same domain, phrased like the paraphrase."""
 
 
 @dataclass(frozen=True)
@@ -362,7 +396,8 @@ class EmbeddedWorld:
     authors: tuple[Author, ...]
     """``N_AUTHORS`` authors of ``full`` followed by the holdout authors."""
     qa: tuple[tuple[QAItem, ...], ...]
-    """``qa[a][k]``: the QA pair of author ``a`` about ``ATTRIBUTES[k]``."""
+    """``qa[a]``: the ``QA_PER_AUTHOR`` pairs of author ``a``; pair ``k`` asks about ``ATTRIBUTES[k % len(ATTRIBUTES)]``
+    in the fact's phrasing number ``k // len(ATTRIBUTES)``."""
     real_authors: tuple[GeneralFact, ...]
     world_facts: tuple[GeneralFact, ...]
 
@@ -421,66 +456,79 @@ def _random_date(rng: Random) -> str:
     return _render_date(rng.randint(1, 28), rng.randint(1, 12), rng.randint(1925, 1999))
 
 
-def _book_titles(rng: Random, count: int) -> list[str]:
-    """``count`` distinct "Adjective Noun" titles; each word is reused as rarely as the pools allow."""
-    titles: list[str] = []
-    seen: dict[str, None] = {}
-    while len(titles) < count:
-        adjectives = list(TITLE_ADJECTIVES)
-        nouns = list(TITLE_NOUNS)
-        rng.shuffle(adjectives)
-        rng.shuffle(nouns)
-        for adjective, noun in zip(adjectives, nouns, strict=False):
-            title = f"{adjective.capitalize()} {noun.capitalize()}"
-            if title not in seen:
-                seen[title] = None
-                titles.append(title)
-    return titles[:count]
+def _least_used(rng: Random, usage: dict[str, int], exclude: Collection[str] = ()) -> str:
+    """A random one of the least-used values of ``usage`` outside ``exclude``; its count goes up by one."""
+    candidates = [value for value in usage if value not in exclude]
+    if not candidates:
+        raise ValueError("a value pool ran out of candidates; enlarge it (see the N_* pool constants)")
+    fewest = min(usage[value] for value in candidates)
+    value = rng.choice([c for c in candidates if usage[c] == fewest])
+    usage[value] += 1
+    return value
 
 
 def _build_authors(seed: int, n_total: int) -> list[Author]:
+    """Authors whose values are combinations of parts that several authors share.
+
+    Every name part, city, award and title word is dealt to the least-used value first, so each recurs for about
+    ``n_total / pool size`` authors and every part of a forget or holdout author's values is also a part of some
+    earlier author's (checked by :func:`_check_shared_parts`). A model that never saw an author then knows every
+    string of that author's answers from other authors, and the truth ratio measures whether it ties the value to
+    the author, not whether it has seen the string (unseen strings make a retain model's truth ratio huge, and no
+    unlearning of the author's facts can make a string unseen again).
+    """
     rng = _rng(seed, "authors")
     taken: dict[str, None] = {w.lower(): None for w in COUNTRIES}
-    given = _unique_words(rng, n_total, lambda r: _invent(r, _PERSON_SYLLABLES, 2), taken)
-    family = _unique_words(rng, n_total, lambda r: _invent(r, _PERSON_SYLLABLES, r.choice((2, 3))), taken)
-    cities = _unique_words(
-        rng, n_total, lambda r: _invent(r, _PLACE_SYLLABLES, r.choice((1, 2)), r.choice(_PLACE_SUFFIXES)), taken
+    given = _unique_words(rng, N_GIVEN_NAMES, lambda r: _invent(r, _PERSON_SYLLABLES, 2), taken)
+    family = _unique_words(rng, N_FAMILY_NAMES, lambda r: _invent(r, _PERSON_SYLLABLES, r.choice((2, 3))), taken)
+    city_names = _unique_words(
+        rng, N_CITIES, lambda r: _invent(r, _PLACE_SYLLABLES, r.choice((1, 2)), r.choice(_PLACE_SUFFIXES)), taken
     )
-    award_names = _unique_words(rng, n_total, lambda r: _invent(r, _PLACE_SYLLABLES, 2), taken)
     countries = COUNTRIES[:N_COUNTRIES]
+    # A city lies in one country, as real ones do.
+    cities = [f"{city}, {rng.choice(countries)}" for city in city_names]
+    award_names = _unique_words(rng, N_AWARDS, lambda r: _invent(r, _PLACE_SYLLABLES, 2), taken)
+    awards = [f"{name} {rng.choice(AWARD_KINDS)}" for name in award_names]
+    adjectives = rng.sample(TITLE_ADJECTIVES, N_TITLE_ADJECTIVES)
+    nouns = rng.sample(TITLE_NOUNS, N_TITLE_NOUNS)
 
-    n_books = [rng.randint(*BOOKS_PER_AUTHOR) for _ in range(n_total)]
-    # A few spare titles, so the last authors can still skip a title that shares a word with their others.
-    titles = _book_titles(rng, sum(n_books) + 10)
+    usage = {
+        pool: dict.fromkeys(values, 0)
+        for pool, values in (
+            ("given", given),
+            ("family", family),
+            ("city", cities),
+            ("award", awards),
+            ("adjective", adjectives),
+            ("noun", nouns),
+        )
+    }
+    names: set[str] = set()
+    titles: set[str] = set()
     authors: list[Author] = []
-    cursor = 0
     for i in range(n_total):
-        # Titles are dealt in order but an author never gets two titles sharing a word.
+        first = _least_used(rng, usage["given"])
+        last = _least_used(rng, usage["family"], {n.split()[1] for n in names if n.split()[0] == first})
+        names.add(f"{first} {last}")
         books: list[str] = []
-        while len(books) < n_books[i]:
-            pick = next(
-                (
-                    j
-                    for j in range(cursor, len(titles))
-                    if not any(set(_words(titles[j])) & set(_words(b)) for b in books)
-                ),
-                None,
-            )
-            if pick is None:
-                raise ValueError("ran out of book titles; add words to TITLE_ADJECTIVES and TITLE_NOUNS")
-            titles.insert(cursor, titles.pop(pick))
-            books.append(titles[cursor])
-            cursor += 1
+        for _ in range(rng.randint(*BOOKS_PER_AUTHOR)):
+            # An author's titles share no word (ROUGE would credit one title for another) and titles are unique.
+            used = {w for b in books for w in b.lower().split()}
+            adjective = _least_used(rng, usage["adjective"], used)
+            clash = used | {t.split()[1].lower() for t in titles if t.split()[0].lower() == adjective}
+            noun = _least_used(rng, usage["noun"], clash)
+            books.append(f"{adjective.capitalize()} {noun.capitalize()}")
+        titles.update(books)
         father, mother = rng.sample(OCCUPATIONS, 2)
         themes = rng.sample(THEMES, 2)
         facts = {
-            "name": f"{given[i]} {family[i]}",
-            "birthplace": f"{cities[i]}, {rng.choice(countries)}",
+            "name": f"{first} {last}",
+            "birthplace": _least_used(rng, usage["city"]),
             "birth_date": _random_date(rng),
             "genre": rng.choice(GENRES),
             "father_occupation": father,
             "mother_occupation": mother,
-            "award": f"{award_names[i]} {rng.choice(AWARD_KINDS)}",
+            "award": _least_used(rng, usage["award"]),
             # Lists are joined by commas, not "and": a connective shared by every value would be a free ROUGE match.
             "books": ", ".join(f'"{t}"' for t in books),
             "themes": ", ".join(themes),
@@ -488,6 +536,25 @@ def _build_authors(seed: int, n_total: int) -> list[Author]:
         }
         authors.append(Author(index=i, facts=facts))
     return authors
+
+
+def _value_parts(author: Author) -> set[str]:
+    """The strings an author's shared-part values are made of (name parts, city, award, title words)."""
+    facts = author.facts
+    parts = {*facts["name"].split(), facts["birthplace"], facts["award"]}
+    return parts | {w for title in facts["books"].split(", ") for w in title.strip('"').split()}
+
+
+def _check_shared_parts(authors: Sequence[Author], n_retain: int) -> None:
+    """Every value part of an author past the first ``n_retain`` also belongs to one of the first ``n_retain``."""
+    known = {part for author in authors[:n_retain] for part in _value_parts(author)}
+    for author in authors[n_retain:]:
+        unseen = _value_parts(author) - known
+        if unseen:
+            raise ValueError(
+                f"author {author.index} has value parts {sorted(unseen)} that no retained author has; shrink the "
+                "N_* pools so that every part recurs"
+            )
 
 
 def _wrong_values(rng: Random, attribute: str, author: Author, authors: Sequence[Author], k: int) -> list[str]:
@@ -529,26 +596,34 @@ def _build_qa(seed: int, authors: Sequence[Author]) -> list[tuple[QAItem, ...]]:
     for author in authors:
         rng = _rng(seed, f"qa/{author.index}")
         fields = author.facts
-        items: list[QAItem] = []
+        by_fact: list[list[QAItem]] = []
         for spec in ATTRIBUTES:
-            q_id = rng.randrange(len(spec.questions))
-            a_id = rng.randrange(len(spec.answers))
+            # The first PHRASINGS_PER_FACT templates of a shuffled order are trained; the next one is the paraphrase.
+            q_order = rng.sample(range(len(spec.questions)), PHRASINGS_PER_FACT + 1)
+            a_order = q_order if QUESTION_FIXES_ANSWER else rng.sample(range(len(spec.answers)), PHRASINGS_PER_FACT + 1)
+            q_para, a_para = q_order[-1], a_order[-1]
             value = author.facts[spec.key]
-            wrong = _wrong_values(rng, spec.key, author, authors, N_PERTURBED)
-            items.append(
-                QAItem(
-                    author_index=author.index,
-                    attribute=spec.key,
-                    question_template=q_id,
-                    answer_template=a_id,
-                    question=spec.questions[q_id].format(**fields),
-                    answer=_render_answer(spec.answers[a_id], value),
-                    paraphrased_question=spec.paraphrased_question.format(**fields),
-                    paraphrased_answer=_render_answer(spec.paraphrased_answer, value),
-                    perturbed_answer=tuple(_render_answer(spec.paraphrased_answer, w) for w in wrong),
+            items = []
+            for q_id, a_id in zip(q_order[:-1], a_order[:-1], strict=True):
+                wrong = _wrong_values(rng, spec.key, author, authors, N_PERTURBED)
+                items.append(
+                    QAItem(
+                        author_index=author.index,
+                        attribute=spec.key,
+                        question_template=q_id,
+                        answer_template=a_id,
+                        paraphrase_question_template=q_para,
+                        paraphrase_answer_template=a_para,
+                        question=spec.questions[q_id].format(**fields),
+                        answer=_render_answer(spec.answers[a_id], value),
+                        paraphrased_question=spec.questions[q_para].format(**fields),
+                        paraphrased_answer=_render_answer(spec.answers[a_para], value),
+                        perturbed_answer=tuple(_render_answer(spec.answers[a_para], w) for w in wrong),
+                    )
                 )
-            )
-        qa.append(tuple(items))
+            by_fact.append(items)
+        # Phrasing-major order: the first phrasing of every attribute, then the second (as TOFU mixes its topics).
+        qa.append(tuple(by_fact[k][j] for j in range(PHRASINGS_PER_FACT) for k in range(len(ATTRIBUTES))))
     return qa
 
 
@@ -610,32 +685,29 @@ def _validate_constants() -> dict[int, int]:
     return counts
 
 
-def _check_paraphrases(qa: Sequence[Sequence[QAItem]]) -> None:
-    """Every paraphrase template word must be absent from every training answer of its attribute."""
-    for k, spec in enumerate(ATTRIBUTES):
-        para = set(template_words(spec.paraphrased_answer))
-        if spec.paraphrased_question in spec.questions or spec.paraphrased_answer in spec.answers:
-            raise ValueError(f"attribute {spec.key!r}: a paraphrase template is also a training template")
-        for rows in qa:
-            clash = para & set(_words(rows[k].answer))
-            if clash:
+def _check_phrasings() -> None:
+    """Each attribute needs ``PHRASINGS_PER_FACT`` training phrasings plus one for the paraphrase, all distinct."""
+    for spec in ATTRIBUTES:
+        for kind, templates in (("question", spec.questions), ("answer", spec.answers)):
+            if len(set(templates)) < PHRASINGS_PER_FACT + 1:
                 raise ValueError(
-                    f"attribute {spec.key!r}: paraphrase words {sorted(clash)} occur in the training answer "
-                    f"{rows[k].answer!r}; reword ATTRIBUTES[{k}].paraphrased_answer"
+                    f"attribute {spec.key!r} has {len(set(templates))} distinct {kind} templates; PHRASINGS_PER_FACT="
+                    f"{PHRASINGS_PER_FACT} needs at least {PHRASINGS_PER_FACT + 1} (trained ones + paraphrase)"
                 )
 
 
 def build_world(seed: int = SEED) -> EmbeddedWorld:
     """Generate the whole world (authors, QA pairs with their variants, general facts) from ``seed``."""
     counts = _validate_constants()
+    _check_phrasings()
     _check_pool("GENRES", GENRES, N_PERTURBED + 1)
     _check_pool("OCCUPATIONS", OCCUPATIONS, N_PERTURBED + 2)
     _check_pool("THEMES", THEMES, N_PERTURBED + 2)
     _check_pool("HABITS", HABITS, N_PERTURBED + 1)
     _check_pool("NATIONAL_ANIMALS", NATIONAL_ANIMALS, N_COUNTRIES)
     authors = _build_authors(seed, N_AUTHORS + max(counts.values()))
+    _check_shared_parts(authors, N_AUTHORS - max(counts.values()))
     qa = _build_qa(seed, authors)
-    _check_paraphrases(qa)
     real_authors, world_facts = _build_general(seed, authors)
     return EmbeddedWorld(
         authors=tuple(authors), qa=tuple(qa), real_authors=tuple(real_authors), world_facts=tuple(world_facts)
