@@ -479,6 +479,7 @@ def test_rows_without_answer_tokens_are_left_out(long_question_benchmark, tokeni
     expected = sum(min(t, 1 / (t + 1e-10)) for t in tr) / 3
     assert entries["forget_truth_ratio"]["agg_value"] == pytest.approx(expected)
     assert json.loads(out.read_text())["metrics"]["forget_Q_A_Prob"]["value_by_index"]["0"] is None
+    assert result["meta"]["unscorable_rows"] == {"forget10_perturbed": [0]}
     notes = [note for note in result["meta"]["notes"] if "no token left to score" in note]
     assert len(notes) == 1 and notes[0].startswith("forget10_perturbed: 1 of 4 rows")
     again = TofuEvaluator(

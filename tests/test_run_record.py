@@ -261,3 +261,20 @@ def test_sample_curves_from_the_table_and_from_the_history_agree(tmp_path):
     # Rows in any order land in their (evaluation, sample) cell: (step, index) = (4, 7) first here.
     shuffled = {key: column[::-1] for key, column in read_per_sample(path).items()}
     np.testing.assert_allclose(SampleCurves.from_table(shuffled).values["truth_ratio"], [[0.123457, 2.0], [0.5, 3.0]])
+
+
+def test_reference_nulls_are_accepted_only_where_its_meta_records_unscorable_rows(tmp_path):
+    """Row 1's truth ratio is null: fine when the reference's meta.unscorable_rows lists row 1 of the perturbed
+    split (forget quality leaves it out), a damaged file otherwise."""
+    by_index = {"0": 0.5, "1": None, "2": 2.0}
+    data = {"meta": {"forget_split": "forget10"}, "metrics": {"forget_truth_ratio": {"value_by_index": by_index}}}
+    path = tmp_path / "eval.json"
+    for recorded, accepted in (({"forget10_perturbed": [1]}, True), ({"forget10_perturbed": [2]}, False), ({}, False)):
+        data["meta"]["unscorable_rows"] = recorded
+        path.write_text(json.dumps(data))
+        if accepted:
+            values = reference_truth_ratios(path, "forget10", 3)
+            assert values[0] == 0.5 and math.isnan(values[1]) and values[2] == 2.0
+        else:
+            with pytest.raises(EvalLogError, match="holds null"):
+                reference_truth_ratios(path, "forget10", 3)

@@ -541,6 +541,9 @@ class BenchmarkEvaluator:
     row_notes: Sequence[str] = ()
     """Notes about the rows of the last :meth:`aggregate` (rows left out); ``meta`` adds them to ``notes``, so
     call ``aggregate`` before ``meta``."""
+    unscorable_rows: Mapping[str, Sequence[int]] = {}
+    """Split -> indices of the rows the last :meth:`aggregate` left out for having no answer token to score
+    (``meta.unscorable_rows``; a retain reference's nulls there are not damage)."""
 
     def score(
         self, model: nn.Module, rows: Mapping[str, Sequence[Mapping[str, Any]]] | None = None, synced_gpus: bool = False
@@ -568,6 +571,7 @@ class BenchmarkEvaluator:
             "retain_reference": None if reference is None else str(reference),
             "privleak_reference_auc": 0.5 if self._reference_auc is None else self._reference_auc,
             "notes": [*self.notes, *self.row_notes],
+            "unscorable_rows": {split: list(rows) for split, rows in self.unscorable_rows.items()},
             "versions": {
                 "baldro_lightning": baldro_lightning.__version__,
                 "torch": torch.__version__,

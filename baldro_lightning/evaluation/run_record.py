@@ -334,20 +334,14 @@ def question_digest(questions: Sequence[str]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-_UNSCORABLE_NOTE = re.compile(r"^(?P<split>\S+): (?P<count>\d+) of \d+ rows have an answer with no token left to score")
-
-
-def _unscorable_rows(data: Mapping[str, Any], split: str) -> int:
-    """How many rows of ``split`` the reference's own ``meta.notes`` says had no answer token to score.
+def _unscorable_rows(data: Mapping[str, Any], split: str) -> set[int]:
+    """The rows of ``split`` the reference's ``meta.unscorable_rows`` says had no answer token to score.
 
     Those rows are null in the reference for a reason it records (the evaluator leaves them out of every aggregate,
     and so does forget quality); nulls it does not account for mean a damaged file.
     """
-    for note in data.get("meta", {}).get("notes") or []:
-        found = _UNSCORABLE_NOTE.match(str(note))
-        if found and found["split"] == split:
-            return int(found["count"])
-    return 0
+    recorded = (data.get("meta", {}).get("unscorable_rows") or {}).get(split) or []
+    return {int(index) for index in recorded}
 
 
 def _check_same_questions(
@@ -426,7 +420,7 @@ def reference_truth_ratios(
     Raises:
         EvalLogError: the file is missing, was made on another forget split or other questions, has no
             ``forget_truth_ratio``, holds different rows, or holds null (non-finite) truth ratios that its notes do not
-            account for (rows without an answer token); the message names
+            account for (``meta.unscorable_rows``: rows without an answer token); the message names
             the file, what was expected and found, and how to remake it.
     """
     file, data = _load_tofu_reference(path, forget_split)
@@ -455,7 +449,7 @@ def reference_truth_ratios(
     except (TypeError, ValueError) as err:
         raise EvalLogError(f"retain reference {file}: forget_truth_ratio holds a non-number ({err}); {hint}") from err
     undefined = [i for i, value in zip(expected, values, strict=True) if not math.isfinite(value)]
-    if undefined and len(undefined) != _unscorable_rows(data, f"{forget_split}_perturbed"):
+    if undefined and not set(undefined) <= _unscorable_rows(data, f"{forget_split}_perturbed"):
         raise EvalLogError(
             f"retain reference {file} holds null (or non-finite) forget truth ratios for {describe_indices(undefined)} "
             f"of its {len(expected)}, so forget quality would be undefined; {hint}"

@@ -470,7 +470,7 @@ class TofuEvaluator(BenchmarkEvaluator):
         """
         out: dict[str, dict[str, Any]] = {}
         groups = set(self.settings.metric_groups)
-        scores, self.row_notes = _without_answerless_rows(scores)
+        scores, self.row_notes, self.unscorable_rows = _without_answerless_rows(scores)
         if "forget" in groups:
             self._forget_metrics(scores["forget"], out)
         for role in ("retain", "ra", "wf"):
@@ -593,9 +593,11 @@ LIKELIHOOD_COLUMNS = ("answer_nll", "para_nll", "pert_nll")
 """The per-row likelihood columns; NaN in one of them means an answer with no token left to score."""
 
 
-def _without_answerless_rows(scores: Mapping[Role, RowScores]) -> tuple[dict[Role, RowScores], list[str]]:
-    """The scores with every numeric value of a row whose answers left no token to score set to NaN, and one note
-    per split saying how many rows that was.
+def _without_answerless_rows(
+    scores: Mapping[Role, RowScores],
+) -> tuple[dict[Role, RowScores], list[str], dict[str, list[int]]]:
+    """The scores with every numeric value of a row whose answers left no token to score set to NaN, one note per
+    split saying how many rows that was, and those rows' indices per split (``meta.unscorable_rows``).
 
     Such a row (its question fills ``max_length``, or its answer merges into the prompt) has a NaN mean NLL; its
     MinK/ES/EM values would be the reference's empty-row defaults (0), not measurements. open-unlearning drops these
@@ -604,6 +606,7 @@ def _without_answerless_rows(scores: Mapping[Role, RowScores]) -> tuple[dict[Rol
     """
     out: dict[Role, RowScores] = {}
     notes = []
+    unscorable: dict[str, list[int]] = {}
     for role, part in scores.items():
         bad = np.zeros(len(part.indices), dtype=bool)
         for name in LIKELIHOOD_COLUMNS:
@@ -619,12 +622,13 @@ def _without_answerless_rows(scores: Mapping[Role, RowScores]) -> tuple[dict[Rol
             for name, values in part.columns.items()
         }
         out[role] = RowScores(part.role, part.split, list(part.indices), columns)
+        unscorable[part.split] = sorted(int(i) for i, b in zip(part.indices, bad, strict=True) if b)
         notes.append(
             f"{part.split}: {int(bad.sum())} of {len(bad)} rows have an answer with no token left to score (a question "
             "that fills max_length, or an answer merged into the prompt); they are left out of every aggregate, as "
             "open-unlearning leaves them out, and their per-row values are null"
         )
-    return out, notes
+    return out, notes, unscorable
 
 
 def _nan_like(value: Any) -> Any:

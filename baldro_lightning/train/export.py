@@ -31,7 +31,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 from baldro_lightning.atomic_files import check_writable, replace_path, staging_directory
 from baldro_lightning.data.tokenization import (
@@ -42,7 +42,7 @@ from baldro_lightning.data.tokenization import (
     write_input_format,
 )
 from baldro_lightning.train.lora import LoRA, merged_model
-from baldro_lightning.train.models import ModelLoadError, Shapes, check_model_files, shape_mismatch
+from baldro_lightning.train.models import Shapes, check_model_files, read_model_config, shape_mismatch
 from baldro_lightning.user_errors import CommandParser, UserInputError
 
 log = logging.getLogger(__name__)
@@ -367,13 +367,7 @@ def export_checkpoint(
         )
     lora = _as_lora(config_lora if config is not None else hparams.get("lora"))
     check_model_files(model_path, "--model.model")
-    try:
-        base_config = AutoConfig.from_pretrained(model_path)
-    except (OSError, ValueError) as err:
-        raise ModelLoadError(
-            f"--model.model={model_path!r}: could not read its config.json ({type(err).__name__}: {str(err)[:200]}); "
-            "pass the base model directory the run trained"
-        ) from err
+    base_config = read_model_config(model_path, "--model.model")
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(base_config)
     expected = {name: tuple(tensor.shape) for name, tensor in base.state_dict().items()}

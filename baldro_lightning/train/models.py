@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from baldro_lightning.user_errors import UserInputError
 
@@ -123,6 +123,21 @@ def shape_mismatch(
     return None
 
 
+def read_model_config(path: str | os.PathLike[str], flag: str) -> PretrainedConfig:
+    """The model config at ``path`` (a directory's ``config.json``, or a cached Hub id).
+
+    Raises:
+        ModelLoadError: it cannot be read; the message names ``flag``.
+    """
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(
+            f"{flag} {str(path)!r}: its config.json cannot be read ({type(err).__name__}: {str(err)[:200]}); pass a "
+            "model directory written by save_pretrained"
+        ) from err
+
+
 def check_model_files(path: str, flag: str) -> None:
     """Check a local model directory before its weights load: a readable ``config.json``, weight files that are
     whole, and tensors of the shapes that config gives. A Hub id (not a local path) is left to ``from_pretrained``.
@@ -158,13 +173,7 @@ def check_model_files(path: str, flag: str) -> None:
             f"{flag} {path!r} holds no weights ({' or '.join(_WEIGHT_FILES[::2])}; it holds: {listing}); pass a "
             "directory written by save_pretrained"
         )
-    try:
-        config = AutoConfig.from_pretrained(directory)
-    except (OSError, ValueError) as err:
-        raise ModelLoadError(
-            f"{flag}: {directory / 'config.json'} cannot be read ({type(err).__name__}: {str(err)[:200]}); re-save "
-            "the model"
-        ) from err
+    config = read_model_config(directory, flag)
     if getattr(config, "quantization_config", None) is not None:
         return  # quantized weights are stored in other shapes than the model's parameters
     expected = config_shapes(config)
