@@ -64,7 +64,9 @@ def write_tiny_benchmark(root: Path) -> Path:
     return root
 
 
-def build_tiny_model(out: Path, corpus: list[str], hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+def build_tiny_model(
+    out: Path, corpus: list[str], hidden: int = 32, layers: int = 2, seed: int = 0, vocab_size: int = 300
+) -> Path:
     """A byte-level BPE tokenizer and a random Llama saved together, loadable with ``from_pretrained``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -74,7 +76,7 @@ def build_tiny_model(out: Path, corpus: list[str], hidden: int = 32, layers: int
     tok.decoder = decoders.ByteLevel()
     special = ["<pad>", "<s>", "</s>"]
     trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator(corpus, trainer)
     tok.post_processor = processors.TemplateProcessing(

@@ -10,11 +10,13 @@ evaluates, and exports.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_tiny_model
 from lightning.pytorch.callbacks import Callback
 from shipped_configs import COMBINATIONS, REPO, fit_args, resolved
 
@@ -25,8 +27,25 @@ from baldro_lightning.robustness.callbacks import AttackEvaluation
 from baldro_lightning.train.export import ExportPretrained
 from baldro_lightning.train.module import UnlearningModule
 
+EMBEDDED_TOFU = REPO / "data" / "tofu_embedded"
 EMBEDDED_MUSE = REPO / "data" / "muse_embedded"
 ROWS = 3  # rows per split that the smoke-sized evaluations score
+
+
+@pytest.fixture(scope="module")
+def embedded_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny Llama whose tokenizer is fitted on the embedded benchmarks, as the quickstart's is.
+
+    The session's tiny model knows only the tiny benchmark's words; spelled out byte by byte, an embedded question
+    can fill ``max_length`` 128 on its own.
+    """
+    corpus = []
+    for file in sorted([*EMBEDDED_TOFU.glob("*.jsonl"), *EMBEDDED_MUSE.glob("*.jsonl")]):
+        for line in file.read_text().splitlines():
+            row = json.loads(line)
+            corpus += [value for value in row.values() if isinstance(value, str)]
+            corpus += [text for value in row.values() if isinstance(value, list) for text in value]
+    return build_tiny_model(tmp_path_factory.mktemp("embedded_tiny_model"), corpus, vocab_size=2000)
 
 
 @pytest.fixture(scope="module")
@@ -48,27 +67,27 @@ def hub_tofu_benchmark(tmp_path_factory: pytest.TempPathFactory, tiny_benchmark:
 
 
 @pytest.fixture(scope="module")
-def retain_references(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path):
-    """``reference(callback, data) -> eval.json``: the tiny model's own evaluation as the retain reference.
+def retain_references(tmp_path_factory: pytest.TempPathFactory):
+    """``reference(callback, data, model) -> eval.json``: the run's model's own evaluation as the retain reference.
 
     Made once per benchmark and split, with the evaluation command a user runs; the run reads it from the path
     its config names.
     """
     made: dict[tuple, Path] = {}
 
-    def reference(callback: TofuEvaluation | MuseEvaluation | AttackEvaluation, data) -> Path:
+    def reference(callback: TofuEvaluation | MuseEvaluation | AttackEvaluation, data, model: Path) -> Path:
         # The benchmark decides the reference: the attack callback takes TOFU or MUSE settings by its data module.
         if not hasattr(data, "corpus"):
-            key = ("tofu", data.benchmark, data.forget_split)
+            key = ("tofu", model, data.benchmark, data.forget_split)
             flags = ["--forget_split", data.forget_split, "--limit", str(ROWS), "--max_new_tokens", "4"]
             command = evaluate.main
         else:
-            key = ("muse", data.benchmark, data.corpus)
+            key = ("muse", model, data.benchmark, data.corpus)
             flags = ["--corpus", data.corpus, "--limit", str(ROWS), "--metric_groups", "[privleak]"]
             command = evaluate.muse_main
         if key not in made:
             out = tmp_path_factory.mktemp("retain_reference") / "eval.json"
-            command(["--model", str(tiny_model), "--benchmark", str(data.benchmark), *flags, "--out", str(out)])
+            command(["--model", str(model), "--benchmark", str(data.benchmark), *flags, "--out", str(out)])
             made[key] = out
         return made[key]
 
@@ -103,6 +122,7 @@ def _data_override(config: dict, tiny_benchmark: Path, muse_books: Path) -> list
 def test_config_fast_dev_run(
     name: str,
     tiny_model: Path,
+    embedded_tiny_model: Path,
     hub_tofu_benchmark: Path,
     muse_books_benchmark: Path,
     retain_references,
@@ -117,13 +137,15 @@ def test_config_fast_dev_run(
     (tmp_path / "data").symlink_to(REPO / "data")
     monkeypatch.chdir(tmp_path)
     data = _data_override(config, hub_tofu_benchmark, muse_books_benchmark)
-    overrides = [f"--model.init_args.model={tiny_model}", *data]
+    # A Hub benchmark's stand-in is the tiny benchmark, which the session's tiny model was fitted on.
+    model = tiny_model if data and config["data"]["init_args"]["benchmark"] == "locuslab/TOFU" else embedded_tiny_model
+    overrides = [f"--model.init_args.model={model}", *data]
     cli = cli_main([*fit_args(name), *overrides, "--trainer.fast_dev_run=true"], run=False)
     for callback in cli.trainer.callbacks:
         reference = getattr(getattr(callback, "settings", None), "retain_reference", None)
         if reference:
             Path(reference).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(retain_references(callback, cli.datamodule), reference)
+            shutil.copy(retain_references(callback, cli.datamodule, model), reference)
         # Smoke-sized evaluation on a random model: short generations, few rows; the schedule is the config's.
         if isinstance(callback, TofuEvaluation):
             callback.settings = dataclasses.replace(callback.settings, limit=ROWS, max_new_tokens=4)
