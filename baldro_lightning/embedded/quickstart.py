@@ -68,8 +68,8 @@ PHASES: dict[str, str] = {
 }
 """Each phase of the quickstart, in order, as it is announced."""
 
-IDLE_SECONDS: dict[str, float] = {"models": 1, "target": 101, "retain": 88, "reference": 5, "unlearning": 44}
-"""Wall seconds of each phase on the 2-core development machine near idle (load 0.7-2.0, 2026-12-06, data/README.md)."""
+IDLE_SECONDS: dict[str, float] = {"models": 1, "target": 99, "retain": 85, "reference": 3, "unlearning": 28}
+"""Wall seconds of each phase on the 2-core development machine near idle (load 0.8-1.8, 2026-12-06, data/README.md)."""
 
 EXPECTED_FINAL: dict[str, tuple[float, float]] = {
     "forget_quality": (0.01, 1.0),
