@@ -44,7 +44,7 @@ from baldro_lightning.robustness.quantization import (
     round_per_channel,
 )
 from baldro_lightning.robustness.recovery import RecoveredMetric, recovery
-from baldro_lightning.robustness.splits import leaked_questions, split_forget_rows
+from baldro_lightning.robustness.splits import fact_key, leaked_questions, split_forget_rows
 from baldro_lightning.robustness.suite import tofu_plan
 from baldro_lightning.user_errors import UserInputError
 
@@ -67,6 +67,35 @@ def test_split_deals_disjoint_rows_of_the_asked_size_the_same_way_per_seed():
     # At least one row on each side, however small the fraction: 0.01 * 4 rounds to 0, 0.99 * 4 to 4.
     assert [len(part) for part in split_forget_rows([0, 1, 2, 3], 0.01, 0)] == [1, 3]
     assert [len(part) for part in split_forget_rows([0, 1, 2, 3], 0.99, 0)] == [3, 1]
+
+
+def test_split_keeps_the_rows_of_one_fact_on_one_side():
+    """6 rows asking 3 facts twice (facts a, b, c): round(0.5 * 3) = 2 facts trained, 1 held out, never one fact on
+    both sides; without keys the same rows split row by row, as before."""
+    indices = [0, 1, 2, 3, 4, 5]
+    facts = ["a", "b", "c", "a", "b", "c"]
+    for seed in range(8):
+        trained, held = split_forget_rows(indices, 0.5, seed, facts)
+        assert (len(trained), len(held)) == (4, 2) and sorted(trained + held) == indices
+        assert not {facts[i] for i in trained} & {facts[i] for i in held}
+    assert split_forget_rows(indices, 0.5, 0, list(range(6))) == split_forget_rows(indices, 0.5, 0)
+    with pytest.raises(ValueError, match="at least 2"):
+        split_forget_rows([0, 1], 0.5, 0, ["a", "a"])
+    with pytest.raises(ValueError, match="one per row"):
+        split_forget_rows([0, 1, 2], 0.5, 0, ["a", "b"])
+
+
+def test_fact_keys_pair_the_two_phrasings_of_each_embedded_fact():
+    """On the committed embedded forget10 each fact is asked twice (rows i and i + 10 of an author's 20), and the
+    split by fact_key keeps the two together; a row without paraphrase fields is its own fact."""
+    path = REPO / "data" / "tofu_embedded" / "forget10_perturbed.jsonl"
+    rows = [{**json.loads(line), "index": i} for i, line in enumerate(path.read_text().splitlines())]
+    keys = [fact_key(row) for row in rows]
+    assert len(set(keys)) == len(rows) // 2
+    assert all(keys[i] == keys[i + 10] for i in range(len(rows)) if i % 20 < 10)
+    trained, held = split_forget_rows([row["index"] for row in rows], 0.5, 0, keys)
+    assert not {keys[i] for i in trained} & {keys[i] for i in held}
+    assert fact_key({"index": 7, "question": "q"}) == ("row", 7)
 
 
 @pytest.mark.parametrize(("indices", "fraction", "match"), [([0, 1], 1.0, "in \\(0, 1\\)"), ([0], 0.5, "at least 2")])

@@ -48,7 +48,8 @@ class AttackEvaluation(Callback):
             settings: How each TOFU evaluation runs (retain reference, generation length, ...); TOFU's defaults
                 when null.
             muse_settings: The same for a MUSE data module.
-            forget_fraction: Share of the forget rows relearning attacks train on; they are scored on the rest.
+            forget_fraction: Share of the forget facts (rows asking one fact stay together) relearning attacks
+                train on; they are scored on the rest.
             split_seed: Seeds that split.
             muse_chunk_length: MUSE training chunk length; the data module's ``max_length`` when null.
             dirpath: The attack directory; ``<log_dir>/attacks`` when null.

@@ -38,7 +38,13 @@ from baldro_lightning.evaluation.run_record import (
 from baldro_lightning.evaluation.tofu import TofuEvaluator, TofuSettings
 from baldro_lightning.robustness.attacks import Attack, AttackMaterial, Scope
 from baldro_lightning.robustness.recovery import MUSE_RECOVERED, TOFU_RECOVERED, RecoveredMetric, recovery
-from baldro_lightning.robustness.splits import held_out_scores, leaked_questions, rows_with_indices, split_forget_rows
+from baldro_lightning.robustness.splits import (
+    fact_key,
+    held_out_scores,
+    leaked_questions,
+    rows_with_indices,
+    split_forget_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +106,7 @@ def tofu_plan(
         tokenizer: The model's tokenizer (with a pad token).
         forget_split: ``forget01``, ``forget05`` or ``forget10``.
         settings: How each evaluation runs (with the retain reference for forget quality).
-        forget_fraction: Share of the scored forget rows relearning attacks may train on.
+        forget_fraction: Share of the scored forget facts (:func:`fact_key`) relearning attacks may train on.
         split_seed: Seeds that split.
         model_name: The attacked model's path or name.
         template: Prompt rendering (the model's training template).
@@ -118,7 +124,8 @@ def tofu_plan(
     if "forget" not in evaluator.rows:
         raise ValueError("attacks compare forget metrics: add forget to --metric_groups")
     forget_rows = evaluator.rows["forget"]
-    trained, held = split_forget_rows([int(row["index"]) for row in forget_rows], forget_fraction, split_seed)
+    indices = [int(row["index"]) for row in forget_rows]
+    trained, held = split_forget_rows(indices, forget_fraction, split_seed, [fact_key(row) for row in forget_rows])
     held_out = TofuEvaluator(
         benchmark,
         tokenizer,
@@ -149,6 +156,7 @@ def tofu_plan(
         "split_seed": split_seed,
         "trained_indices": trained,
         "held_out_indices": held,
+        "unit": "facts: rows with the same paraphrased question and answer are on one side",
         "checked": "no held-out question occurs among the relearning rows (forget share and retain rows)",
     }
     return AttackPlan(evaluator, held_out, material, TOFU_RECOVERED, split, held_out_role="forget")
