@@ -138,7 +138,7 @@ def test_config_fast_dev_run(
     monkeypatch.chdir(tmp_path)
     data = _data_override(config, hub_tofu_benchmark, muse_books_benchmark)
     # A Hub benchmark's stand-in is the tiny benchmark, which the session's tiny model was fitted on.
-    model = tiny_model if data and config["data"]["init_args"]["benchmark"] == "locuslab/TOFU" else embedded_tiny_model
+    model = tiny_model if config["data"]["init_args"]["benchmark"] == "locuslab/TOFU" else embedded_tiny_model
     overrides = [f"--model.init_args.model={model}", *data]
     cli = cli_main([*fit_args(name), *overrides, "--trainer.fast_dev_run=true"], run=False)
     for callback in cli.trainer.callbacks:
