@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from baldro_lightning.data.tokenization import PromptTemplate, encode_example, encode_prompt, load_tokenizer
-from baldro_lightning.evaluation import greedy, prefix_scoring
+from baldro_lightning.evaluation import greedy, model_calls, prefix_scoring
 from baldro_lightning.evaluation.engine import AnswerExample, ExampleScore, generate_answers, score_examples
 from baldro_lightning.evaluation.greedy import Draft, draft_of, greedy_generate, verified_tokens
 from baldro_lightning.evaluation.model_calls import ModelCalls, prompt_cache_problem
@@ -143,7 +143,7 @@ def groups_of(tokenizer, tiny_benchmark) -> list[list[AnswerExample]]:
 
 
 @pytest.mark.parametrize("batch_size", [3, 32])
-def test_shared_prefix_scores_equal_whole_examples(model, tokenizer, tiny_benchmark, batch_size):
+def test_shared_prefix_scores_equal_whole_examples(model, tokenizer, tiny_benchmark, nan_buffers, batch_size):
     groups = groups_of(tokenizer, tiny_benchmark)
     flat = [e for group in groups for e in group]
     with torch.no_grad():
@@ -162,6 +162,128 @@ def test_shared_prefix_scores_equal_whole_examples(model, tokenizer, tiny_benchm
             np.testing.assert_array_equal(a.target_ids, b.target_ids)
         labelled = torch.tensor(e.labels[1:]) != -100
         np.testing.assert_array_equal(a.greedy_ids, row_logits[labelled].argmax(-1).numpy())
+
+
+def test_decode_rows_fill_the_cache_budget_but_never_fewer_than_batch_size(monkeypatch):
+    """8 KiB per token; the longest open row is a 50-token prompt with 6 verified tokens, plus 200 new: 256 slots,
+    2 MiB per row, so 256 MiB hold 128 rows; a larger batch_size wins, and no budget leaves batch_size."""
+    prompts, generated = [[0] * 50, [0] * 10, [0] * 70], [[0] * 6, [], []]
+    assert greedy.decode_rows(8192, 32, [0, 1], prompts, generated, 200) == 128
+    assert greedy.decode_rows(8192, 200, [0, 1], prompts, generated, 200) == 200
+    monkeypatch.setattr(greedy, "DECODE_BYTES", 0)
+    assert greedy.decode_rows(8192, 32, [0, 1], prompts, generated, 200) == 32
+
+
+@pytest.fixture
+def nan_buffers(monkeypatch):
+    """Fresh key/value buffers full of NaN: they hold whatever memory held, and a masked slot must still be written
+    (attention scores it before the mask applies, and NaN times zero is NaN)."""
+    empty = model_calls.ModelCalls.buffers
+
+    def poisoned(self, model, batch, capacity):
+        return [(k.fill_(float("nan")), v.fill_(float("nan"))) for k, v in empty(self, model, batch, capacity)]
+
+    monkeypatch.setattr(model_calls.ModelCalls, "buffers", poisoned)
+
+
+@pytest.mark.parametrize(("decode_bytes", "compact_at"), [(0, 0.5), (0, 0.0), (0, 1.0), (2**28, 0.5)])
+def test_decode_batches_equal_generate_however_finished_rows_leave(
+    model, tokenizer, tiny_benchmark, monkeypatch, nan_buffers, decode_bytes, compact_at
+):
+    """Finished rows may ride along to the end (compact_at 0), leave at once (1) or when half have finished (0.5),
+    in batches of batch_size rows (no cache budget) or all in one: every generation equals generate's."""
+    import json
+
+    questions = [
+        json.loads(line)["question"]
+        for split in ("forget10_perturbed", "retain_perturbed", "holdout10")
+        for line in (tiny_benchmark / f"{split}.jsonl").read_text().splitlines()
+    ]
+    prompts = [encode_prompt(tokenizer, PromptTemplate(), q) for q in questions]
+    monkeypatch.setattr(greedy, "DECODE_BYTES", decode_bytes)
+    monkeypatch.setattr(greedy, "COMPACT_AT", compact_at)
+    compactions = []
+    select = model_calls._BufferLayer.batch_select_indices
+
+    def counted(self, indices):
+        compactions.append(len(indices))
+        return select(self, indices)
+
+    monkeypatch.setattr(model_calls._BufferLayer, "batch_select_indices", counted)
+    budget = 3 * NEW_TOKENS
+    with torch.no_grad():
+        # The random model rarely says EOS; its two most frequent tokens as extra stop ids end rows at many steps.
+        ids = [
+            model.generate(input_ids=torch.tensor([p]), do_sample=False, max_new_tokens=budget, pad_token_id=0)[
+                0, len(p) + 1 :
+            ].tolist()
+            for p in prompts
+        ]
+        frequent = [int(t) for t in np.bincount(np.concatenate(ids)).argsort()[-2:]]
+        monkeypatch.setattr(model.generation_config, "eos_token_id", [tokenizer.eos_token_id, *frequent])
+        ends = {next((k for k, t in enumerate(row) if t in frequent), budget) for row in ids}
+        assert len(ends) >= 4, f"rows end together: {ends}"  # so rows leave their batch at different steps
+        want = generate_answers(model, tokenizer, prompts, 5, budget)
+        assert greedy_generate(model, tokenizer, prompts, 5, budget) == want
+    if compact_at == 0.0:
+        assert compactions == []  # finished rows rode along to the end
+    else:
+        assert compactions  # some batch dropped finished rows mid-way
+
+
+def test_prompt_caches_keep_only_wanted_groups_within_the_budget():
+    """Each offer is 2 layers x (keys + values) x 3 x 4 x 2 fp32 = 384 bytes; a 900-byte budget holds two."""
+    layers = [(torch.ones(3, 4, 2), torch.ones(3, 4, 2)) for _ in range(2)]
+    caches = model_calls.PromptCaches([0, 1, 2], budget=900)
+    for group in (5, 0, 1, 2, 0):
+        caches.offer(group, [7, 8, 9, 10], layers)
+    assert sorted(caches.kept) == [0, 1]  # 5 not wanted, 2 past the budget, 0 kept once
+    assert caches.left == 900 - 2 * 384
+    layers[0][0].zero_()
+    assert caches.kept[0].layers[0][0].sum() == 24  # a copy, not a view of the forward's buffers
+
+
+def test_generation_from_prompt_caches_equals_generate(model, tokenizer, tiny_benchmark, monkeypatch, nan_buffers):
+    """Prompts whose keys and values scoring kept: the prefill runs only what follows them, and every generation
+    still equals generate's; garbage in a cache changes them, so the caches are really read."""
+    import json
+
+    questions = [
+        json.loads(line)["question"]
+        for split in ("forget10_perturbed", "retain_perturbed", "holdout10")
+        for line in (tiny_benchmark / f"{split}.jsonl").read_text().splitlines()
+    ]
+    groups = groups_of(tokenizer, tiny_benchmark)
+    prompts = [encode_prompt(tokenizer, PromptTemplate(), q) for q in questions]
+    monkeypatch.setattr(greedy, "DECODE_BYTES", 0)  # batches of 5 rows, so batches mix cached and uncached rows
+    with torch.no_grad():
+        caches = model_calls.PromptCaches(range(len(groups)), budget=2**30)
+        score_groups(model, groups, 5, tokenizer.pad_token_id, prompt_caches=caches)
+        kept = [caches.kept.get(g) for g in range(len(groups))]
+        assert sum(c is not None for c in kept) == 8  # the forget and retain rows (holdout rows have one answer)
+        for prompt, cache in zip(prompts, kept, strict=True):
+            if cache is not None:
+                assert list(cache.tokens) == prompt[: len(cache.tokens)] and len(cache.tokens) < len(prompt)
+                fresh = model(input_ids=torch.tensor([list(cache.tokens)]), use_cache=True).past_key_values
+                keys = fresh.layers[0].keys[0] if hasattr(fresh, "layers") else fresh.key_cache[0][0]
+                torch.testing.assert_close(cache.layers[0][0], keys, atol=TOLERANCE, rtol=TOLERANCE)
+        kept[0] = model_calls.PromptCache((99, 98), kept[1].layers)  # not a prefix of its prompt: not used
+        want = generate_answers(model, tokenizer, prompts, 5, NEW_TOKENS)
+        prefill_widths = []
+        hook = model.register_forward_pre_hook(
+            lambda module, args, kwargs: prefill_widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+        )
+        try:
+            assert greedy_generate(model, tokenizer, prompts, 5, NEW_TOKENS, prompt_caches=kept) == want
+        finally:
+            hook.remove()
+        longest = max(len(p) for p in prompts)
+        assert min(w for w in prefill_widths if w > 1) < longest  # a prefill ran fewer tokens than its prompts
+        garbage = [
+            model_calls.PromptCache(c.tokens, [(k + 3.0, v - 3.0) for k, v in c.layers]) if c is not None else None
+            for c in kept
+        ]
+        assert greedy_generate(model, tokenizer, prompts, 5, NEW_TOKENS, prompt_caches=garbage) != want
 
 
 def test_greedy_generation_equals_generate_with_and_without_drafts(model, tokenizer, tiny_benchmark):

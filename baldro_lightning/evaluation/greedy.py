@@ -1,7 +1,7 @@
 """Greedy generation: tokens known from verified drafts, then a decode loop that drops finished rows.
 
-Two savings over one ``model.generate`` per batch (:func:`~baldro_lightning.evaluation.engine.generate_answers`),
-both exact for greedy decoding:
+Three savings over one ``model.generate`` per batch (:func:`~baldro_lightning.evaluation.engine.generate_answers`),
+all exact for greedy decoding:
 
 - **Verified drafts.** Scoring an answer teacher-forced already computes the model's argmax after the prompt and
   after every prefix of that answer. Greedy decoding follows the argmax, so as long as the argmax equals the next
@@ -9,14 +9,19 @@ both exact for greedy decoding:
   generated token (:func:`verified_tokens`). A model that reproduces an answer (a target model on its training
   data, any model on easy questions) needs no decoding step at all for that row; one that departs after k tokens
   starts decoding after them, from one prefill forward.
+- **The prompt's keys and values from scoring.** Scoring computed each question's prompt once for all its answers
+  and can keep its keys and values (:class:`~baldro_lightning.evaluation.model_calls.PromptCaches`); the prefill
+  then runs only what follows them (the prompt's last token and the verified tokens).
 - **A decode loop that drops finished rows** (:func:`greedy_generate`): a row that emits a stop token or reaches its
-  length leaves the batch and its key/value cache, so later steps run only the rows still generating, and a batch
-  ends when its longest row does.
+  length stops being read; once half the batch has finished, the finished rows leave it and its key/value cache
+  (each compaction copies the cache, so it is not done at every finish), and a batch ends when its longest row
+  does. A small model decodes more rows at once than ``batch_size`` when their cache fits in
+  :data:`DECODE_BYTES`: on a CPU a decode step of such a model costs little more for 128 rows than for 32.
 
 What is computed equals greedy decoding within float rounding; whether rounding flips a near-tied argmax is
-checked, not assumed: ``experiments/benchmarks/eval_throughput.py`` and ``tests/test_fast_evaluation.py`` compare
+checked, not assumed: ``experiments/benchmarks/eval_throughput.py`` and ``tests/test_prompt_cache.py`` compare
 every generation with ``model.generate``'s. Generation settings that change the argmax (a repetition penalty,
-forced or suppressed tokens, a minimum length; :func:`plain_greedy_problem`) rule both savings out, and the caller
+forced or suppressed tokens, a minimum length; :func:`plain_greedy_problem`) rule these savings out, and the caller
 falls back to ``model.generate``.
 """
 
@@ -42,7 +47,7 @@ from baldro_lightning.evaluation.engine import (
     _synced_count,
     generation_pad_id,
 )
-from baldro_lightning.evaluation.model_calls import ModelCalls, prompt_cache_problem
+from baldro_lightning.evaluation.model_calls import ModelCalls, PromptCache, prompt_cache_problem
 
 ARGMAX_CHANGING_SETTINGS: dict[str, object] = {
     "repetition_penalty": 1.0,
@@ -178,6 +183,10 @@ def _all_ranks_done(done: bool, device: torch.device) -> bool:
     return int(flag.item()) == 0
 
 
+COMPACT_AT = 0.5
+"""A decode batch drops its finished rows from the cache once at most this fraction of its rows are still live."""
+
+
 class _Batch:
     """Rows decoding together: their cache, attention mask, next positions and what each has generated."""
 
@@ -190,50 +199,110 @@ class _Batch:
         stops: Collection[int],
         pad: int,
         device: torch.device,
+        cached: Sequence[PromptCache | None] = (),
     ) -> None:
-        length = max(len(s) for s in starts)
+        # Row i's first cuts[i] tokens come from its prompt cache (left-aligned in the past slots); the rest run in
+        # this prefill, left-padded so that every row's last token is the last column.
+        cuts = [len(c.tokens) if c is not None else 0 for c in cached] or [0] * len(starts)
+        past_length = max(cuts)
+        rests = [list(start[cut:]) for start, cut in zip(starts, cuts, strict=True)]
+        length = max(len(r) for r in rests)
         ids = torch.full((len(starts), length), pad, dtype=torch.long)
-        mask = torch.zeros((len(starts), length), dtype=torch.long)
-        for i, start in enumerate(starts):
-            ids[i, length - len(start) :] = torch.as_tensor(list(start), dtype=torch.long)
-            mask[i, length - len(start) :] = 1
+        mask = torch.zeros((len(starts), past_length + length), dtype=torch.long)
+        for i, (rest, cut) in enumerate(zip(rests, cuts, strict=True)):
+            ids[i, length - len(rest) :] = torch.as_tensor(rest, dtype=torch.long)
+            mask[i, :cut] = 1
+            mask[i, past_length + length - len(rest) :] = 1
         self.mask = mask.to(device)
-        positions = (self.mask.cumsum(-1) - 1).clamp_min(0)
+        positions = (self.mask.cumsum(-1)[:, past_length:] - 1).clamp_min(0)
         self.calls, self.model, self.stops = calls, model, stops
-        logits, self.cache = calls.start(model, ids.to(device), self.mask, positions, max(budgets))
+        past = None
+        if past_length:
+            past = calls.buffers(model, len(starts), past_length + length + max(budgets))
+            for keys, values in past:
+                # Masked slots must still be finite: attention scores them before the mask, and NaN * 0 is NaN.
+                keys[:, :, :past_length] = 0
+                values[:, :, :past_length] = 0
+            for i, prompt in enumerate(cached):
+                if prompt is not None:
+                    for (keys, values), (k, v) in zip(past, prompt.layers, strict=True):
+                        keys[i, :, : cuts[i]] = k
+                        values[i, :, : cuts[i]] = v
+        logits, self.cache = calls.start(
+            model, ids.to(device), self.mask, positions, max(budgets), past=past, past_length=past_length
+        )
         self.next_position = positions[:, -1] + 1
         self.rows = list(range(len(starts)))  # batch row -> caller's row, for the rows still generating
         self.budgets = budgets
         self.generated: list[list[int]] = [[] for _ in starts]
+        self.live = [True] * len(starts)  # per batch row: still generating
         self._take(logits)
 
     def _take(self, logits: Tensor) -> None:
         tokens = logits.argmax(-1)
-        keep = []
         for k, token in enumerate(tokens.tolist()):
+            if not self.live[k]:
+                continue
             row = self.rows[k]
             self.generated[row].append(token)
-            if not (token in self.stops or len(self.generated[row]) >= self.budgets[row]):
-                keep.append(k)
+            if token in self.stops or len(self.generated[row]) >= self.budgets[row]:
+                self.live[k] = False
         self.tokens = tokens
-        if len(keep) < len(self.rows):
-            index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
-            if keep:
-                self.cache.batch_select_indices(index)
+        live = [k for k, alive in enumerate(self.live) if alive]
+        # Compacting copies every cached slot of the kept rows, so it waits until half the rows have finished;
+        # until then a finished row rides along (its outputs unread), which costs less than a copy per finish.
+        if live and len(live) <= COMPACT_AT * len(self.rows):
+            index = torch.tensor(live, dtype=torch.long, device=self.mask.device)
+            self.cache.batch_select_indices(index)
             self.mask, self.next_position, self.tokens = self.mask[index], self.next_position[index], tokens[index]
-            self.rows = [self.rows[k] for k in keep]
+            self.rows = [self.rows[k] for k in live]
+            self.live = [True] * len(live)
 
     @property
     def active(self) -> bool:
-        return bool(self.rows)
+        return any(self.live)
 
     def step(self) -> None:
-        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
+        live = torch.tensor(self.live, device=self.mask.device)
+        # A finished row's new slot is masked and its position does not advance: whatever it computes stays out of
+        # every other row and no position grows past what its generation used.
+        self.mask = torch.cat([self.mask, live.long().unsqueeze(1)], dim=1)
         logits = self.calls.step(
             self.model, self.tokens.unsqueeze(1), self.mask, self.next_position.unsqueeze(1), self.cache
         )
-        self.next_position = self.next_position + 1
+        self.next_position = self.next_position + live.long()
         self._take(logits)
+
+
+def _usable(cache: PromptCache | None, start: Sequence[int]) -> PromptCache | None:
+    """``cache`` when its tokens begin ``start`` and leave at least one token to run; else ``None``."""
+    if cache is None or len(cache.tokens) >= len(start) or tuple(start[: len(cache.tokens)]) != cache.tokens:
+        return None
+    return cache
+
+
+DECODE_BYTES = 2**28
+"""Key/value cache a decode batch may fill beyond ``batch_size`` rows: a small model decodes many more rows at once
+(each step costs about as much for 32 rows as for 128 on a CPU), a large one stays at ``batch_size``."""
+
+
+def decode_rows(
+    kv_bytes_per_token: int,
+    batch_size: int,
+    open_rows: Sequence[int],
+    prompts: Sequence[Sequence[int]],
+    generated: Sequence[Sequence[int]],
+    max_new_tokens: int,
+) -> int:
+    """Rows per decode batch: ``batch_size``, or as many as fill :data:`DECODE_BYTES` if that is more.
+
+    A row's cache holds its prompt, its verified tokens and ``max_new_tokens`` more; the longest open row sets the
+    size. Example: 8 KiB per token and a longest row of 56 + 200 slots make 2 MiB per row, so 128 rows fill 256 MiB.
+    """
+    if not open_rows:
+        return batch_size
+    slots = max(len(prompts[i]) + len(generated[i]) for i in open_rows) + max_new_tokens
+    return max(batch_size, DECODE_BYTES // (kv_bytes_per_token * slots))
 
 
 def greedy_generate(
@@ -245,10 +314,12 @@ def greedy_generate(
     synced_gpus: bool = False,
     stop_strings: Sequence[str] = (),
     drafts: Sequence[Sequence[Draft]] | None = None,
+    prompt_caches: Sequence[PromptCache | None] | None = None,
 ) -> list[str]:
     """Greedy continuations of prompts, as :func:`~baldro_lightning.evaluation.engine.generate_answers` returns them.
 
-    Rows are sorted by length and decoded ``batch_size`` at a time; each stops at a stop token
+    Rows are sorted by length and decoded ``batch_size`` at a time, or more when their cache fits in
+    :data:`DECODE_BYTES` (:func:`decode_rows`); each stops at a stop token
     (:func:`stop_token_ids`) or after ``max_new_tokens`` and leaves its batch. Only the new tokens are decoded
     (special tokens skipped), then cut with :func:`metrics.clean_generation`.
 
@@ -259,11 +330,14 @@ def greedy_generate(
             on whether any rank still decodes before every step, and idle ranks run dummy forwards meanwhile.
         tokenizer: Its tokenizer (``pad_token_id`` must be set).
         prompts: Token ids of each prompt.
-        batch_size: Most rows per decode batch.
+        batch_size: Rows per decode batch, at least.
         max_new_tokens: Most generated tokens per prompt.
         synced_gpus: Keep sharded ranks in lockstep.
         stop_strings: Cut each text at these strings, in order.
         drafts: Per prompt, scored continuations whose verified tokens are taken as generated (:func:`draft_of`).
+        prompt_caches: Per prompt, keys and values of its first tokens that scoring computed
+            (:class:`~baldro_lightning.evaluation.model_calls.PromptCaches`); a prefill runs only the tokens after
+            them. One whose tokens are not a proper prefix of the prompt is not used.
 
     Returns:
         One cleaned text per prompt, in the order of ``prompts``.
@@ -280,7 +354,8 @@ def greedy_generate(
         if not finished:
             open_rows.append(i)
     open_rows.sort(key=lambda i: len(prompts[i]) + len(generated[i]), reverse=True)
-    batches = [open_rows[k : k + batch_size] for k in range(0, len(open_rows), batch_size)]
+    rows = decode_rows(calls.kv_bytes_per_token(model), batch_size, open_rows, prompts, generated, max_new_tokens)
+    batches = [open_rows[k : k + rows] for k in range(0, len(open_rows), rows)]
     done = len(prompts) - len(open_rows)  # the drafts finished these
     _report("generating", done, len(prompts))
     count = _synced_count(len(batches), device, synced_gpus)  # before any forward, as in score_examples
@@ -290,7 +365,8 @@ def greedy_generate(
             rows = batches[b]
             starts = [list(prompts[i]) + generated[i] for i in rows]
             budgets = [max_new_tokens - len(generated[i]) for i in rows]
-            batch = _Batch(calls, model, starts, budgets, stops, pad, device)
+            cached = [_usable(prompt_caches[i], starts[k]) if prompt_caches else None for k, i in enumerate(rows)]
+            batch = _Batch(calls, model, starts, budgets, stops, pad, device, cached)
         else:
             calls.dummy_forward(model, pad, device)
         while True:

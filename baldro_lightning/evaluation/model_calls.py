@@ -11,7 +11,7 @@ and continue with explicit position ids and a 2-D attention mask over every cach
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -122,6 +122,44 @@ def buffer_cache(buffers: Sequence[tuple[Tensor, Tensor]], length: int):
 
 
 @dataclass(frozen=True)
+class PromptCache:
+    """The keys and values a scoring pass computed for the first tokens of a prompt, kept for its generation."""
+
+    tokens: tuple[int, ...]
+    """The token ids they belong to (positions 0 .. len - 1)."""
+    layers: list[tuple[Tensor, Tensor]]
+    """Per layer, (H_kv, len(tokens), D) keys and values."""
+
+
+PROMPT_CACHE_BYTES = 2**29
+"""Memory for the prompt caches one evaluation keeps from scoring until generation (every prompt of a small model;
+a few of a large one)."""
+
+
+class PromptCaches:
+    """Prompt caches a scoring pass keeps for later generation: only for the groups asked for, within a byte budget.
+
+    Scoring computes each question's prompt once (:mod:`~baldro_lightning.evaluation.prefix_scoring`); greedy
+    generation from the same prompt (:mod:`~baldro_lightning.evaluation.greedy`) would compute it again. A kept
+    prompt costs its keys and values in memory until generation: ``2 x layers x H_kv x D x dtype`` bytes per token
+    (8 KiB for a 4-layer, 256-wide fp32 model, 0.5 MiB for a 7B model in bf16), so a large model keeps few.
+    """
+
+    def __init__(self, groups: Collection[int], budget: int) -> None:
+        self.wanted = frozenset(groups)
+        self.left = budget
+        self.kept: dict[int, PromptCache] = {}
+
+    def offer(self, group: int, tokens: Sequence[int], layers: Sequence[tuple[Tensor, Tensor]]) -> None:
+        """Keep copies of ``layers`` ((H_kv, T, D) per layer) for ``group`` if it is wanted and they fit."""
+        size = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
+        if group not in self.wanted or group in self.kept or size > self.left:
+            return
+        self.left -= size
+        self.kept[group] = PromptCache(tuple(tokens), [(k.clone(), v.clone()) for k, v in layers])
+
+
+@dataclass(frozen=True)
 class ModelCalls:
     """Forward calls with an explicit cache, explicit positions and, where the model allows it, no unused logits."""
 
@@ -225,10 +263,23 @@ class ModelCalls:
         return logits, _cache_layers(cache)
 
     def start(
-        self, model: nn.Module, ids: Tensor, mask: Tensor, positions: Tensor, room: int
+        self,
+        model: nn.Module,
+        ids: Tensor,
+        mask: Tensor,
+        positions: Tensor,
+        room: int,
+        past: Sequence[tuple[Tensor, Tensor]] | None = None,
+        past_length: int = 0,
     ) -> tuple[Tensor, DynamicCache]:
-        """(B, V) logits of the last position of ``ids``, and the cache to continue from with ``room`` free slots."""
-        cache = buffer_cache(self.buffers(model, ids.shape[0], ids.shape[1] + room), 0)
+        """(B, V) logits of the last position of ``ids``, and the cache to continue from with ``room`` free slots.
+
+        ``past``/``past_length`` as in :meth:`run`: buffers of at least ``past_length + ids.shape[1] + room`` slots
+        whose first ``past_length`` hold keys and values computed earlier (``mask`` then covers them too).
+        """
+        if past is None:
+            past = self.buffers(model, ids.shape[0], ids.shape[1] + room)
+        cache = buffer_cache(past, past_length)
         logits = self._call(model, ids, mask, positions, cache, keep=1)
         return logits[:, -1], cache
 

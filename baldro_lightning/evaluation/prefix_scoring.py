@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from baldro_lightning.data.tokenization import IGNORE_INDEX, common_prefix_length
 from baldro_lightning.evaluation import metrics
 from baldro_lightning.evaluation.engine import AnswerExample, ExampleScore, _input_device, _report, _synced_count
-from baldro_lightning.evaluation.model_calls import ModelCalls
+from baldro_lightning.evaluation.model_calls import ModelCalls, PromptCaches
 
 POOL_BYTES = 2**28
 """Memory for a chunk's key/value pool (every token that later forwards attend to, once): the larger the chunk,
@@ -93,6 +93,8 @@ class Segment:
     """0 for a prompt segment, then one more than the parent segment's."""
     kids: list[tuple[int, int]] = field(default_factory=list)
     """(first node, token) of each segment that continues after this one's last token."""
+    prompt_of: int | None = None
+    """The group whose prompt (before its first target) this segment is; ``None`` for answer segments."""
 
     @property
     def nodes(self) -> np.ndarray:
@@ -147,6 +149,7 @@ def plan_chunk(
         past, parent = np.zeros(0, dtype=np.int64), None
         if cut > 0:
             parent = plan.add(ids[0][:cut], 0, past, logits=False, parent=None)
+            parent.prompt_of = g
             past = parent.nodes
             for path in paths:
                 path.append(past)
@@ -273,6 +276,7 @@ def score_groups(
     batch_size: int,
     pad_token_id: int,
     synced_gpus: bool = False,
+    prompt_caches: PromptCaches | None = None,
 ) -> list[list[ExampleScore]]:
     """Likelihood statistics of grouped examples, each distinct prefix run once (see the module docstring).
 
@@ -286,6 +290,8 @@ def score_groups(
         batch_size: Most segments (prompts or answer parts) per forward.
         pad_token_id: Id written into padded positions (masked by the attention mask).
         synced_gpus: Pad this rank's number of forwards to the largest over ranks with dummy forwards.
+        prompt_caches: Where to keep the keys and values of the prompts (:func:`prefix_cut`) of the groups it asks
+            for, so that generation from those prompts need not compute them again.
 
     Returns:
         Per group, one :class:`ExampleScore` per example, in the given order; ``greedy_ids`` is set for examples
@@ -302,7 +308,7 @@ def score_groups(
     results: list[list[ExampleScore | None]] = [[None] * len(group) for group in groups]
     done = 0
     for chunk in chunks:
-        values = _NodeValues(chunk, groups, device)
+        values = _NodeValues(chunk, groups, device, prompt_caches)
         for batch in chunk.batches:
             values.run(calls, model, [chunk.segments[s] for s in batch], pad_token_id)
             done += 1
@@ -316,8 +322,14 @@ def score_groups(
 class _NodeValues:
     """A chunk's node pool (keys and values per layer) and what each node's logits were reduced to."""
 
-    def __init__(self, chunk: ChunkPlan, groups: Sequence[Sequence[AnswerExample]], device: torch.device) -> None:
-        self.chunk, self.device = chunk, device
+    def __init__(
+        self,
+        chunk: ChunkPlan,
+        groups: Sequence[Sequence[AnswerExample]],
+        device: torch.device,
+        prompt_caches: PromptCaches | None = None,
+    ) -> None:
+        self.chunk, self.device, self.prompt_caches = chunk, device, prompt_caches
         n = chunk.node_count
         self.pool_row = torch.as_tensor(chunk.pool_row, device=device)
         self.keys: list[Tensor] = []
@@ -367,6 +379,12 @@ class _NodeValues:
             self.values = [v.new_empty((n, v.shape[1], v.shape[3])) for _, v in layers]
             for pool in self.keys + self.values:
                 pool[0] = 0  # the dummy node that pads pasts: finite, and always masked
+        if self.prompt_caches is not None:
+            for row, segment in enumerate(segments):
+                if segment.prompt_of is not None:
+                    end = past_length + len(segment.tokens)  # a prompt segment has no past: past_length is 0
+                    kv = [(k[row, :, past_length:end], v[row, :, past_length:end]) for k, v in layers]
+                    self.prompt_caches.offer(segment.prompt_of, segment.tokens, kv)
         # Only segments that others continue are attended to again; a leaf's keys and values are dropped.
         continued = [row for row, segment in enumerate(segments) if segment.kids]
         if continued:
@@ -382,8 +400,12 @@ class _NodeValues:
     def _reduce(self, logits: Tensor, segments: list[Segment], ids: Tensor, node_ids: Tensor, real: Tensor) -> None:
         """Log-sum-exp, argmax, children's token logits and MinK++ moments of every real position."""
         where = node_ids[real]
-        self.lse[where] = torch.logsumexp(logits.float(), dim=-1)[real]
-        self.argmax[where] = logits.argmax(-1)[real]
+        # One max serves the argmax and the log-sum-exp's shift (torch.logsumexp would take its own).
+        values = logits.float()
+        peak, argmax = values.max(dim=-1)
+        lse = (values - peak.unsqueeze(-1)).exp_().sum(-1).log_().add_(peak)
+        self.lse[where] = lse[real]
+        self.argmax[where] = argmax[real]
         # Inside a segment, the child of the node at column c is the node at c + 1 and its token is ids[:, c + 1].
         inner = real[:, 1:]
         picked = logits[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
@@ -401,7 +423,8 @@ class _NodeValues:
             self.child_logit[at[3]] = logits[at[0], at[1], at[2]].float()
         stats = real & self.needs_stats[node_ids]
         if bool(stats.any()):
-            mu, sigma2 = metrics.min_k_plus_plus_stats(logits[stats], from_logits=True)
+            # log p = logit - log-sum-exp, with the log-sum-exp just computed (no second log_softmax).
+            mu, sigma2 = metrics.min_k_plus_plus_stats(values[stats] - lse[stats].unsqueeze(-1))
             self.mu[node_ids[stats]] = mu
             self.sigma2[node_ids[stats]] = sigma2
 

@@ -60,6 +60,7 @@ from baldro_lightning.evaluation.engine import (
 )
 from baldro_lightning.evaluation.gradient_norms import GRADNORM_P, gradient_norms
 from baldro_lightning.evaluation.greedy import choose_engines, draft_of, greedy_generate
+from baldro_lightning.evaluation.model_calls import PROMPT_CACHE_BYTES, PromptCaches
 from baldro_lightning.evaluation.prefix_scoring import score_groups
 from baldro_lightning.evaluation.run_record import (
     EvalLogError,
@@ -369,19 +370,24 @@ class TofuEvaluator(BenchmarkEvaluator):
         examples = sum(len(group) for group in groups)
         log.info("scoring %d answers of %d rows", examples, len(groups))
         size, pad = self.settings.batch_size, self.tokenizer.pad_token_id
+        kept = None
         if cached_scoring:
-            scored = score_groups(model, groups, size, pad, synced_gpus)
+            if cached_generation:
+                wanted = [first_group[task] + p for task in range(len(tasks)) for p in generating[task]]
+                kept = PromptCaches(wanted, PROMPT_CACHE_BYTES)
+            scored = score_groups(model, groups, size, pad, synced_gpus, kept)
         else:
             flat = [e for group in groups for e in group]
             flat = iter(score_examples(model, flat, size, pad, synced_gpus, self.attention_from))
             scored = [[next(flat) for _ in group] for group in groups]
 
-        prompts, prompt_slots, drafts = [], [], []
+        prompts, prompt_slots, drafts, prompt_caches = [], [], [], []
         for task, (_, rows) in enumerate(tasks):
             for position in generating[task]:
                 prompt = self._prompts[rows[position]["question"]]
                 group = first_group[task] + position
                 prompts.append(prompt)
+                prompt_caches.append(kept.kept.get(group) if kept is not None else None)
                 prompt_slots.append((task, position))
                 pairs = zip(groups[group], scored[group], strict=True)
                 drafts.append([d for e, score in pairs if (d := draft_of(prompt, e, score)) is not None])
@@ -390,7 +396,11 @@ class TofuEvaluator(BenchmarkEvaluator):
                 "generating answers for %d prompts (max_new_tokens=%d)", len(prompts), self.settings.max_new_tokens
             )
         generate = greedy_generate if cached_generation else generate_answers
-        options = {"drafts": drafts} if cached_generation else {"attention_from": self.attention_from}
+        options = (
+            {"drafts": drafts, "prompt_caches": prompt_caches}
+            if cached_generation
+            else {"attention_from": self.attention_from}
+        )
         texts = generate(
             model,
             self.tokenizer,
