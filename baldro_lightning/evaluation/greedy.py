@@ -353,7 +353,14 @@ def greedy_generate(
         generated.append(known)
         if not finished:
             open_rows.append(i)
-    open_rows.sort(key=lambda i: len(prompts[i]) + len(generated[i]), reverse=True)
+    cached = [
+        _usable(prompt_caches[i], list(prompts[i]) + generated[i]) if prompt_caches else None
+        for i in range(len(prompts))
+    ]
+    cuts = [len(c.tokens) if c is not None else 0 for c in cached]
+    # A batch spans its longest cached part plus its longest part to run (the two are separate column blocks), so
+    # rows are grouped by the length to run first and the cached length second; without caches: by length.
+    open_rows.sort(key=lambda i: (len(prompts[i]) + len(generated[i]) - cuts[i], cuts[i]), reverse=True)
     rows = decode_rows(calls.kv_bytes_per_token(model), batch_size, open_rows, prompts, generated, max_new_tokens)
     batches = [open_rows[k : k + rows] for k in range(0, len(open_rows), rows)]
     done = len(prompts) - len(open_rows)  # the drafts finished these
@@ -365,8 +372,7 @@ def greedy_generate(
             rows = batches[b]
             starts = [list(prompts[i]) + generated[i] for i in rows]
             budgets = [max_new_tokens - len(generated[i]) for i in rows]
-            cached = [_usable(prompt_caches[i], starts[k]) if prompt_caches else None for k, i in enumerate(rows)]
-            batch = _Batch(calls, model, starts, budgets, stops, pad, device, cached)
+            batch = _Batch(calls, model, starts, budgets, stops, pad, device, [cached[i] for i in rows])
         else:
             calls.dummy_forward(model, pad, device)
         while True:

@@ -107,9 +107,9 @@ class MuseSettings:
     batch_size: int = 8
     """Texts per likelihood forward."""
     knowmem_batch_size: int = 16
-    """KnowMem prompts per generate call."""
+    """KnowMem prompts per generate call (at least, with the prompt_cache engine: see ``TofuSettings``)."""
     verbmem_batch_size: int = 8
-    """VerbMem prompts per generate call."""
+    """VerbMem prompts per generate call (at least, with the prompt_cache engine: see ``TofuSettings``)."""
     knowmem_max_new_tokens: int = 32
     """Greedy KnowMem answer length (methods §3.7: 32)."""
     verbmem_max_new_tokens: int = 128

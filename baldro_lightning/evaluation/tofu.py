@@ -100,7 +100,8 @@ class TofuSettings:
     batch_size: int = 32
     """Examples per likelihood forward (answers, paraphrases and perturbed answers are all examples)."""
     generation_batch_size: int | None = None
-    """Prompts per generate call; batch_size when unset."""
+    """Prompts per generate call; batch_size when unset. The prompt_cache engine decodes more rows at once when their
+    key/value cache fits in 256 MiB (:data:`~baldro_lightning.evaluation.greedy.DECODE_BYTES`)."""
     max_new_tokens: int = 200
     """Greedy generation length for ROUGE (methods §3.2)."""
     rouge_rows_limit: int | None = None

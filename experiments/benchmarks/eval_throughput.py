@@ -5,8 +5,8 @@ split) on the same rows, then :meth:`TofuEvaluator.aggregate` turns its per-row 
 
 - ``new``: :meth:`TofuEvaluator.score` with its default engine (``prompt_cache``: each distinct prefix of a
   question's answers, the prompt first, runs once; greedy tokens that the scored answers prove are taken, the rest
-  decoded from the prompt's keys and values that scoring kept, finished rows leaving the batch). This is what ``python -m baldro_lightning evaluate`` and the in-training
-  callbacks run.
+  decoded from the prompt's keys and values that scoring kept, finished rows leaving the batch). This is what
+  ``python -m baldro_lightning evaluate`` and the in-training callbacks run.
 - ``current``: :func:`pinned_current_scores`, the evaluator's scoring as of commit f56ffc7 (before issue 18), pinned
   here as the baseline: one padded forward per batch of whole examples, one ``model.generate`` per batch of prompts,
   each example tokenised on its own, ROUGE with rouge_score's own stemmer.
