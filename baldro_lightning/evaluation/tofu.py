@@ -371,12 +371,12 @@ class TofuEvaluator(BenchmarkEvaluator):
         examples = sum(len(group) for group in groups)
         log.info("scoring %d answers of %d rows", examples, len(groups))
         size, pad = self.settings.batch_size, self.tokenizer.pad_token_id
-        kept = None
+        caches = None  # the prompts of the rows that generate, kept by scoring for their generation
         if cached_scoring:
             if cached_generation:
                 wanted = [first_group[task] + p for task in range(len(tasks)) for p in generating[task]]
-                kept = PromptCaches(wanted, PROMPT_CACHE_BYTES)
-            scored = score_groups(model, groups, size, pad, synced_gpus, kept)
+                caches = PromptCaches(wanted, PROMPT_CACHE_BYTES)
+            scored = score_groups(model, groups, size, pad, synced_gpus, caches)
         else:
             flat = [e for group in groups for e in group]
             flat = iter(score_examples(model, flat, size, pad, synced_gpus, self.attention_from))
@@ -388,7 +388,7 @@ class TofuEvaluator(BenchmarkEvaluator):
                 prompt = self._prompts[rows[position]["question"]]
                 group = first_group[task] + position
                 prompts.append(prompt)
-                prompt_caches.append(kept.kept.get(group) if kept is not None else None)
+                prompt_caches.append(caches.kept.get(group) if caches is not None else None)
                 prompt_slots.append((task, position))
                 pairs = zip(groups[group], scored[group], strict=True)
                 drafts.append([d for e, score in pairs if (d := draft_of(prompt, e, score)) is not None])
