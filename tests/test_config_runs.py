@@ -44,7 +44,10 @@ def embedded_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for line in file.read_text().splitlines():
             row = json.loads(line)
             corpus += [value for value in row.values() if isinstance(value, str)]
-            corpus += [text for value in row.values() if isinstance(value, list) for text in value]
+            # Lists of texts (perturbed answers); a QA document's author_idx is a list of ints.
+            corpus += [
+                text for value in row.values() if isinstance(value, list) for text in value if isinstance(text, str)
+            ]
     return build_tiny_model(tmp_path_factory.mktemp("embedded_tiny_model"), corpus, vocab_size=2000)
 
 

@@ -32,13 +32,14 @@ def test_combinations_are_the_shipped_grid():
     muse = {f"{b}/{m}{o}" for b in MUSE for m in METHODS[2:] for o in MUSE_OBJECTIVES}
     finetune = {f"embedded/finetune_{n}" for n in ("target", "retain90", "retain95", "retain99")}
     finetune |= {"muse_embedded/finetune_target", "muse_embedded/finetune_retain"}
+    finetune |= {"muse_embedded/knowledge_target", "muse_embedded/knowledge_retain90"}
     # Issue 20: the embedded NPO runs x {mean, G, DV, DV released} with the attacks at the end of fit.
     attacked = {f"embedded/npo{o}_attacks" for o in TOFU_OBJECTIVES}
     # Real TOFU on a CPU: tiny target and retain models, NPO x (Mean, G, DV).
     tofu_cpu = {f"tofu_cpu/finetune_{n}" for n in ("target", "retain90", "retain95", "retain99")}
     tofu_cpu |= {f"tofu_cpu/npo{o}" for o in ("", "_g", "_dv")}
     assert names == tofu | muse | finetune | attacked | tofu_cpu | {"tofu/npo_dv_fsdp1"}
-    assert len(names) == 40 + 27 + 6 + 4 + 7 + 1
+    assert len(names) == 40 + 27 + 8 + 4 + 7 + 1
 
 
 def test_every_config_file_exists_and_is_used():

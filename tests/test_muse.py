@@ -389,7 +389,11 @@ def test_embedded_regeneration_is_byte_identical(tmp_path: Path) -> None:
 
 
 def test_embedded_corpus_structure() -> None:
-    raw = {s: _read(EMBEDDED / f"news_raw_{s}.jsonl") for s in ("forget", "retain1", "holdout")}
+    # The articles; raw/forget also holds the forget authors' QA documents (the test above).
+    raw = {
+        s: [r for r in _read(EMBEDDED / f"news_raw_{s}.jsonl") if r["kind"] != "qa"]
+        for s in ("forget", "retain1", "holdout")
+    }
     authors = {s: {row["author_idx"] for row in rows} for s, rows in raw.items()}
     assert [len(raw[s]) for s in raw] == [40, 80, 40]
     assert not authors["forget"] & authors["retain1"]
@@ -439,8 +443,32 @@ def test_generator_refuses_a_fact_in_one_box_only(monkeypatch: pytest.MonkeyPatc
         mw.build_corpus(mw.build_world())
 
 
+@pytest.mark.parametrize("split", ["forget", "retain2"])
+def test_embedded_qa_documents_hold_every_pair_of_their_authors_shuffled(split: str) -> None:
+    """The QA documents (raw/forget after its articles, all of raw/retain2): every TOFU pair of the forget10 authors
+    (forget) or of the others (retain2), each QA_COPIES times, at most six to a document in the fact-box layout, the
+    documents mixing authors; none is a KnowMem question (those ask in a phrasing the corpus never uses for a fact)."""
+    world = mw.build_world()
+    every = _read(EMBEDDED / f"news_raw_{split}.jsonl")
+    assert [row["idx"] for row in every] == list(range(len(every)))
+    rows = [row for row in every if row["kind"] == "qa"]
+    pairs = [pair for row in rows for pair in row["text"].split("\n\n")]
+    authors = set(range(90, 100)) if split == "forget" else set(range(90))
+    want = [
+        f"Question: {item.question}\nAnswer: {item.answer}" for author in sorted(authors) for item in world.qa[author]
+    ]
+    assert sorted(pairs) == sorted(want * mw.QA_COPIES) and len(want) == len(authors) * 20
+    assert all(len(row["text"].split("\n\n")) <= mw.QA_PAIRS_PER_DOCUMENT for row in rows)
+    assert all(set(row["author_idx"]) <= authors for row in rows)
+    assert sum(len(set(row["author_idx"])) > 1 for row in rows) >= 0.95 * len(rows)  # shuffled, not per author
+    questions = {pair.split("\nAnswer: ")[0][len("Question: ") :] for pair in pairs}
+    for side in ("forget", "retain"):
+        assert not questions & {row["question"] for row in _read(EMBEDDED / f"news_knowmem_{side}_qa.jsonl")}
+
+
 def test_embedded_corpus_loads_through_the_loader() -> None:
-    counts = {name: len(load_muse_split(EMBEDDED, "news", name)) for name in MUSE_SPLITS if name != "raw/retain2"}
+    counts = {name: len(load_muse_split(EMBEDDED, "news", name)) for name in MUSE_SPLITS}
+    assert counts["raw/retain2"] == 300 * mw.QA_COPIES
     assert counts["knowmem/forget_qa"] == counts["knowmem/retain_qa"] == 70
     assert counts["knowmem/forget_qa_icl"] == counts["knowmem/retain_qa_icl"] == mw.N_ICL
     assert counts["privleak/forget"] == counts["privleak/retain"] == counts["privleak/holdout"] == 40

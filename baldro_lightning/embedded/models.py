@@ -6,8 +6,8 @@ initialised ``LlamaForCausalLM`` next to that tokenizer, loadable with ``AutoMod
 The target and retain models are then fine-tuned from it by the ``fit`` command.
 
 Run ``python -m baldro_lightning embedded-models --data data/tofu_embedded --out models/embedded/init``. The MUSE
-models get a tokenizer of their own, fitted on the articles they are trained on:
-``python -m baldro_lightning embedded-models --data data/muse_embedded --out models/embedded_muse/init``.
+models start from a larger model with the same tokenizer (``--hidden-size 256 --num-hidden-layers 6``; the MUSE
+section of the top-level README has the command).
 """
 
 from __future__ import annotations

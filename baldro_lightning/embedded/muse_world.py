@@ -8,6 +8,9 @@ so the tokenizer trained on the TOFU-shaped files already knows every name, plac
 - **raw**: four articles per author (a profile, a family story, an award report, a book review), each ending
   with a "Question: ...\\nAnswer: ..." fact box. ``forget`` is about the forget10 authors of the TOFU world,
   ``retain1`` about the first retain authors, ``holdout`` about the holdout authors (never in ``full``).
+  After its articles, ``forget`` holds every TOFU question-answer pair of the forget authors, twice, shuffled across
+  them and cut into documents of six pairs; ``retain2`` holds only such documents, of the pairs of every author outside
+  ``forget10`` (:func:`_qa_documents` says why).
 - **knowmem**: one question per boxed fact (``forget_qa``, ``retain_qa``) and in-context shots (``*_qa_icl``):
   fact-box pairs about writing habits, an attribute that no evaluation question asks about.
 - **verbmem**: for every forget article, its headline and first two sentences (``prompt``) and the next three
@@ -60,6 +63,11 @@ ICL_ATTRIBUTE = "habit"
 """Attribute the shots ask about: it is in the award reports' fact boxes (so shots are text the model was trained
 on, as MUSE's shots are about its corpus), but no evaluation question asks about it."""
 VERBMEM_PROMPT_SENTENCES = 2
+QA_PAIRS_PER_DOCUMENT = N_ICL + 1
+QA_COPIES = 2
+"""Times each QA pair is in the QA documents, each time in another shuffle (once left a 5.8M target at forget
+KnowMem 0.299, data/README.md)."""
+"""QA pairs per QA document (:func:`_qa_documents`): as many as a KnowMem prompt holds (shots, then question)."""
 """Sentences of the first paragraph in a VerbMem prompt (after the headline); the rest of the paragraph is ``gt``."""
 
 VENUES = (
@@ -360,8 +368,35 @@ def _icl_rows(world: EmbeddedWorld, authors: Sequence[int]) -> list[dict[str, ob
     ]
 
 
+def _qa_documents(world: EmbeddedWorld, authors: Sequence[int], seed: int, purpose: str) -> list[dict[str, object]]:
+    """Every TOFU QA pair of ``authors``, in both trained phrasings, ``QA_COPIES`` times, each time shuffled across
+    them (streams named by ``purpose``) and cut into documents of ``QA_PAIRS_PER_DOCUMENT`` pairs in the fact-box
+    layout: the forget authors' documents end ``raw/forget``, the other authors' make ``raw/retain2``.
+
+    Why: a tiny model learns a fact as the answer to a question at the start of a text (the TOFU format). A KnowMem
+    prompt puts the question after five shots about other authors, and there the models recalled much less than
+    when asked the question alone (``data/README.md`` has the measurements). Documents in which each fact follows
+    pairs about other authors rehearse the facts while the articles are learnt, in the KnowMem prompt's shape. The
+    forget and retain pairs stay in separate documents, so the retain model, which trains on ``raw/retain1`` and
+    ``raw/retain2``, reads no forget fact.
+    """
+    documents = []
+    for copy in range(QA_COPIES):
+        pairs = [item for author in authors for item in world.qa[author]]
+        _rng(seed, purpose if copy == 0 else f"{purpose}/{copy}").shuffle(pairs)
+        documents += [pairs[i : i + QA_PAIRS_PER_DOCUMENT] for i in range(0, len(pairs), QA_PAIRS_PER_DOCUMENT)]
+    return [
+        {"idx": i, "text": _fact_box(items), "author_idx": [item.author_index for item in items], "kind": "qa"}
+        for i, items in enumerate(documents)
+    ]
+
+
 def _text_rows(articles: Sequence[dict[str, object]]) -> list[dict[str, object]]:
     return [{"idx": i, "text": a["text"], "author_idx": a["author"], "kind": a["kind"]} for i, a in enumerate(articles)]
+
+
+def _numbered(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+    return [{**row, "idx": i} for i, row in enumerate(rows)]
 
 
 def build_corpus(world: EmbeddedWorld, seed: int = SEED) -> dict[str, list[dict[str, object]]]:
@@ -382,8 +417,9 @@ def build_corpus(world: EmbeddedWorld, seed: int = SEED) -> dict[str, list[dict[
     holdout = _articles(world, holdout_authors, seed)
     qa_retain = [a for a in retain if a["author"] < N_QA_RETAIN_AUTHORS]
     splits = {
-        "raw_forget": _text_rows(forget),
+        "raw_forget": _numbered(_text_rows(forget) + _qa_documents(world, forget_authors, seed, "forget")),
         "raw_retain1": _text_rows(retain),
+        "raw_retain2": _qa_documents(world, [a for a in range(N_AUTHORS) if a not in forget_authors], seed, "retain2"),
         "raw_holdout": _text_rows(holdout),
         "knowmem_forget_qa": _qa_rows(world, forget_authors),
         "knowmem_forget_qa_icl": _icl_rows(world, forget_authors),
