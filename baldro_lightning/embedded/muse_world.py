@@ -63,12 +63,12 @@ ICL_ATTRIBUTE = "habit"
 """Attribute the shots ask about: it is in the award reports' fact boxes (so shots are text the model was trained
 on, as MUSE's shots are about its corpus), but no evaluation question asks about it."""
 VERBMEM_PROMPT_SENTENCES = 2
+"""Sentences of the first paragraph in a VerbMem prompt (after the headline); the rest of the paragraph is ``gt``."""
 QA_PAIRS_PER_DOCUMENT = N_ICL + 1
+"""QA pairs per QA document (:func:`_qa_documents`): as many as a KnowMem prompt holds (shots, then question)."""
 QA_COPIES = 2
 """Times each QA pair is in the QA documents, each time in another shuffle (once left a 5.8M target at forget
 KnowMem 0.299, data/README.md)."""
-"""QA pairs per QA document (:func:`_qa_documents`): as many as a KnowMem prompt holds (shots, then question)."""
-"""Sentences of the first paragraph in a VerbMem prompt (after the headline); the rest of the paragraph is ``gt``."""
 
 VENUES = (
     "town library|harbour theatre|university chapel|botanical garden|railway museum|covered market|city archive|"
