@@ -389,7 +389,7 @@ def test_embedded_regeneration_is_byte_identical(tmp_path: Path) -> None:
 
 
 def test_embedded_corpus_structure() -> None:
-    # The articles; raw/forget also holds the forget authors' QA documents (the test above).
+    # The articles; raw/forget also holds the forget authors' QA documents (test_embedded_qa_documents_*).
     raw = {
         s: [r for r in _read(EMBEDDED / f"news_raw_{s}.jsonl") if r["kind"] != "qa"]
         for s in ("forget", "retain1", "holdout")

@@ -383,6 +383,7 @@ def _qa_documents(world: EmbeddedWorld, authors: Sequence[int], seed: int, purpo
     documents = []
     for copy in range(QA_COPIES):
         pairs = [item for author in authors for item in world.qa[author]]
+        # The first copy keeps the stream of the one-copy corpus measured in data/README.md, so its documents stay.
         _rng(seed, purpose if copy == 0 else f"{purpose}/{copy}").shuffle(pairs)
         documents += [pairs[i : i + QA_PAIRS_PER_DOCUMENT] for i in range(0, len(pairs), QA_PAIRS_PER_DOCUMENT)]
     return [
