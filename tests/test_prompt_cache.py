@@ -164,6 +164,85 @@ def test_shared_prefix_scores_equal_whole_examples(model, tokenizer, tiny_benchm
         np.testing.assert_array_equal(a.greedy_ids, row_logits[labelled].argmax(-1).numpy())
 
 
+def test_only_read_positions_reach_the_output_head_in_blocks(model, tokenizer, tiny_benchmark, monkeypatch):
+    """The head runs on every position a token follows (each segment's positions but the last, and the last where
+    segments continue it), never on padding or a leaf's last token, in blocks of at most head_rows; padding the
+    batch with unread positions changes nothing."""
+    groups = groups_of(tokenizer, tiny_benchmark)
+    vocab = model.config.vocab_size
+    blocks: list[int] = []
+    linear = torch.nn.Linear.forward
+
+    def counted(self, x):
+        if self.out_features == vocab:
+            blocks.append(x.shape[0] if x.dim() == 2 else -x.shape[:-1].numel())  # negative: a whole forward
+        return linear(self, x)
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", counted)
+    monkeypatch.setattr(model_calls, "HEAD_BYTES", 4 * vocab * 20)  # 20 rows per block
+    with torch.no_grad():
+        got = score_groups(model, groups, 3, tokenizer.pad_token_id)
+    plans = prefix_scoring.plan_chunks(groups, 3, 10**6)
+    read = sum(len(seg.tokens) - (0 if seg.kids else 1) for p in plans for seg in p.segments if seg.logits)
+    assert blocks[0] == -2  # the reducible-head probe: one 2-token forward, its logits whole
+    assert sum(blocks[1:]) == read and max(blocks[1:]) == 20 and min(blocks[1:]) > 0
+    monkeypatch.setattr(torch.nn.Linear, "forward", linear)
+    with torch.no_grad():
+        want = [s for group in score_groups(model, groups, 32, tokenizer.pad_token_id) for s in group]
+    for a, b in zip([s for group in got for s in group], want, strict=True):
+        assert a.nll_mean == pytest.approx(b.nll_mean, abs=TOLERANCE)
+
+
+class _ScaledLogits(torch.nn.Module):
+    """A causal LM that changes its head's output before returning it (as soft-capping or a logit scale does)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.config, self.generation_config = inner.config, inner.generation_config
+
+    def forward(self, **kwargs):
+        out = self.inner(**kwargs)
+        out.logits = out.logits * 0.5
+        return out
+
+
+def test_a_head_whose_output_is_changed_after_it_is_not_bypassed(model, tokenizer, tiny_benchmark):
+    """Scaled logits: the probe finds the head's output is not the model's logits, so every position's logits come
+    from the forward; the scores are the per-example path's on the scaled model."""
+    scaled = _ScaledLogits(model)
+    device = torch.device("cpu")
+    with torch.no_grad():
+        assert model_calls.reducible_head(model, tokenizer.pad_token_id, device) is model.lm_head
+        assert model_calls.reducible_head(scaled, tokenizer.pad_token_id, device) is None
+        groups = groups_of(tokenizer, tiny_benchmark)[:6]
+        flat = [e for group in groups for e in group]
+        want = score_examples(scaled, flat, 4, tokenizer.pad_token_id)
+        got = [s for group in score_groups(scaled, groups, 4, tokenizer.pad_token_id) for s in group]
+        plain = score_examples(model, flat, 4, tokenizer.pad_token_id)
+    for a, b, c in zip(got, want, plain, strict=True):
+        assert a.nll_mean == pytest.approx(b.nll_mean, abs=TOLERANCE)
+        assert abs(b.nll_mean - c.nll_mean) > 1e-3  # the scale matters, so bypassing it would be caught
+
+
+def test_an_instance_level_head_forward_is_used_and_kept(model, tokenizer, tiny_benchmark):
+    """A forward set on the head instance (as device-placement hooks do) computes every block and stays after."""
+    calls = []
+    own = model.lm_head.forward
+
+    def placed(x):
+        calls.append(x.shape[0])
+        return own(x)
+
+    model.lm_head.forward = placed
+    try:
+        with torch.no_grad():
+            score_groups(model, groups_of(tokenizer, tiny_benchmark)[:2], 4, tokenizer.pad_token_id)
+        assert model.lm_head.forward is placed and len(calls) >= 2
+    finally:
+        del model.lm_head.forward
+
+
 def test_decode_rows_fill_the_cache_budget_but_never_fewer_than_batch_size(monkeypatch):
     """8 KiB per token; the longest open row is a 50-token prompt with 6 verified tokens, plus 200 new: 256 slots,
     2 MiB per row, so 256 MiB hold 128 rows; a larger batch_size wins, and no budget leaves batch_size."""
@@ -391,7 +470,8 @@ def test_ranks_agree_on_the_number_of_forwards_before_the_first(model, tokenizer
                 score_groups(model, groups, 32, tokenizer.pad_token_id)
                 nodes = prefix_scoring.POOL_BYTES // ModelCalls.of(model).kv_bytes_per_token(model)
                 planned = sum(len(p.batches) for p in prefix_scoring.plan_chunks(groups, 32, nodes))
-                assert events == ["agree", *["forward"] * planned, "forward"]  # the plan's forwards, then the dummy
+                # The reducible-head probe, the plan's forwards, then the dummy.
+                assert events == ["agree", "forward", *["forward"] * planned, "forward"]
             else:
                 prompts = [encode_prompt(tokenizer, PromptTemplate(), "Where was AuthorA born?")]
                 greedy_generate(model, tokenizer, prompts, 2, 2)

@@ -11,7 +11,7 @@ and continue with explicit position ids and a 2-D attention mask over every cach
 from __future__ import annotations
 
 import inspect
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -287,8 +287,92 @@ class ModelCalls:
         """(B, V) logits of one new token per row; ``cache`` grows by it."""
         return self._call(model, ids, mask, positions, cache, keep=1)[:, -1]
 
+    def run_reduced(
+        self,
+        model: nn.Module,
+        head: nn.Module,
+        ids: Tensor,
+        mask: Tensor,
+        positions: Tensor,
+        rows: Tensor,
+        reduce: Callable[[Tensor, int], None],
+        past: Sequence[tuple[Tensor, Tensor]] | None = None,
+        past_length: int = 0,
+    ) -> list[tuple[Tensor, Tensor]]:
+        """:meth:`run`, with the logits of only the positions ``rows`` computed, a block at a time, and reduced.
+
+        ``head`` is the model's output embedding as :func:`reducible_head` returns it. For this call it computes
+        the (k, V) logits of :func:`head_rows` positions at a time, in the order of ``rows`` (indices into the
+        flattened ``B x T`` positions), and hands each block to ``reduce(logits, first)``, ``first`` being the
+        block's first index into ``rows``; no block outlives its call and no other position reaches the head.
+
+        Returns:
+            Per layer, the (B, H_kv, P + T, D) keys and values, as :meth:`run` does.
+        """
+        if past is None:
+            past = self.buffers(model, ids.shape[0], ids.shape[1])
+        cache = buffer_cache(past, past_length)
+        block = head_rows(head)
+        own = head.__dict__.get("forward")  # an instance-level forward (e.g. a device-placement hook) stays in use
+        compute = own if own is not None else type(head).forward.__get__(head)
+
+        def forward(hidden: Tensor) -> Tensor:
+            flat = hidden.reshape(-1, hidden.shape[-1])
+            for first in range(0, len(rows), block):
+                reduce(compute(flat.index_select(0, rows[first : first + block])), first)
+            return hidden.new_empty((*hidden.shape[:-1], 0))
+
+        head.forward = forward
+        try:
+            self._call(model, ids, mask, positions, cache, keep=None)
+        finally:
+            if own is None:
+                del head.forward
+            else:
+                head.forward = own
+        return _cache_layers(cache)
+
     @staticmethod
-    def dummy_forward(model: nn.Module, pad_token_id: int, device: torch.device) -> None:
-        """One forward of a 2-token input, so that sharded ranks run as many forwards as the busiest rank."""
+    def dummy_forward(model: nn.Module, pad_token_id: int, device: torch.device) -> Tensor:
+        """One forward of a 2-token input, so that sharded ranks run as many forwards as the busiest rank.
+
+        Returns its logits.
+        """
         dummy = torch.full((1, 2), pad_token_id, dtype=torch.long, device=device)
-        model(input_ids=dummy, attention_mask=torch.ones_like(dummy), use_cache=False)
+        return model(input_ids=dummy, attention_mask=torch.ones_like(dummy), use_cache=False).logits
+
+
+HEAD_BYTES = 2**22
+"""Logits :meth:`ModelCalls.run_reduced` computes at once: a 4 MiB fp32 block is read by every reduction (max,
+exponent, sum, picked tokens) while it is still in a CPU's cache, where a whole (B, T, V) tensor is read from
+memory each time (and would take 3.3 GB for 6,400 positions of a 128k vocabulary)."""
+
+HEAD_MIN_ROWS = 16
+"""Fewest positions per block, however large the vocabulary (a GPU wants rows to fill its matrix units)."""
+
+
+def head_rows(head: nn.Module) -> int:
+    """Positions per block of logits: as many as fill :data:`HEAD_BYTES` in fp32, at least :data:`HEAD_MIN_ROWS`."""
+    vocabulary = getattr(head, "out_features", None) or head.weight.shape[0]
+    return max(HEAD_MIN_ROWS, HEAD_BYTES // (4 * vocabulary))
+
+
+def reducible_head(model: nn.Module, pad_token_id: int, device: torch.device) -> nn.Module | None:
+    """The output embedding whose output *is* the model's logits; ``None`` when something is applied after it.
+
+    Some models change the head's output before returning it (Gemma 2's soft-capping, Cohere's logit scale), and
+    some compute it without calling the module; :meth:`ModelCalls.run_reduced` must not bypass either. One 2-token
+    forward (:meth:`ModelCalls.dummy_forward`, which sharded ranks all run here) records what the head returns and
+    checks that the model returns that very tensor.
+    """
+    hf = _hf_model(model)
+    head = hf.get_output_embeddings() if hf is not None else None
+    if head is None:
+        return None
+    seen: list[Tensor] = []
+    handle = head.register_forward_hook(lambda module, inputs, output: seen.append(output))
+    try:
+        logits = ModelCalls.dummy_forward(model, pad_token_id, device)
+    finally:
+        handle.remove()
+    return head if len(seen) == 1 and seen[0] is logits else None

@@ -11,10 +11,12 @@ least :data:`MIN_SHARED` tokens long.
 
 - The prompt before the first target (``input_ids[:cut]``, :func:`prefix_cut`) is a segment of its own whose
   logits are never computed (the language-model head is skipped there).
-- Every other node's logits are reduced right after its forward to what the metrics read: the log-sum-exp over
-  the vocabulary, the argmax, the logit of each child's token (so a child's log-probability is that logit minus
-  its parent's log-sum-exp, the formula of :func:`~baldro_lightning.train.logprobs.token_logprobs`), and the
-  MinK++ moments where an example asks for token statistics. No (T, V) tensor outlives its batch.
+- Every other node that a token follows has its logits computed and reduced in the same forward to what the
+  metrics read (:class:`_HeadReads`): the argmax, each child token's log-probability (fp32, as
+  :func:`~baldro_lightning.train.logprobs.token_logprobs` computes it) and the MinK++ moments where an example asks
+  for token statistics. The output head runs on a few hundred such positions at a time
+  (:meth:`~baldro_lightning.evaluation.model_calls.ModelCalls.run_reduced`), so no (T, V) tensor is ever held; a
+  leaf's last token and padding never reach it.
 
 Per example this gives what :func:`~baldro_lightning.evaluation.engine.score_examples` gives, equal within float
 rounding (other matmul shapes, padded key slots that are masked), plus on request the teacher-forced argmax at every
@@ -30,7 +32,7 @@ none attending to more key/value slots than ``batch_size`` whole examples would.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -41,7 +43,7 @@ from torch import Tensor, nn
 from baldro_lightning.data.tokenization import IGNORE_INDEX, common_prefix_length
 from baldro_lightning.evaluation import metrics
 from baldro_lightning.evaluation.engine import AnswerExample, ExampleScore, _input_device, _report, _synced_count
-from baldro_lightning.evaluation.model_calls import ModelCalls, PromptCaches
+from baldro_lightning.evaluation.model_calls import ModelCalls, PromptCaches, reducible_head
 
 POOL_BYTES = 2**28
 """Memory for a chunk's key/value pool (every token that later forwards attend to, once): the larger the chunk,
@@ -305,12 +307,13 @@ def score_groups(
     planned = sum(len(chunk.batches) for chunk in chunks)
     # Agreed before any forward: a rank asking later would meet the others' FSDP all-gathers and deadlock.
     forwards = _synced_count(planned, device, synced_gpus)
+    head = reducible_head(model, pad_token_id, device)  # one forward, which every rank runs
     results: list[list[ExampleScore | None]] = [[None] * len(group) for group in groups]
     done = 0
     for chunk in chunks:
         values = _NodeValues(chunk, groups, device, prompt_caches)
         for batch in chunk.batches:
-            values.run(calls, model, [chunk.segments[s] for s in batch], pad_token_id)
+            values.run(calls, model, head, [chunk.segments[s] for s in batch], pad_token_id)
             done += 1
             _report("scoring", done, planned)  # in forwards: a forward serves parts of many examples
         values.scores(groups, results)
@@ -334,19 +337,25 @@ class _NodeValues:
         self.pool_row = torch.as_tensor(chunk.pool_row, device=device)
         self.keys: list[Tensor] = []
         self.values: list[Tensor] = []
-        self.lse = torch.full((n,), float("nan"), device=device)
-        self.child_logit = torch.full((n,), float("nan"), device=device)
+        self.logp = torch.full((n,), float("nan"), device=device)  # a node's token's log-prob after its parent
         self.argmax = torch.zeros(n, dtype=torch.long, device=device)
         self.mu = torch.full((n,), float("nan"), device=device)
         self.sigma2 = torch.full((n,), float("nan"), device=device)
         # Nodes whose next-token distribution feeds MinK++ (positions of token-statistics examples).
-        stats = np.zeros(n, dtype=bool)
+        self.needs_stats = np.zeros(n, dtype=bool)
         for (g, k), path in chunk.paths.items():
             if groups[g][k].token_stats:
-                stats[path] = True
-        self.needs_stats = torch.as_tensor(stats, device=device)
+                self.needs_stats[path] = True
 
-    def run(self, calls: ModelCalls, model: nn.Module, segments: list[Segment], pad: int) -> None:
+    def run(
+        self, calls: ModelCalls, model: nn.Module, head: nn.Module | None, segments: list[Segment], pad: int
+    ) -> None:
+        """One forward of ``segments``: pool the keys and values others attend to, reduce the logits that are read.
+
+        ``head``: the output embedding when :meth:`ModelCalls.run_reduced` may run it on the read positions only
+        (:func:`~baldro_lightning.evaluation.model_calls.reducible_head`); ``None``: every position's logits are
+        computed and the read ones reduced after.
+        """
         device = self.device
         length = max(len(s.tokens) for s in segments)
         past_length = max(len(s.past) for s in segments)
@@ -371,8 +380,18 @@ class _NodeValues:
                 shape = (len(segments), past_length, *pool_keys.shape[1:])
                 keys[:, :, :past_length] = pool_keys.index_select(0, flat).view(shape).transpose(1, 2)
                 values[:, :, :past_length] = pool_values.index_select(0, flat).view(shape).transpose(1, 2)
-        needs_logits = segments[0].logits
-        logits, layers = calls.run(model, ids, mask, positions, buffers, past_length, keep_all=needs_logits)
+        reads = _HeadReads.of(segments, length, self.needs_stats, device)
+        if head is not None:
+            layers = calls.run_reduced(
+                model, head, ids, mask, positions, reads.rows, reads.reducer(self), buffers, past_length
+            )
+        else:
+            logits, layers = calls.run(model, ids, mask, positions, buffers, past_length, keep_all=len(reads.rows) > 0)
+            if len(reads.rows):
+                logits = logits.reshape(-1, logits.shape[-1])
+                reduce = reads.reducer(self)
+                for first in range(0, len(reads.rows), HEAD_FALLBACK_ROWS):
+                    reduce(logits.index_select(0, reads.rows[first : first + HEAD_FALLBACK_ROWS]), first)
         if not self.keys:
             n = int(self.chunk.pool_row.max()) + 1
             self.keys = [k.new_empty((n, k.shape[1], k.shape[3])) for k, _ in layers]
@@ -394,50 +413,36 @@ class _NodeValues:
             for layer, (k, v) in enumerate(layers):
                 self.keys[layer].index_copy_(0, where, k[rows, :, past_length:].transpose(1, 2)[keep])
                 self.values[layer].index_copy_(0, where, v[rows, :, past_length:].transpose(1, 2)[keep])
-        if needs_logits:
-            self._reduce(logits, segments, ids, node_ids, real)
 
-    def _reduce(self, logits: Tensor, segments: list[Segment], ids: Tensor, node_ids: Tensor, real: Tensor) -> None:
-        """Log-sum-exp, argmax, children's token logits and MinK++ moments of every real position."""
-        where = node_ids[real]
-        # One max serves the argmax and the log-sum-exp's shift (torch.logsumexp would take its own).
+    def reduce(self, logits: Tensor, reads: _HeadReads, first: int) -> None:
+        """Argmax, children's token log-probabilities and MinK++ moments of the read positions ``first ..``."""
+        last = first + logits.shape[0]
+        nodes = reads.nodes[first:last]
         values = logits.float()
-        peak, argmax = values.max(dim=-1)
-        lse = (values - peak.unsqueeze(-1)).exp_().sum(-1).log_().add_(peak)
-        self.lse[where] = lse[real]
-        self.argmax[where] = argmax[real]
-        # Inside a segment, the child of the node at column c is the node at c + 1 and its token is ids[:, c + 1].
-        inner = real[:, 1:]
-        picked = logits[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-        self.child_logit[node_ids[:, 1:][inner]] = picked[inner].float()
-        # After a segment's last token come the first tokens of the segments that continue it.
-        rows, cols, tokens, kids = [], [], [], []
-        for row, segment in enumerate(segments):
-            for kid, token in segment.kids:
-                rows.append(row)
-                cols.append(len(segment.tokens) - 1)
-                tokens.append(token)
-                kids.append(kid)
-        if kids:
-            at = [torch.as_tensor(x, device=logits.device) for x in (rows, cols, tokens, kids)]
-            self.child_logit[at[3]] = logits[at[0], at[1], at[2]].float()
-        stats = real & self.needs_stats[node_ids]
-        if bool(stats.any()):
-            # log p = logit - log-sum-exp, with the log-sum-exp just computed (no second log_softmax).
-            mu, sigma2 = metrics.min_k_plus_plus_stats(values[stats] - lse[stats].unsqueeze(-1))
-            self.mu[node_ids[stats]] = mu
-            self.sigma2[node_ids[stats]] = sigma2
+        # In fp32, as token_logprobs computes them. On a CPU, log_softmax's fused kernel costs less than the
+        # exponent and sum written out, and torch.max's indices less than argmax or a comparison with amax.
+        logps = torch.log_softmax(values, dim=-1)
+        self.argmax[nodes] = values.max(dim=-1).indices
+        lo, hi = np.searchsorted(reads.pick_at_cpu, [first, last])
+        if hi > lo:
+            self.logp[reads.pick_node[lo:hi]] = logps[reads.pick_at[lo:hi] - first, reads.pick_token[lo:hi]]
+        stats = reads.stats_cpu[first:last]
+        if stats.any():
+            where = torch.as_tensor(np.flatnonzero(stats), device=logits.device)
+            mu, sigma2 = metrics.min_k_plus_plus_stats(logps[where])
+            self.mu[nodes[where]] = mu
+            self.sigma2[nodes[where]] = sigma2
 
     def scores(self, groups: Sequence[Sequence[AnswerExample]], results: list[list[ExampleScore | None]]) -> None:
-        lse, child_logit = self.lse.cpu().numpy(), self.child_logit.cpu().numpy()
+        node_logp = self.logp.cpu().numpy()
         argmax, mu, sigma2 = self.argmax.cpu().numpy(), self.mu.cpu().numpy(), self.sigma2.cpu().numpy()
         for (g, k), path in self.chunk.paths.items():
             example = groups[g][k]
             path_ids = np.asarray(path)
             labelled = [t for t in range(1, len(path)) if example.labels[t] != IGNORE_INDEX]
             targets = np.asarray(labelled, dtype=np.int64)
-            # log p(token t | prefix) = its logit at t-1 minus the log-sum-exp at t-1 (fp32, as token_logprobs).
-            logps = child_logit[path_ids[targets]] - lse[path_ids[targets - 1]]
+            # log p(token t | prefix) is kept at token t's node.
+            logps = node_logp[path_ids[targets]]
             # No target (a question that fills max_length): NaN, as score_examples gives it, left out of aggregates.
             nll = -float(logps.astype(np.float64).sum()) / len(targets) if len(targets) else math.nan
             extra = {}
@@ -454,3 +459,75 @@ class _NodeValues:
                 }
             greedy_ids = argmax[path_ids[targets - 1]] if example.draft else None
             results[g][k] = ExampleScore(nll_mean=nll, greedy_ids=greedy_ids, **extra)
+
+
+HEAD_FALLBACK_ROWS = 1024
+"""Positions reduced at once when a model's logits come whole from its forward (no :func:`reducible_head`)."""
+
+
+@dataclass(frozen=True)
+class _HeadReads:
+    """Which positions of a forward have their logits read, and what is read from each.
+
+    A position is read when a token follows it in the tree: the next token of its segment, or the first token of
+    each segment that continues it (a segment's last position may have several such children, or none: a leaf's
+    last position, and padding, never reach the output head). From each read position come its argmax, each
+    child token's log-probability, and MinK++ moments where a token-statistics example passes through it.
+    """
+
+    rows: Tensor
+    """(n,) the read positions, as ascending indices into the forward's flattened ``B x T`` positions."""
+    nodes: Tensor
+    """(n,) their node ids."""
+    stats_cpu: np.ndarray
+    """(n,) whether MinK++ moments are wanted there."""
+    pick_at: Tensor
+    """(m,) for each child token read, the index into ``rows`` of the position before it; ascending."""
+    pick_at_cpu: np.ndarray
+    pick_token: Tensor
+    """(m,) the child's token id."""
+    pick_node: Tensor
+    """(m,) the child's node id, under which its token logit is kept."""
+
+    @staticmethod
+    def of(segments: Sequence[Segment], length: int, needs_stats: np.ndarray, device: torch.device) -> _HeadReads:
+        rows, nodes, pick_at, pick_token, pick_node = [], [], [], [], []
+        count = 0
+        for row, segment in enumerate(segments):
+            if not segment.logits:
+                continue
+            size = len(segment.tokens)
+            read = size if segment.kids else size - 1  # the last position is read only when a segment continues it
+            rows.append(row * length + np.arange(read))
+            nodes.append(segment.nodes[:read])
+            # Inside the segment the child of column c is column c + 1; after its end come the kids' first tokens.
+            pick_at.append(count + np.arange(size - 1))
+            pick_token.append(np.asarray(segment.tokens[1:], dtype=np.int64))
+            pick_node.append(segment.nodes[1:])
+            if segment.kids:
+                kids = np.asarray(segment.kids, dtype=np.int64)
+                pick_at.append(np.full(len(kids), count + size - 1))
+                pick_token.append(kids[:, 1])
+                pick_node.append(kids[:, 0])
+            count += read
+
+        def joined(parts: list[np.ndarray]) -> np.ndarray:
+            return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+
+        def tensor(array: np.ndarray) -> Tensor:
+            return torch.as_tensor(array, device=device)
+
+        read_nodes, at = joined(nodes), joined(pick_at)
+        return _HeadReads(
+            rows=tensor(joined(rows)),
+            nodes=tensor(read_nodes),
+            stats_cpu=needs_stats[read_nodes],
+            pick_at=tensor(at),
+            pick_at_cpu=at,
+            pick_token=tensor(joined(pick_token)),
+            pick_node=tensor(joined(pick_node)),
+        )
+
+    def reducer(self, values: _NodeValues) -> Callable[[Tensor, int], None]:
+        """``reduce(logits, first)`` for :meth:`ModelCalls.run_reduced`: a block's logits into ``values``."""
+        return lambda logits, first: values.reduce(logits, self, first)
