@@ -344,8 +344,8 @@ class ModelCalls:
 
 HEAD_BYTES = 2**22
 """Logits :meth:`ModelCalls.run_reduced` computes at once: a 4 MiB fp32 block is read by every reduction (max,
-exponent, sum, picked tokens) while it is still in a CPU's cache, where a whole (B, T, V) tensor is read from
-memory each time (and would take 3.3 GB for 6,400 positions of a 128k vocabulary)."""
+log-softmax, picked tokens, MinK++ moments) while it is still in a CPU's cache, where a whole (B, T, V) tensor is
+read from memory each time (and would take 3.3 GB for 6,400 positions of a 128k vocabulary)."""
 
 HEAD_MIN_ROWS = 16
 """Fewest positions per block, however large the vocabulary (a GPU wants rows to fill its matrix units)."""

@@ -49,6 +49,9 @@ POOL_BYTES = 2**28
 """Memory for a chunk's key/value pool (every token that later forwards attend to, once): the larger the chunk,
 the better its segments' lengths match in forwards."""
 
+HEAD_FALLBACK_ROWS = 1024
+"""Positions reduced at once when a model's logits come whole from its forward (no :func:`reducible_head`)."""
+
 
 def prefix_cut(examples: Sequence[AnswerExample]) -> int:
     """Length of the prompt part a group shares before any target: its segment's logits are never computed.
@@ -461,10 +464,6 @@ class _NodeValues:
             results[g][k] = ExampleScore(nll_mean=nll, greedy_ids=greedy_ids, **extra)
 
 
-HEAD_FALLBACK_ROWS = 1024
-"""Positions reduced at once when a model's logits come whole from its forward (no :func:`reducible_head`)."""
-
-
 @dataclass(frozen=True)
 class _HeadReads:
     """Which positions of a forward have their logits read, and what is read from each.
@@ -484,10 +483,11 @@ class _HeadReads:
     pick_at: Tensor
     """(m,) for each child token read, the index into ``rows`` of the position before it; ascending."""
     pick_at_cpu: np.ndarray
+    """``pick_at`` in host memory, where a block finds its picks without a device sync."""
     pick_token: Tensor
     """(m,) the child's token id."""
     pick_node: Tensor
-    """(m,) the child's node id, under which its token logit is kept."""
+    """(m,) the child's node id, under which its token's log-probability is kept."""
 
     @staticmethod
     def of(segments: Sequence[Segment], length: int, needs_stats: np.ndarray, device: torch.device) -> _HeadReads:
