@@ -56,6 +56,7 @@ from baldro_lightning.evaluation.engine import (
     Engine,
     ExampleScore,
     RowScores,
+    collector_paused,
     extra_attack_problems,
     generate_answers,
     mia_entries,
@@ -296,7 +297,7 @@ class MuseEvaluator(BenchmarkEvaluator):
             (VerbMem), the :data:`MIA_ATTACKS` scores (privleak).
         """
         rows = self.rows if rows is None else rows
-        with torch.no_grad(), eval_mode(model):
+        with torch.no_grad(), eval_mode(model), collector_paused():
             scores = self._score(model, {name: list(rows[name]) for name in self.splits()}, synced_gpus)
             if self._has("mia_gradnorm"):
                 if synced_gpus:

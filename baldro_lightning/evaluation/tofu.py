@@ -49,6 +49,7 @@ from baldro_lightning.evaluation.engine import (
     Engine,
     ExampleScore,
     RowScores,
+    collector_paused,
     extra_attack_problems,
     generate_answers,
     mia_entries,
@@ -280,7 +281,7 @@ class TofuEvaluator(BenchmarkEvaluator):
         """
         rows = self.rows if rows is None else rows
         plans = [plan for plan in self.plans() if plan.role in rows]
-        with torch.no_grad(), eval_mode(model):
+        with torch.no_grad(), eval_mode(model), collector_paused():
             scores = self._score(model, [(plan, list(rows[plan.role])) for plan in plans], synced_gpus)
             if "mia_gradnorm" in self.settings.metric_groups:
                 self._gradnorm_columns(model, scores, rows, synced_gpus)
