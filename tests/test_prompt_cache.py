@@ -273,12 +273,17 @@ def nan_buffers(monkeypatch):
     monkeypatch.setattr(model_calls.ModelCalls, "buffers", poisoned)
 
 
-@pytest.mark.parametrize(("decode_bytes", "compact_at"), [(0, 0.5), (0, 0.0), (0, 1.0), (2**28, 0.5)])
+@pytest.mark.parametrize(
+    ("decode_bytes", "compact_at", "park_at"),
+    [(0, 0.5, 0.0), (0, 0.0, 0.0), (0, 1.0, 0.0), (2**28, 0.5, 0.0), (0, 0.5, 0.6), (0, 0.0, 1.0), (2**28, 0.5, 1.0)],
+)
 def test_decode_batches_equal_generate_however_finished_rows_leave(
-    model, tokenizer, tiny_benchmark, monkeypatch, nan_buffers, decode_bytes, compact_at
+    model, tokenizer, tiny_benchmark, monkeypatch, nan_buffers, decode_bytes, compact_at, park_at
 ):
     """Finished rows may ride along to the end (compact_at 0), leave at once (1) or when half have finished (0.5),
-    in batches of batch_size rows (no cache budget) or all in one: every generation equals generate's."""
+    in batches of batch_size rows (no cache budget) or all in one; a batch's last live rows may be parked and
+    decoded with the other batches' at the end (park_at 0.6: at 3 of 5 rows; 1: every row, right after its
+    prefill), not when there is one batch: every generation equals generate's."""
     import json
 
     questions = [
@@ -289,6 +294,16 @@ def test_decode_batches_equal_generate_however_finished_rows_leave(
     prompts = [encode_prompt(tokenizer, PromptTemplate(), q) for q in questions]
     monkeypatch.setattr(greedy, "DECODE_BYTES", decode_bytes)
     monkeypatch.setattr(greedy, "COMPACT_AT", compact_at)
+    monkeypatch.setattr(greedy, "PARK_AT", park_at)
+    parked = []
+    park = greedy._Batch.park
+
+    def counted_park(self):
+        stopped = park(self)
+        parked.extend(stopped)
+        return stopped
+
+    monkeypatch.setattr(greedy._Batch, "park", counted_park)
     compactions = []
     select = model_calls._BufferLayer.batch_select_indices
 
@@ -312,10 +327,18 @@ def test_decode_batches_equal_generate_however_finished_rows_leave(
         assert len(ends) >= 4, f"rows end together: {ends}"  # so rows leave their batch at different steps
         want = generate_answers(model, tokenizer, prompts, 5, budget)
         assert greedy_generate(model, tokenizer, prompts, 5, budget) == want
+        stops = {tokenizer.eos_token_id, *frequent}
+        first = [int(model(input_ids=torch.tensor([p])).logits[0, -1].argmax()) for p in prompts]
     if compact_at == 0.0:
         assert compactions == []  # finished rows rode along to the end
     else:
         assert compactions  # some batch dropped finished rows mid-way
+    if park_at == 0.0 or decode_bytes:
+        assert parked == []  # one batch (decode_bytes) has no other batch to wait for
+    elif park_at == 1.0:
+        assert len(parked) == sum(token not in stops for token in first)  # all but those the prefill finished
+    else:
+        assert 0 < len(parked) < len(prompts)
 
 
 def test_prompt_caches_keep_only_wanted_groups_within_the_budget():
@@ -332,7 +355,8 @@ def test_prompt_caches_keep_only_wanted_groups_within_the_budget():
 
 def test_generation_from_prompt_caches_equals_generate(model, tokenizer, tiny_benchmark, monkeypatch, nan_buffers):
     """Prompts whose keys and values scoring kept: the prefill runs only what follows them, and every generation
-    still equals generate's; garbage in a cache changes them, so the caches are really read."""
+    still equals generate's, also when rows are parked; garbage in a cache changes them, so the caches are really
+    read."""
     import json
 
     questions = [
@@ -370,6 +394,10 @@ def test_generation_from_prompt_caches_equals_generate(model, tokenizer, tiny_be
         # The 7 usable caches hold all but the last prompt token of their rows: that much less is run.
         saved = sum(len(c.tokens) for c in kept[1:] if c is not None)
         assert without - with_caches >= saved > 0
+        # Every row parked right after its prefill: a parked row's keys and values are its unmasked slots (cached
+        # prompt, then its own tokens after the batch's padding), and it continues from them.
+        monkeypatch.setattr(greedy, "PARK_AT", 1.0)
+        assert greedy_generate(model, tokenizer, prompts, 5, NEW_TOKENS, prompt_caches=kept) == want
         garbage = [
             model_calls.PromptCache(c.tokens, [(k + 3.0, v - 3.0) for k, v in c.layers]) if c is not None else None
             for c in kept
@@ -516,8 +544,9 @@ def test_ranks_agree_on_the_number_of_forwards_before_the_first(model, tokenizer
             else:
                 prompts = [encode_prompt(tokenizer, PromptTemplate(), "Where was AuthorA born?")]
                 greedy_generate(model, tokenizer, prompts, 2, 2)
-                # Agreed first; the batch's prefill and one step, then the missing batch's dummy forward.
-                assert events == ["agree", "forward", "forward", "forward"]
+                # Agreed first; the batch's prefill and one step, then the missing batch's dummy forward; then
+                # agreed on the batches of parked rows (none here, one on the other rank: a dummy forward).
+                assert events == ["agree", "forward", "forward", "forward", "agree", "forward"]
     finally:
         hook.remove()
 

@@ -17,6 +17,8 @@ all exact for greedy decoding:
   (each compaction copies the cache, so it is not done at every finish), and a batch ends when its longest row
   does. A small model decodes more rows at once than ``batch_size`` when their cache fits in
   :data:`DECODE_BYTES`: on a CPU a decode step of such a model costs little more for 128 rows than for 32.
+  When there are several batches, each stops with its last few rows still live (:data:`PARK_AT`); their keys and
+  values are copied out and they decode together at the end, so those rows' long tails share their steps.
 
 What is computed equals greedy decoding within float rounding; whether rounding flips a near-tied argmax is
 checked, not assumed: ``experiments/benchmarks/eval_throughput.py`` and ``tests/test_prompt_cache.py`` compare
@@ -27,7 +29,7 @@ falls back to ``model.generate``.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,7 +49,7 @@ from baldro_lightning.evaluation.engine import (
     _synced_count,
     generation_pad_id,
 )
-from baldro_lightning.evaluation.model_calls import ModelCalls, PromptCache, prompt_cache_problem
+from baldro_lightning.evaluation.model_calls import ModelCalls, PromptCache, prompt_cache_problem, row_prompt_cache
 
 ARGMAX_CHANGING_SETTINGS: dict[str, object] = {
     "repetition_penalty": 1.0,
@@ -186,6 +188,13 @@ def _all_ranks_done(done: bool, device: torch.device) -> bool:
 COMPACT_AT = 0.5
 """A decode batch drops its finished rows from the cache once at most this fraction of its rows are still live."""
 
+PARK_AT = 0.125
+"""When there is more than one decode batch, a batch stops once at most this fraction of its rows are still live,
+and those rows are parked: their keys and values are copied out and they decode together with the other batches'
+parked rows at the end. A decode step costs about as much for a few rows as for many (its fixed part: the layers'
+Python and kernel launches, every weight read once), so a batch's last few rows would otherwise spend most of its
+steps."""
+
 
 class _Batch:
     """Rows decoding together: their cache, attention mask, next positions and what each has generated."""
@@ -232,6 +241,7 @@ class _Batch:
             model, ids.to(device), self.mask, positions, max(budgets), past=past, past_length=past_length
         )
         self.next_position = positions[:, -1] + 1
+        self.starts = starts
         self.rows = list(range(len(starts)))  # batch row -> caller's row, for the rows still generating
         self.budgets = budgets
         self.generated: list[list[int]] = [[] for _ in starts]
@@ -261,6 +271,23 @@ class _Batch:
     @property
     def active(self) -> bool:
         return any(self.live)
+
+    @property
+    def live_rows(self) -> int:
+        return sum(self.live)
+
+    def park(self) -> dict[int, PromptCache]:
+        """Stop: per live row (by its index in ``starts``), the keys and values of its start and of what it
+        generated, all but its last token (which has not run yet), to go on from in another batch."""
+        parked = {}
+        for k, alive in enumerate(self.live):
+            if alive:
+                row = self.rows[k]
+                slots = self.mask[k].nonzero().squeeze(1)
+                tokens = [*self.starts[row], *self.generated[row][:-1]]
+                parked[row] = row_prompt_cache(self.cache, k, slots, tokens)
+                self.live[k] = False
+        return parked
 
     def step(self) -> None:
         live = torch.tensor(self.live, device=self.mask.device)
@@ -303,6 +330,31 @@ def decode_rows(
         return batch_size
     slots = max(len(prompts[i]) + len(generated[i]) for i in open_rows) + max_new_tokens
     return max(batch_size, DECODE_BYTES // (kv_bytes_per_token * slots))
+
+
+def _decode(
+    batch: _Batch | None,
+    calls: ModelCalls,
+    model: nn.Module,
+    pad: int,
+    device: torch.device,
+    synced_gpus: bool,
+    park_at: float,
+) -> None:
+    """Step ``batch`` until its rows finish, or until at most ``park_at`` (> 0) are live; ``None`` (a rank with no
+    batch left) runs dummy forwards while other ranks step. Ranks agree before every step on whether any still
+    steps."""
+    while True:
+        active = batch is not None and batch.active and batch.live_rows > park_at
+        if synced_gpus and dist.is_available() and dist.is_initialized():
+            if _all_ranks_done(not active, device):
+                break
+        elif not active:
+            break
+        if active:
+            batch.step()
+        else:
+            calls.dummy_forward(model, pad, device)
 
 
 def greedy_generate(
@@ -365,31 +417,35 @@ def greedy_generate(
     batches = [open_rows[k : k + rows] for k in range(0, len(open_rows), rows)]
     done = len(prompts) - len(open_rows)  # the drafts finished these
     _report("generating", done, len(prompts))
-    count = _synced_count(len(batches), device, synced_gpus)  # before any forward, as in score_examples
-    for b in range(count):
-        batch = None
-        if b < len(batches):
-            rows = batches[b]
-            starts = [list(prompts[i]) + generated[i] for i in rows]
-            budgets = [max_new_tokens - len(generated[i]) for i in rows]
-            batch = _Batch(calls, model, starts, budgets, stops, pad, device, [cached[i] for i in rows])
-        else:
-            calls.dummy_forward(model, pad, device)
-        while True:
-            active = batch is not None and batch.active
-            if synced_gpus and dist.is_available() and dist.is_initialized():
-                if _all_ranks_done(not active, device):
-                    break
-            elif not active:
-                break
-            if active:
-                batch.step()
+
+    def decode(
+        batches: list[list[int]], caches: Mapping[int, PromptCache] | Sequence[PromptCache | None], park_at: float
+    ) -> dict[int, PromptCache]:
+        """Decode ``batches`` of rows from their ``caches``; the rows each batch parks (at ``park_at``) and their
+        keys and values."""
+        nonlocal done
+        parked: dict[int, PromptCache] = {}
+        for b in range(_synced_count(len(batches), device, synced_gpus)):  # before any forward, as in scoring
+            batch = None
+            if b < len(batches):
+                starts = [list(prompts[i]) + generated[i] for i in batches[b]]
+                budgets = [max_new_tokens - len(generated[i]) for i in batches[b]]
+                batch = _Batch(calls, model, starts, budgets, stops, pad, device, [caches[i] for i in batches[b]])
             else:
                 calls.dummy_forward(model, pad, device)
-        if batch is not None:
-            for k, i in enumerate(batches[b]):
-                generated[i] += batch.generated[k]
-            done += len(batches[b])
-            _report("generating", done, len(prompts))
+            _decode(batch, calls, model, pad, device, synced_gpus, park_at * len(batches[b]) if batch else 0)
+            if batch is not None:
+                stopped = {batches[b][k]: cache for k, cache in batch.park().items()}
+                for k, i in enumerate(batches[b]):
+                    generated[i] += batch.generated[k]
+                parked |= stopped
+                done += len(batches[b]) - len(stopped)
+                _report("generating", done, len(prompts))
+        return parked
+
+    parked = decode(batches, cached, PARK_AT if len(batches) > 1 else 0.0)
+    # The parked rows keep their order (longest to run first), so each of their batches spans similar lengths.
+    order = [i for i in open_rows if i in parked]
+    decode([order[k : k + rows] for k in range(0, len(order), rows)], parked, 0.0)
     texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
     return [metrics.clean_generation(text, stop_strings) for text in texts]

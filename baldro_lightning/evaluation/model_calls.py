@@ -131,6 +131,13 @@ class PromptCache:
     """Per layer, (H_kv, len(tokens), D) keys and values."""
 
 
+def row_prompt_cache(cache: DynamicCache, row: int, slots: Tensor, tokens: Sequence[int]) -> PromptCache:
+    """Row ``row``'s keys and values at ``slots`` (its unmasked slots, in order) of a batch's cache, copied out as
+    the prompt cache of ``tokens`` (one token per slot)."""
+    layers = [(keys[row][:, slots], values[row][:, slots]) for keys, values in _cache_layers(cache)]
+    return PromptCache(tuple(tokens), layers)
+
+
 PROMPT_CACHE_BYTES = 2**29
 """Memory for the prompt caches one evaluation keeps from scoring until generation (every prompt of a small model;
 a few of a large one)."""
