@@ -274,16 +274,27 @@ def nan_buffers(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("decode_bytes", "compact_at", "park_at"),
-    [(0, 0.5, 0.0), (0, 0.0, 0.0), (0, 1.0, 0.0), (2**28, 0.5, 0.0), (0, 0.5, 0.6), (0, 0.0, 1.0), (2**28, 0.5, 1.0)],
+    ("decode_bytes", "compact_at", "park_at", "park_bytes"),
+    [
+        (0, 0.5, 0.0, 2**28),
+        (0, 0.0, 0.0, 2**28),
+        (0, 1.0, 0.0, 2**28),
+        (2**28, 0.5, 0.0, 2**28),
+        (0, 0.5, 0.6, 2**28),
+        (0, 0.0, 1.0, 2**28),
+        (2**28, 0.5, 1.0, 2**28),
+        (0, 0.0, 1.0, 2**16),
+        (0, 0.0, 1.0, 0),
+    ],
 )
 def test_decode_batches_equal_generate_however_finished_rows_leave(
-    model, tokenizer, tiny_benchmark, monkeypatch, nan_buffers, decode_bytes, compact_at, park_at
+    model, tokenizer, tiny_benchmark, monkeypatch, nan_buffers, decode_bytes, compact_at, park_at, park_bytes
 ):
     """Finished rows may ride along to the end (compact_at 0), leave at once (1) or when half have finished (0.5),
     in batches of batch_size rows (no cache budget) or all in one; a batch's last live rows may be parked and
     decoded with the other batches' at the end (park_at 0.6: at 3 of 5 rows; 1: every row, right after its
-    prefill), not when there is one batch: every generation equals generate's."""
+    prefill), not when there is one batch, and only as many as fit in park_bytes: every generation equals
+    generate's."""
     import json
 
     questions = [
@@ -295,12 +306,13 @@ def test_decode_batches_equal_generate_however_finished_rows_leave(
     monkeypatch.setattr(greedy, "DECODE_BYTES", decode_bytes)
     monkeypatch.setattr(greedy, "COMPACT_AT", compact_at)
     monkeypatch.setattr(greedy, "PARK_AT", park_at)
+    monkeypatch.setattr(greedy, "PARK_BYTES", park_bytes)
     parked = []
     park = greedy._Batch.park
 
     def counted_park(self):
         stopped = park(self)
-        parked.extend(stopped)
+        parked.extend(len(cache.tokens) * self.kv_bytes for cache in stopped.values())
         return stopped
 
     monkeypatch.setattr(greedy._Batch, "park", counted_park)
@@ -333,8 +345,11 @@ def test_decode_batches_equal_generate_however_finished_rows_leave(
         assert compactions == []  # finished rows rode along to the end
     else:
         assert compactions  # some batch dropped finished rows mid-way
-    if park_at == 0.0 or decode_bytes:
+    assert sum(parked) <= park_bytes
+    if park_at == 0.0 or decode_bytes or park_bytes == 0:
         assert parked == []  # one batch (decode_bytes) has no other batch to wait for
+    elif park_bytes < 2**28:
+        assert 0 < len(parked) < len(prompts)  # the first batches' rows fill the budget
     elif park_at == 1.0:
         assert len(parked) == sum(token not in stops for token in first)  # all but those the prefill finished
     else:

@@ -195,6 +195,10 @@ parked rows at the end. A decode step costs about as much for a few rows as for 
 Python and kernel launches, every weight read once), so a batch's last few rows would otherwise spend most of its
 steps."""
 
+PARK_BYTES = 2**28
+"""Keys and values the parked rows of one generation may hold: a batch parks only rows that still fit, and otherwise
+runs to its end (a large model's rows are large, so it parks few)."""
+
 
 class _Batch:
     """Rows decoding together: their cache, attention mask, next positions and what each has generated."""
@@ -242,6 +246,7 @@ class _Batch:
         )
         self.next_position = positions[:, -1] + 1
         self.starts = starts
+        self.kv_bytes = calls.kv_bytes_per_token(model)
         self.rows = list(range(len(starts)))  # batch row -> caller's row, for the rows still generating
         self.budgets = budgets
         self.generated: list[list[int]] = [[] for _ in starts]
@@ -272,9 +277,12 @@ class _Batch:
     def active(self) -> bool:
         return any(self.live)
 
-    @property
-    def live_rows(self) -> int:
-        return sum(self.live)
+    def parkable(self, rows: float, room: int) -> bool:
+        """Whether at most ``rows`` rows are live and their keys and values take at most ``room`` bytes."""
+        if sum(self.live) > rows:
+            return False
+        live = torch.tensor(self.live, device=self.mask.device)
+        return int(self.mask[live].sum()) * self.kv_bytes <= room
 
     def park(self) -> dict[int, PromptCache]:
         """Stop: per live row (by its index in ``starts``), the keys and values of its start and of what it
@@ -340,12 +348,13 @@ def _decode(
     device: torch.device,
     synced_gpus: bool,
     park_at: float,
+    park_room: int,
 ) -> None:
-    """Step ``batch`` until its rows finish, or until at most ``park_at`` (> 0) are live; ``None`` (a rank with no
-    batch left) runs dummy forwards while other ranks step. Ranks agree before every step on whether any still
-    steps."""
+    """Step ``batch`` until its rows finish, or until they can be parked (:meth:`_Batch.parkable`: at most
+    ``park_at`` rows live, within ``park_room`` bytes); ``None`` (a rank with no batch left) runs dummy forwards
+    while other ranks step. Ranks agree before every step on whether any still steps."""
     while True:
-        active = batch is not None and batch.active and batch.live_rows > park_at
+        active = batch is not None and batch.active and not batch.parkable(park_at, park_room)
         if synced_gpus and dist.is_available() and dist.is_initialized():
             if _all_ranks_done(not active, device):
                 break
@@ -425,6 +434,7 @@ def greedy_generate(
         keys and values."""
         nonlocal done
         parked: dict[int, PromptCache] = {}
+        room = PARK_BYTES
         for b in range(_synced_count(len(batches), device, synced_gpus)):  # before any forward, as in scoring
             batch = None
             if b < len(batches):
@@ -433,9 +443,10 @@ def greedy_generate(
                 batch = _Batch(calls, model, starts, budgets, stops, pad, device, [caches[i] for i in batches[b]])
             else:
                 calls.dummy_forward(model, pad, device)
-            _decode(batch, calls, model, pad, device, synced_gpus, park_at * len(batches[b]) if batch else 0)
+            _decode(batch, calls, model, pad, device, synced_gpus, park_at * len(batches[b]) if batch else 0, room)
             if batch is not None:
                 stopped = {batches[b][k]: cache for k, cache in batch.park().items()}
+                room -= sum(len(cache.tokens) for cache in stopped.values()) * batch.kv_bytes
                 for k, i in enumerate(batches[b]):
                     generated[i] += batch.generated[k]
                 parked |= stopped
