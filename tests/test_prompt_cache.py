@@ -66,13 +66,25 @@ def test_plan_computes_each_shared_stretch_once_and_parents_first():
     assert sorted(token_of) == list(range(1, plan.node_count))  # every node computed exactly once
     for k, ex in enumerate(group):
         assert [token_of[int(n)] for n in plan.paths[(0, k)]] == ex.input_ids
+    # A leaf answer's last token is not run; the prompt and the shared stretch run whole.
+    run = {tuple(seg.tokens): seg.run_length for seg in plan.segments}
+    assert run == {(1, 5): 2, (6, 7, 8, 9): 4, (6, 12, 2): 2, (10, 2): 1, (11, 2): 1}
     done: set[int] = set()
     for batch in plan.batches:
         assert all(set(plan.segments[s].past.tolist()) <= done for s in batch)  # its past ran in an earlier forward
-        done |= {int(n) for s in batch for n in plan.segments[s].nodes}
+        done |= {int(n) for s in batch for n in plan.segments[s].nodes[: plan.segments[s].run_length]}
     # With no sharing below the prompt (min_shared beyond every answer) each answer is its own segment.
     alone = plan_chunk([group], [0], batch_size=2, min_shared=100)
     assert alone.node_count - 1 == 2 + 6 + 6 + 3
+
+
+def test_one_token_leaves_run_in_no_forward():
+    """Two answers share [6, 7, 8, 9] after the prompt [1, 5] and differ only in their last token: each ends in a
+    one-token leaf, which runs nothing (its log-probability is read after the shared stretch)."""
+    group = [example([1, 5, 6, 7, 8, 9, 2], 3), example([1, 5, 6, 7, 8, 9, 3], 3)]
+    plan = plan_chunk([group], [0], batch_size=2, min_shared=4)
+    assert sorted(seg.tokens for seg in plan.segments) == [[1, 5], [2], [3], [6, 7, 8, 9]]
+    assert sorted(plan.segments[s].tokens for batch in plan.batches for s in batch) == [[1, 5], [6, 7, 8, 9]]
 
 
 def test_batch_bounds_weigh_padding_against_a_forward():
@@ -170,6 +182,27 @@ def test_shared_prefix_scores_equal_whole_examples(model, tokenizer, tiny_benchm
             np.testing.assert_array_equal(a.target_ids, b.target_ids)
         labelled = torch.tensor(e.labels[1:]) != -100
         np.testing.assert_array_equal(a.greedy_ids, row_logits[labelled].argmax(-1).numpy())
+
+
+def test_answers_that_differ_in_their_last_token_score_as_whole_examples(model, tokenizer):
+    """Answers sharing all but their last token (one-token leaves, run in no forward) and an answer that is a prefix
+    of another (its last token is an inner node, run): every likelihood and token statistic as whole examples'."""
+    prompt = encode_prompt(tokenizer, PromptTemplate(), "Who wrote it?")
+    cut = len(prompt)
+    shared = [11, 12, 13, 14, 15]
+    ids = [prompt + shared + [16], prompt + shared + [17], prompt + shared, prompt + [18, 19]]
+    group = [example(list(i), cut, token_stats=True, draft=True) for i in ids]
+    with torch.no_grad():
+        want = score_examples(model, group, 4, tokenizer.pad_token_id)
+        got = score_groups(model, [group], 4, tokenizer.pad_token_id)[0]
+        argmax = [model(input_ids=torch.tensor([i])).logits[0, cut - 1 : -1].argmax(-1).numpy() for i in ids]
+    plan = plan_chunk([group], [0], batch_size=4)
+    assert sum(seg.run_length == 0 for seg in plan.segments) == 2
+    for a, b, greedy_ids in zip(got, want, argmax, strict=True):
+        assert a.nll_mean == pytest.approx(b.nll_mean, abs=TOLERANCE)
+        np.testing.assert_allclose(a.token_logps, b.token_logps, atol=TOLERANCE, rtol=TOLERANCE)
+        np.testing.assert_array_equal(a.pred_ids, b.pred_ids)
+        np.testing.assert_array_equal(a.greedy_ids, greedy_ids)
 
 
 def test_only_read_positions_reach_the_output_head_in_blocks(model, tokenizer, tiny_benchmark, monkeypatch):

@@ -15,8 +15,10 @@ least :data:`MIN_SHARED` tokens long.
   metrics read (:class:`_HeadReads`): the argmax, each child token's log-probability (fp32, as
   :func:`~baldro_lightning.train.logprobs.token_logprobs` computes it) and the MinK++ moments where an example asks
   for token statistics. The output head runs on a few hundred such positions at a time
-  (:meth:`~baldro_lightning.evaluation.model_calls.ModelCalls.run_reduced`), so no (T, V) tensor is ever held; a
-  leaf's last token and padding never reach it.
+  (:meth:`~baldro_lightning.evaluation.model_calls.ModelCalls.run_reduced`), so no (T, V) tensor is ever held;
+  padding never reaches it.
+- A leaf's last token (an answer's last, usually its EOS) is not run at all (:attr:`Segment.run_length`): no
+  position follows it and nothing attends to it; its log-probability comes from the position before it.
 
 Per example this gives what :func:`~baldro_lightning.evaluation.engine.score_examples` gives, equal within float
 rounding (other matmul shapes, padded key slots that are masked), plus on request the teacher-forced argmax at every
@@ -105,6 +107,13 @@ class Segment:
     def nodes(self) -> np.ndarray:
         return np.arange(self.first_node, self.first_node + len(self.tokens))
 
+    @property
+    def run_length(self) -> int:
+        """Tokens it runs through the model: all, but a leaf answer's last token (nothing reads its logits or
+        attends to its keys and values; its own log-probability comes from the position before it). Known once the
+        plan is complete (``kids``)."""
+        return len(self.tokens) - (1 if self.logits and not self.kids else 0)
+
 
 @dataclass
 class ChunkPlan:
@@ -169,9 +178,11 @@ def plan_chunk(
     for number, segment in enumerate(plan.segments):
         levels.setdefault(segment.level, []).append(number)
     for level in sorted(levels):
-        order = sorted(levels[level], key=lambda s: len(plan.segments[s].tokens), reverse=True)
-        lengths = [len(plan.segments[s].tokens) for s in order]
-        spans = [len(plan.segments[s].past) + len(plan.segments[s].tokens) for s in order]
+        # A one-token leaf runs nothing: its token's log-probability is read in its parent's forward.
+        runs = [s for s in levels[level] if plan.segments[s].run_length]
+        order = sorted(runs, key=lambda s: plan.segments[s].run_length, reverse=True)
+        lengths = [plan.segments[s].run_length for s in order]
+        spans = [len(plan.segments[s].past) + plan.segments[s].run_length for s in order]
         plan.batches += [order[i:j] for i, j in batch_bounds(lengths, spans, budget)]
     return plan
 
@@ -360,14 +371,15 @@ class _NodeValues:
         computed and the read ones reduced after.
         """
         device = self.device
-        length = max(len(s.tokens) for s in segments)
+        length = max(s.run_length for s in segments)
         past_length = max(len(s.past) for s in segments)
         ids = torch.full((len(segments), length), pad, dtype=torch.long)
         node_ids = torch.zeros((len(segments), length), dtype=torch.long)
         past_ids = torch.zeros((len(segments), past_length), dtype=torch.long)
         for row, segment in enumerate(segments):
-            ids[row, : len(segment.tokens)] = torch.as_tensor(segment.tokens)
-            node_ids[row, : len(segment.tokens)] = torch.as_tensor(segment.nodes)
+            run = segment.run_length
+            ids[row, :run] = torch.as_tensor(segment.tokens[:run])
+            node_ids[row, :run] = torch.as_tensor(segment.nodes[:run])
             past_ids[row, : len(segment.past)] = torch.as_tensor(segment.past)
         ids, node_ids, past_ids = ids.to(device), node_ids.to(device), past_ids.to(device)
         real = node_ids > 0
@@ -470,7 +482,7 @@ class _HeadReads:
 
     A position is read when a token follows it in the tree: the next token of its segment, or the first token of
     each segment that continues it (a segment's last position may have several such children, or none: a leaf's
-    last position, and padding, never reach the output head). From each read position come its argmax, each
+    last token is not run, and padding never reaches the output head). From each read position come its argmax, each
     child token's log-probability, and MinK++ moments where a token-statistics example passes through it.
     """
 
