@@ -39,27 +39,28 @@ def example(ids: list[int], first_label: int, token_stats: bool = False, draft: 
 
 
 # -- planning ---------------------------------------------------------------------------------------------------
-def test_prefix_cut_stops_one_token_before_the_first_target_or_divergence():
-    """[1,5,6,7,2] and [1,5,6,9,9,2], labels from 3: shared 3 tokens, first target 3 -> cut min(3, 3) - 1 = 2."""
-    assert prefix_cut([example([1, 5, 6, 7, 2], 3), example([1, 5, 6, 9, 9, 2], 3)]) == 2
-    # The ids part at position 2 (a token merged across the prompt border): cut 2 - 1 = 1.
-    assert prefix_cut([example([1, 5, 6, 7, 2], 3), example([1, 5, 8, 9, 2], 3)]) == 1
-    # One example shares nothing; labels from position 1 leave no prompt to share.
+def test_prefix_cut_stops_at_the_first_target_or_divergence():
+    """[1,5,6,7,2] and [1,5,6,9,9,2], labels from 3: shared 3 tokens, first target 3 -> cut min(3, 3) = 3."""
+    assert prefix_cut([example([1, 5, 6, 7, 2], 3), example([1, 5, 6, 9, 9, 2], 3)]) == 3
+    # The ids part at position 2 (a token merged across the prompt border): cut 2.
+    assert prefix_cut([example([1, 5, 6, 7, 2], 3), example([1, 5, 8, 9, 2], 3)]) == 2
+    # The first target comes before the ids part: cut at it.
+    assert prefix_cut([example([1, 5, 6], 1), example([1, 5, 7], 1)]) == 1
+    # One example shares nothing.
     assert prefix_cut([example([1, 5, 6, 7, 2], 3)]) == 0
-    assert prefix_cut([example([1, 5, 6], 1), example([1, 5, 7], 1)]) == 0
 
 
 def test_plan_computes_each_shared_stretch_once_and_parents_first():
-    """Labels from 3, so the prompt segment is [1, 5] (cut 2). From position 2 all three share only [6], fewer than
-    4 tokens, so they split at position 3: the first two share [6, 7, 8, 9] (4 tokens: one segment), then end in
-    [10, 2] and [11, 2]; the third is [6, 12, 2]. Nodes: 2 + 4 + 2 + 2 + 3 = 13 instead of 8 + 8 + 5 = 21."""
+    """Labels from 3, so the prompt segment is [1, 5, 6] (cut 3). From position 3 the first two share
+    [7, 8, 9, 10] (4 tokens: one segment), then end in [11, 2] and [12, 2]; the third is [13, 2]. Nodes:
+    3 + 4 + 2 + 2 + 2 = 13 instead of 9 + 9 + 5 = 23."""
     group = [
-        example([1, 5, 6, 7, 8, 9, 10, 2], 3),
-        example([1, 5, 6, 7, 8, 9, 11, 2], 3),
-        example([1, 5, 6, 12, 2], 3),
+        example([1, 5, 6, 7, 8, 9, 10, 11, 2], 3),
+        example([1, 5, 6, 7, 8, 9, 10, 12, 2], 3),
+        example([1, 5, 6, 13, 2], 3),
     ]
     plan = plan_chunk([group], [0], batch_size=2, min_shared=4)
-    assert sorted(seg.tokens for seg in plan.segments) == [[1, 5], [6, 7, 8, 9], [6, 12, 2], [10, 2], [11, 2]]
+    assert sorted(seg.tokens for seg in plan.segments) == [[1, 5, 6], [7, 8, 9, 10], [11, 2], [12, 2], [13, 2]]
     assert plan.node_count - 1 == 13
     assert [seg.logits for seg in plan.segments] == [False, True, True, True, True]
     token_of = {int(n): t for seg in plan.segments for n, t in zip(seg.nodes, seg.tokens, strict=True)}
@@ -68,23 +69,23 @@ def test_plan_computes_each_shared_stretch_once_and_parents_first():
         assert [token_of[int(n)] for n in plan.paths[(0, k)]] == ex.input_ids
     # A leaf answer's last token is not run; the prompt and the shared stretch run whole.
     run = {tuple(seg.tokens): seg.run_length for seg in plan.segments}
-    assert run == {(1, 5): 2, (6, 7, 8, 9): 4, (6, 12, 2): 2, (10, 2): 1, (11, 2): 1}
+    assert run == {(1, 5, 6): 3, (7, 8, 9, 10): 4, (11, 2): 1, (12, 2): 1, (13, 2): 1}
     done: set[int] = set()
     for batch in plan.batches:
         assert all(set(plan.segments[s].past.tolist()) <= done for s in batch)  # its past ran in an earlier forward
         done |= {int(n) for s in batch for n in plan.segments[s].nodes[: plan.segments[s].run_length]}
     # With no sharing below the prompt (min_shared beyond every answer) each answer is its own segment.
     alone = plan_chunk([group], [0], batch_size=2, min_shared=100)
-    assert alone.node_count - 1 == 2 + 6 + 6 + 3
+    assert alone.node_count - 1 == 3 + 6 + 6 + 2
 
 
 def test_one_token_leaves_run_in_no_forward():
-    """Two answers share [6, 7, 8, 9] after the prompt [1, 5] and differ only in their last token: each ends in a
-    one-token leaf, which runs nothing (its log-probability is read after the shared stretch)."""
-    group = [example([1, 5, 6, 7, 8, 9, 2], 3), example([1, 5, 6, 7, 8, 9, 3], 3)]
+    """Two answers share [7, 8, 9, 10] after the prompt [1, 5, 6] and differ only in their last token: each ends in
+    a one-token leaf, which runs nothing (its log-probability is read after the shared stretch)."""
+    group = [example([1, 5, 6, 7, 8, 9, 10, 2], 3), example([1, 5, 6, 7, 8, 9, 10, 3], 3)]
     plan = plan_chunk([group], [0], batch_size=2, min_shared=4)
-    assert sorted(seg.tokens for seg in plan.segments) == [[1, 5], [2], [3], [6, 7, 8, 9]]
-    assert sorted(plan.segments[s].tokens for batch in plan.batches for s in batch) == [[1, 5], [6, 7, 8, 9]]
+    assert sorted(seg.tokens for seg in plan.segments) == [[1, 5, 6], [2], [3], [7, 8, 9, 10]]
+    assert sorted(plan.segments[s].tokens for batch in plan.batches for s in batch) == [[1, 5, 6], [7, 8, 9, 10]]
 
 
 def test_batch_bounds_weigh_padding_against_a_forward():
@@ -206,9 +207,9 @@ def test_answers_that_differ_in_their_last_token_score_as_whole_examples(model, 
 
 
 def test_only_read_positions_reach_the_output_head_in_blocks(model, tokenizer, tiny_benchmark, monkeypatch):
-    """The head runs on every position a token follows (each segment's positions but the last, and the last where
-    segments continue it), never on padding or a leaf's last token, in blocks of at most head_rows; the scores
-    equal those of batches of 32 with the usual block size."""
+    """The head runs on every position a token follows (each answer segment's positions but the last, the last
+    where segments continue it, and a prompt's last position only), never on padding, in blocks of at most
+    head_rows; the scores equal those of batches of 32 with the usual block size."""
     groups = groups_of(tokenizer, tiny_benchmark)
     vocab = model.config.vocab_size
     blocks: list[int] = []
@@ -224,7 +225,9 @@ def test_only_read_positions_reach_the_output_head_in_blocks(model, tokenizer, t
     with torch.no_grad():
         got = score_groups(model, groups, 3, tokenizer.pad_token_id)
     plans = prefix_scoring.plan_chunks(groups, 3, 10**6)
-    read = sum(len(seg.tokens) - (0 if seg.kids else 1) for p in plans for seg in p.segments if seg.logits)
+    answers = sum(len(seg.tokens) - (0 if seg.kids else 1) for p in plans for seg in p.segments if seg.logits)
+    prompts = sum(1 for p in plans for seg in p.segments if not seg.logits and seg.kids)  # their last position
+    read = answers + prompts
     assert blocks[0] == -2  # the reducible-head probe: one 2-token forward, its logits whole
     assert sum(blocks[1:]) == read and max(blocks[1:]) == 20 and min(blocks[1:]) > 0
     monkeypatch.setattr(torch.nn.Linear, "forward", linear)

@@ -10,7 +10,8 @@ runs once its parent segment has. A stretch shared by several answers gets a seg
 least :data:`MIN_SHARED` tokens long.
 
 - The prompt before the first target (``input_ids[:cut]``, :func:`prefix_cut`) is a segment of its own whose
-  logits are never computed (the language-model head is skipped there).
+  logits are computed at its last position only, where the answers' first tokens follow (the language-model head
+  is skipped on the rest of it).
 - Every other node that a token follows has its logits computed and reduced in the same forward to what the
   metrics read (:class:`_HeadReads`): the argmax, each child token's log-probability (fp32, as
   :func:`~baldro_lightning.train.logprobs.token_logprobs` computes it) and the MinK++ moments where an example asks
@@ -56,14 +57,14 @@ HEAD_FALLBACK_ROWS = 1024
 
 
 def prefix_cut(examples: Sequence[AnswerExample]) -> int:
-    """Length of the prompt part a group shares before any target: its segment's logits are never computed.
+    """Length of the prompt part a group shares before any target: its segment's logits are computed at its last
+    position only (they predict the first target of every answer).
 
-    The cut is one less than the shortest of: the common prefix of all ``input_ids`` and each example's first
-    target position (the first ``t >= 1`` with a label; position 0 is never a target). Ending one token early
-    leaves the last shared token in the next segment, where its logits predict the first target.
+    The cut is the shortest of: the common prefix of all ``input_ids`` and each example's first target position
+    (the first ``t >= 1`` with a label; position 0 is never a target).
 
     Example: ``[1, 5, 6, 7, 2]`` and ``[1, 5, 6, 9, 9, 2]`` with labels from position 3 share ``[1, 5, 6]``
-    (3 tokens) and first target 3, so the cut is ``min(3, 3) - 1 = 2``: the prompt segment is ``[1, 5]``.
+    (3 tokens) and first target 3, so the cut is ``min(3, 3) = 3``: the prompt segment is ``[1, 5, 6]``.
     """
     if len(examples) < 2:
         return 0
@@ -74,7 +75,7 @@ def prefix_cut(examples: Sequence[AnswerExample]) -> int:
         first_target = next((t for t in range(1, len(example.labels)) if example.labels[t] != IGNORE_INDEX), None)
         if first_target is not None:
             shared = min(shared, first_target)
-    return max(shared - 1, 0)
+    return shared
 
 
 MIN_SHARED = 4
@@ -95,7 +96,8 @@ class Segment:
     past: np.ndarray
     """Node ids of positions ``0 .. start-1`` (its ancestors), whose keys and values it attends to."""
     logits: bool
-    """Whether its logits are needed (False only for a prompt before any target)."""
+    """Whether its logits are read at every position (False for a group's prompt, read at its last position only,
+    where the answers' first tokens follow)."""
     level: int
     """0 for a prompt segment, then one more than the parent segment's."""
     kids: list[tuple[int, int]] = field(default_factory=list)
@@ -147,11 +149,11 @@ def plan_chunk(
 ) -> ChunkPlan:
     """The token tree of ``members`` (group numbers) and the forwards that compute it.
 
-    Each group's prompt before its first target (:func:`prefix_cut`) is one segment without logits; below it, a
-    stretch shared by several answers becomes a segment of its own when it is at least ``min_shared`` tokens long
-    (:func:`_branch`). Segments run level by level, each level longest first; a forward attends to no more
-    key/value slots than ``batch_size`` of the chunk's longest examples would (:func:`batch_bounds` places the
-    cuts), so it needs no more memory than a batch of whole examples.
+    Each group's prompt before its first target (:func:`prefix_cut`) is one segment with logits at its last
+    position only; below it, a stretch shared by several answers becomes a segment of its own when it is at least
+    ``min_shared`` tokens long (:func:`_branch`). Segments run level by level, each level longest first; a forward
+    attends to no more key/value slots than ``batch_size`` of the chunk's longest examples would
+    (:func:`batch_bounds` places the cuts), so it needs no more memory than a batch of whole examples.
     """
     plan = ChunkPlan(groups=list(members))
     longest = 1
@@ -416,9 +418,10 @@ class _NodeValues:
         if self.prompt_caches is not None:
             for row, segment in enumerate(segments):
                 if segment.prompt_of is not None:
-                    end = past_length + len(segment.tokens)  # a prompt segment has no past: past_length is 0
-                    kv = [(k[row, :, past_length:end], v[row, :, past_length:end]) for k, v in layers]
-                    self.prompt_caches.offer(segment.prompt_of, segment.tokens, kv)
+                    # All but the prompt's last token: a generation's prefill runs that token for its logits.
+                    end = len(segment.tokens) - 1  # a prompt segment has no past: past_length is 0
+                    kv = [(k[row, :, :end], v[row, :, :end]) for k, v in layers]
+                    self.prompt_caches.offer(segment.prompt_of, segment.tokens[:end], kv)
         # Only segments that others continue are attended to again; a leaf's keys and values are dropped.
         continued = [row for row, segment in enumerate(segments) if segment.kids]
         if continued:
@@ -482,7 +485,8 @@ class _HeadReads:
 
     A position is read when a token follows it in the tree: the next token of its segment, or the first token of
     each segment that continues it (a segment's last position may have several such children, or none: a leaf's
-    last token is not run, and padding never reaches the output head). From each read position come its argmax, each
+    last token is not run, and padding never reaches the output head). A group's prompt is read at its last
+    position only: its other tokens are never targets. From each read position come its argmax, each
     child token's log-probability, and MinK++ moments where a token-statistics example passes through it.
     """
 
@@ -506,22 +510,25 @@ class _HeadReads:
         rows, nodes, pick_at, pick_token, pick_node = [], [], [], [], []
         count = 0
         for row, segment in enumerate(segments):
-            if not segment.logits:
-                continue
             size = len(segment.tokens)
-            read = size if segment.kids else size - 1  # the last position is read only when a segment continues it
-            rows.append(row * length + np.arange(read))
-            nodes.append(segment.nodes[:read])
-            # Inside the segment the child of column c is column c + 1; after its end come the kids' first tokens.
-            pick_at.append(count + np.arange(size - 1))
-            pick_token.append(np.asarray(segment.tokens[1:], dtype=np.int64))
-            pick_node.append(segment.nodes[1:])
-            if segment.kids:
+            # Columns first .. read-1 are read: an answer segment's from its first, a prompt's only its last; the
+            # last position is read only when a segment continues it.
+            first = 0 if segment.logits else size - 1
+            read = size if segment.kids else size - 1
+            if read <= first:
+                continue
+            rows.append(row * length + np.arange(first, read))
+            nodes.append(segment.nodes[first:read])
+            if segment.logits:  # inside the segment the child of column c is column c + 1
+                pick_at.append(count + np.arange(size - 1))
+                pick_token.append(np.asarray(segment.tokens[1:], dtype=np.int64))
+                pick_node.append(segment.nodes[1:])
+            count += read - first
+            if segment.kids:  # after its end come the kids' first tokens
                 kids = np.asarray(segment.kids, dtype=np.int64)
-                pick_at.append(np.full(len(kids), count + size - 1))
+                pick_at.append(np.full(len(kids), count - 1))
                 pick_token.append(kids[:, 1])
                 pick_node.append(kids[:, 0])
-            count += read
 
         def joined(parts: list[np.ndarray]) -> np.ndarray:
             return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
